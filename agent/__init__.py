@@ -1,0 +1,1 @@
+"""The agent: block importance profiling and pruning policies (not built yet)."""

