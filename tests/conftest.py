@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from elasticfleet.worker.config import tiny_config
 from elasticfleet.worker.model import ElasticLlama
 

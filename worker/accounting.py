@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
 from elasticfleet.worker.kvcache import KVCache
 from elasticfleet.worker.model import ElasticLlama
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from elasticfleet.worker.model import ElasticLlama
 from tokenizers import Tokenizer
+
+from elasticfleet.worker.model import ElasticLlama
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -44,6 +45,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Keep going past EOS (benchmarks compare fixed token counts).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 1_000_000:
@@ -168,7 +171,7 @@ class TextGenerator:
                 token = int(tokens[row])
                 if self._append(results[row], per_row[row], token, context):
                     active.remove(row)
-                if on_token is not None and token != self.eos_token_id:
+                if on_token is not None and results[row].finish_reason != "eos":
                     on_token(row, token)
             input_ids = tokens[:, None]
             input_lengths = torch.ones(batch, dtype=torch.long)
@@ -178,7 +181,7 @@ class TextGenerator:
 
     def _append(self, result: Completion, params: SamplingParams, token: int, context: int) -> bool:
         """Record a token; return True when the row is finished."""
-        if token == self.eos_token_id:
+        if token == self.eos_token_id and not params.ignore_eos:
             result.finish_reason = "eos"
             return True
         result.token_ids.append(token)

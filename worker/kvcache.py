@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
 from elasticfleet.worker.config import ModelConfig
 
 

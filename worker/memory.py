@@ -101,3 +101,18 @@ def predict_memory(
     per = dtype_bytes(dtype)
     kv = kept_attention * kv_bytes_per_token(config, dtype) * batch * seq_len
     return MemoryEstimate(weight_bytes=params * per, kv_bytes=kv)
+
+
+def decode_flops(config: ModelConfig, plan: PruningPlan | None, context: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) to decode one token at `context` tokens
+    of history: the kept blocks' matmuls, the output head, and attention
+    scores and values over the context in each kept attention block."""
+    plan = plan or PruningPlan.dense(config.num_hidden_layers)
+    plan.check_layers(config.num_hidden_layers)
+    attn_matmul = attention_block_params(config) - config.hidden_size
+    ffn_matmul = ffn_block_params(config) - config.hidden_size
+    head = config.vocab_size * config.hidden_size
+    scores = 2 * config.num_attention_heads * config.head_dim * context
+    per_attention = attn_matmul + scores
+    macs = head + sum(plan.keep_attention) * per_attention + sum(plan.keep_ffn) * ffn_matmul
+    return 2 * macs

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.kvcache import KVCache
-from elasticfleet.worker.plan import PruningPlan
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from elasticfleet.worker.config import ModelConfig
+from elasticfleet.worker.kvcache import KVCache
+from elasticfleet.worker.plan import PruningPlan
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -105,7 +106,8 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=ctx.mask(layer), enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
-        return self.o_proj(out)  # [B, T, hidden]
+        projected: torch.Tensor = self.o_proj(out)  # [B, T, hidden]
+        return projected
 
 
 class FeedForward(nn.Module):
@@ -118,7 +120,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -162,6 +165,8 @@ class LlamaBody(nn.Module):
 
 class ElasticLlama(nn.Module):
     """A Llama causal LM whose blocks follow a PruningPlan that can change at runtime."""
+
+    inv_freq: torch.Tensor  # [D/2] rotary frequencies, a non-persistent buffer
 
     def __init__(self, config: ModelConfig, plan: PruningPlan | None = None) -> None:
         super().__init__()

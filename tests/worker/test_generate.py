@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
 from elasticfleet.worker.generate import SamplingParams, TextGenerator, filter_logits
 from elasticfleet.worker.model import ElasticLlama
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 CHARS = [chr(c) for c in range(32, 127)]
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from elasticfleet.worker.accounting import account
 from elasticfleet.worker.config import llama2_7b_config, tiny_config
-from elasticfleet.worker.memory import dtype_bytes, kv_bytes_per_token, predict_memory
+from elasticfleet.worker.memory import (
+    decode_flops,
+    dtype_bytes,
+    kv_bytes_per_token,
+    predict_memory,
+)
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 
@@ -92,3 +98,15 @@ def test_restored_attention_layer_starts_its_history_at_the_switch(
     cache.sync_layers(tiny_model.plan.keep_attention)
     assert cache.layers == [0, 3]
     assert 1 not in cache.history_start
+
+
+def test_decode_flops_counts_kept_blocks() -> None:
+    config = tiny_config()
+    dense = decode_flops(config, None, context=10)
+    head = 2 * config.vocab_size * config.hidden_size
+    # q and o are 64x64, k and v 64x32; scores and values: 2 x 4 heads x 16 dims x 10 tokens.
+    attn = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 2 * 4 * 16 * 10)
+    ffn = 2 * 3 * 64 * 160
+    assert dense == head + 4 * attn + 4 * ffn
+    half = PruningPlan.from_dropped(4, attention=[0, 1], ffn=[2, 3])
+    assert decode_flops(config, half, context=10) == head + 2 * attn + 2 * ffn

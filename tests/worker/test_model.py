@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 
