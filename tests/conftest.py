@@ -28,10 +28,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_model(tiny_model_dir: Path) -> ElasticLlama:
-    """A fresh dense tiny model loaded from disk (so blocks can be restored)."""
-    return ElasticLlama.from_pretrained(tiny_model_dir)
+@pytest.fixture(params=[False, True], ids=["plain", "packed"])
+def tiny_model(tiny_model_dir: Path, request: pytest.FixtureRequest) -> ElasticLlama:
+    """A fresh dense tiny model loaded from disk (so blocks can be restored),
+    once with plain weights and once with oneDNN-packed ones."""
+    return ElasticLlama.from_pretrained(tiny_model_dir, packed=request.param)
 
 
 @pytest.fixture(scope="session")

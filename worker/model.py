@@ -5,6 +5,13 @@ Parameter names follow Hugging Face's LlamaForCausalLM, so one safetensors
 file serves both, and a block's weights can be re-read from that file by
 name. Dropping a block removes its module (and so the last reference to its
 tensors); restoring reads the exact stored values back.
+
+On CPU the projections' weights are by default repacked into oneDNN's blocked
+layout, which makes the small-batch matrix products of decoding memory-bound
+rather than kernel-bound (about 1.3x faster end to end here). It is the same
+float32 values in another order; only the summation order of the dot
+products changes, so logits move by about 1e-4. `packed=False` keeps the
+plain layout, whose arithmetic is that of transformers' LlamaForCausalLM.
 """
 
 from __future__ import annotations
@@ -76,6 +83,37 @@ class ForwardContext:
         return self._masks[key]
 
 
+def onednn_available() -> bool:
+    """Whether this torch build can run oneDNN-packed linear layers."""
+    return bool(torch.backends.mkldnn.is_available())
+
+
+class Linear(nn.Linear):
+    """A bias-free projection whose weight may be held in oneDNN's packed layout."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+                x, self.weight, None, "none", [], ""
+            )
+            return out
+        return F.linear(x, self.weight)
+
+    def pack(self) -> None:
+        """Replace the weight by its oneDNN-packed copy (the plain one is freed)."""
+        if not self.weight.is_mkldnn:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor in the plain strided layout (unpacks oneDNN weights)."""
+    return tensor.to_dense() if tensor.is_mkldnn else tensor
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary position embeddings."""
 
@@ -86,10 +124,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=False)
-        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, q_out)
+        self.k_proj = Linear(config.hidden_size, kv_out)
+        self.v_proj = Linear(config.hidden_size, kv_out)
+        self.o_proj = Linear(q_out, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         batch, steps, _ = x.shape
@@ -115,9 +153,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -176,10 +214,11 @@ class ElasticLlama(nn.Module):
         self.plan = plan
         self.weights_path: Path | None = None
         self.model = LlamaBody(config, plan)
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.dtype = torch.float32
+        self.packed = False
         # Built on the CPU explicitly so that it is real even when the
         # modules are created on the meta device before loading.
         exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device="cpu")
@@ -196,15 +235,20 @@ class ElasticLlama(nn.Module):
         *,
         plan: PruningPlan | None = None,
         dtype: torch.dtype = torch.float32,
+        packed: bool | None = None,
     ) -> ElasticLlama:
         """Load config.json and model.safetensors from a model directory,
-        reading only the blocks the plan keeps."""
+        reading only the blocks the plan keeps. `packed` (default: on for
+        float32 where oneDNN is available) selects the packed CPU layout."""
         path = Path(path)
         config = ModelConfig.load(path / CONFIG_FILE)
         with torch.device("meta"):
             model = cls(config, plan)
         model.weights_path = path / WEIGHTS_FILE
         model.dtype = dtype
+        if packed is None:
+            packed = dtype == torch.float32 and onednn_available()
+        model.packed = packed
         model._load_parameters(model, "", [name for name, _ in model.named_parameters()])
         return model
 
@@ -214,9 +258,17 @@ class ElasticLlama(nn.Module):
         if self.weights_path is None:
             raise ValueError("model has no weights file to load blocks from")
         with safe_open(str(self.weights_path), framework="pt") as source:
-            state = {name: source.get_tensor(prefix + name).to(self.dtype) for name in names}
+            # get_tensor may return a view of the mapped file; copy so the model
+            # owns its memory and the mapping closes with the file.
+            state = {
+                name: source.get_tensor(prefix + name).to(self.dtype, copy=True) for name in names
+            }
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
+        if self.packed:
+            for linear in module.modules():
+                if isinstance(linear, Linear):
+                    linear.pack()
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json and model.safetensors (dense models only)."""
@@ -225,7 +277,7 @@ class ElasticLlama(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save(path / CONFIG_FILE)
-        state = {name: t.contiguous() for name, t in self.state_dict().items()}
+        state = {name: dense(t).contiguous() for name, t in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE))
 
     # -- pruning ------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.model import ElasticLlama, dense
 from elasticfleet.worker.plan import PruningPlan
 
 torch.manual_seed(0)
@@ -51,7 +51,7 @@ def test_ragged_batch_matches_rows_alone(tiny_model: ElasticLlama) -> None:
 def _zeroed_reference(model_dir: Path, attention: list[int], ffn: list[int]) -> ElasticLlama:
     """A dense model whose chosen blocks add nothing to the residual stream:
     dropping a block must be exactly equivalent to that."""
-    model = ElasticLlama.from_pretrained(model_dir)
+    model = ElasticLlama.from_pretrained(model_dir, packed=False)
     for i in attention:
         model.model.layers[i].self_attn.o_proj.weight.zero_()
     for i in ffn:
@@ -71,7 +71,7 @@ def test_drop_frees_weights_and_restore_is_bit_identical(
     tiny_model: ElasticLlama, tiny_model_dir: Path
 ) -> None:
     dense_logits = logits(tiny_model)
-    dense_state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    dense_state = {k: dense(v).clone() for k, v in tiny_model.state_dict().items()}
     layer = tiny_model.model.layers[2]
     watched = [weakref.ref(p) for p in (*layer.self_attn.parameters(), *layer.mlp.parameters())]
 
@@ -83,7 +83,8 @@ def test_drop_frees_weights_and_restore_is_bit_identical(
     tiny_model.apply_plan(PruningPlan.dense(4))
     restored = tiny_model.state_dict()
     assert restored.keys() == dense_state.keys()
-    assert all(torch.equal(restored[k], dense_state[k]) for k in dense_state)
+    assert all(torch.equal(dense(restored[k]), dense_state[k]) for k in dense_state)
+    assert all(t.is_mkldnn == tiny_model.packed for k, t in restored.items() if "proj" in k)
     assert torch.equal(logits(tiny_model), dense_logits)
 
 
@@ -124,3 +125,12 @@ def test_context_and_cache_limits_are_enforced(tiny_model: ElasticLlama) -> None
     too_long = torch.zeros(1, tiny_model.config.max_position_embeddings + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="beyond the model's context"):
         tiny_model(too_long)
+
+
+def test_packed_layout_holds_the_same_values(tiny_model_dir: Path) -> None:
+    plain = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
+    packed = ElasticLlama.from_pretrained(tiny_model_dir, packed=True)
+    weight = packed.model.layers[0].mlp.up_proj.weight
+    assert weight.is_mkldnn
+    assert torch.equal(weight.to_dense(), plain.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(logits(packed), logits(plain), atol=1e-5, rtol=1e-5)
