@@ -90,7 +90,7 @@ def hf_generate(model: LlamaForCausalLM, prompts: list[list[int]]) -> Callable[[
 def versus_transformers(
     model_dir: Path, generator: TextGenerator, prompts: list[list[int]], repeats: int
 ) -> list[dict[str, Any]]:
-    hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)  # in eval mode
     rows = []
     for batch in (1, 8):
         batch_prompts = prompts[:batch]

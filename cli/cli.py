@@ -82,6 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
     from elasticfleet.worker.generate import (
         SamplingParams,
         TextGenerator,
+        TextStream,
         chat_prompt,
         load_tokenizer,
     )
@@ -110,20 +111,14 @@ def _generate(args: argparse.Namespace) -> int:
     )
     generator = TextGenerator(model, load_tokenizer(path))
     prompt = args.prompt if args.raw else chat_prompt(args.prompt)
-    streamed: list[int] = []
-    printed = 0
+    stream = TextStream(generator.tokenizer, params.stop)
 
     def show(_row: int, token: int) -> None:
-        nonlocal printed
-        streamed.append(token)
-        text = generator.tokenizer.decode(streamed)
-        # Hold back a trailing partial UTF-8 sequence until it completes.
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
-            printed = len(text)
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
 
     (result,) = generator.generate([prompt], params, on_token=show)
+    sys.stdout.write(stream.finish(result))
     print(f"\n[{len(result.token_ids)} tokens, finish: {result.finish_reason}]", file=sys.stderr)
     return 0
 

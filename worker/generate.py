@@ -107,6 +107,47 @@ def sample_next(
     return tokens
 
 
+class TextStream:
+    """Turns one row's tokens, as they arrive, into text safe to show.
+
+    Holds back a trailing incomplete UTF-8 sequence (decoded as U+FFFD) and
+    any tail that could still grow into a stop string, so nothing at or
+    after a stop string is ever shown."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that can now be shown."""
+        self.tokens.append(token)
+        text: str = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        cut = len(text.rstrip("\ufffd"))
+        for stop in self.stop:
+            found = text.find(stop)
+            if found >= 0:
+                cut = min(cut, found)
+            # Keep back the longest tail that is a proper prefix of the stop string.
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    cut = min(cut, len(text) - size)
+                    break
+        return self._show(text, cut)
+
+    def finish(self, completion: Completion) -> str:
+        """The rest of the completion's final text."""
+        return self._show(completion.text, len(completion.text))
+
+    def _show(self, text: str, cut: int) -> str:
+        if cut <= self.shown:
+            return ""
+        fresh = text[self.shown : cut]
+        self.shown = cut
+        return fresh
+
+
 class TextGenerator:
     """Generates text for a batch of prompts with an ElasticLlama and its tokenizer."""
 

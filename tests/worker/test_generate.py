@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from elasticfleet.worker.generate import SamplingParams, TextGenerator, filter_logits
+from elasticfleet.worker.generate import (
+    Completion,
+    SamplingParams,
+    TextGenerator,
+    TextStream,
+    filter_logits,
+    load_tokenizer,
+)
 from elasticfleet.worker.model import ElasticLlama
 
 CHARS = [chr(c) for c in range(32, 127)]
@@ -134,3 +143,35 @@ def test_bad_prompts(generator: TextGenerator) -> None:
         generator.generate_ids([[5] * context])
     with pytest.raises(ValueError, match="2 prompts but 1 sampling"):
         generator.generate(["a", "b"], [SamplingParams()])
+
+
+def test_text_stream_never_shows_a_stop_string() -> None:
+    tokenizer = char_tokenizer()
+    ids = tokenizer.encode("one two END three").ids
+    stream = TextStream(tokenizer, stop=("END",))
+    shown = "".join(stream.push(token) for token in ids)
+    assert "E" not in shown
+    assert shown == "one two "
+    final = Completion(prompt_tokens=1, token_ids=ids, text="one two ", finish_reason="stop")
+    assert stream.finish(final) == ""
+
+
+def test_text_stream_releases_a_false_start() -> None:
+    tokenizer = char_tokenizer()
+    stream = TextStream(tokenizer, stop=("END",))
+    pieces = [stream.push(token) for token in tokenizer.encode("EN!").ids]
+    assert pieces == ["", "", "EN!"]
+    ids = tokenizer.encode("EN!").ids
+    assert stream.finish(Completion(1, ids, "EN!", "length")) == ""
+
+
+@pytest.mark.real_model
+def test_text_stream_holds_back_partial_utf8(real_model_dir: Path) -> None:
+    """SmolLM2 spells the snowman with byte tokens that decode to U+FFFD alone."""
+    tokenizer = load_tokenizer(real_model_dir)
+    ids = tokenizer.encode("a ☃ b").ids
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token) for token in ids]
+    assert "".join(pieces) == "a ☃ b"
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "" in pieces

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.model import ElasticLlama, dense
+from elasticfleet.worker.config import tiny_config
+from elasticfleet.worker.model import Attention, ElasticLlama, FeedForward, dense
 from elasticfleet.worker.plan import PruningPlan
 
 torch.manual_seed(0)
@@ -19,7 +20,20 @@ TOKENS = torch.randint(0, 256, (3, 12))
 
 def logits(model: ElasticLlama, ids: torch.Tensor = TOKENS) -> torch.Tensor:
     with torch.inference_mode():
-        return model(ids)
+        out: torch.Tensor = model(ids)
+    return out
+
+
+def attention(model: ElasticLlama, index: int) -> Attention:
+    block = model.layer(index).self_attn
+    assert block is not None
+    return block
+
+
+def ffn(model: ElasticLlama, index: int) -> FeedForward:
+    block = model.layer(index).mlp
+    assert block is not None
+    return block
 
 
 def test_incremental_decode_matches_full_forward(tiny_model: ElasticLlama) -> None:
@@ -48,14 +62,16 @@ def test_ragged_batch_matches_rows_alone(tiny_model: ElasticLlama) -> None:
         torch.testing.assert_close(step[row], expected[length], atol=1e-5, rtol=1e-5)
 
 
-def _zeroed_reference(model_dir: Path, attention: list[int], ffn: list[int]) -> ElasticLlama:
+def _zeroed_reference(
+    model_dir: Path, attn_layers: list[int], ffn_layers: list[int]
+) -> ElasticLlama:
     """A dense model whose chosen blocks add nothing to the residual stream:
     dropping a block must be exactly equivalent to that."""
     model = ElasticLlama.from_pretrained(model_dir, packed=False)
-    for i in attention:
-        model.model.layers[i].self_attn.o_proj.weight.zero_()
-    for i in ffn:
-        model.model.layers[i].mlp.down_proj.weight.zero_()
+    for i in attn_layers:
+        attention(model, i).o_proj.weight.zero_()
+    for i in ffn_layers:
+        ffn(model, i).down_proj.weight.zero_()
     return model
 
 
@@ -72,8 +88,9 @@ def test_drop_frees_weights_and_restore_is_bit_identical(
 ) -> None:
     dense_logits = logits(tiny_model)
     dense_state = {k: dense(v).clone() for k, v in tiny_model.state_dict().items()}
-    layer = tiny_model.model.layers[2]
-    watched = [weakref.ref(p) for p in (*layer.self_attn.parameters(), *layer.mlp.parameters())]
+    blocks = (attention(tiny_model, 2), ffn(tiny_model, 2))
+    watched = [weakref.ref(p) for block in blocks for p in block.parameters()]
+    del blocks
 
     tiny_model.apply_plan(PruningPlan.from_dropped(4, attention=[2], ffn=[2, 1]))
     gc.collect()
@@ -115,7 +132,7 @@ def test_restore_without_weights_file_fails_cleanly(tiny_model: ElasticLlama) ->
     with pytest.raises(ValueError, match="not loaded from a weights file"):
         tiny_model.apply_plan(PruningPlan.from_dropped(4, attention=[0]))
     assert tiny_model.plan == plan
-    assert tiny_model.model.layers[0].self_attn is not None
+    assert tiny_model.layer(0).self_attn is not None
 
 
 def test_context_and_cache_limits_are_enforced(tiny_model: ElasticLlama) -> None:
@@ -130,7 +147,18 @@ def test_context_and_cache_limits_are_enforced(tiny_model: ElasticLlama) -> None
 def test_packed_layout_holds_the_same_values(tiny_model_dir: Path) -> None:
     plain = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
     packed = ElasticLlama.from_pretrained(tiny_model_dir, packed=True)
-    weight = packed.model.layers[0].mlp.up_proj.weight
+    weight = ffn(packed, 0).up_proj.weight
     assert weight.is_mkldnn
-    assert torch.equal(weight.to_dense(), plain.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(weight.to_dense(), ffn(plain, 0).up_proj.weight)
     torch.testing.assert_close(logits(packed), logits(plain), atol=1e-5, rtol=1e-5)
+
+
+def test_sliced_output_head_matches_plain(tmp_path: Path) -> None:
+    """A vocabulary of several 8192-row slices, at decode-like row counts."""
+    torch.manual_seed(3)
+    ElasticLlama(tiny_config(vocab_size=20000)).save_pretrained(tmp_path)
+    plain = ElasticLlama.from_pretrained(tmp_path, packed=False)
+    packed = ElasticLlama.from_pretrained(tmp_path, packed=True)
+    for shape in [(1, 1), (2, 1), (8, 1), (4, 16), (3, 30)]:
+        ids = torch.randint(0, 20000, shape)
+        torch.testing.assert_close(logits(packed, ids), logits(plain, ids), atol=1e-5, rtol=1e-5)

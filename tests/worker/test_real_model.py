@@ -94,7 +94,9 @@ def test_batched_generation_matches_single(generator: TextGenerator) -> None:
 
 def test_default_layout_is_packed_on_cpu(real_model: ElasticLlama) -> None:
     assert real_model.packed
-    assert real_model.model.layers[0].mlp.gate_proj.weight.is_mkldnn
+    mlp = real_model.layer(0).mlp
+    assert mlp is not None
+    assert mlp.gate_proj.weight.is_mkldnn
 
 
 def test_drop_and_restore_real_blocks(real_model: ElasticLlama) -> None:
