@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--raw", action="store_true", help="send the prompt without chat template"
     )
+
+    corpus = commands.add_parser("corpus", help="the offline calibration and evaluation corpus")
+    corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
+    build = corpus_commands.add_parser(
+        "build", help="fetch the sources and build the splits (a no-op when already valid)"
+    )
+    build.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+    build.add_argument("--force", action="store_true", help="rebuild even if the corpus is valid")
+    build.add_argument(
+        "--sources",
+        type=lambda text: tuple(part for part in text.split(",") if part),
+        help="comma-separated sources (default: all; 'python' needs no apt packages)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -74,6 +88,20 @@ def _prepare(args: argparse.Namespace) -> int:
 
     path = prepare_model(args.cache_dir, force=args.force, progress=not args.no_progress)
     print(path)
+    return 0
+
+
+def _build_corpus(args: argparse.Namespace) -> int:
+    from elasticfleet.agent.corpus import ALL_SOURCES, build_corpus, summary
+
+    path = build_corpus(
+        args.cache_dir,
+        force=args.force,
+        sources=args.sources or ALL_SOURCES,
+        progress=not args.no_progress,
+    )
+    print(path)
+    print(summary(path))
     return 0
 
 
@@ -124,12 +152,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from elasticfleet.agent.corpus import CorpusError
     from elasticfleet.worker.prepare import ModelPrepareError
 
     args = build_parser().parse_args(argv)
-    handlers = {("model", "prepare"): _prepare, ("model", "generate"): _generate}
+    handlers = {
+        ("model", "prepare"): _prepare,
+        ("model", "generate"): _generate,
+        ("corpus", "build"): _build_corpus,
+    }
+    subcommand = getattr(args, f"{args.command}_command")
     try:
-        return handlers[(args.command, args.model_command)](args)
-    except (ModelPrepareError, ValueError) as error:
+        return handlers[(args.command, subcommand)](args)
+    except (ModelPrepareError, CorpusError, ValueError) as error:
         print(f"elasticfleet: error: {error}", file=sys.stderr)
         return 2

