@@ -22,6 +22,7 @@ import pytest
 from safetensors import safe_open
 
 from elasticfleet.worker import prepare
+from elasticfleet.worker.cachedir import default_cache_root
 from elasticfleet.worker.config import ModelConfig
 from elasticfleet.worker.prepare import (
     CACHE_FILES,
@@ -29,7 +30,6 @@ from elasticfleet.worker.prepare import (
     CorruptModelError,
     ModelNotFoundError,
     ModelPrepareError,
-    default_cache_root,
     find_gguf,
     model_dir,
     prepare_model,
