@@ -35,6 +35,20 @@ def tiny_model(tiny_model_dir: Path, request: pytest.FixtureRequest) -> ElasticL
     return ElasticLlama.from_pretrained(tiny_model_dir, packed=request.param)
 
 
+@pytest.fixture
+def plain_model(tiny_model_dir: Path) -> ElasticLlama:
+    """A fresh dense tiny model in the plain layout, for tests that need not
+    run for both layouts."""
+    return ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_windows() -> torch.Tensor:
+    """Six fixed windows of 24 token ids from the tiny model's vocabulary."""
+    generator = torch.Generator().manual_seed(99)
+    return torch.randint(0, 256, (6, 24), generator=generator)
+
+
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """The prepared SmolLM2-135M-Instruct cache (prepared if missing)."""

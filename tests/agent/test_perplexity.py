@@ -18,23 +18,6 @@ from elasticfleet.worker.plan import PruningPlan
 PRUNED = PruningPlan.from_dropped(4, attention=[1, 3], ffn=[2])
 
 
-@pytest.fixture(scope="module")
-def tiny_windows() -> torch.Tensor:
-    """Six fixed windows of 24 token ids from the tiny model's vocabulary.
-
-    (Fixtures live in the test modules: a tests/agent/conftest.py would give
-    mypy two top-level modules named conftest.)"""
-    generator = torch.Generator().manual_seed(99)
-    return torch.randint(0, 256, (6, 24), generator=generator)
-
-
-@pytest.fixture
-def plain_model(tiny_model_dir: Path) -> ElasticLlama:
-    """A fresh dense tiny model in the plain layout, for tests that need not
-    run for both layouts."""
-    return ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
-
-
 def manual_perplexity(model: ElasticLlama, tokens: torch.Tensor) -> float:
     """exp of the mean next-token cross-entropy, from one full forward pass."""
     with torch.inference_mode():

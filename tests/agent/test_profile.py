@@ -30,23 +30,6 @@ from elasticfleet.worker.plan import PruningPlan
 BLOCKS = 8  # the tiny model's 4 layers
 
 
-@pytest.fixture(scope="module")
-def tiny_windows() -> torch.Tensor:
-    """Six fixed windows of 24 token ids from the tiny model's vocabulary.
-
-    (Fixtures live in the test modules: a tests/agent/conftest.py would give
-    mypy two top-level modules named conftest.)"""
-    generator = torch.Generator().manual_seed(99)
-    return torch.randint(0, 256, (6, 24), generator=generator)
-
-
-@pytest.fixture
-def plain_model(tiny_model_dir: Path) -> ElasticLlama:
-    """A fresh dense tiny model in the plain layout, for tests that need not
-    run for both layouts."""
-    return ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
-
-
 def drop(blocks: list[int] | tuple[int, ...]) -> PruningPlan:
     return PruningPlan.from_mask([b not in blocks for b in range(BLOCKS)])
 
