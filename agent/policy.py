@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,12 +76,6 @@ class Policy(Protocol):
     def decide(self, state: PolicyState) -> PruningPlan: ...
 
 
-def plan_without(num_layers: int, blocks: Sequence[int]) -> PruningPlan:
-    """The plan that drops exactly `blocks` (block numbering)."""
-    dropped = set(blocks)
-    return PruningPlan.from_mask([b not in dropped for b in range(2 * num_layers)])
-
-
 def block_importance(profile: ModelProfile) -> list[float]:
     """A measured importance per block (block order), for ranking by value per byte.
 
@@ -133,7 +127,7 @@ class StaticPolicy:
         """The one plan this policy ever returns for `profile`."""
         layers = profile.config.num_hidden_layers
         count = min(round(self.ratio * 2 * layers), 2 * layers - 1)
-        return plan_without(layers, profile.importance_rank()[:count])
+        return PruningPlan.without_blocks(layers, profile.importance_rank()[:count])
 
     def decide(self, state: PolicyState) -> PruningPlan:
         plan = self.plan(state.profile)
@@ -163,7 +157,7 @@ class GreedyPolicy:
             if state.fits(plan):
                 return plan
             dropped.append(block)
-            plan = plan_without(layers, dropped)
+            plan = PruningPlan.without_blocks(layers, dropped)
         if state.fits(plan):
             return plan
         raise state.infeasible(self.name, plan, "even one kept block does not fit")
@@ -198,7 +192,7 @@ class SearchPolicy:
                 if state.fits(plan):
                     fitting.append(plan)
         if not fitting:
-            smallest = plan_without(layers, range(2 * layers - 1))
+            smallest = PruningPlan.without_blocks(layers, range(2 * layers - 1))
             raise state.infeasible(self.name, smallest, "no plan fits")
         return min(fitting, key=self.score)
 
@@ -212,13 +206,15 @@ class SearchPolicy:
                 {drops | {b} for drops in beams for b in range(2 * layers) if b not in drops},
                 key=sorted,
             )
-            plans = [plan_without(layers, sorted(drops)) for drops in children]
+            plans = [PruningPlan.without_blocks(layers, drops) for drops in children]
             fitting = [plan for plan in plans if state.fits(plan)]
             if fitting:
                 return min(fitting, key=self.score)
             ranked = sorted(zip(children, plans, strict=True), key=lambda c: self.score(c[1]))
             beams = [drops for drops, _ in ranked[: self.beam_width]]
-        raise state.infeasible(self.name, plan_without(layers, sorted(beams[0])), "no plan fits")
+        raise state.infeasible(
+            self.name, PruningPlan.without_blocks(layers, sorted(beams[0])), "no plan fits"
+        )
 
 
 def make_policy(

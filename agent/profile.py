@@ -676,8 +676,8 @@ def _run_gsi(
                 if time_limit_s is not None and _clock() - started >= time_limit_s:
                     return True
                 clock = time.perf_counter()
-                mask = [b in kept and b != block for b in range(blocks)]
-                state.pending[block] = evaluator.evaluate(PruningPlan.from_mask(mask))
+                plan = PruningPlan.without_blocks(blocks // 2, [*state.order, block])
+                state.pending[block] = evaluator.evaluate(plan)
                 state.gsi_seconds += time.perf_counter() - clock
                 state.evaluations += 1
                 _write_json(checkpoint, state.to_dict(key))

@@ -114,9 +114,8 @@ def versus_transformers(
     return rows
 
 
-def decode_rate(model: ElasticLlama, prompts: list[list[int]], repeats: int) -> float:
+def decode_rate(generator: TextGenerator, prompts: list[list[int]], repeats: int) -> float:
     """Decode-only tokens/s at batch 8: total minus a prefill-only run."""
-    generator = TextGenerator(model, load_tokenizer(model.weights_path.parent))  # type: ignore[union-attr]
     full = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     first = SamplingParams(max_new_tokens=1, ignore_eos=True)
     rates = []
@@ -128,19 +127,20 @@ def decode_rate(model: ElasticLlama, prompts: list[list[int]], repeats: int) -> 
 
 
 def pruned_speed(
-    model: ElasticLlama, prompts: list[list[int]], repeats: int
+    generator: TextGenerator, prompts: list[list[int]], repeats: int
 ) -> list[dict[str, Any]]:
+    model = generator.model
     config = model.config
     context = max(len(p) for p in prompts) + NEW_TOKENS // 2
     dense_plan = PruningPlan.dense(config.num_hidden_layers)
     model.apply_plan(dense_plan)
-    dense_rate = decode_rate(model, prompts, repeats)
+    dense_rate = decode_rate(generator, prompts, repeats)
     rows = []
     for name, drops in PRUNED_PLANS.items():
         plan = PruningPlan.from_dropped(config.num_hidden_layers, **drops)
         flops_ratio = decode_flops(config, plan, context) / decode_flops(config, None, context)
         model.apply_plan(plan)
-        rate = decode_rate(model, prompts, repeats)
+        rate = decode_rate(generator, prompts, repeats)
         speedup = rate / dense_rate
         rows.append(
             {
@@ -241,7 +241,7 @@ def main() -> None:
     results["versus_transformers"] = versus_transformers(
         model_dir, generator, prompts, args.repeats
     )
-    results["pruned"] = pruned_speed(model, prompts, args.repeats)
+    results["pruned"] = pruned_speed(generator, prompts, args.repeats)
     results["plan_switching"] = plan_switching(model, args.switch_repeats)
 
     args.out.mkdir(parents=True, exist_ok=True)

