@@ -14,6 +14,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from elasticfleet.agent.profile import ModelProfile
@@ -222,8 +223,10 @@ def make_policy(
     *,
     static_ratio: float = 0.25,
     score: Callable[[PruningPlan], float] | None = None,
+    agent_path: Path | None = None,
 ) -> Policy:
-    """A policy by name: none, static, greedy or search (which needs `score`)."""
+    """A policy by name: none, static, greedy, search (which needs `score`) or
+    rl (the trained agent at `agent_path`, default: the committed one)."""
     if name == "none":
         return NonePolicy()
     if name == "static":
@@ -234,4 +237,8 @@ def make_policy(
         if score is None:
             raise ValueError("the search policy needs a score function (e.g. perplexity)")
         return SearchPolicy(score)
-    raise ValueError(f"unknown policy {name!r}; choose one of none, static, greedy, search")
+    if name == "rl":
+        from elasticfleet.agent.rl import DEFAULT_AGENT, RLPolicy  # rl builds on this module
+
+        return RLPolicy.load(agent_path or DEFAULT_AGENT)
+    raise ValueError(f"unknown policy {name!r}; choose one of none, static, greedy, search, rl")

@@ -87,6 +87,11 @@ _FIELDS = (
 )
 
 
+#: The committed profile of the shipped model, the policies' default. Resolved
+#: through symlinks so an editable install writes into the source tree.
+DEFAULT_PROFILE = Path(__file__).resolve().parent / "profiles" / "SmolLM2-135M-Instruct.json"
+
+
 def block_name(block: int) -> str:
     """A block's human name: block 2i is 'attn i', block 2i+1 'ffn i'."""
     return f"{'attn' if block % 2 == 0 else 'ffn'} {block // 2}"

@@ -84,6 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated sources (default: all; 'python' needs no apt packages)",
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    agent = commands.add_parser("agent", help="block profiling and pruning policies")
+    agent_commands = agent.add_subparsers(dest="agent_command", required=True)
+    profile = agent_commands.add_parser(
+        "profile",
+        help="measure block importance (GSI and a proxy) on calibration text; resumable",
+    )
+    _cache_dir_option(profile)
+    profile.add_argument(
+        "--out", type=Path, help="profile file (default: the shipped model's committed profile)"
+    )
+    profile.add_argument("--windows", type=int, default=4, help="calibration windows")
+    profile.add_argument("--window-length", type=int, default=256, help="tokens per window")
+    profile.add_argument("--max-steps", type=int, help="stop after this many GSI steps")
+    profile.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    profile.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train = agent_commands.add_parser("train", help="train the RAP DQN pruning agent")
+    _cache_dir_option(train)
+    train.add_argument("--profile", type=Path, help="model profile (default: the committed one)")
+    train.add_argument("--out", type=Path, help="checkpoint (default: the committed agent)")
+    train.add_argument(
+        "--quality",
+        choices=["profile", "perplexity"],
+        default="profile",
+        help="reward from the profile's importance estimate (fast) or measured perplexity",
+    )
+    train.add_argument("--windows", type=int, default=2, help="perplexity windows (x256)")
+    train.add_argument("--episodes", type=int, default=3000)
+    train.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -106,6 +138,70 @@ def _build_corpus(args: argparse.Namespace) -> int:
     )
     print(path)
     print(summary(path))
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from elasticfleet.agent.corpus import build_corpus, token_windows
+    from elasticfleet.agent.profile import DEFAULT_PROFILE, profile_model
+    from elasticfleet.worker.cachedir import MANIFEST, sha256_file
+    from elasticfleet.worker.generate import load_tokenizer
+    from elasticfleet.worker.model import ElasticLlama
+    from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
+
+    progress = not args.no_progress
+    out = args.out or DEFAULT_PROFILE
+    path = prepare_model(args.cache_dir, progress=progress)
+    corpus = build_corpus(args.cache_dir, progress=progress)
+    tokenizer = load_tokenizer(path)
+    tokens = token_windows(
+        "calibration", tokenizer, args.window_length, args.windows, cache_root=args.cache_dir
+    )
+    profile = profile_model(
+        ElasticLlama.from_pretrained(path),
+        tokens,
+        out_path=out,
+        max_steps=args.max_steps,
+        time_limit_s=args.time_limit,
+        progress=progress,
+        model_name=MODEL_NAME,
+        command=" ".join(["elasticfleet", *sys.argv[1:]]),
+        corpus_digest=sha256_file(corpus / MANIFEST),
+    )
+    state = "complete" if profile.complete else "partial (run again to resume)"
+    print(f"{out}: {len(profile.gsi_order)} GSI steps, {state}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from collections.abc import Callable
+
+    from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+    from elasticfleet.agent.rl import DEFAULT_AGENT, ProfileQuality, TrainingConfig, train_agent
+    from elasticfleet.worker.plan import PruningPlan
+
+    profile = ModelProfile.load(args.profile or DEFAULT_PROFILE)
+    quality: Callable[[PruningPlan], float] = ProfileQuality(profile)
+    if args.quality == "perplexity":
+        from elasticfleet.agent.corpus import build_corpus, token_windows
+        from elasticfleet.agent.perplexity import PerplexityEvaluator
+        from elasticfleet.worker.generate import load_tokenizer
+        from elasticfleet.worker.model import ElasticLlama
+        from elasticfleet.worker.prepare import prepare_model
+
+        path = prepare_model(args.cache_dir)
+        build_corpus(args.cache_dir)
+        tokens = token_windows(
+            "calibration", load_tokenizer(path), 256, args.windows, cache_root=args.cache_dir
+        )
+        quality = PerplexityEvaluator(ElasticLlama.from_pretrained(path), tokens).evaluate
+    config = TrainingConfig(episodes=args.episodes, time_limit_s=args.time_limit, seed=args.seed)
+    policy, stats = train_agent(profile, quality, config, progress=not args.no_progress)
+    out = args.out or DEFAULT_AGENT
+    meta = {**stats, "quality": args.quality, "seed": args.seed}
+    meta["command"] = " ".join(["elasticfleet", *sys.argv[1:]])
+    policy.save(out, meta=meta)
+    print(f"{out}: {stats['episodes']:.0f} episodes in {stats['seconds']:.0f} s")
     return 0
 
 
@@ -164,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("model", "prepare"): _prepare,
         ("model", "generate"): _generate,
         ("corpus", "build"): _build_corpus,
+        ("agent", "profile"): _profile,
+        ("agent", "train"): _train,
     }
     subcommand = getattr(args, f"{args.command}_command")
     try:

@@ -156,7 +156,7 @@ def test_make_policy_and_state_validation() -> None:
     assert make_policy("static", static_ratio=0.5).decide(state(dense_bytes())).kept_blocks == 4
     with pytest.raises(ValueError, match="needs a score function"):
         make_policy("search")
-    with pytest.raises(ValueError, match="unknown policy 'rl'"):
-        make_policy("rl")
+    with pytest.raises(ValueError, match="unknown policy 'dqn'"):
+        make_policy("dqn")
     with pytest.raises(ValueError, match="budget must be positive"):
         state(0)

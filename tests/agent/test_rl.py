@@ -1,0 +1,123 @@
+"""The RAP DQN agent on the tiny model's synthetic profile."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from test_policy import PROFILE, dense_bytes, state
+
+from elasticfleet.agent.policy import (
+    GreedyPolicy,
+    NoFeasiblePlan,
+    PolicyState,
+    SearchPolicy,
+    make_policy,
+)
+from elasticfleet.agent.rl import (
+    LOAD_FEATURES,
+    ProfileQuality,
+    QNetwork,
+    RLPolicy,
+    TrainingConfig,
+    encode_state,
+    train_agent,
+)
+from elasticfleet.worker.plan import PruningPlan
+
+QUALITY = ProfileQuality(PROFILE)
+
+
+@pytest.fixture(scope="module")
+def trained() -> RLPolicy:
+    config = TrainingConfig(episodes=600, seed=0, seq_range=(8, 512))
+    policy, stats = train_agent(PROFILE, QUALITY, config, progress=False)
+    assert stats["episodes"] == 600
+    return policy
+
+
+def scenarios(count: int, seed: int) -> list[PolicyState]:
+    rng = random.Random(seed)
+    result = []
+    for _ in range(count):
+        batch, seq = rng.choice([1, 4, 16]), rng.choice([8, 64, 256])
+        result.append(state(int(dense_bytes(batch, seq) * rng.uniform(0.4, 0.95)), batch, seq))
+    return result
+
+
+def test_network_size_matches_raps() -> None:
+    network = QNetwork(num_blocks=60)
+    assert 15_000 <= sum(p.numel() for p in network.parameters()) <= 20_000
+
+
+def test_state_encoding() -> None:
+    plan = PruningPlan.without_blocks(4, [3])
+    current = state(dense_bytes(4, 64) // 2, 4, 64)
+    features = encode_state(current, plan)
+    assert features.shape == (LOAD_FEATURES + 8,)
+    assert features[0].item() == pytest.approx(0.5, abs=1e-6)
+    assert features[1].item() == pytest.approx(current.predicted_bytes(plan) / current.budget_bytes)
+    assert features[LOAD_FEATURES:].tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
+
+
+def test_profile_quality_is_additive_in_log_space() -> None:
+    assert QUALITY(PruningPlan.dense(4)) == pytest.approx(10.0)
+    assert QUALITY(PruningPlan.without_blocks(4, [7])) == pytest.approx(11.0)
+    two = QUALITY(PruningPlan.without_blocks(4, [7, 5]))
+    assert math.log(two) == pytest.approx(math.log(10) + math.log(1.1) + math.log(13 / 11))
+
+
+def test_trained_agent_beats_an_untrained_one_and_tracks_search(trained: RLPolicy) -> None:
+    torch.manual_seed(5)
+    untrained = RLPolicy(QNetwork(8))
+    gaps: dict[str, list[float]] = {"trained": [], "untrained": [], "greedy": []}
+    for current in scenarios(40, seed=1):
+        try:
+            best = math.log(QUALITY(SearchPolicy(QUALITY).decide(current)))
+        except NoFeasiblePlan:
+            continue
+        gaps["trained"].append(math.log(QUALITY(trained.decide(current))) - best)
+        gaps["untrained"].append(math.log(QUALITY(untrained.decide(current))) - best)
+        gaps["greedy"].append(math.log(QUALITY(GreedyPolicy().decide(current))) - best)
+    mean = {name: sum(values) / len(values) for name, values in gaps.items()}
+    assert mean["trained"] < mean["untrained"] / 2
+    optimal = sum(gap < 1e-9 for gap in gaps["trained"]) / len(gaps["trained"])
+    assert optimal >= 0.6, (optimal, mean)
+
+
+def test_decisions_fit_or_say_why(trained: RLPolicy) -> None:
+    for current in scenarios(60, seed=2):
+        try:
+            plan = trained.decide(current)
+        except NoFeasiblePlan as error:
+            assert "rl policy" in str(error)
+        else:
+            assert current.fits(plan)
+    with pytest.raises(NoFeasiblePlan, match="even one kept block does not fit"):
+        trained.decide(state(10))
+
+
+def test_checkpoint_round_trip(trained: RLPolicy, tmp_path: Path) -> None:
+    path = tmp_path / "agent.safetensors"
+    trained.save(path, meta={"episodes": 600})
+    loaded = make_policy("rl", agent_path=path)
+    for current in scenarios(20, seed=3):
+        try:
+            expected = trained.decide(current)
+        except NoFeasiblePlan:
+            continue
+        assert loaded.decide(current) == expected
+
+
+def test_bad_checkpoints_and_mismatched_models(trained: RLPolicy, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an elasticfleet RL checkpoint"):
+        RLPolicy.load(tmp_path / "other.safetensors")
+    bigger = RLPolicy(QNetwork(12))
+    with pytest.raises(ValueError, match="trained for 12 blocks, the model has 8"):
+        bigger.decide(state(dense_bytes()))
