@@ -1,0 +1,292 @@
+"""Pruning policies on SmolLM2 in RAP's ten (batch, sequence) scenarios.
+
+For each scenario and a budget of 80% and 60% of the dense model's
+weights + KV there, every policy (none, static, greedy, search, rl) picks a
+plan; we report its held-out perplexity (evaluation split of the corpus), its
+predicted bytes against the budget, the share of its dropped blocks that are
+attention blocks, and its decision latency.
+
+Goals (issue 3): every plan fits; rl perplexity <= greedy's in >= 16 of 20
+cells, <= static's in all 20, within 5% of search in every cell; rl p99
+decision latency <= 5 ms; and whether the attention share of dropped blocks
+rises with batch x sequence (RAP's finding).
+
+Usage: python benchmarks/policies.py [--eval-windows 4] [--search-quality profile]
+Writes policies.json, policies.md and policies.png to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from elasticfleet.agent.corpus import build_corpus, token_windows
+from elasticfleet.agent.perplexity import PerplexityEvaluator
+from elasticfleet.agent.policy import (
+    GreedyPolicy,
+    NoFeasiblePlan,
+    NonePolicy,
+    Policy,
+    PolicyState,
+    SearchPolicy,
+    StaticPolicy,
+)
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.agent.rl import DEFAULT_AGENT, ProfileQuality, RLPolicy
+from elasticfleet.worker.generate import load_tokenizer
+from elasticfleet.worker.memory import predict_memory
+from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.prepare import prepare_model
+
+SCENARIOS = [
+    (1, 4096), (2, 2048), (4, 2048), (4, 4096), (8, 1024),
+    (8, 2048), (8, 4096), (16, 512), (16, 1024), (16, 2048),
+]  # fmt: skip
+BUDGETS = (0.8, 0.6)
+POLICIES = ("none", "static", "greedy", "search", "rl")
+
+
+def states(profile: ModelProfile) -> list[tuple[float, PolicyState]]:
+    """The 20 cells: each scenario at each budget fraction of its dense bytes."""
+    result = []
+    for fraction in BUDGETS:
+        for batch, seq in SCENARIOS:
+            dense = predict_memory(profile.config, None, batch, seq, profile.dtype).total_bytes
+            result.append((fraction, PolicyState(int(dense * fraction), batch, seq, profile)))
+    return result
+
+
+def offline_static_ratio(profile: ModelProfile, cells: list[PolicyState]) -> float:
+    """The smallest ratio (in whole blocks) whose one plan fits every cell:
+    the best a load-blind policy can be tuned to offline."""
+    blocks = profile.num_blocks
+    for count in range(blocks):
+        policy = StaticPolicy(count / blocks)
+        if all(cell.fits(policy.plan(profile)) for cell in cells):
+            return count / blocks
+    raise SystemExit("no static ratio fits every cell")
+
+
+def timed_decision(policy: Policy, cell: PolicyState, repeats: int) -> tuple[Any, list[float]]:
+    """The decision (a plan or the NoFeasiblePlan message) and its latencies in ms."""
+    latencies = []
+    outcome: Any = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        try:
+            outcome = policy.decide(cell)
+        except NoFeasiblePlan as error:
+            outcome = str(error)
+        latencies.append(1000 * (time.perf_counter() - start))
+    return outcome, latencies
+
+
+def attention_share(plan: PruningPlan) -> float | None:
+    dropped = len(plan.dropped_attention) + len(plan.dropped_ffn)
+    return len(plan.dropped_attention) / dropped if dropped else None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    profile = ModelProfile.load(args.profile)
+    model_dir = prepare_model(progress=False)
+    build_corpus(progress=False)
+    tokenizer = load_tokenizer(model_dir)
+    model = ElasticLlama.from_pretrained(model_dir)
+    held_out = PerplexityEvaluator(
+        model, token_windows("evaluation", tokenizer, 256, args.eval_windows)
+    )
+    search_score: Callable[[PruningPlan], float] = ProfileQuality(profile)
+    if args.search_quality == "perplexity":
+        calibration = token_windows("calibration", tokenizer, 256, args.search_windows)
+        search_score = PerplexityEvaluator(model, calibration).evaluate
+    cells = states(profile)
+    ratio = offline_static_ratio(profile, [cell for _, cell in cells])
+    policies: dict[str, Policy] = {
+        "none": NonePolicy(),
+        "static": StaticPolicy(ratio),
+        "greedy": GreedyPolicy(),
+        "search": SearchPolicy(search_score, beam_width=args.beam_width),
+        "rl": RLPolicy.load(args.agent),
+    }
+    dense_ppl = held_out.evaluate(PruningPlan.dense(profile.config.num_hidden_layers))
+    rows = []
+    for fraction, cell in cells:
+        row: dict[str, Any] = {
+            "batch": cell.batch_size,
+            "seq": cell.seq_len,
+            "budget_fraction": fraction,
+            "budget_bytes": cell.budget_bytes,
+        }
+        for name, policy in policies.items():
+            repeats = args.latency_repeats if name in ("greedy", "rl", "static", "none") else 1
+            outcome, latencies = timed_decision(policy, cell, repeats)
+            entry: dict[str, Any] = {"latency_ms": latencies}
+            if isinstance(outcome, PruningPlan):
+                entry.update(
+                    mask=outcome.to_mask(),
+                    predicted_bytes=cell.predicted_bytes(outcome),
+                    fits=cell.fits(outcome),
+                    attention_share=attention_share(outcome),
+                    perplexity=held_out.evaluate(outcome),
+                )
+            else:
+                entry["no_plan"] = outcome
+            row[name] = entry
+        rows.append(row)
+        print(
+            f"b={row['batch']} s={row['seq']} {row['budget_fraction']:.0%}: "
+            + ", ".join(f"{n}={row[n].get('perplexity', float('nan')):.2f}" for n in POLICIES),
+            flush=True,
+        )
+    return {
+        "dense_perplexity": dense_ppl,
+        "static_ratio": ratio,
+        "search_quality": args.search_quality,
+        "eval_tokens": held_out.num_tokens,
+        "profile_complete": profile.complete,
+        "rows": rows,
+        "goals": goals(rows),
+    }
+
+
+def _ppl(row: dict[str, Any], name: str) -> float:
+    return float(row[name].get("perplexity", math.inf))
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        for rank, index in enumerate(order):
+            result[index] = float(rank)
+        return result
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    norm = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / norm if norm else 0.0
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    plans = [row[n] for row in rows for n in POLICIES if "perplexity" in row[n]]
+    rl_latency = sorted(x for row in rows for x in row["rl"]["latency_ms"])
+    shares: dict[str, float] = {}
+    for name in ("greedy", "search", "rl"):
+        points = [
+            (row["batch"] * row["seq"], row[name]["attention_share"])
+            for row in rows
+            if row[name].get("attention_share") is not None
+        ]
+        shares[name] = _spearman([float(p[0]) for p in points], [p[1] for p in points])
+    return {
+        "all_plans_fit": all(p["fits"] for p in plans),
+        "rl_le_greedy_cells": sum(_ppl(r, "rl") <= _ppl(r, "greedy") for r in rows),
+        "rl_le_static_cells": sum(_ppl(r, "rl") <= _ppl(r, "static") for r in rows),
+        "rl_within_5pct_of_search_cells": sum(
+            _ppl(r, "rl") <= 1.05 * _ppl(r, "search") for r in rows
+        ),
+        "rl_latency_p99_ms": rl_latency[min(len(rl_latency) - 1, int(0.99 * len(rl_latency)))],
+        "attention_share_vs_load_spearman": shares,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    g = results["goals"]
+    lines = [
+        "# Pruning policies on SmolLM2-135M",
+        "",
+        f"Held-out perplexity on {results['eval_tokens']} evaluation tokens (dense "
+        f"{results['dense_perplexity']:.2f}); static ratio chosen offline "
+        f"{results['static_ratio']:.1%}; search scored by {results['search_quality']}; "
+        f"profile complete: {results['profile_complete']}.",
+        "",
+        "| batch x seq | budget | " + " | ".join(POLICIES) + " | attention share (rl) |",
+        "|---|---|" + "---|" * (len(POLICIES) + 1),
+    ]
+    for row in results["rows"]:
+        cells = []
+        for name in POLICIES:
+            entry = row[name]
+            cells.append(f"{entry['perplexity']:.2f}" if "perplexity" in entry else "no plan")
+        share = row["rl"].get("attention_share")
+        lines.append(
+            f"| {row['batch']} x {row['seq']} | {row['budget_fraction']:.0%} | "
+            + " | ".join(cells)
+            + f" | {'-' if share is None else f'{share:.2f}'} |"
+        )
+    lines += [
+        "",
+        "| goal | measured |",
+        "|---|---|",
+        f"| every plan fits | {g['all_plans_fit']} |",
+        f"| rl <= greedy in >= 16/20 cells | {g['rl_le_greedy_cells']}/20 |",
+        f"| rl <= static in 20/20 cells | {g['rl_le_static_cells']}/20 |",
+        f"| rl within 5% of search in 20/20 | {g['rl_within_5pct_of_search_cells']}/20 |",
+        f"| rl p99 decision latency <= 5 ms | {g['rl_latency_p99_ms']:.2f} ms |",
+        "| attention share rises with batch x seq (Spearman) | "
+        + ", ".join(f"{k} {v:+.2f}" for k, v in g["attention_share_vs_load_spearman"].items())
+        + " |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def heatmap(results: dict[str, Any], path: Path) -> None:
+    rows = results["rows"]
+    dense = results["dense_perplexity"]
+    values = [[_ppl(row, name) / dense for name in POLICIES] for row in rows]
+    shown = [[min(v, 10.0) for v in line] for line in values]
+    figure, axis = plt.subplots(figsize=(7, 9))
+    image = axis.imshow(shown, cmap="viridis_r", aspect="auto")
+    axis.set_xticks(range(len(POLICIES)), POLICIES)
+    labels = [f"{r['batch']}x{r['seq']} @{r['budget_fraction']:.0%}" for r in rows]
+    axis.set_yticks(range(len(rows)), labels)
+    for i, line in enumerate(values):
+        for j, value in enumerate(line):
+            text = "-" if math.isinf(value) else f"{value:.2f}"
+            axis.text(j, i, text, ha="center", va="center", fontsize=7, color="white")
+    figure.colorbar(image, label="held-out perplexity / dense (capped at 10)")
+    axis.set_title("Pruning policies: perplexity ratio to the dense model")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
+    parser.add_argument("--agent", type=Path, default=DEFAULT_AGENT)
+    parser.add_argument("--eval-windows", type=int, default=4, help="held-out windows of 256")
+    parser.add_argument(
+        "--search-quality",
+        choices=["profile", "perplexity"],
+        default="profile",
+        help="score search plans by the profile estimate (minutes) or perplexity (hours)",
+    )
+    parser.add_argument("--search-windows", type=int, default=1)
+    parser.add_argument("--beam-width", type=int, default=4)
+    parser.add_argument("--latency-repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "policies.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "policies.md").write_text(markdown(results))
+    heatmap(results, args.out / "policies.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
