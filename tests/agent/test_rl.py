@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -121,3 +122,20 @@ def test_bad_checkpoints_and_mismatched_models(trained: RLPolicy, tmp_path: Path
     bigger = RLPolicy(QNetwork(12))
     with pytest.raises(ValueError, match="trained for 12 blocks, the model has 8"):
         bigger.decide(state(dense_bytes()))
+
+
+def test_agent_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from elasticfleet.cli import main
+
+    PROFILE.save(tmp_path / "profile.json")
+    out = tmp_path / "agent.safetensors"
+    args = ["agent", "train", "--profile", str(tmp_path / "profile.json"), "--out", str(out)]
+    assert main([*args, "--episodes", "20", "--seed", "3", "--no-progress"]) == 0
+    assert RLPolicy.load(out).network.num_blocks == 8
+    with safe_open(str(out), framework="pt") as handle:
+        meta = json.loads((handle.metadata() or {})["meta"])
+    assert meta["episodes"] == 20
+    assert meta["seed"] == 3
+    assert meta["quality"] == "profile"
