@@ -3,8 +3,9 @@
 State (as in RAP): the memory budget, batch size, sequence length and the
 KV-cache share of memory, plus the current keep-mask. Action: drop one more
 block. An episode starts from the dense model and ends when the plan fits
-the budget (reward: minus the log-perplexity the plan added) or when only one
-block is left and it still does not fit (a fixed penalty). The Q-network is
+the budget or when only one block is left and it still does not fit (a fixed
+penalty). Each drop is rewarded with minus the log-perplexity it added, so an
+episode's return is minus the plan's total log-perplexity increase. The Q-network is
 an MLP of about 17K parameters for SmolLM2's 60 blocks.
 
 Serving needs only torch and this module: `RLPolicy.load` reads the
@@ -39,7 +40,9 @@ from elasticfleet.worker.plan import PruningPlan
 #: The committed agent for the shipped model, next to its profile.
 DEFAULT_AGENT = DEFAULT_PROFILE.with_suffix(".agent.safetensors")
 LOAD_FEATURES = 5  # budget, need, batch, sequence, KV share
-FAIL_PENALTY = -10.0
+# Below any reachable plan's cost (log-perplexity increases stay under ~30), so that
+# running out of blocks is never preferred to a bad plan that fits.
+FAIL_PENALTY = -100.0
 
 
 def encode_state(state: PolicyState, plan: PruningPlan) -> torch.Tensor:
@@ -223,6 +226,7 @@ def train_agent(
         )
         state = random_state(profile, config, rng)
         plan = PruningPlan.dense(profile.config.num_hidden_layers)
+        log_previous = log_dense
         total = 0.0
         while not state.fits(plan):
             features, legal = encode_state(state, plan), legal_actions(plan)
@@ -233,9 +237,13 @@ def train_agent(
             plan = drop_block(plan, action)
             next_legal = legal_actions(plan)
             done = state.fits(plan) or not bool(next_legal.any())
-            reward = 0.0
-            if done:
-                reward = log_dense - math.log(quality(plan)) if state.fits(plan) else FAIL_PENALTY
+            # Each drop is charged the log-perplexity it adds, so credit lands on
+            # the step that caused it; the sum over an episode is the plan's total.
+            log_quality = math.log(quality(plan))
+            reward = log_previous - log_quality
+            log_previous = log_quality
+            if done and not state.fits(plan):
+                reward += FAIL_PENALTY
             memory.append(
                 Transition(features, action, reward, encode_state(state, plan), next_legal, done)
             )
