@@ -64,11 +64,15 @@ def test_state_encoding() -> None:
     assert features[LOAD_FEATURES:].tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
 
 
-def test_profile_quality_is_additive_in_log_space() -> None:
+def test_profile_quality_follows_measured_gsi_prefixes() -> None:
+    # PROFILE's GSI order is 7, 5, 6, 3 with perplexities 11, 13, 16, 20 (dense 10).
     assert QUALITY(PruningPlan.dense(4)) == pytest.approx(10.0)
     assert QUALITY(PruningPlan.without_blocks(4, [7])) == pytest.approx(11.0)
-    two = QUALITY(PruningPlan.without_blocks(4, [7, 5]))
-    assert math.log(two) == pytest.approx(math.log(10) + math.log(1.1) + math.log(13 / 11))
+    assert QUALITY(PruningPlan.without_blocks(4, [7, 5])) == pytest.approx(13.0)
+    assert QUALITY(PruningPlan.without_blocks(4, [5])) == pytest.approx(13.0)
+    assert QUALITY(PruningPlan.without_blocks(4, [7, 5, 6, 3])) == pytest.approx(20.0)
+    beyond = PROFILE.importance_rank()[4]  # the first block GSI did not reach
+    assert QUALITY(PruningPlan.without_blocks(4, [beyond])) == pytest.approx(20.0 * math.e)
 
 
 def test_trained_agent_beats_an_untrained_one_and_tracks_search(trained: RLPolicy) -> None:
