@@ -44,7 +44,8 @@ FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + FFN_MODULES
 
 # Names end up in Redis keys and part names; keep them to a safe alphabet.
-NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
+# (no '.': names are also torch module keys).
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 TENSOR_PATTERN = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(A|router|B\.(.+))$")
 
 
@@ -52,8 +53,8 @@ def check_name(kind: str, name: str) -> str:
     """`name` if it is a valid adapter or task name, else a ValueError saying why."""
     if not NAME_PATTERN.match(name):
         raise ValueError(
-            f"{kind} name {name!r} is invalid: use 1-63 lowercase letters, digits, '-', '_' "
-            "or '.', starting and ending with a letter or digit"
+            f"{kind} name {name!r} is invalid: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting and ending with a letter or digit"
         )
     return name
 

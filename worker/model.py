@@ -27,6 +27,7 @@ from torch import nn
 
 from elasticfleet.worker.config import ModelConfig
 from elasticfleet.worker.kvcache import KVCache
+from elasticfleet.worker.lora import AdapterBatch
 from elasticfleet.worker.plan import PruningPlan
 
 WEIGHTS_FILE = "model.safetensors"
@@ -66,7 +67,15 @@ class ForwardContext:
     sin: torch.Tensor  # [B, 1, T, D]
     cache: KVCache | None
     kv_len: int = 0
+    adapters: AdapterBatch | None = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def project(self, linear: Linear, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
+        """linear(x) plus each row's adapter delta for projection `name` of `layer`."""
+        out: torch.Tensor = linear(x)
+        if self.adapters is None:
+            return out
+        return self.adapters.apply(layer, name, x, out)
 
     def mask(self, layer: int) -> torch.Tensor:
         """Boolean [B, 1, T, kv_len] mask: a query sees keys at or before its
@@ -132,9 +141,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = ctx.project(self.q_proj, x, layer, "q_proj")
+        k = ctx.project(self.k_proj, x, layer, "k_proj")
+        v = ctx.project(self.v_proj, x, layer, "v_proj")
+        q = q.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * ctx.cos + rotate_half(q) * ctx.sin  # [B, H, T, D]
         k = k * ctx.cos + rotate_half(k) * ctx.sin  # [B, Hkv, T, D]
         if ctx.cache is None:
@@ -145,8 +157,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=ctx.mask(layer), enable_gqa=True
             )
         out = out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim)
-        projected: torch.Tensor = self.o_proj(out)  # [B, T, hidden]
-        return projected
+        return ctx.project(self.o_proj, out, layer, "o_proj")  # [B, T, hidden]
 
 
 class FeedForward(nn.Module):
@@ -158,9 +169,10 @@ class FeedForward(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return out
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+        gate = ctx.project(self.gate_proj, x, layer, "gate_proj")
+        up = ctx.project(self.up_proj, x, layer, "up_proj")
+        return ctx.project(self.down_proj, F.silu(gate) * up, layer, "down_proj")
 
 
 class DecoderLayer(nn.Module):
@@ -185,7 +197,7 @@ class DecoderLayer(nn.Module):
         if self.self_attn is not None and self.input_layernorm is not None:
             h = h + self.self_attn(self.input_layernorm(h), ctx, layer)
         if self.mlp is not None and self.post_attention_layernorm is not None:
-            h = h + self.mlp(self.post_attention_layernorm(h))
+            h = h + self.mlp(self.post_attention_layernorm(h), ctx, layer)
         return h
 
 
@@ -344,9 +356,11 @@ class ElasticLlama(nn.Module):
         *,
         input_lengths: torch.Tensor | None = None,
         last_only: bool = False,
+        adapters: AdapterBatch | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T] (right-padded; row b's real tokens are
-        the first input_lengths[b]).
+        the first input_lengths[b]), each row through its own adapter if
+        `adapters` routes it to one.
 
         With a cache, row b's tokens continue at position cache.lengths[b]
         and the cache lengths advance by input_lengths. With last_only, only
@@ -376,6 +390,7 @@ class ElasticLlama(nn.Module):
             sin=angles.sin().to(self.dtype),
             cache=cache,
             kv_len=kv_len,
+            adapters=adapters,
         )
         h = self.model.embed_tokens(input_ids)  # [B, T, hidden]
         for index, layer in enumerate(self.model.layers):

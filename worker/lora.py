@@ -1,0 +1,362 @@
+"""AsymLoRA layers: one shared A per adapted projection, one B head per task,
+and optionally HydraLoRA's per-token router over the heads.
+
+    W x  +  scaling * B_k A x                      (a named task k: AsymLoRA)
+    W x  +  scaling * sum_k softmax(R x)_k B_k A x (the router mixture: HydraLoRA)
+
+The base projection is the model's own Linear (frozen, possibly oneDNN
+packed); adapters live beside the model, keyed by layer and projection, and
+are applied per row through an `AdapterBatch`. That is what lets one batch
+hold rows for different tasks, different adapter sets and no adapter at all:
+the base runs once over the whole batch, each adapter set's A runs once over
+its rows, and each row then gets its own head (or mixture of heads).
+
+An adapter set holds modules only for the blocks it was built for (a worker
+builds it for the blocks its plan keeps), so adapters on a dropped block are
+neither loaded nor computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights, module_block
+from elasticfleet.worker.config import ModelConfig
+from elasticfleet.worker.plan import PruningPlan
+
+
+def projection_shape(config: ModelConfig, module: str) -> tuple[int, int]:
+    """(in_features, out_features) of projection `module` in this architecture."""
+    q_out = config.num_attention_heads * config.head_dim
+    kv_out = config.num_key_value_heads * config.head_dim
+    shapes = {
+        "q_proj": (config.hidden_size, q_out),
+        "k_proj": (config.hidden_size, kv_out),
+        "v_proj": (config.hidden_size, kv_out),
+        "o_proj": (q_out, config.hidden_size),
+        "gate_proj": (config.hidden_size, config.intermediate_size),
+        "up_proj": (config.hidden_size, config.intermediate_size),
+        "down_proj": (config.intermediate_size, config.hidden_size),
+    }
+    if module not in shapes:
+        raise ValueError(f"unknown module {module!r}; expected one of {', '.join(shapes)}")
+    return shapes[module]
+
+
+def lora_parameter_count(config: ModelConfig, spec: AdapterSpec) -> int:
+    """Trainable parameters of a complete set with this spec."""
+    total = 0
+    for module in spec.modules:
+        fan_in, fan_out = projection_shape(config, module)
+        per_layer = spec.rank * fan_in + len(spec.tasks) * fan_out * spec.rank
+        if spec.router:
+            per_layer += len(spec.tasks) * fan_in
+        total += per_layer * config.num_hidden_layers
+    return total
+
+
+class AsymLoRA(nn.Module):
+    """The adapter of one projection: A [rank, in], heads B[task] [out, rank],
+    and an optional router [tasks, in]."""
+
+    def __init__(
+        self, fan_in: int, fan_out: int, rank: int, tasks: Sequence[str], *, router: bool
+    ) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.A = nn.Parameter(torch.empty(rank, fan_in))
+        # Kaiming-uniform as nn.Linear initialises its weight; B starts at
+        # zero so an untrained adapter is exactly the base model.
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(fan_out, rank)) for t in tasks})
+        self.router: nn.Parameter | None = None
+        if router:
+            # Random, not zero: with equal heads and a uniform router every
+            # head would get the same gradient forever.
+            self.router = nn.Parameter(torch.empty(len(self.tasks), fan_in))
+            nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+
+    def mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's per-token weights over the heads: [N, T, K] for x [N, T, in]."""
+        assert self.router is not None
+        return torch.softmax(x @ self.router.T, dim=-1)
+
+    def delta(
+        self, x: torch.Tensor, task_rows: Mapping[str, torch.Tensor], router_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """B A x for x [N, T, in]: rows in task_rows[t] use head t, rows in
+        router_rows the router mixture. Rows in neither get zeros."""
+        z = x @ self.A.T  # [N, T, rank]
+        out = z.new_zeros(*x.shape[:-1], next(iter(self.B.values())).shape[0])  # [N, T, out]
+        for task, rows in task_rows.items():
+            head = self.B[task]  # [out, rank]
+            out = out.index_copy(0, rows, z.index_select(0, rows) @ head.T)
+        if router_rows.numel():
+            if self.router is None:
+                raise ValueError("this adapter has no router")
+            xr = x.index_select(0, router_rows)  # [n, T, in]
+            zr = z.index_select(0, router_rows)  # [n, T, rank]
+            weights = self.mixture(xr)  # [n, T, K]
+            mixed = weights[..., :, None] * zr[..., None, :]  # [n, T, K, rank]
+            heads = torch.stack([self.B[t] for t in self.tasks], dim=1)  # [out, K, rank]
+            flat = mixed.flatten(-2) @ heads.flatten(1).T  # [n, T, out]
+            out = out.index_copy(0, router_rows, flat)
+        return out
+
+
+def module_key(layer: int, module: str) -> str:
+    """Key of a projection's adapter in AdapterSet.lora (torch keys cannot hold dots)."""
+    return f"{layer}_{module}"
+
+
+def tensor_prefix(layer: int, module: str) -> str:
+    """Prefix of a projection's tensors in the adapter format."""
+    return f"layers.{layer}.{module}"
+
+
+class AdapterSet(nn.Module):
+    """The modules of one adapter set for the blocks it was built for."""
+
+    def __init__(self, spec: AdapterSpec, config: ModelConfig) -> None:
+        super().__init__()
+        if spec.num_layers != config.num_hidden_layers:
+            raise ValueError(
+                f"adapter {spec.name!r} is for {spec.num_layers} layers, the model has "
+                f"{config.num_hidden_layers}"
+            )
+        self.spec = spec
+        self.config = config
+        self.lora = nn.ModuleDict()
+
+    @classmethod
+    def create(
+        cls, spec: AdapterSpec, config: ModelConfig, *, seed: int | None = None
+    ) -> AdapterSet:
+        """A fresh, trainable set covering every layer (B heads zero)."""
+        adapters = cls(spec, config)
+        generator_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            for layer in range(config.num_hidden_layers):
+                for module in spec.modules:
+                    fan_in, fan_out = projection_shape(config, module)
+                    adapters.lora[module_key(layer, module)] = AsymLoRA(
+                        fan_in, fan_out, spec.rank, spec.tasks, router=spec.router
+                    )
+        finally:
+            if seed is not None:
+                torch.random.set_rng_state(generator_state)
+        return adapters
+
+    @classmethod
+    def from_weights(
+        cls, weights: AdapterWeights, config: ModelConfig, *, plan: PruningPlan | None = None
+    ) -> AdapterSet:
+        """Frozen modules from (possibly partial) weights, only for the blocks
+        `plan` keeps; heads missing from `weights` are simply not there."""
+        adapters = cls(weights.spec, config)
+        adapters.add(weights, plan=plan)
+        return adapters
+
+    def add(self, weights: AdapterWeights, *, plan: PruningPlan | None = None) -> None:
+        """Add modules (or heads) from weights for blocks `plan` keeps.
+
+        Everything is validated before the first change."""
+        spec = self.spec
+        if weights.spec != spec:
+            raise ValueError(f"weights are for adapter spec {weights.spec}, this set is {spec}")
+        keep = plan.to_mask() if plan is not None else None
+        built: dict[str, AsymLoRA] = {}
+        for layer in range(spec.num_layers):
+            for module in spec.modules:
+                if keep is not None and not keep[module_block(layer, module)]:
+                    continue
+                lora = self._build(weights, layer, module)
+                if lora is not None:
+                    built[module_key(layer, module)] = lora
+        for key, lora in built.items():
+            self.lora[key] = lora
+        self.requires_grad_(False)
+
+    def _build(self, weights: AdapterWeights, layer: int, module: str) -> AsymLoRA | None:
+        """One projection's module from the tensors present, shape-checked."""
+        prefix = tensor_prefix(layer, module)
+        tensors = weights.tensors
+        if f"{prefix}.A" not in tensors:
+            return None
+        fan_in, fan_out = projection_shape(self.config, module)
+        rank = self.spec.rank
+        heads = {
+            t: tensors[f"{prefix}.B.{t}"] for t in self.spec.tasks if f"{prefix}.B.{t}" in tensors
+        }
+        old = self.get(layer, module)
+        if old is not None:
+            heads = {t: h.data for t, h in old.B.items()} | heads
+        expected = {f"{prefix}.A": (rank, fan_in)}
+        expected |= {f"{prefix}.B.{t}": (fan_out, rank) for t in heads}
+        router = tensors.get(f"{prefix}.router")
+        if router is not None:
+            expected[f"{prefix}.router"] = (len(self.spec.tasks), fan_in)
+        for name, shape in expected.items():
+            actual = tuple(tensors[name].shape) if name in tensors else shape
+            if actual != shape:
+                raise ValueError(
+                    f"adapter tensor {name} has shape {list(actual)}, expected {list(shape)}"
+                )
+        with torch.device("meta"):
+            lora = AsymLoRA(fan_in, fan_out, rank, list(heads), router=router is not None)
+        lora.A = nn.Parameter(tensors[f"{prefix}.A"].float().clone(), requires_grad=False)
+        lora.B = nn.ParameterDict(
+            {t: nn.Parameter(h.float().clone(), requires_grad=False) for t, h in heads.items()}
+        )
+        if router is not None:
+            lora.router = nn.Parameter(router.float().clone(), requires_grad=False)
+        lora.tasks = self.spec.tasks
+        return lora
+
+    def retain(self, plan: PruningPlan) -> None:
+        """Drop the modules of blocks `plan` does not keep."""
+        keep = plan.to_mask()
+        for key in list(self.lora):
+            layer, module = key.split("_", 1)
+            if not keep[module_block(int(layer), module)]:
+                del self.lora[key]
+
+    def get(self, layer: int, module: str) -> AsymLoRA | None:
+        key = module_key(layer, module)
+        if key not in self.lora:
+            return None
+        lora = self.lora[key]
+        assert isinstance(lora, AsymLoRA)
+        return lora
+
+    def weights(self) -> AdapterWeights:
+        """The tensors of this set, in the adapter format."""
+        tensors: dict[str, torch.Tensor] = {}
+        for key, lora in self.lora.items():
+            assert isinstance(lora, AsymLoRA)
+            layer, module = key.split("_", 1)
+            prefix = tensor_prefix(int(layer), module)
+            tensors[f"{prefix}.A"] = lora.A.detach()
+            for task, head in lora.B.items():
+                tensors[f"{prefix}.B.{task}"] = head.detach()
+            if lora.router is not None:
+                tensors[f"{prefix}.router"] = lora.router.detach()
+        return AdapterWeights(self.spec, tensors)
+
+    def has_task(self, task: str) -> bool:
+        """Whether every module of this set holds `task`'s head."""
+        return all(task in lora.B for lora in self._modules_typed())
+
+    @property
+    def has_router(self) -> bool:
+        """Whether every module holds its router and all heads (the mixture needs them)."""
+        return all(
+            lora.router is not None and len(lora.B) == len(self.spec.tasks)
+            for lora in self._modules_typed()
+        )
+
+    def _modules_typed(self) -> list[AsymLoRA]:
+        modules = list(self.lora.values())
+        assert all(isinstance(m, AsymLoRA) for m in modules)
+        return modules  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What one row asks for: an adapter set and a task, or the router
+    mixture when task is None."""
+
+    adapter: str
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class _Group:
+    adapters: AdapterSet
+    rows: torch.Tensor  # rows of the batch that use this set
+    task_rows: dict[str, torch.Tensor]  # positions within `rows` per head
+    router_rows: torch.Tensor  # positions within `rows` that use the router
+
+
+class AdapterBatch:
+    """Per-row adapter routing for one forward pass.
+
+    Validates every row's choice up front, so a bad request fails before any
+    compute and names the adapter or task that is wrong."""
+
+    def __init__(
+        self, sets: Mapping[str, AdapterSet], rows: Sequence[AdapterChoice | None]
+    ) -> None:
+        members: dict[str, list[tuple[int, str | None]]] = {}
+        for index, choice in enumerate(rows):
+            if choice is None:
+                continue
+            if choice.adapter not in sets:
+                known = ", ".join(sorted(sets)) or "none"
+                raise KeyError(f"adapter {choice.adapter!r} is not loaded (loaded: {known})")
+            adapters = sets[choice.adapter]
+            spec = adapters.spec
+            if choice.task is None:
+                if not spec.router:
+                    raise ValueError(
+                        f"adapter {spec.name!r} has no router; name one of its tasks: "
+                        f"{', '.join(spec.tasks)}"
+                    )
+                if not adapters.has_router:
+                    raise KeyError(f"adapter {spec.name!r} is loaded without its router heads")
+            else:
+                spec.task_index(choice.task)
+                if not adapters.has_task(choice.task):
+                    raise KeyError(
+                        f"adapter {spec.name!r} is loaded without task {choice.task!r}'s heads"
+                    )
+            members.setdefault(choice.adapter, []).append((index, choice.task))
+        self.groups: list[_Group] = []
+        for name, entries in members.items():
+            task_rows: dict[str, list[int]] = {}
+            router_rows: list[int] = []
+            for position, (_, task) in enumerate(entries):
+                if task is None:
+                    router_rows.append(position)
+                else:
+                    task_rows.setdefault(task, []).append(position)
+            self.groups.append(
+                _Group(
+                    adapters=sets[name],
+                    rows=_index([row for row, _ in entries]),
+                    task_rows={task: _index(p) for task, p in task_rows.items()},
+                    router_rows=_index(router_rows),
+                )
+            )
+
+    @classmethod
+    def single(cls, adapters: AdapterSet, rows: int, task: str | None) -> AdapterBatch:
+        """Every one of `rows` rows on the same set and task."""
+        choice = AdapterChoice(adapters.spec.name, task)
+        return cls({adapters.spec.name: adapters}, [choice] * rows)
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (the base projection of x, [B, T, out]) plus each row's delta."""
+        for group in self.groups:
+            lora = group.adapters.get(layer, module)
+            if lora is None:
+                continue
+            xs = x.index_select(0, group.rows)  # [n, T, in]
+            delta = lora.delta(xs, group.task_rows, group.router_rows)  # [n, T, out]
+            out = out.index_add(0, group.rows, delta, alpha=group.adapters.spec.scaling)
+        return out
+
+
+def _index(values: Iterable[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long)
