@@ -275,7 +275,7 @@ def reference_proxy(model: ElasticLlama, tokens: torch.Tensor) -> list[float]:
         h, ctx, index = args
         assert isinstance(ctx, ForwardContext)
         middle = h + layer.self_attn(layer.input_layernorm(h), ctx, index)
-        after = middle + layer.mlp(layer.post_attention_layernorm(middle))
+        after = middle + layer.mlp(layer.post_attention_layernorm(middle), ctx, index)
         torch.testing.assert_close(after, output)
         for block, (before, then) in enumerate(((h, middle), (middle, after))):
             cos = torch.nn.functional.cosine_similarity(before, then, dim=-1)

@@ -51,7 +51,8 @@ def trained(spec: AdapterSpec, seed: int) -> AdapterSet:
 def logits(
     model: ElasticLlama, ids: torch.Tensor, batch: AdapterBatch | None = None
 ) -> torch.Tensor:
-    return model(ids, adapters=batch)
+    out: torch.Tensor = model(ids, adapters=batch)
+    return out
 
 
 def test_untrained_adapter_is_exactly_the_base_model(
