@@ -55,3 +55,94 @@ def real_model_dir() -> Path:
     from elasticfleet.worker.prepare import prepare_model
 
     return prepare_model(progress=False)
+
+
+# -- Redis (a real Valkey server; see tests/valkey_server.py) --------------------
+
+from collections.abc import Callable, Iterator  # noqa: E402  (appended section)
+
+from valkey_server import TestRedisServer  # noqa: E402
+
+from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[TestRedisServer]:
+    """One Valkey server for the whole session, on a free loopback port."""
+    server = TestRedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: TestRedisServer) -> Iterator[str]:
+    """The session server's URL, emptied before each test."""
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[TestRedisServer]:
+    """A server of this test's own (with AOF, so data survives a restart),
+    for tests that stop and restart Redis."""
+    server = TestRedisServer(persist=True)
+    server.start()
+    yield server
+    server.close()
+
+
+# (in, out) features of each projection in the small random adapters below.
+_ADAPTER_SHAPES = {
+    "q_proj": (16, 16),
+    "k_proj": (16, 8),
+    "v_proj": (16, 8),
+    "o_proj": (16, 16),
+    "gate_proj": (16, 32),
+    "up_proj": (16, 32),
+    "down_proj": (32, 16),
+}
+
+
+@pytest.fixture
+def make_adapter() -> Callable[..., AdapterWeights]:
+    """Builds small random adapter sets (2 layers, every module):
+    make_adapter(name="demo", tasks=("code", "qa", "defs"), router=True, seed=0, rank=4)."""
+
+    def build(
+        name: str = "demo",
+        tasks: tuple[str, ...] = ("code", "qa", "defs"),
+        *,
+        router: bool = True,
+        seed: int = 0,
+        rank: int = 4,
+    ) -> AdapterWeights:
+        spec = AdapterSpec(
+            name=name,
+            base_model="tiny-llama",
+            num_layers=2,
+            rank=rank,
+            alpha=2.0 * rank,
+            modules=tuple(_ADAPTER_SHAPES),
+            tasks=tasks,
+            router=router,
+        )
+        generator = torch.Generator().manual_seed(seed)
+        tensors: dict[str, torch.Tensor] = {}
+        for layer in range(spec.num_layers):
+            for module, (fan_in, fan_out) in _ADAPTER_SHAPES.items():
+                prefix = f"layers.{layer}.{module}"
+                tensors[f"{prefix}.A"] = torch.randn(spec.rank, fan_in, generator=generator)
+                for task in tasks:
+                    tensors[f"{prefix}.B.{task}"] = torch.randn(
+                        fan_out, spec.rank, generator=generator
+                    )
+                if router:
+                    tensors[f"{prefix}.router"] = torch.randn(
+                        len(tasks), fan_in, generator=generator
+                    )
+        return AdapterWeights(spec, tensors)
+
+    return build

@@ -168,7 +168,9 @@ class AdapterSpec:
         return names
 
     def parts_for_plan(self, plan: PruningPlan, tasks: Iterable[str], *, router: bool) -> list[str]:
-        """`parts_for` the blocks `plan` keeps."""
+        """`parts_for` the blocks `plan` keeps; ValueError if `plan` is for
+        another layer count (its blocks would silently match the wrong ones)."""
+        plan.check_layers(self.num_layers)
         kept = [b for b, keep in enumerate(plan.to_mask()) if keep]
         return self.parts_for(kept, tasks, router=router)
 

@@ -1,0 +1,286 @@
+"""The Redis adapter store, against a real Valkey server (tests/valkey_server.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from valkey_server import TestRedisServer, free_port
+
+from elasticfleet.worker.adapter_format import TENSORS_FILE, AdapterWeights, decode_part
+from elasticfleet.worker.adapter_store import (
+    AdapterManifest,
+    AdapterNotFound,
+    AdapterStore,
+    DigestMismatch,
+    StoreAuthError,
+    StoreConflict,
+    StoreUnavailable,
+)
+
+MakeAdapter = Callable[..., AdapterWeights]
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[AdapterStore]:
+    store = AdapterStore.from_url(redis_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def raw(redis_server: TestRedisServer) -> Iterator[redis.Redis]:
+    """A plain client, to look at and tamper with what the store wrote."""
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def get(raw: redis.Redis, key: str) -> bytes:
+    value = raw.get(key)
+    assert isinstance(value, bytes), f"{key} is missing"
+    return value
+
+
+def same_tensors(a: AdapterWeights, b: AdapterWeights) -> bool:
+    return a.tensors.keys() == b.tensors.keys() and all(
+        a.tensors[n].dtype == b.tensors[n].dtype and torch.equal(a.tensors[n], b.tensors[n])
+        for n in a.tensors
+    )
+
+
+def test_round_trip_is_bit_identical(
+    store: AdapterStore, make_adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    weights = make_adapter()
+    weights.tensors = {
+        n: t.to(torch.bfloat16) if "B." in n else t for n, t in weights.tensors.items()
+    }
+    manifest = store.publish(weights)
+    fetched_manifest, fetched = store.fetch("demo")
+    assert fetched_manifest == manifest
+    assert same_tensors(weights, fetched)
+    # Saved to disk, the pulled set is byte-for-byte the pushed one.
+    weights.save(tmp_path / "pushed")
+    fetched.save(tmp_path / "pulled")
+    pushed = (tmp_path / "pushed" / TENSORS_FILE).read_bytes()
+    assert pushed == (tmp_path / "pulled" / TENSORS_FILE).read_bytes()
+
+
+def test_manifest_and_key_layout(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    weights = make_adapter(router=True)
+    manifest = store.publish(weights)
+    spec = weights.spec
+    assert manifest.version == 1
+    assert manifest.spec == spec
+    assert set(manifest.parts) == set(spec.part_names())
+    # 2 layers = 4 blocks: A, three tasks' B and the router per block.
+    assert len(manifest.parts) == 4 * (1 + 3 + 1)
+    text = get(raw, "elasticfleet:adapter:demo:manifest:1")
+    stored = AdapterManifest.from_json(text)
+    assert stored == manifest
+    for part, info in manifest.parts.items():
+        blob = get(raw, f"elasticfleet:adapter:demo:blob:1:{part}")
+        assert (len(blob), hashlib.sha256(blob).hexdigest()) == (info.size, info.sha256)
+        assert set(decode_part(blob)) == set(weights.split()[part])
+    assert raw.get("elasticfleet:adapter:demo:current") == b"1"
+    assert raw.smembers("elasticfleet:adapters") == {b"demo"}
+    assert raw.zrange("elasticfleet:adapter:demo:versions", 0, -1) == [b"1"]
+    # The manifest a person reads names the base model, rank, alpha, modules and tasks.
+    for needle in ('"base_model": "tiny-llama"', '"rank": 4', '"alpha": 8.0', '"router": true'):
+        assert needle in text.decode()
+
+
+def test_prefix_separates_stores(redis_url: str, make_adapter: MakeAdapter) -> None:
+    first = AdapterStore.from_url(redis_url, prefix="team-a:")
+    second = AdapterStore.from_url(redis_url, prefix="team-b:")
+    first.publish(make_adapter())
+    assert [a.name for a in first.list_adapters()] == ["demo"]
+    assert second.list_adapters() == []
+
+
+def test_versions_are_listed_with_sizes(store: AdapterStore, make_adapter: MakeAdapter) -> None:
+    store.publish(make_adapter(seed=1))
+    store.publish(make_adapter(seed=2))
+    store.publish(make_adapter("other", tasks=("code",), router=False))
+    (demo, other) = store.list_adapters()
+    assert (demo.name, demo.current, [m.version for m in demo.versions]) == ("demo", 2, [1, 2])
+    assert (other.name, other.current) == ("other", 1)
+    assert all(m.total_bytes > 0 for m in demo.versions)
+    assert other.versions[0].total_bytes < demo.versions[0].total_bytes
+    assert store.current_version("demo") == 2
+    assert store.manifest("demo").version == 2
+    assert same_tensors(store.fetch("demo", 1)[1], make_adapter(seed=1))
+
+
+def test_publish_is_atomic_under_a_concurrent_reader(
+    store: AdapterStore, make_adapter: MakeAdapter
+) -> None:
+    """While versions are published one after another, a reader fetching
+    "current" always gets exactly one published version, never a mix."""
+    # Rank 64 (about 0.5 MB a version) keeps each publish long enough to overlap reads.
+    published = {1: make_adapter(seed=1, rank=64)}
+    store.publish(published[1])
+    errors: list[BaseException] = []
+    seen: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                manifest, weights = store.fetch("demo")
+                seen.append(manifest.version)
+                if not same_tensors(weights, published[manifest.version]):
+                    raise AssertionError(f"version {manifest.version} came back mixed")
+        except BaseException as error:
+            errors.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for seed in range(2, 22):
+            weights = make_adapter(seed=seed, rank=64)
+            published[seed] = weights  # registered before it can become current
+            assert store.publish(weights).version == seed
+    finally:
+        done.set()
+        reader.join()
+    assert not errors, errors[0]
+    assert seen == sorted(seen), "the current version went backwards"
+    assert len(set(seen)) > 1, "the reader never overlapped a publish"
+
+
+def test_delete_an_old_version(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    for seed in (1, 2, 3):
+        store.publish(make_adapter(seed=seed))
+    deleted = store.delete_version("demo", 1)
+    assert deleted.version == 1
+    assert store.version_numbers("demo") == [2, 3]
+    assert raw.keys("elasticfleet:adapter:demo:*:1*") == []
+    with pytest.raises(AdapterNotFound, match=r"no version 1 .*versions: 2, 3"):
+        store.fetch("demo", 1)
+    with pytest.raises(AdapterNotFound):
+        store.delete_version("demo", 1)
+    assert same_tensors(store.fetch("demo", 2)[1], make_adapter(seed=2))
+
+
+def test_deleting_the_current_version_is_refused(
+    store: AdapterStore, make_adapter: MakeAdapter
+) -> None:
+    store.publish(make_adapter(seed=1))
+    store.publish(make_adapter(seed=2))
+    with pytest.raises(StoreConflict, match="current version; publish a newer one first"):
+        store.delete_version("demo", 2)
+    assert store.version_numbers("demo") == [1, 2]
+    assert same_tensors(store.fetch("demo")[1], make_adapter(seed=2))
+
+
+def test_delete_a_whole_adapter(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    store.publish(make_adapter(seed=1))
+    store.publish(make_adapter(seed=2))
+    store.publish(make_adapter("other"))
+    assert store.delete_adapter("demo") == [1, 2]
+    # Only the counter is left, so version numbers are never reused.
+    assert raw.keys("elasticfleet:adapter:demo:*") == [b"elasticfleet:adapter:demo:next"]
+    assert [a.name for a in store.list_adapters()] == ["other"]
+    with pytest.raises(AdapterNotFound, match="adapter 'demo' is not in Redis at redis://"):
+        store.fetch("demo")
+    with pytest.raises(AdapterNotFound):
+        store.delete_adapter("demo")
+    assert store.publish(make_adapter(seed=3)).version == 3
+
+
+def test_unknown_names_are_not_found(store: AdapterStore, make_adapter: MakeAdapter) -> None:
+    with pytest.raises(LookupError, match="adapter 'nope' is not in"):
+        store.manifest("nope")
+    with pytest.raises(LookupError, match=r"has no version 4 .*versions: none"):
+        store.manifest("nope", 4)
+    manifest = store.publish(make_adapter())
+    with pytest.raises(LookupError, match="has no part"):
+        store.read_parts(manifest, ["B/poetry/0"])
+    with pytest.raises(ValueError, match="adapter name 'Bad Name' is invalid"):
+        store.manifest("Bad Name")
+
+
+def test_a_corrupt_blob_is_rejected(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    store.publish(make_adapter())
+    raw.set("elasticfleet:adapter:demo:blob:1:B/qa/3", b"not the bytes that were published")
+    with pytest.raises(DigestMismatch, match=r"adapter 'demo' version 1 part B/qa/3 is corrupt"):
+        store.fetch("demo")
+    store.fetch("demo", parts=["B/qa/2"])  # the others are fine
+
+
+def test_the_publish_commit_checks_blobs(
+    store: AdapterStore,
+    make_adapter: MakeAdapter,
+    raw: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A publish whose blobs vanish before the commit (an adapter deleted
+    meanwhile) fails instead of publishing a version with holes."""
+    real_eval = store.client.eval
+
+    def lose_a_blob_then_eval(*args: Any) -> Any:
+        raw.delete("elasticfleet:adapter:demo:blob:1:A/0")
+        return real_eval(*args)
+
+    monkeypatch.setattr(store.client, "eval", lose_a_blob_then_eval)
+    with pytest.raises(StoreConflict, match="publish again"):
+        store.publish(make_adapter())
+    monkeypatch.undo()
+    assert store.list_adapters() == []
+    assert store.publish(make_adapter()).version == 2
+
+
+def test_password_protected_server(make_adapter: MakeAdapter) -> None:
+    server = TestRedisServer(password="s3cret-pw")
+    server.start()
+    try:
+        in_url = AdapterStore.from_url(f"redis://:s3cret-pw@127.0.0.1:{server.port}/0")
+        in_url.publish(make_adapter())
+        as_argument = AdapterStore.from_url(server.url, password="s3cret-pw")
+        assert [a.name for a in as_argument.list_adapters()] == ["demo"]
+        wrong = AdapterStore.from_url(f"redis://:wrong-pw@127.0.0.1:{server.port}/0")
+        with pytest.raises(StoreAuthError, match="refused the credentials") as caught:
+            wrong.list_adapters()
+        assert "wrong-pw" not in str(caught.value)
+        assert "redis://:***@127.0.0.1" in str(caught.value)
+        with pytest.raises(StoreAuthError):
+            AdapterStore.from_url(server.url).manifest("demo")
+    finally:
+        server.close()
+
+
+def test_unreachable_redis_is_a_quick_retryable_error() -> None:
+    store = AdapterStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    start = time.perf_counter()
+    with pytest.raises(StoreUnavailable, match="unreachable while resolving adapter 'demo'") as e:
+        store.fetch("demo")
+    assert time.perf_counter() - start < 3.0
+    assert isinstance(e.value, ConnectionError)
+    assert e.value.retryable
+
+
+def test_url_and_tls_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="must start with redis:// or rediss://"):
+        AdapterStore.from_url("http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match="TLS options need a rediss:// URL"):
+        AdapterStore.from_url("redis://127.0.0.1:6379/0", tls_ca="/etc/ssl/ca.pem")
+    tls = AdapterStore.from_url("rediss://127.0.0.1:6380/0", tls_ca="/tmp/ca.pem", tls_verify=False)
+    kwargs = tls.client.connection_pool.connection_kwargs
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == ("/tmp/ca.pem", "none")

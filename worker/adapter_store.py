@@ -1,0 +1,551 @@
+"""The Redis adapter store: versioned AsymLoRA adapter sets, published atomically.
+
+Workers fetch adapters from Redis part by part (see `adapter_format`), so the
+store keeps every part in its own blob and describes each version with a JSON
+manifest that lists every part's size and sha256. Key layout, under a prefix
+(default ``elasticfleet:``):
+
+    {prefix}adapters                        SET of adapter names
+    {prefix}adapter:{name}:next             version counter (INCR; never reset)
+    {prefix}adapter:{name}:versions         ZSET of published versions (score = version)
+    {prefix}adapter:{name}:current          the current version number
+    {prefix}adapter:{name}:manifest:{v}     version v's manifest (JSON)
+    {prefix}adapter:{name}:blob:{v}:{part}  one part's safetensors bytes, e.g. ...:blob:3:B/code/7
+
+Why publishing is atomic: a version's blobs are written first under keys that
+no reader can reach (no manifest names them yet) and never change afterwards;
+then one Lua script checks that every blob is there and, in one step, writes
+the manifest, adds the version to the index and moves the current pointer. A
+reader resolves the current version to a manifest and reads that version's
+blobs, so it sees the old version or the new one, never a mix. Version numbers
+are never reused (the counter survives deleting the whole adapter), so an
+(adapter, version) pair always names the same bytes, which is what lets
+workers cache parts by it.
+
+Deleting: an old version can be deleted at any time; workers that pinned it
+keep what they cached, and fetch NOT_FOUND for the rest. Deleting the *current*
+version is refused (`StoreConflict`): readers resolving "current" would find
+nothing, and silently rolling back to an older version is a decision for a
+person, who can publish again or delete the whole adapter.
+
+The store needs a single Redis primary (or Sentinel-managed replication); the
+publish script touches the index and the adapter's keys together, so Redis
+Cluster is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from elasticfleet.worker.adapter_format import (
+    AdapterSpec,
+    AdapterWeights,
+    check_name,
+    decode_part,
+    encode_part,
+)
+
+DEFAULT_PREFIX = "elasticfleet:"
+MANIFEST_FORMAT = 1
+
+# A version is at most a few hundred blobs of up to a few MB each; reading
+# them in pipelines of this many keeps round trips low without buffering a
+# whole large adapter in one reply.
+PIPELINE_CHUNK = 64
+
+
+class AdapterStoreError(Exception):
+    """Base class of every error the store raises."""
+
+
+class AdapterNotFound(AdapterStoreError, LookupError):
+    """The adapter, version, task or part does not exist (gRPC NOT_FOUND)."""
+
+
+class StoreUnavailable(AdapterStoreError, ConnectionError):
+    """Redis cannot be reached or timed out (gRPC UNAVAILABLE); retrying later may work."""
+
+    retryable = True
+
+
+class StoreAuthError(AdapterStoreError, PermissionError):
+    """Redis refused the credentials (gRPC UNAUTHENTICATED); retrying will not help."""
+
+
+class DigestMismatch(AdapterStoreError, ValueError):
+    """A blob's bytes do not match its manifest (gRPC DATA_LOSS); it was not used."""
+
+
+class StoreConflict(AdapterStoreError, RuntimeError):
+    """The operation conflicts with the store's state (gRPC FAILED_PRECONDITION),
+    e.g. deleting the current version, or an adapter deleted while publishing."""
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """What the manifest records about one blob."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """One published version of an adapter set."""
+
+    spec: AdapterSpec
+    version: int
+    created: str
+    parts: Mapping[str, PartInfo]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all blobs (safetensors-encoded parts) of this version."""
+        return sum(info.size for info in self.parts.values())
+
+    def to_json(self) -> str:
+        raw: dict[str, Any] = {"format": MANIFEST_FORMAT, **self.spec.to_dict()}
+        raw["version"] = self.version
+        raw["created"] = self.created
+        raw["total_bytes"] = self.total_bytes
+        raw["parts"] = {p: {"size": i.size, "sha256": i.sha256} for p, i in self.parts.items()}
+        return json.dumps(raw, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> AdapterManifest:
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"unsupported manifest format {raw.get('format')!r}")
+            return cls(
+                spec=AdapterSpec.from_dict(raw),
+                version=int(raw["version"]),
+                created=str(raw["created"]),
+                parts={
+                    part: PartInfo(int(info["size"]), str(info["sha256"]))
+                    for part, info in raw["parts"].items()
+                },
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DigestMismatch(f"adapter manifest is unreadable: {error}") from None
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """One adapter as `AdapterStore.list_adapters` reports it."""
+
+    name: str
+    current: int | None
+    versions: list[AdapterManifest]
+
+
+# Commit a publish: KEYS = index set, manifest, current, versions, blob keys...;
+# ARGV = adapter name, manifest JSON, version. Returns the current version.
+_COMMIT = """
+for i = 5, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    return redis.error_reply('MISSING ' .. KEYS[i])
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return redis.error_reply('EXISTS ' .. KEYS[2])
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tonumber(ARGV[3]) > current then
+  redis.call('SET', KEYS[3], ARGV[3])
+  return tonumber(ARGV[3])
+end
+return current
+"""
+
+# Delete one version: KEYS = current, versions, manifest, blob keys...; ARGV = version.
+_DELETE_VERSION = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.error_reply('CURRENT')
+end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  return redis.error_reply('UNKNOWN')
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', unpack(KEYS, 3))
+return 1
+"""
+
+# Delete an adapter's index entries: KEYS = index set, current, versions;
+# ARGV = name, manifest key prefix. Returns the versions it removed.
+_DELETE_ADAPTER = """
+local versions = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, v in ipairs(versions) do
+  redis.call('DEL', ARGV[2] .. v)
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[1], ARGV[1])
+return versions
+"""
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern (the prefix may hold glob characters)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def sha256_hex(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+class AdapterStore:
+    """Adapter sets in Redis: publish, list, fetch and delete versions.
+
+    Thread-safe: redis-py's client keeps a connection pool. Every Redis failure
+    surfaces as one of this module's exceptions, with the URL (password
+    redacted) in the message.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX, where: str = "Redis"
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.where = where
+        # Client-side counters, so tests and metrics can see what was read.
+        self.blobs_read = 0
+        self.bytes_read = 0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        password: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_verify: bool = True,
+        connect_timeout_s: float = 3.0,
+        timeout_s: float = 15.0,
+        retries: int = 2,
+    ) -> AdapterStore:
+        """A store on `url` (redis:// or rediss:// for TLS; user and password
+        may be in the URL, `password` overrides it).
+
+        The timeouts bound how long a worker waits before an uncached fetch
+        fails as UNAVAILABLE; 15 s of socket timeout leaves room for multi-MB
+        blobs on a slow link. Retries are few and short (at most ~1 s) because
+        the caller, not the client, decides when to try again.
+        """
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss"):
+            raise ValueError(f"Redis URL must start with redis:// or rediss://, got {url!r}")
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout_s,
+            "socket_timeout": timeout_s,
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries),
+            "health_check_interval": 30,
+            "client_name": "elasticfleet",
+        }
+        if password is not None:
+            options["password"] = password
+        if scheme == "rediss":
+            options["ssl_ca_certs"] = tls_ca
+            options["ssl_certfile"] = tls_cert
+            options["ssl_keyfile"] = tls_key
+            if not tls_verify:
+                options["ssl_cert_reqs"] = "none"
+                options["ssl_check_hostname"] = False
+        elif tls_ca or tls_cert or tls_key or not tls_verify:
+            raise ValueError(f"TLS options need a rediss:// URL, got {redact_url(url)}")
+        client = redis.Redis.from_url(url, **options)
+        return cls(client, prefix=prefix, where=f"Redis at {redact_url(url)}")
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- keys -----------------------------------------------------------------
+
+    def _key(self, name: str, suffix: str) -> str:
+        return f"{self.prefix}adapter:{name}:{suffix}"
+
+    def _index_key(self) -> str:
+        return f"{self.prefix}adapters"
+
+    def _blob_key(self, name: str, version: int, part: str) -> str:
+        return self._key(name, f"blob:{version}:{part}")
+
+    def _manifest_key(self, name: str, version: int) -> str:
+        return self._key(name, f"manifest:{version}")
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Translate redis-py's exceptions into this module's, saying what failed."""
+        try:
+            yield
+        except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as error:
+            raise StoreAuthError(
+                f"{self.where} refused the credentials while {action}: {error}; "
+                "check the password (--password or ELASTICFLEET_REDIS_PASSWORD)"
+            ) from None
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            raise StoreUnavailable(
+                f"{self.where} is unreachable while {action} ({error}); "
+                "cached adapters keep serving, retry when Redis is back"
+            ) from None
+        except redis.exceptions.NoPermissionError as error:
+            raise StoreAuthError(f"{self.where} denied {action}: {error}") from None
+        except redis.exceptions.RedisError as error:
+            raise AdapterStoreError(f"{self.where} failed while {action}: {error}") from None
+
+    # -- publishing -----------------------------------------------------------
+
+    def publish(self, weights: AdapterWeights) -> AdapterManifest:
+        """Publish a complete adapter set as its next version and make it current."""
+        weights.check(complete=True)
+        name = weights.spec.name
+        blobs = {part: encode_part(tensors) for part, tensors in sorted(weights.split().items())}
+        with self._errors(f"publishing adapter {name!r}"):
+            version = int(self.client.incr(self._key(name, "next")))
+            manifest = AdapterManifest(
+                spec=weights.spec,
+                version=version,
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                parts={p: PartInfo(len(b), sha256_hex(b)) for p, b in blobs.items()},
+            )
+            keys = {part: self._blob_key(name, version, part) for part in blobs}
+            items = list(blobs.items())
+            for start in range(0, len(items), PIPELINE_CHUNK):
+                pipe = self.client.pipeline(transaction=False)
+                for part, blob in items[start : start + PIPELINE_CHUNK]:
+                    pipe.set(keys[part], blob)
+                pipe.execute()
+            try:
+                self.client.eval(
+                    _COMMIT,
+                    4 + len(keys),
+                    self._index_key(),
+                    self._manifest_key(name, version),
+                    self._key(name, "current"),
+                    self._key(name, "versions"),
+                    *keys.values(),
+                    name,
+                    manifest.to_json(),
+                    str(version),
+                )
+            except redis.exceptions.ResponseError as error:
+                if str(error).startswith(("MISSING", "EXISTS")):
+                    raise StoreConflict(
+                        f"publishing adapter {name!r} version {version} failed: {error} "
+                        "(was the adapter deleted meanwhile?); publish again"
+                    ) from None
+                raise
+        return manifest
+
+    # -- reading --------------------------------------------------------------
+
+    def current_version(self, name: str) -> int:
+        """The current version of adapter `name`."""
+        check_name("adapter", name)
+        with self._errors(f"resolving adapter {name!r}"):
+            raw = cast(bytes | None, self.client.get(self._key(name, "current")))
+        if raw is None:
+            raise AdapterNotFound(f"adapter {name!r} is not in {self.where}")
+        return int(raw)
+
+    def manifest(self, name: str, version: int | None = None) -> AdapterManifest:
+        """Version `version` of adapter `name` (the current one if None)."""
+        check_name("adapter", name)
+        if version is None:
+            version = self.current_version(name)
+        with self._errors(f"reading adapter {name!r} version {version}"):
+            raw = cast(bytes | None, self.client.get(self._manifest_key(name, version)))
+        if raw is None:
+            known = self.version_numbers(name)
+            listing = ", ".join(map(str, known)) if known else "none (the adapter does not exist)"
+            raise AdapterNotFound(
+                f"adapter {name!r} has no version {version} in {self.where}; versions: {listing}"
+            )
+        return AdapterManifest.from_json(raw)
+
+    def version_numbers(self, name: str) -> list[int]:
+        """Adapter `name`'s published versions, ascending (empty if unknown)."""
+        with self._errors(f"listing versions of adapter {name!r}"):
+            members = cast(list[bytes], self.client.zrange(self._key(name, "versions"), 0, -1))
+        return sorted(int(m) for m in members)
+
+    def versions(self, name: str) -> list[AdapterManifest]:
+        """Every published version's manifest, ascending."""
+        numbers = self.version_numbers(name)
+        if not numbers:
+            return []
+        with self._errors(f"reading manifests of adapter {name!r}"):
+            raws = cast(
+                list[bytes | None],
+                self.client.mget([self._manifest_key(name, v) for v in numbers]),
+            )
+        # A version deleted between the two reads is simply not listed.
+        return [AdapterManifest.from_json(raw) for raw in raws if raw is not None]
+
+    def list_adapters(self) -> list[AdapterSummary]:
+        """Every adapter with its current version and versions (with sizes)."""
+        with self._errors("listing adapters"):
+            members = cast(set[bytes], self.client.smembers(self._index_key()))
+        summaries = []
+        for name in sorted(m.decode() for m in members):
+            with self._errors(f"resolving adapter {name!r}"):
+                current = self.client.get(self._key(name, "current"))
+            summaries.append(
+                AdapterSummary(
+                    name=name,
+                    current=int(current) if current is not None else None,
+                    versions=self.versions(name),
+                )
+            )
+        return summaries
+
+    def read_parts(self, manifest: AdapterManifest, parts: Iterable[str]) -> dict[str, bytes]:
+        """The verified blobs of `parts` of `manifest`'s version.
+
+        Every blob is checked against the manifest's size and sha256 before
+        any is returned, so a caller never sees, let alone caches, a bad one.
+        """
+        wanted = list(dict.fromkeys(parts))
+        unknown = [p for p in wanted if p not in manifest.parts]
+        if unknown:
+            raise AdapterNotFound(
+                f"adapter {manifest.name!r} version {manifest.version} has no part(s) "
+                f"{', '.join(unknown[:5])}"
+            )
+        blobs: dict[str, bytes] = {}
+        where = f"reading adapter {manifest.name!r} version {manifest.version}"
+        for start in range(0, len(wanted), PIPELINE_CHUNK):
+            chunk = wanted[start : start + PIPELINE_CHUNK]
+            with self._errors(where):
+                pipe = self.client.pipeline(transaction=False)
+                for part in chunk:
+                    pipe.get(self._blob_key(manifest.name, manifest.version, part))
+                values = pipe.execute()
+            for part, blob in zip(chunk, values, strict=True):
+                if blob is None:
+                    raise AdapterNotFound(
+                        f"adapter {manifest.name!r} version {manifest.version} part {part} is "
+                        f"missing from {self.where} (the version was deleted)"
+                    )
+                self._verify(manifest, part, blob)
+                blobs[part] = blob
+        self.blobs_read += len(blobs)
+        self.bytes_read += sum(len(b) for b in blobs.values())
+        return blobs
+
+    @staticmethod
+    def _verify(manifest: AdapterManifest, part: str, blob: bytes) -> None:
+        info = manifest.parts[part]
+        digest = sha256_hex(blob)
+        if len(blob) != info.size or digest != info.sha256:
+            raise DigestMismatch(
+                f"adapter {manifest.name!r} version {manifest.version} part {part} is corrupt: "
+                f"sha256 {digest[:16]}... ({len(blob)} bytes), manifest says "
+                f"{info.sha256[:16]}... ({info.size} bytes); it was not used. "
+                "Publish the adapter again."
+            )
+
+    def fetch(
+        self, name: str, version: int | None = None, parts: Sequence[str] | None = None
+    ) -> tuple[AdapterManifest, AdapterWeights]:
+        """A version (the current one if None) as weights: all parts, or `parts`."""
+        manifest = self.manifest(name, version)
+        blobs = self.read_parts(manifest, manifest.parts if parts is None else parts)
+        weights = AdapterWeights.join(manifest.spec, (decode_part(b) for b in blobs.values()))
+        return manifest, weights
+
+    # -- deleting -------------------------------------------------------------
+
+    def delete_version(self, name: str, version: int) -> AdapterManifest:
+        """Delete one non-current version; returns its manifest."""
+        manifest = self.manifest(name, version)
+        keys = [self._blob_key(name, version, p) for p in manifest.parts]
+        with self._errors(f"deleting adapter {name!r} version {version}"):
+            try:
+                self.client.eval(
+                    _DELETE_VERSION,
+                    3 + len(keys),
+                    self._key(name, "current"),
+                    self._key(name, "versions"),
+                    self._manifest_key(name, version),
+                    *keys,
+                    str(version),
+                )
+            except redis.exceptions.ResponseError as error:
+                if str(error).startswith("CURRENT"):
+                    raise StoreConflict(
+                        f"version {version} is adapter {name!r}'s current version; publish a "
+                        "newer one first, or delete the whole adapter"
+                    ) from None
+                if str(error).startswith("UNKNOWN"):
+                    raise AdapterNotFound(
+                        f"adapter {name!r} version {version} was already deleted"
+                    ) from None
+                raise
+        return manifest
+
+    def delete_adapter(self, name: str) -> list[int]:
+        """Delete an adapter and all its versions; returns the versions deleted.
+
+        The index entries go in one atomic step (readers then find no adapter);
+        the blobs, unreachable from then on, are removed after it. The version
+        counter stays so that numbers are never reused.
+        """
+        check_name("adapter", name)
+        with self._errors(f"deleting adapter {name!r}"):
+            removed = cast(
+                list[bytes],
+                self.client.eval(
+                    _DELETE_ADAPTER,
+                    3,
+                    self._index_key(),
+                    self._key(name, "current"),
+                    self._key(name, "versions"),
+                    name,
+                    self._key(name, "manifest:"),
+                ),
+            )
+            if not removed:
+                raise AdapterNotFound(f"adapter {name!r} is not in {self.where}")
+            pattern = _glob_escape(self._key(name, "blob:")) + "*"
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=pattern, count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    self.client.unlink(*batch)
+                    batch = []
+            if batch:
+                self.client.unlink(*batch)
+        return sorted(int(v) for v in removed)
