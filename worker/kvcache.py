@@ -10,6 +10,12 @@ An attention block restored while sequences are running has no keys or values
 for the tokens those sequences already hold. Its cache starts at each row's
 current length (`history_start`), and the block attends only to tokens from
 there on; the other layers keep their full history.
+
+A serving loop keeps its running sequences in the first rows and works on
+views of them (`rows`), so a decode step reads the cache in place, never a
+gathered copy. It moves a row when a sequence leaves (`move_row`), wipes a
+row's bookkeeping before a new sequence takes it (`clear_row`) and grows or
+shrinks the whole cache between steps (`resize`).
 """
 
 from __future__ import annotations
@@ -94,6 +100,70 @@ class KVCache:
         self.keys[layer][rows, :, positions] = key.transpose(1, 2)
         self.values[layer][rows, :, positions] = value.transpose(1, 2)
         return self.keys[layer][:, :, :kv_len], self.values[layer][:, :, :kv_len]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) that shares this one's storage:
+        writes through the view (keys, values and lengths) land here."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop} are outside 0..{self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.config = self.config
+        view.batch_size = stop - start
+        view.capacity = self.capacity
+        view.dtype = self.dtype
+        view.device = self.device
+        view.lengths = self.lengths[start:stop]
+        view.keys = {layer: t[start:stop] for layer, t in self.keys.items()}
+        view.values = {layer: t[start:stop] for layer, t in self.values.items()}
+        view.history_start = {layer: t[start:stop] for layer, t in self.history_start.items()}
+        return view
+
+    def clear_row(self, row: int) -> None:
+        """Make `row` empty: length 0 and a full history in every layer."""
+        self.lengths[row] = 0
+        for start in self.history_start.values():
+            start[row] = 0
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source`'s tokens and bookkeeping into row `target`."""
+        length = int(self.lengths[source])
+        for layer in self.keys:
+            self.keys[layer][target, :, :length] = self.keys[layer][source, :, :length]
+            self.values[layer][target, :, :length] = self.values[layer][source, :, :length]
+        self.lengths[target] = length
+        for start in self.history_start.values():
+            start[target] = start[source]
+
+    def resize(self, batch_size: int, capacity: int) -> None:
+        """Change the shape to [batch_size, capacity] in place, keeping the
+        first rows and their tokens; every row kept must fit the new
+        capacity. Layers are reallocated one at a time, so memory exceeds
+        the larger of the two shapes by at most one layer's tensors."""
+        if batch_size <= 0 or capacity <= 0:
+            raise ValueError(f"KV cache needs a positive shape, got {batch_size} x {capacity}")
+        kept = min(batch_size, self.batch_size)
+        longest = int(self.lengths[:kept].max())
+        if longest > capacity:
+            raise ValueError(f"a row holds {longest} positions, more than capacity {capacity}")
+        span = min(capacity, self.capacity)
+        self.batch_size, self.capacity = batch_size, capacity
+        for store in (self.keys, self.values):
+            for layer, old in store.items():
+                new = torch.zeros(
+                    (batch_size, old.shape[1], capacity, old.shape[3]),
+                    dtype=self.dtype,
+                    device=self.device,
+                )
+                new[:kept, :, :span] = old[:kept, :, :span]
+                store[layer] = new
+                del old
+        lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        lengths[:kept] = self.lengths[:kept]
+        self.lengths = lengths
+        for layer, start in self.history_start.items():
+            fresh = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            fresh[:kept] = start[:kept]
+            self.history_start[layer] = fresh
 
     def reserved_bytes(self) -> int:
         """Bytes of cache storage allocated, whether filled or not."""

@@ -1,0 +1,67 @@
+"""Fixtures for the serving tests: a tiny model directory that also holds a
+tokenizer (so an engine or a server can be started on it like on the real
+model), and engines on it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from elasticfleet.worker.engine import Engine
+from elasticfleet.worker.generate import TOKENIZER_FILE
+from elasticfleet.worker.model import ElasticLlama
+
+
+def char_tokenizer() -> Tokenizer:
+    """One token per printable ASCII character (ids 3..97); ids 0..2 are
+    <unk>, <s> and </s> (the tiny model's EOS); the rest decode to '#n'."""
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(chars)})
+    vocab.update({f"#{i}": i for i in range(len(vocab), 256)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's weights and config plus a character tokenizer."""
+    path = tmp_path_factory.mktemp("served-tiny-model")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, path / file.name)
+    char_tokenizer().save(str(path / TOKENIZER_FILE))
+    return path
+
+
+# Room for the tiny model's weights (about 0.4 MB) and a few hundred
+# thousand bytes of KV; tests that need a tight budget compute their own.
+LARGE_BUDGET = 64 * 2**20
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread for the test. The tiny model's matrices are
+    so small that a second thread only adds synchronisation, and on a busy
+    machine its spin-waits make each product ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def engine(served_model_dir: Path, one_thread: None) -> Iterator[Engine]:
+    """An engine on the plain-layout tiny model, not started: tests drive it
+    with step() so every interleaving is deterministic."""
+    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
+    tokenizer = Tokenizer.from_file(str(served_model_dir / TOKENIZER_FILE))
+    engine = Engine(model, tokenizer, budget_bytes=LARGE_BUDGET)
+    yield engine
+    engine.close()

@@ -1,0 +1,776 @@
+"""The serving engine: continuous batching, memory-safe admission and live
+plan switching, in plain Python so it is tested without gRPC.
+
+One thread owns the model and its KV cache and runs iterations. Each one:
+
+1. applies the pruning plans pushed since the last iteration (plans change
+   only here, between decode steps, never inside one);
+2. drops cancelled requests, freeing their KV rows;
+3. admits waiting requests, first come first served, while the cache laid
+   out for them still fits the memory budget (worker/admission.py);
+4. prefills the newcomers (one forward over their prompts) and samples each
+   one's first token;
+5. runs one decode step over every running sequence, samples, streams each
+   token to its request's sink, and releases finished requests at once.
+
+Running sequences occupy the first rows of the cache; a finished row is
+filled by moving the last one into it, so every forward works on a view of
+the cache, never a copy.
+
+What a plan switch does to a running request (the documented semantics):
+
+- its tokens before the switch were computed under the old plan and stay;
+- an attention block that the new plan drops is gone for every sequence
+  from the next step on, and its KV is freed at the switch;
+- an attention block that the new plan restores has no KV for the tokens a
+  running sequence already holds: it attends only to tokens from the switch
+  on (KVCache.history_start), while the other kept blocks keep their full
+  history;
+- requests admitted after the switch run under the new plan from their
+  first token, exactly as if it had always been in force.
+
+Events carry the step counter and plan id, so a client can tell which plan
+produced each token (tokens with decode_step >= a switch's effective_step
+came from the new plan).
+
+Adapters plug in through `AdapterHost`: the engine asks it to check a
+request's adapter at submission and to build the `adapters=` argument of
+`ElasticLlama.forward` from the per-row choices of each forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tokenizers import Tokenizer
+
+from elasticfleet.worker.accounting import account
+from elasticfleet.worker.admission import Admission, Layout
+from elasticfleet.worker.engine_errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from elasticfleet.worker.generate import Completion, SamplingParams, TextStream, sample_next
+from elasticfleet.worker.kvcache import KVCache
+from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.telemetry import MixSnapshot, RequestMix
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """A request's adapter: a loaded set and a task, or its router (task None)."""
+
+    name: str
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter set in the worker's local cache."""
+
+    name: str
+    version: str
+    base_model: str
+    rank: int
+    tasks: tuple[str, ...]
+    bytes: int
+    has_router: bool
+
+
+@dataclass(frozen=True)
+class AdapterListing:
+    adapters: tuple[AdapterInfo, ...] = ()
+    cache_bytes: int = 0
+    cache_limit_bytes: int = 0
+
+
+class AdapterHost(Protocol):
+    """What the engine needs from the adapter cache. Methods raise the
+    engine's errors (NotFound, InvalidArgument, Unavailable, DataLoss)."""
+
+    def check(self, request: AdapterRequest) -> None:
+        """Raise unless the adapter is loaded and has the task (or a router)."""
+
+    def batch(self, rows: Sequence[AdapterRequest | None]) -> object:
+        """The `adapters=` argument of ElasticLlama.forward for these rows."""
+
+    def resident_bytes(self) -> int:
+        """Bytes the loaded adapters occupy (counted against the budget)."""
+
+    def apply_plan(self, plan: PruningPlan) -> None:
+        """Release adapter modules on blocks the plan drops (called between steps)."""
+
+    def load(self, name: str, version: str, tasks: Sequence[str]) -> tuple[AdapterInfo, bool]:
+        """Fetch an adapter set; return it and whether it was all cached already."""
+
+    def unload(self, name: str) -> int:
+        """Evict an adapter set; return the bytes freed."""
+
+    def listing(self) -> AdapterListing:
+        """The loaded adapter sets."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Tokens one request got from one iteration. finish_reason is '' while
+    the request runs, then 'eos', 'stop' or 'length'."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    decode_step: int
+    plan_id: str
+
+
+# A request's sink gets its events, or an exception if the engine fails it.
+Sink = Callable[[TokenEvent | Exception], None]
+
+
+@dataclass(frozen=True)
+class PlanSwitch:
+    """The outcome of a plan switch."""
+
+    plan_id: str
+    bytes_before: int
+    bytes_after: int
+    effective_step: int
+    kept_blocks: int
+
+
+@dataclass(frozen=True)
+class EnginePicture:
+    """Memory (measured by the accountant) and plan, taken between two
+    iterations, so the figures are consistent with each other."""
+
+    weight_bytes: int
+    kv_reserved_bytes: int
+    kv_used_bytes: int
+    adapter_bytes: int
+    budget_bytes: int
+    kv_committed_bytes: int
+    active_sequences: int
+    plan_id: str
+    keep_mask: tuple[bool, ...]
+    decode_step: int
+
+    @property
+    def total_bytes(self) -> int:
+        """What the worker holds: weights, reserved KV and adapters."""
+        return self.weight_bytes + self.kv_reserved_bytes + self.adapter_bytes
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The latest picture, the live queue depth and the windowed request mix."""
+
+    picture: EnginePicture
+    queue_depth: int
+    mix: MixSnapshot
+
+
+@dataclass
+class Counters:
+    """Monotonic totals since start (exported as Prometheus counters)."""
+
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_refused: int = 0
+    requests_failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    plan_changes: int = 0
+    adapter_cache_hits: int = 0
+    adapter_cache_misses: int = 0
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRequest | None
+    sink: Sink
+    worst_case: int
+    stream: TextStream
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    next_input: int = 0
+    row: int = -1
+    cancelled: bool = False
+
+
+@dataclass
+class _PendingPlan:
+    plan: PruningPlan
+    plan_id: str
+    budget_bytes: int | None
+    future: Future[PlanSwitch]
+
+
+class Engine:
+    """Continuous-batching generation over one ElasticLlama."""
+
+    def __init__(
+        self,
+        model: ElasticLlama,
+        tokenizer: Tokenizer,
+        *,
+        budget_bytes: int,
+        max_queue: int = 256,
+        max_batch: int = 64,
+        window_s: float = 60.0,
+        adapters: AdapterHost | None = None,
+        plan_id: str = "initial",
+    ) -> None:
+        if max_queue < 0 or max_batch < 1:
+            raise ValueError(f"need max_queue >= 0 and max_batch >= 1, got {max_queue}/{max_batch}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.max_queue = max_queue
+        self.admission = Admission(model.config, model.dtype, budget_bytes, max_batch)
+        if not self.admission.fits(model.plan, None, self._adapter_bytes()):
+            needed = self.admission.total_bytes(model.plan, None, self._adapter_bytes())
+            raise FailedPrecondition(
+                f"the model's weights under its plan take {needed} bytes, more than the "
+                f"budget of {budget_bytes}; raise the budget or start with a smaller plan"
+            )
+        self.plan_id = plan_id
+        self.counters = Counters()
+        self.mix = RequestMix(window_s)
+        self.step_count = 0
+        # (seconds, rows, whether a plan switched) per iteration, for benchmarks.
+        self.iterations: deque[tuple[float, int, bool]] = deque(maxlen=100_000)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[_Request] = deque()
+        self._in_flight: dict[str, _Request] = {}
+        self._pending_plans: list[_PendingPlan] = []
+        self._active: list[_Request] = []
+        self._cache: KVCache | None = None
+        self._step_lock = threading.Lock()
+        self._closing = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._stats = self._measure()
+
+    # -- requests -------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        sink: Sink,
+        *,
+        request_id: str = "",
+        adapter: AdapterRequest | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises InvalidArgument,
+        NotFound, ResourceExhausted or Unavailable without queueing."""
+        try:
+            return self._submit(prompt, params, sink, request_id, adapter)
+        except ResourceExhausted:
+            self.counters.requests_refused += 1
+            raise
+
+    def _submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str,
+        adapter: AdapterRequest | None,
+    ) -> str:
+        if len(request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id has {len(request_id)} characters; at most 128")
+        if len(params.stop) > MAX_STOP_STRINGS or any(
+            len(s) > MAX_STOP_LENGTH for s in params.stop
+        ):
+            raise InvalidArgument(
+                f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters"
+            )
+        if not prompt:
+            raise InvalidArgument("prompt is empty; send at least one character")
+        ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        context = self.model.config.max_position_embeddings
+        if not ids:
+            raise InvalidArgument("prompt encodes to no tokens")
+        if len(ids) >= context:
+            raise InvalidArgument(
+                f"prompt has {len(ids)} tokens but the model's context is {context}, "
+                "which must also hold at least one new token; shorten the prompt"
+            )
+        worst = self.admission.worst_case_tokens(len(ids), params.max_new_tokens)
+        alone = Layout(1, worst)
+        if not self.admission.fits(self.model.plan, alone, self._adapter_bytes()):
+            kv = self.admission.kv_bytes(self.model.plan, alone)
+            raise ResourceExhausted(
+                f"request needs {kv} bytes of KV cache at its worst case ({len(ids)} prompt + "
+                f"{params.max_new_tokens} new tokens), more than the budget of "
+                f"{self.admission.budget_bytes} leaves after weights and adapters even on an "
+                "idle worker; lower max_new_tokens or shorten the prompt"
+            )
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        request = _Request(
+            id=request_id or uuid.uuid4().hex,
+            prompt_ids=ids,
+            params=params,
+            adapter=adapter,
+            sink=sink,
+            worst_case=worst,
+            stream=TextStream(self.tokenizer, params.stop),
+            generator=generator,
+        )
+        with self._lock:
+            if self._closing:
+                raise Unavailable("worker is shutting down; send the request to another worker")
+            if request.id in self._in_flight:
+                raise InvalidArgument(f"request id {request.id!r} is already in flight")
+            if adapter is not None:
+                if self.adapters is None:
+                    raise NotFound(
+                        f"adapter {adapter.name!r} is not loaded: this worker serves no adapters"
+                    )
+                self.adapters.check(adapter)
+            if len(self._queue) >= self.max_queue:
+                raise ResourceExhausted(
+                    f"wait queue is full ({len(self._queue)} requests waiting for memory); "
+                    "retry later or send to another worker"
+                )
+            self._queue.append(request)
+            self._in_flight[request.id] = request
+            self._wake.notify_all()
+        return request.id
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request; its sink gets nothing more. A running request
+        leaves the batch (and frees its KV) before the next step."""
+        with self._lock:
+            request = self._in_flight.pop(request_id, None)
+            if request is None:
+                return False
+            request.cancelled = True
+            self.counters.requests_cancelled += 1
+            if request in self._queue:
+                self._queue.remove(request)
+            self._wake.notify_all()
+        return True
+
+    # -- plans ------------------------------------------------------------------
+
+    def submit_plan(
+        self, plan: PruningPlan, plan_id: str, budget_bytes: int | None = None
+    ) -> Future[PlanSwitch]:
+        """Schedule a plan (and optionally a new budget) for the next
+        iteration. The future fails with FailedPrecondition when the plan and
+        the running requests cannot fit the budget (nothing changes then)."""
+        if plan.num_layers != self.model.config.num_hidden_layers:
+            raise InvalidArgument(
+                f"plan is for {plan.num_layers} layers but the model has "
+                f"{self.model.config.num_hidden_layers} ({self.model.config.num_blocks} blocks)"
+            )
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise InvalidArgument(f"budget must be positive, got {budget_bytes}")
+        future: Future[PlanSwitch] = Future()
+        with self._lock:
+            self._pending_plans.append(_PendingPlan(plan, plan_id, budget_bytes, future))
+            self._wake.notify_all()
+        return future
+
+    def _switch(self, pending: _PendingPlan) -> PlanSwitch:
+        plan = pending.plan
+        budget = pending.budget_bytes or self.admission.budget_bytes
+        check = Admission(self.model.config, self.model.dtype, budget, self.admission.max_rows)
+        adapter_bytes = self._adapter_bytes()
+        needed = self._needed_layout()
+        if not check.fits(plan, needed, adapter_bytes):
+            total = check.total_bytes(plan, needed, adapter_bytes)
+            running = "no" if needed is None else f"{needed.rows}"
+            raise FailedPrecondition(
+                f"plan {pending.plan_id!r} needs {total} bytes with {running} running "
+                f"sequences (weights, their KV at worst case, adapters) but the budget is "
+                f"{budget}; drop more blocks or wait for requests to finish"
+            )
+        before = self._stats.total_bytes
+        current = self.model.plan
+        # Drop first, then resize, then restore: memory never peaks above
+        # the larger of the old and new totals.
+        both = [a and b for a, b in zip(current.to_mask(), plan.to_mask(), strict=True)]
+        if any(both):
+            self._set_plan(PruningPlan.from_mask(both))
+        self.admission = check
+        layout = check.layout_for(plan, needed, adapter_bytes, self._layout()) if needed else None
+        self._resize(layout)
+        self._set_plan(plan)
+        self.plan_id = pending.plan_id
+        self.counters.plan_changes += 1
+        self._stats = self._measure()
+        return PlanSwitch(
+            plan_id=pending.plan_id,
+            bytes_before=before,
+            bytes_after=self._stats.total_bytes,
+            effective_step=self.step_count,
+            kept_blocks=plan.kept_blocks,
+        )
+
+    def _set_plan(self, plan: PruningPlan) -> None:
+        self.model.apply_plan(plan)
+        if self._cache is not None:
+            self._cache.sync_layers(plan.keep_attention)
+        if self.adapters is not None:
+            self.adapters.apply_plan(plan)
+
+    # -- adapters -----------------------------------------------------------
+
+    def load_adapter(
+        self, name: str, version: str, tasks: Sequence[str]
+    ) -> tuple[AdapterInfo, bool]:
+        """Fetch an adapter set into the cache (in the caller's thread: the
+        host installs it without disturbing a running forward)."""
+        host = self._require_adapters()
+        info, hit = host.load(name, version, tasks)
+        if hit:
+            self.counters.adapter_cache_hits += 1
+        else:
+            self.counters.adapter_cache_misses += 1
+        return info, hit
+
+    def unload_adapter(self, name: str) -> int:
+        host = self._require_adapters()
+        with self._lock:
+            users = sum(1 for r in self._in_flight.values() if r.adapter and r.adapter.name == name)
+            if users:
+                raise FailedPrecondition(
+                    f"adapter {name!r} is used by {users} queued or running requests; "
+                    "unload it when they finish"
+                )
+            return host.unload(name)
+
+    def list_adapters(self) -> AdapterListing:
+        return AdapterListing() if self.adapters is None else self.adapters.listing()
+
+    def _require_adapters(self) -> AdapterHost:
+        if self.adapters is None:
+            raise FailedPrecondition(
+                "this worker has no adapter store; start it with an adapter store to load adapters"
+            )
+        return self.adapters
+
+    def _adapter_bytes(self) -> int:
+        return 0 if self.adapters is None else self.adapters.resident_bytes()
+
+    # -- the loop -------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Run one iteration; returns whether there was any work. Call it
+        from one thread only (start() does that for you)."""
+        with self._step_lock:
+            started = time.perf_counter()
+            with self._lock:
+                plans, self._pending_plans = self._pending_plans, []
+            for pending in plans:
+                try:
+                    pending.future.set_result(self._switch(pending))
+                except Exception as error:
+                    pending.future.set_exception(error)
+            self._drop_cancelled()
+            newcomers = self._admit()
+            rows = len(self._active) + len(newcomers)  # the sequences this iteration runs
+            try:
+                produced = self._prefill(newcomers) if newcomers else 0
+                if self._active:
+                    produced += self._decode()
+                if rows:
+                    self.mix.record_step(rows, produced)
+            except Exception as error:  # a bug, not a request's fault: fail the batch, go on
+                log.exception("generation step failed")
+                self._fail_all(error)
+            if rows:
+                self.step_count += 1
+            if not self._active:
+                self._resize(None)
+            self._stats = self._measure()
+            if rows or plans:
+                self.iterations.append((time.perf_counter() - started, rows, bool(plans)))
+            return bool(rows or plans)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._active if r.cancelled]:
+            self._release(request)
+
+    def _needed_layout(self, extra: Sequence[_Request] = ()) -> Layout | None:
+        running = [*self._active, *extra]
+        if not running:
+            return None
+        return Layout(len(running), max(r.worst_case for r in running))
+
+    def _layout(self) -> Layout | None:
+        cache = self._cache
+        return None if cache is None else Layout(cache.batch_size, cache.capacity)
+
+    def _admit(self) -> list[_Request]:
+        """Take waiting requests, oldest first, while they fit."""
+        admitted: list[_Request] = []
+        layout = self._layout()
+        adapter_bytes = self._adapter_bytes()
+        with self._lock:
+            while self._queue and len(self._active) + len(admitted) < self.admission.max_rows:
+                candidate = self._queue[0]
+                needed = self._needed_layout([*admitted, candidate])
+                assert needed is not None
+                chosen = self.admission.layout_for(self.model.plan, needed, adapter_bytes, layout)
+                if chosen is None:
+                    break
+                admitted.append(self._queue.popleft())
+                layout = chosen
+        if admitted:
+            self._resize(layout)
+        return admitted
+
+    def _resize(self, layout: Layout | None) -> None:
+        """Give the cache this layout (None frees it), keeping running rows."""
+        if layout == self._layout():
+            return
+        if layout is None:
+            self._cache = None
+        elif self._cache is None:
+            self._cache = self.model.new_cache(layout.rows, layout.capacity)
+        else:
+            self._cache.resize(layout.rows, layout.capacity)
+
+    def _forward(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, requests: Sequence[_Request]
+    ) -> torch.Tensor:
+        """Last-token logits [B, V] for rows requests[0].row.. of the cache."""
+        assert self._cache is not None
+        first = requests[0].row
+        view = self._cache.rows(first, first + len(requests))
+        extra: dict[str, object] = {}
+        if self.adapters is not None and any(r.adapter for r in requests):
+            extra["adapters"] = self.adapters.batch([r.adapter for r in requests])
+        with torch.inference_mode():
+            logits = self.model(input_ids, view, input_lengths=lengths, last_only=True, **extra)
+        return logits[:, 0]  # type: ignore[no-any-return]
+
+    def _prefill(self, newcomers: list[_Request]) -> int:
+        assert self._cache is not None
+        for request in newcomers:
+            request.row = len(self._active)
+            self._active.append(request)
+            self._cache.clear_row(request.row)
+        width = max(len(r.prompt_ids) for r in newcomers)
+        input_ids = torch.zeros(len(newcomers), width, dtype=torch.long)
+        for index, request in enumerate(newcomers):
+            input_ids[index, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+        lengths = torch.tensor([len(r.prompt_ids) for r in newcomers])
+        logits = self._forward(input_ids, lengths, newcomers)
+        self.counters.prompt_tokens += int(lengths.sum())
+        return self._sample_and_emit(newcomers, logits)
+
+    def _decode(self) -> int:
+        running = list(self._active)
+        input_ids = torch.tensor([[r.next_input] for r in running])
+        logits = self._forward(input_ids, torch.ones(len(running), dtype=torch.long), running)
+        return self._sample_and_emit(running, logits)
+
+    def _sample_and_emit(self, requests: list[_Request], logits: torch.Tensor) -> int:
+        """Sample each row's token, stream it, release finished rows; returns
+        the number of tokens produced."""
+        tokens = sample_next(logits, [r.params for r in requests], [r.generator for r in requests])
+        produced = 0
+        for request, token in zip(requests, tokens.tolist(), strict=True):
+            if request.cancelled:
+                continue
+            event = self._advance(request, int(token))
+            produced += len(event.token_ids)
+            self._emit(request, event)
+            if event.finish_reason:
+                self._release(request)
+        return produced
+
+    def _advance(self, request: _Request, token: int) -> TokenEvent:
+        """Record one sampled token; the event to stream for it."""
+        params = request.params
+        context = self.model.config.max_position_embeddings
+        finish = ""
+        new: tuple[int, ...] = ()
+        text = ""
+        if token == self.model.config.eos_token_id and not params.ignore_eos:
+            finish = "eos"
+        else:
+            request.tokens.append(token)
+            request.next_input = token
+            new = (token,)
+            self.counters.generated_tokens += 1
+            text = request.stream.push(token)
+            if params.stop and any(s in self._decode_text(request.tokens) for s in params.stop):
+                finish = "stop"
+            elif (
+                len(request.tokens) >= params.max_new_tokens
+                or len(request.prompt_ids) + len(request.tokens) >= context
+            ):
+                finish = "length"
+        if finish:
+            full = self._decode_text(request.tokens)
+            cuts = [full.find(s) for s in params.stop if s in full]
+            completion = Completion(
+                prompt_tokens=len(request.prompt_ids),
+                token_ids=request.tokens,
+                text=full[: min(cuts)] if cuts else full,
+                finish_reason=finish,
+            )
+            text += request.stream.finish(completion)
+        return TokenEvent(
+            request_id=request.id,
+            token_ids=new,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(request.tokens),
+            decode_step=self.step_count,
+            plan_id=self.plan_id,
+        )
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return text
+
+    def _emit(self, request: _Request, event: TokenEvent | Exception) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a broken sink must not stop the loop
+            log.exception("sink of request %s failed; cancelling it", request.id)
+            self.cancel(request.id)
+
+    def _release(self, request: _Request) -> None:
+        """Take a request out of the batch: move the last row into its row."""
+        assert self._cache is not None
+        last = len(self._active) - 1
+        row = request.row
+        if row != last:
+            moved = self._active[last]
+            self._cache.move_row(last, row)
+            self._active[row] = moved
+            moved.row = row
+        self._active.pop()
+        self._cache.clear_row(last)
+        request.row = -1
+        with self._lock:
+            if self._in_flight.get(request.id) is request:
+                del self._in_flight[request.id]
+                if not request.cancelled:
+                    self.counters.requests_finished += 1
+        if not request.cancelled:
+            self.mix.record_finished(len(request.prompt_ids), len(request.tokens))
+
+    def _fail_all(self, error: Exception) -> None:
+        for request in list(self._active):
+            self._emit(request, error)
+            with self._lock:
+                self._in_flight.pop(request.id, None)
+            self.counters.requests_failed += 1
+        self._active.clear()
+        self._cache = None
+
+    # -- statistics -------------------------------------------------------------
+
+    def _measure(self) -> EnginePicture:
+        report = account(self.model, self._cache)
+        needed = self._needed_layout()
+        return EnginePicture(
+            weight_bytes=report.weight_bytes,
+            kv_reserved_bytes=report.kv_reserved_bytes,
+            kv_used_bytes=report.kv_used_bytes,
+            adapter_bytes=self._adapter_bytes(),
+            budget_bytes=self.admission.budget_bytes,
+            kv_committed_bytes=self.admission.kv_bytes(self.model.plan, needed),
+            active_sequences=len(self._active),
+            plan_id=self.plan_id,
+            keep_mask=tuple(self.model.plan.to_mask()),
+            decode_step=self.step_count,
+        )
+
+    def stats(self) -> EngineStats:
+        """The picture taken after the latest iteration, with the live queue depth."""
+        with self._lock:
+            queued = len(self._queue)
+        return EngineStats(picture=self._stats, queue_depth=queued, mix=self.mix.snapshot())
+
+    # -- the thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run iterations in a background thread until close()."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="elasticfleet-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stop or self._queue or self._pending_plans or self._active):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._queue or self._active or self._pending_plans)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait until queued and running ones finish;
+        returns whether they all did within the timeout."""
+        with self._lock:
+            self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued or running fail with Unavailable."""
+        with self._lock:
+            self._closing = True
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error = Unavailable("worker shut down before the request finished; retry elsewhere")
+        with self._lock:
+            leftovers = [*self._queue, *self._active]
+            self._queue.clear()
+            self._in_flight.clear()
+            for pending in self._pending_plans:
+                pending.future.set_exception(error)
+            self._pending_plans.clear()
+        for request in leftovers:
+            if not request.cancelled:
+                self._emit(request, error)
+        self._active.clear()
+        self._cache = None
