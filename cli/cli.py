@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from elasticfleet import __version__
+from elasticfleet.adapter_commands import ADAPTER_HANDLERS, add_adapter_commands
 
 
 def _int_list(text: str) -> list[int]:
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-limit", type=float, help="stop after this many seconds")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    add_adapter_commands(commands)
     return parser
 
 
@@ -262,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("corpus", "build"): _build_corpus,
         ("agent", "profile"): _profile,
         ("agent", "train"): _train,
+        **ADAPTER_HANDLERS,
     }
     subcommand = getattr(args, f"{args.command}_command")
     try:

@@ -318,7 +318,7 @@ class AdapterStore:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             raise StoreUnavailable(
                 f"{self.where} is unreachable while {action} ({error}); "
-                "cached adapters keep serving, retry when Redis is back"
+                "retry when Redis is reachable again"
             ) from None
         except redis.exceptions.NoPermissionError as error:
             raise StoreAuthError(f"{self.where} denied {action}: {error}") from None

@@ -215,7 +215,7 @@ def test_redis_down_cached_parts_serve_and_fetching_resumes_after_restart(
         cache.get("other", None, ["A/0"])
     except ConnectionError as error:
         assert getattr(error, "retryable", False)
-        assert "retry when Redis is back" in str(error)
+        assert "retry when Redis is reachable again" in str(error)
     else:
         raise AssertionError("an uncached adapter was served while Redis was down")
     assert time.perf_counter() - start < 5.0
