@@ -61,7 +61,7 @@ def real_model_dir() -> Path:
 
 from collections.abc import Callable, Iterator  # noqa: E402  (appended section)
 
-from valkey_server import TestRedisServer  # noqa: E402
+from valkey_server import TestRedisServer, TlsFront, self_signed_certificate  # noqa: E402
 
 from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights  # noqa: E402
 
@@ -146,3 +146,18 @@ def make_adapter() -> Callable[..., AdapterWeights]:
         return AdapterWeights(spec, tensors)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tls_redis(
+    redis_server: TestRedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """(rediss:// URL, CA certificate) of a TLS front to the session server;
+    skipped where the openssl command is missing."""
+    pair = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    if pair is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = pair
+    front = TlsFront(redis_server.port, cert, key)
+    yield f"rediss://127.0.0.1:{front.port}/0", cert
+    front.close()

@@ -98,3 +98,22 @@ def test_password_from_flag_or_environment(
         assert code == 0 and out.splitlines()[1].startswith("demo")
     finally:
         server.close()
+
+
+def test_tls_flags(
+    tls_redis: tuple[str, Path],
+    redis_url: str,
+    make_adapter: MakeAdapter,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, ca = tls_redis
+    make_adapter().save(tmp_path / "adapter")
+    assert (
+        run(capsys, "push", str(tmp_path / "adapter"), "--redis-url", url, "--tls-ca", str(ca))[0]
+        == 0
+    )
+    code, _, err = run(capsys, "list", "--redis-url", url)
+    assert code == 2 and "pass the CA that signed it (--tls-ca)" in err
+    code, out, _ = run(capsys, "list", "--redis-url", url, "--tls-insecure")
+    assert code == 0 and out.splitlines()[1].startswith("demo")

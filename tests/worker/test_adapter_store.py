@@ -281,6 +281,17 @@ def test_url_and_tls_options_are_checked() -> None:
         AdapterStore.from_url("http://127.0.0.1:6379")
     with pytest.raises(ValueError, match="TLS options need a rediss:// URL"):
         AdapterStore.from_url("redis://127.0.0.1:6379/0", tls_ca="/etc/ssl/ca.pem")
-    tls = AdapterStore.from_url("rediss://127.0.0.1:6380/0", tls_ca="/tmp/ca.pem", tls_verify=False)
-    kwargs = tls.client.connection_pool.connection_kwargs
-    assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == ("/tmp/ca.pem", "none")
+
+
+def test_tls(tls_redis: tuple[str, Path], redis_url: str, make_adapter: MakeAdapter) -> None:
+    url, ca = tls_redis
+    verified = AdapterStore.from_url(url, tls_ca=str(ca))
+    verified.publish(make_adapter())
+    assert same_tensors(verified.fetch("demo")[1], make_adapter())
+    with pytest.raises(StoreAuthError, match=r"TLS certificate failed verification.*--tls-ca"):
+        AdapterStore.from_url(url).list_adapters()
+    insecure = AdapterStore.from_url(url, tls_verify=False)
+    assert [a.name for a in insecure.list_adapters()] == ["demo"]
+    # Plaintext to a TLS port does not pass for a working connection.
+    with pytest.raises(StoreUnavailable):
+        AdapterStore.from_url(url.replace("rediss://", "redis://"), retries=0).list_adapters()
