@@ -130,7 +130,8 @@ class AdapterManifest:
         return json.dumps(raw, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> AdapterManifest:
+    def from_json(cls, text: str | bytes, where: str = "adapter manifest") -> AdapterManifest:
+        """Parse a manifest; `DigestMismatch` (data loss) naming `where` if unreadable."""
         try:
             raw = json.loads(text)
             if raw.get("format") != MANIFEST_FORMAT:
@@ -145,7 +146,7 @@ class AdapterManifest:
                 },
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise DigestMismatch(f"adapter manifest is unreadable: {error}") from None
+            raise DigestMismatch(f"{where} is unreadable: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -359,11 +360,15 @@ class AdapterStore:
             )
             keys = {part: self._blob_key(name, version, part) for part in blobs}
             items = list(blobs.items())
-            for start in range(0, len(items), PIPELINE_CHUNK):
-                pipe = self.client.pipeline(transaction=False)
-                for part, blob in items[start : start + PIPELINE_CHUNK]:
-                    pipe.set(keys[part], blob)
-                pipe.execute()
+            try:
+                for start in range(0, len(items), PIPELINE_CHUNK):
+                    pipe = self.client.pipeline(transaction=False)
+                    for part, blob in items[start : start + PIPELINE_CHUNK]:
+                        pipe.set(keys[part], blob)
+                    pipe.execute()
+            except redis.exceptions.RedisError:
+                self._discard(keys.values())
+                raise
             try:
                 self.client.eval(
                     _COMMIT,
@@ -378,6 +383,10 @@ class AdapterStore:
                     str(version),
                 )
             except redis.exceptions.ResponseError as error:
+                # Nothing was committed, so the blobs are unreachable. (Not so
+                # after a connection error: the commit may have happened.)
+                if str(error).startswith("MISSING"):
+                    self._discard(keys.values())
                 if str(error).startswith(("MISSING", "EXISTS")):
                     raise StoreConflict(
                         f"publishing adapter {name!r} version {version} failed: {error} "
@@ -385,6 +394,11 @@ class AdapterStore:
                     ) from None
                 raise
         return manifest
+
+    def _discard(self, keys: Iterable[str]) -> None:
+        """Best effort: remove the blobs of a publish that did not commit."""
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.client.unlink(*keys)
 
     # -- reading --------------------------------------------------------------
 
@@ -410,7 +424,7 @@ class AdapterStore:
             raise AdapterNotFound(
                 f"adapter {name!r} has no version {version} in {self.where}; versions: {listing}"
             )
-        return AdapterManifest.from_json(raw)
+        return AdapterManifest.from_json(raw, f"adapter {name!r} version {version}'s manifest")
 
     def version_numbers(self, name: str) -> list[int]:
         """Adapter `name`'s published versions, ascending (empty if unknown)."""
@@ -429,7 +443,11 @@ class AdapterStore:
                 self.client.mget([self._manifest_key(name, v) for v in numbers]),
             )
         # A version deleted between the two reads is simply not listed.
-        return [AdapterManifest.from_json(raw) for raw in raws if raw is not None]
+        return [
+            AdapterManifest.from_json(raw, f"adapter {name!r} version {v}'s manifest")
+            for v, raw in zip(numbers, raws, strict=True)
+            if raw is not None
+        ]
 
     def list_adapters(self) -> list[AdapterSummary]:
         """Every adapter with its current version and versions (with sizes)."""

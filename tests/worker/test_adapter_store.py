@@ -159,6 +159,28 @@ def test_publish_is_atomic_under_a_concurrent_reader(
     assert len(set(seen)) > 1, "the reader never overlapped a publish"
 
 
+def test_concurrent_publishers_get_distinct_versions(
+    store: AdapterStore, make_adapter: MakeAdapter
+) -> None:
+    """Versions come from one counter, and "current" only moves forward, so
+    racing publishers never overwrite each other and the newest wins."""
+    weights = make_adapter(rank=32)
+    versions: list[int] = []
+
+    def publish() -> None:
+        for _ in range(5):
+            versions.append(store.publish(weights).version)
+
+    threads = [threading.Thread(target=publish) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(versions) == list(range(1, 16))
+    assert store.version_numbers("demo") == list(range(1, 16))
+    assert store.current_version("demo") == 15
+
+
 def test_delete_an_old_version(
     store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
 ) -> None:
@@ -223,6 +245,9 @@ def test_a_corrupt_blob_is_rejected(
     with pytest.raises(DigestMismatch, match=r"adapter 'demo' version 1 part B/qa/3 is corrupt"):
         store.fetch("demo")
     store.fetch("demo", parts=["B/qa/2"])  # the others are fine
+    raw.set("elasticfleet:adapter:demo:manifest:1", b'{"format": 1, "name": "demo"')
+    with pytest.raises(DigestMismatch, match="adapter 'demo' version 1's manifest is unreadable"):
+        store.fetch("demo")
 
 
 def test_the_publish_commit_checks_blobs(
@@ -244,6 +269,7 @@ def test_the_publish_commit_checks_blobs(
         store.publish(make_adapter())
     monkeypatch.undo()
     assert store.list_adapters() == []
+    assert raw.keys("elasticfleet:adapter:demo:blob:*") == []  # cleaned up
     assert store.publish(make_adapter()).version == 2
 
 
