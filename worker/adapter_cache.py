@@ -16,9 +16,10 @@ What the cache guarantees:
   about the failure, so the first request after Redis returns fetches again.
 
 Versions are immutable in the store, so a cached manifest or part never goes
-stale; a part is still checked against the digest in the manifest it is
-served under, which keeps a Redis that lost its data and was re-published
-(version numbers restarting) from mixing old parts into a new version.
+stale. The one exception is a Redis that lost its data (no persistence) and
+was published to again: version numbers restart, and a worker keeps serving
+what it cached under a number until `forget` or a restart. Run Redis with
+persistence (AOF or RDB) in production.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ PartKey = tuple[str, int, str]  # (adapter, version, part)
 
 @dataclass(frozen=True)
 class _Entry:
-    sha256: str
     tensors: dict[str, torch.Tensor]
     nbytes: int
 
@@ -146,7 +146,7 @@ class AdapterCache:
         with self._lock:
             for part in wanted:
                 entry = self._parts.get((name, manifest.version, part))
-                if entry is not None and entry.sha256 == manifest.parts[part].sha256:
+                if entry is not None:
                     self._parts.move_to_end((name, manifest.version, part))
                     found[part] = entry.tensors
             self.hits += len(found)
@@ -193,7 +193,7 @@ class AdapterCache:
                 if old is not None:
                     self._nbytes -= old.nbytes
                 nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-                self._parts[key] = _Entry(manifest.parts[part].sha256, tensors, nbytes)
+                self._parts[key] = _Entry(tensors, nbytes)
                 self._nbytes += nbytes
             while self._nbytes > self.max_bytes and self._parts:
                 _key, entry = self._parts.popitem(last=False)
