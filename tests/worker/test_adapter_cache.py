@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -128,6 +129,35 @@ def test_a_request_larger_than_the_cache_is_still_served_whole(
     assert len(got.tensors) == 2 * 7 * 4
     assert 0 < cache.nbytes <= 4096
     assert cache.evictions > 0
+
+
+def test_concurrent_requests_keep_the_byte_count_exact(
+    store: AdapterStore, make_adapter: MakeAdapter
+) -> None:
+    weights = make_adapter()
+    store.publish(weights)
+    cache = AdapterCache(store, max_bytes=weights.nbytes // 3)
+    plans = [PruningPlan.from_dropped(2, attention=[i % 2], ffn=[(i // 2) % 2]) for i in range(4)]
+    errors: list[BaseException] = []
+
+    def serve(worker: int) -> None:
+        try:
+            for i in range(20):
+                task = ("code", "qa", "defs")[(worker + i) % 3]
+                _, got = cache.get_for_plan("demo", 1, plans[(worker * i) % 4], [task])
+                assert all(torch.equal(t, weights.tensors[n]) for n, t in got.tensors.items())
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    held = [entry.nbytes for entry in cache._parts.values()]
+    assert cache.nbytes == sum(held) <= cache.max_bytes
+    assert cache.hits + cache.misses == 4 * 20 * 4  # 4 parts per request
 
 
 def test_a_corrupt_blob_is_rejected_and_never_cached(
