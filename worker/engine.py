@@ -605,9 +605,9 @@ class Engine:
                 continue
             event = self._advance(request, int(token))
             produced += len(event.token_ids)
-            self._emit(request, event)
-            if event.finish_reason:
+            if event.finish_reason:  # released first: a client told "done" finds it gone
                 self._release(request)
+            self._emit(request, event)
         return produced
 
     def _advance(self, request: _Request, token: int) -> TokenEvent:

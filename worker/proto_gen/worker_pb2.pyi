@@ -190,8 +190,9 @@ class GenerateRequest(_message.Message):
     chat_template: _builtins.bool
     """Wrap the prompt as a user message in the model's chat template."""
     max_new_tokens: _builtins.int
-    """Maximum tokens to generate, at least 1; 0 means the worker's default.
-    The prompt plus this must fit the model's context.
+    """Maximum tokens to generate, at most 1000000; 0 means the worker's
+    default. Generation also ends when the prompt plus the generated tokens
+    fill the model's context.
     """
     ignore_eos: _builtins.bool
     """Keep generating past the end-of-sequence token (for benchmarks)."""
