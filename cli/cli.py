@@ -10,6 +10,7 @@ from pathlib import Path
 
 from elasticfleet import __version__
 from elasticfleet.adapter_commands import ADAPTER_HANDLERS, add_adapter_commands
+from elasticfleet.worker_commands import WORKER_HANDLERS, add_worker_commands
 
 
 def _int_list(text: str) -> list[int]:
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     add_adapter_commands(commands)
+    add_worker_commands(commands)
     return parser
 
 
@@ -266,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("agent", "profile"): _profile,
         ("agent", "train"): _train,
         **ADAPTER_HANDLERS,
+        **WORKER_HANDLERS,
     }
     subcommand = getattr(args, f"{args.command}_command")
     try:

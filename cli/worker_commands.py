@@ -1,0 +1,237 @@
+"""`elasticfleet worker` (serve a model over gRPC) and `elasticfleet generate`
+(stream a completion from a running worker).
+
+Kept apart from `cli.py` so the serving commands grow in one place:
+`add_worker_commands` adds them and `WORKER_HANDLERS` maps them to their
+functions. Secrets come from files or the environment, never from flags
+that `ps` would show:
+
+    ELASTICFLEET_TOKEN   bearer token (else --token-file)
+
+Exit codes: 0 success, 1 the worker refused the request, 2 a problem with
+the arguments or the model, 75 (EX_TEMPFAIL) the worker is unavailable or
+out of capacity: retry later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from elasticfleet.worker.server import WorkerServer
+
+EXIT_TEMPFAIL = 75
+# glibc's mallopt parameter for the mmap threshold (malloc.h's M_MMAP_THRESHOLD).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 65536
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 3,7,12, got {text!r}"
+        ) from None
+
+
+def _token_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token (default: $ELASTICFLEET_TOKEN, else none)",
+    )
+
+
+def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `worker` and `generate` to the top-level subcommands."""
+    worker = commands.add_parser("worker", help="serve a model over gRPC (a fleet worker)")
+    worker.set_defaults(worker_command="")
+    worker.add_argument(
+        "--model", type=Path, help="model directory (default: the prepared SmolLM2 cache)"
+    )
+    worker.add_argument("--cache-dir", type=Path, help="cache root for the default model")
+    worker.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)"
+    )
+    worker.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    budget = worker.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bytes", type=int, help="memory budget in bytes")
+    budget.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.5,
+        help="budget as a fraction of the device's free memory at start (default 0.5)",
+    )
+    worker.add_argument("--max-batch", type=int, default=64, help="most sequences per step")
+    worker.add_argument("--max-queue", type=int, default=256, help="most requests waiting")
+    worker.add_argument("--default-max-new-tokens", type=int, default=256)
+    worker.add_argument("--drop-attention", type=_int_list, default=[], metavar="I,J")
+    worker.add_argument("--drop-ffn", type=_int_list, default=[], metavar="I,J")
+    worker.add_argument("--plan-id", default="initial", help="name of the starting plan")
+    worker.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
+    worker.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    worker.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on shutdown")
+    worker.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    _token_options(worker)
+
+    generate = commands.add_parser("generate", help="stream a completion from a running worker")
+    generate.set_defaults(generate_command="")
+    generate.add_argument("prompt", help="the user message (wrapped in the chat template)")
+    generate.add_argument("--target", required=True, help="the worker, HOST:PORT")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--raw", action="store_true", help="send the prompt without template")
+    generate.add_argument("--adapter", help="adapter set to run with")
+    generate.add_argument("--task", help="the adapter's task head (default: router mixing)")
+    generate.add_argument("--request-id", default="", help="identifier for the worker's logs")
+    generate.add_argument("--timeout", type=float, help="deadline in seconds")
+    generate.add_argument("--tls", action="store_true", help="connect with TLS")
+    generate.add_argument("--tls-ca", type=Path, help="PEM roots to verify the worker with")
+    _token_options(generate)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        return str(args.token_file.read_text().strip())
+    return os.environ.get("ELASTICFLEET_TOKEN") or None
+
+
+def _limit_heap_retention() -> bool:
+    """Serve every allocation of 64 KiB or more from its own mmap, as
+    MALLOC_MMAP_THRESHOLD_=65536 would. glibc otherwise raises the threshold
+    after large frees, so freed KV cache would stay in the heap and the
+    process would keep memory the worker has given back to its budget."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from elasticfleet.worker.engine import Engine
+    from elasticfleet.worker.generate import load_tokenizer
+    from elasticfleet.worker.model import ElasticLlama
+    from elasticfleet.worker.plan import PruningPlan
+    from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
+    from elasticfleet.worker.server import ServerOptions, WorkerServer
+    from elasticfleet.worker.telemetry import device_memory
+
+    _limit_heap_retention()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = device_memory()
+    budget = args.budget_bytes or int(args.budget_fraction * device.free_bytes)
+    path = args.model or prepare_model(args.cache_dir, progress=False)
+    model = ElasticLlama.from_pretrained(path)
+    layers = model.config.num_hidden_layers
+    model.apply_plan(PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn))
+    engine = Engine(
+        model,
+        load_tokenizer(path),
+        budget_bytes=budget,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        plan_id=args.plan_id,
+    )
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        model_name=args.model.name if args.model else MODEL_NAME,
+        token=_token(args),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        default_max_new_tokens=args.default_max_new_tokens,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return asyncio.run(_serve(WorkerServer(engine, options), budget, device.detail))
+
+
+async def _serve(server: WorkerServer, budget: int, device: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    options = server.options
+    metrics = "" if server.metrics is None else f", metrics on :{server.metrics.port}"
+    print(
+        f"elasticfleet worker listening on {options.host}:{server.port}{metrics}; "
+        f"budget {budget / 2**20:.0f} MiB ({device})",
+        file=sys.stderr,
+        flush=True,
+    )
+    await stop.wait()
+    print("draining...", file=sys.stderr, flush=True)
+    drained = await server.stop()
+    return 0 if drained else 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from elasticfleet.worker.client import FINISH_NAMES, WorkerClient, generate_request
+
+    request = generate_request(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        chat_template=not args.raw,
+        request_id=args.request_id,
+        adapter=args.adapter,
+        task=args.task,
+    )
+    roots = args.tls_ca.read_bytes() if args.tls_ca else None
+    tls = args.tls or roots is not None
+    with WorkerClient(args.target, token=_token(args), tls=tls, root_certificates=roots) as client:
+        tokens, finish, plans = 0, "", set()
+        try:
+            for message in client.generate(request, timeout=args.timeout):
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+                tokens += len(message.token_ids)
+                finish = FINISH_NAMES[message.finish_reason]
+                plans.add(message.plan_id)
+        except grpc.RpcError as raised:
+            error: Any = raised  # a grpc.Call too: it has the status
+            code: grpc.StatusCode = error.code()
+            details: str = error.details()
+            print(f"\nelasticfleet: error: {code.name}: {details}", file=sys.stderr)
+            retry = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return EXIT_TEMPFAIL if code in retry else 1
+    plan = ", ".join(sorted(plans))
+    print(f"\n[{tokens} tokens, finish: {finish}, plan: {plan}]", file=sys.stderr)
+    return 0
+
+
+WORKER_HANDLERS: dict[tuple[str, str], Handler] = {
+    ("worker", ""): _worker,
+    ("generate", ""): _generate,
+}
