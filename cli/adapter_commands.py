@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from elasticfleet.adapter_train import add_train_command, run_train
+
 if TYPE_CHECKING:
     from elasticfleet.worker.adapter_store import AdapterStore
 
@@ -90,6 +92,7 @@ def add_adapter_commands(
     )
     delete.add_argument("name")
     delete.add_argument("--version", type=int, help="the version to delete")
+    add_train_command(group)
     return group
 
 
@@ -201,4 +204,5 @@ ADAPTER_HANDLERS: dict[tuple[str, str], Handler] = {
     ("adapters", "list"): _list,
     ("adapters", "pull"): _pull,
     ("adapters", "delete"): _delete,
+    ("adapters", "train"): run_train,
 }
