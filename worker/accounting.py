@@ -48,10 +48,17 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def account(model: ElasticLlama, cache: KVCache | None = None) -> MemoryReport:
-    """Measure the model's weights and the cache's reserved and used KV bytes."""
+def account(
+    model: ElasticLlama,
+    cache: KVCache | None = None,
+    adapters: Iterable[torch.Tensor] = (),
+) -> MemoryReport:
+    """Measure the model's weights, the cache's reserved and used KV bytes,
+    and the adapter tensors held (loaded sets and the adapter cache, whose
+    shared storages count once)."""
     return MemoryReport(
         weight_bytes=storage_bytes(model.parameters()),
         kv_reserved_bytes=0 if cache is None else cache.reserved_bytes(),
         kv_used_bytes=0 if cache is None else cache.used_bytes(),
+        adapter_bytes=storage_bytes(adapters),
     )

@@ -211,12 +211,14 @@ class AdapterSet(nn.Module):
                 )
         with torch.device("meta"):
             lora = AsymLoRA(fan_in, fan_out, rank, list(heads), router=router is not None)
-        lora.A = nn.Parameter(tensors[f"{prefix}.A"].float().clone(), requires_grad=False)
+        # No copies: the modules share the tensors' storage (the worker's
+        # adapter cache holds them), so adapter memory is counted once.
+        lora.A = nn.Parameter(tensors[f"{prefix}.A"].float(), requires_grad=False)
         lora.B = nn.ParameterDict(
-            {t: nn.Parameter(h.float().clone(), requires_grad=False) for t, h in heads.items()}
+            {t: nn.Parameter(h.float(), requires_grad=False) for t, h in heads.items()}
         )
         if router is not None:
-            lora.router = nn.Parameter(router.float().clone(), requires_grad=False)
+            lora.router = nn.Parameter(router.float(), requires_grad=False)
         lora.tasks = self.spec.tasks
         return lora
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from elasticfleet.worker.accounting import account
 from elasticfleet.worker.adapter_format import ALL_MODULES, AdapterSpec, AdapterWeights
 from elasticfleet.worker.config import tiny_config
 from elasticfleet.worker.lora import (
@@ -248,3 +249,12 @@ def test_parameter_count_matches_the_modules() -> None:
     for spec in (make_spec(), make_spec(router=False), make_spec(tasks=("one",), router=False)):
         adapters = AdapterSet.create(spec, config)
         assert lora_parameter_count(config, spec) == sum(p.numel() for p in adapters.parameters())
+
+
+def test_accountant_counts_shared_adapter_tensors_once(plain_model: ElasticLlama) -> None:
+    weights = trained(make_spec(), seed=6).weights()
+    adapters = AdapterSet.from_weights(weights, plain_model.config)
+    held = [*weights.tensors.values(), *adapters.parameters()]
+    report = account(plain_model, adapters=held)
+    assert report.adapter_bytes == weights.nbytes == adapters.nbytes
+    assert report.total_bytes == report.weight_bytes + weights.nbytes
