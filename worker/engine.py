@@ -3,8 +3,10 @@ plan switching, in plain Python so it is tested without gRPC.
 
 One thread owns the model and its KV cache and runs iterations. Each one:
 
-1. applies the pruning plans pushed since the last iteration (plans change
-   only here, between decode steps, never inside one);
+1. applies the latest pruning plan pushed (plans change only here, between
+   decode steps, never inside one). A plan that fits the budget only once
+   some running requests finish waits for them, for a bounded time, and no
+   new request is admitted meanwhile; a newer plan supersedes it;
 2. drops cancelled requests, freeing their KV rows;
 3. admits waiting requests, first come first served, while the cache laid
    out for them still fits the memory budget (worker/admission.py);
@@ -227,6 +229,7 @@ class _PendingPlan:
     plan_id: str
     budget_bytes: int | None
     future: Future[PlanSwitch]
+    deadline: float  # time.monotonic() after which it stops waiting
 
 
 class Engine:
@@ -381,38 +384,102 @@ class Engine:
     # -- plans ------------------------------------------------------------------
 
     def submit_plan(
-        self, plan: PruningPlan, plan_id: str, budget_bytes: int | None = None
+        self,
+        plan: PruningPlan,
+        plan_id: str,
+        budget_bytes: int | None = None,
+        wait_s: float = 0.0,
     ) -> Future[PlanSwitch]:
         """Schedule a plan (and optionally a new budget) for the next
-        iteration. The future fails with FailedPrecondition when the plan and
-        the running requests cannot fit the budget (nothing changes then)."""
-        if plan.num_layers != self.model.config.num_hidden_layers:
+        iteration; the future gets the PlanSwitch.
+
+        When the plan fits only once some running requests finish, the
+        engine admits no new request and waits for that, up to wait_s
+        seconds, then switches. The future fails with FailedPrecondition
+        when the plan does not fit in time (nothing changes then), or when a
+        newer plan supersedes it first. A plan whose weights alone exceed
+        the budget is refused at once."""
+        config = self.model.config
+        if plan.num_layers != config.num_hidden_layers:
             raise InvalidArgument(
                 f"plan is for {plan.num_layers} layers but the model has "
-                f"{self.model.config.num_hidden_layers} ({self.model.config.num_blocks} blocks)"
+                f"{config.num_hidden_layers} ({config.num_blocks} blocks)"
             )
         if budget_bytes is not None and budget_bytes <= 0:
             raise InvalidArgument(f"budget must be positive, got {budget_bytes}")
+        budget = budget_bytes or self.admission.budget_bytes
+        check = Admission(config, self.model.dtype, budget, self.admission.max_rows)
+        fixed = check.total_bytes(plan, None, self._adapter_bytes())
+        if fixed > budget:
+            raise FailedPrecondition(
+                f"plan {plan_id!r} needs {fixed} bytes for its weights and the loaded adapters "
+                f"alone, more than the budget of {budget}; drop more blocks"
+            )
         future: Future[PlanSwitch] = Future()
+        pending = _PendingPlan(plan, plan_id, budget_bytes, future, time.monotonic() + wait_s)
         with self._lock:
-            self._pending_plans.append(_PendingPlan(plan, plan_id, budget_bytes, future))
+            for older in self._pending_plans:
+                older.future.set_exception(self._superseded(older, plan_id))
+            self._pending_plans = [pending]
             self._wake.notify_all()
         return future
 
-    def _switch(self, pending: _PendingPlan) -> PlanSwitch:
-        plan = pending.plan
+    @staticmethod
+    def _superseded(pending: _PendingPlan, newer: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"plan {pending.plan_id!r} was superseded by plan {newer!r} before it could fit"
+        )
+
+    def _take_plan(self) -> tuple[PlanSwitch | None, bool]:
+        """Try the waiting plan: (the switch if it happened, whether a plan
+        still waits for running requests to finish)."""
+        with self._lock:
+            if not self._pending_plans:
+                return None, False
+            pending = self._pending_plans.pop(0)
+        try:
+            switch = self._switch(pending)
+        except Exception as error:
+            pending.future.set_exception(error)
+            return None, False
+        if switch is not None:
+            pending.future.set_result(switch)
+            return switch, False
+        if time.monotonic() >= pending.deadline:
+            pending.future.set_exception(self._does_not_fit(pending))
+            return None, False
+        with self._lock:
+            if self._pending_plans:  # a newer plan arrived meanwhile
+                pending.future.set_exception(
+                    self._superseded(pending, self._pending_plans[0].plan_id)
+                )
+                return None, True
+            self._pending_plans.append(pending)
+        return None, True
+
+    def _plan_check(self, pending: _PendingPlan) -> tuple[Admission, Layout | None, int]:
         budget = pending.budget_bytes or self.admission.budget_bytes
         check = Admission(self.model.config, self.model.dtype, budget, self.admission.max_rows)
-        adapter_bytes = self._adapter_bytes()
-        needed = self._needed_layout()
+        return check, self._needed_layout(), self._adapter_bytes()
+
+    def _does_not_fit(self, pending: _PendingPlan) -> FailedPrecondition:
+        check, needed, adapter_bytes = self._plan_check(pending)
+        total = check.total_bytes(pending.plan, needed, adapter_bytes)
+        running = 0 if needed is None else needed.rows
+        return FailedPrecondition(
+            f"plan {pending.plan_id!r} needs {total} bytes with the {running} running sequences "
+            f"(weights, their KV at worst case, adapters) but the budget is "
+            f"{check.budget_bytes}, and they did not finish in time; drop more blocks, or "
+            "allow the switch to wait longer"
+        )
+
+    def _switch(self, pending: _PendingPlan) -> PlanSwitch | None:
+        """Switch to the plan, or return None (changing nothing) when it does
+        not fit next to the running requests."""
+        plan = pending.plan
+        check, needed, adapter_bytes = self._plan_check(pending)
         if not check.fits(plan, needed, adapter_bytes):
-            total = check.total_bytes(plan, needed, adapter_bytes)
-            running = "no" if needed is None else f"{needed.rows}"
-            raise FailedPrecondition(
-                f"plan {pending.plan_id!r} needs {total} bytes with {running} running "
-                f"sequences (weights, their KV at worst case, adapters) but the budget is "
-                f"{budget}; drop more blocks or wait for requests to finish"
-            )
+            return None
         before = self._stats.total_bytes
         current = self.model.plan
         # Drop first, then resize, then restore: memory never peaks above
@@ -488,15 +555,10 @@ class Engine:
         from one thread only (start() does that for you)."""
         with self._step_lock:
             started = time.perf_counter()
-            with self._lock:
-                plans, self._pending_plans = self._pending_plans, []
-            for pending in plans:
-                try:
-                    pending.future.set_result(self._switch(pending))
-                except Exception as error:
-                    pending.future.set_exception(error)
+            switch, waiting = self._take_plan()
             self._drop_cancelled()
-            newcomers = self._admit()
+            # A waiting plan needs running requests to finish: admit none.
+            newcomers = [] if waiting else self._admit()
             rows = len(self._active) + len(newcomers)  # the sequences this iteration runs
             try:
                 produced = self._prefill(newcomers) if newcomers else 0
@@ -509,12 +571,13 @@ class Engine:
                 self._fail_all(error)
             if rows:
                 self.step_count += 1
-            if not self._active:
-                self._resize(None)
+            self._shrink()
             self._stats = self._measure()
-            if rows or plans:
-                self.iterations.append((time.perf_counter() - started, rows, bool(plans)))
-            return bool(rows or plans)
+            if rows or switch:
+                self.iterations.append((time.perf_counter() - started, rows, switch is not None))
+            if waiting and not rows:
+                time.sleep(0.001)  # only the plan's deadline can change anything now
+            return bool(rows or switch or waiting)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._active if r.cancelled]:
@@ -548,6 +611,19 @@ class Engine:
         if admitted:
             self._resize(layout)
         return admitted
+
+    def _shrink(self) -> None:
+        """Give memory back when requests have left: free the cache when
+        idle, shrink it when it is more than twice what is running needs."""
+        needed = self._needed_layout()
+        if needed is None:
+            self._resize(None)
+            return
+        layout = self.admission.layout_for(
+            self.model.plan, needed, self._adapter_bytes(), self._layout()
+        )
+        if layout is not None:
+            self._resize(layout)
 
     def _resize(self, layout: Layout | None) -> None:
         """Give the cache this layout (None frees it), keeping running rows."""

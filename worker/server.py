@@ -239,10 +239,17 @@ def adapter_message(info: AdapterInfo) -> pb.AdapterInfo:
 class WorkerService(pb_grpc.WorkerServicer):
     """elasticfleet.v1.Worker over an Engine."""
 
-    def __init__(self, engine: Engine, model_name: str, default_max_new_tokens: int = 256) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        default_max_new_tokens: int = 256,
+        plan_wait_s: float = 30.0,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.default_max_new_tokens = default_max_new_tokens
+        self.plan_wait_s = plan_wait_s
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -283,9 +290,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         except ValueError as error:
             raise InvalidArgument(f"keep_mask: {error}") from None
         budget = request.budget_bytes if request.HasField("budget_bytes") else None
-        switch = await asyncio.wrap_future(
-            self.engine.submit_plan(plan, request.plan_id or "unnamed", budget)
-        )
+        remaining = context.time_remaining()
+        wait = self.plan_wait_s if remaining is None else min(remaining, self.plan_wait_s)
+        future = self.engine.submit_plan(plan, request.plan_id or "unnamed", budget, wait)
+        switch = await asyncio.wrap_future(future)
         return pb.ApplyPlanResponse(
             plan_id=switch.plan_id,
             bytes_before=switch.bytes_before,
@@ -376,6 +384,8 @@ class ServerOptions:
     tls_key: Path | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     default_max_new_tokens: int = 256
+    # Longest an ApplyPlan waits for running requests to make room.
+    plan_wait_s: float = 30.0
     drain_timeout_s: float = 30.0
 
 
@@ -405,7 +415,9 @@ class WorkerServer:
                 ("grpc.max_send_message_length", limit),
             ],
         )
-        service = WorkerService(self.engine, options.model_name, options.default_max_new_tokens)
+        service = WorkerService(
+            self.engine, options.model_name, options.default_max_new_tokens, options.plan_wait_s
+        )
         pb_grpc.add_WorkerServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

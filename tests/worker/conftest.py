@@ -5,7 +5,7 @@ model), and engines on it."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from elasticfleet.worker.engine import Engine
 from elasticfleet.worker.generate import TOKENIZER_FILE
 from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.plan import PruningPlan
 
 
 def char_tokenizer() -> Tokenizer:
@@ -65,3 +66,40 @@ def engine(served_model_dir: Path, one_thread: None) -> Iterator[Engine]:
     engine = Engine(model, tokenizer, budget_bytes=LARGE_BUDGET)
     yield engine
     engine.close()
+
+
+Reference = Callable[[Sequence[int], int, PruningPlan | None, dict[int, PruningPlan]], list[int]]
+
+
+@pytest.fixture
+def reference_tokens(served_model_dir: Path) -> Reference:
+    """Greedy tokens of one sequence run alone, the documented plan-switch
+    semantics written out with the model and cache directly:
+    reference(prompt, count, start_plan, switches) applies switches[i] just
+    before token i is computed (so the switch's restored attention blocks
+    hold KV only from there on)."""
+    # One model for every call: apply_plan restores blocks bit-identically.
+    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
+
+    def reference(
+        prompt: Sequence[int],
+        count: int,
+        start: PruningPlan | None,
+        switches: dict[int, PruningPlan],
+    ) -> list[int]:
+        model.apply_plan(start or PruningPlan.dense(model.config.num_hidden_layers))
+        cache = model.new_cache(1, len(prompt) + count)
+        tokens: list[int] = []
+        inputs = torch.tensor([list(prompt)])
+        with torch.inference_mode():
+            while len(tokens) < count:
+                if len(tokens) in switches:
+                    plan = switches[len(tokens)]
+                    model.apply_plan(plan)
+                    cache.sync_layers(plan.keep_attention)
+                token = int(model(inputs, cache, last_only=True)[0, -1].argmax())
+                tokens.append(token)
+                inputs = torch.tensor([[token]])
+        return tokens
+
+    return reference

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from elasticfleet.worker.accounting import account
@@ -28,6 +28,8 @@ from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+# The reference_tokens fixture (conftest.py): the documented semantics, written out.
+Reference = Callable[[Sequence[int], int, PruningPlan | None, dict[int, PruningPlan]], list[int]]
 
 
 class Collector:
@@ -61,33 +63,6 @@ def run_until_idle(engine: Engine, limit: int = 500) -> None:
         if not engine.step():
             return
     raise AssertionError("engine still busy")
-
-
-def reference_tokens(
-    model_dir: Path,
-    prompt: list[int],
-    count: int,
-    start: PruningPlan | None = None,
-    switches: dict[int, PruningPlan] | None = None,
-) -> list[int]:
-    """Greedy tokens of one sequence run alone, applying switches[i] just
-    before its token i is computed: the documented semantics, written out
-    with the model and cache directly."""
-    model = ElasticLlama.from_pretrained(model_dir, packed=False, plan=start)
-    cache = model.new_cache(1, len(prompt) + count)
-    switches = switches or {}
-    tokens: list[int] = []
-    inputs = torch.tensor([prompt])
-    with torch.inference_mode():
-        while len(tokens) < count:
-            if len(tokens) in switches:
-                plan = switches[len(tokens)]
-                model.apply_plan(plan)
-                cache.sync_layers(plan.keep_attention)
-            token = int(model(inputs, cache, last_only=True)[0, -1].argmax())
-            tokens.append(token)
-            inputs = torch.tensor([[token]])
-    return tokens
 
 
 def encode(engine: Engine, text: str) -> list[int]:
@@ -233,7 +208,7 @@ def test_the_exact_layout_is_used_when_the_rounded_one_would_not_fit(
 
 
 def test_plan_switches_follow_the_documented_semantics(
-    engine: Engine, served_model_dir: Path
+    engine: Engine, reference_tokens: Reference
 ) -> None:
     layers = engine.model.config.num_hidden_layers
     first = PruningPlan.from_dropped(layers, attention=[1], ffn=[2])
@@ -265,9 +240,7 @@ def test_plan_switches_follow_the_documented_semantics(
             index = sum(1 for e in sink.events if e.decode_step < step)
             if 0 < index < len(sink.tokens):
                 switches[index] = plan
-        expected = reference_tokens(
-            served_model_dir, encode(engine, prompt), 12, starts[prompt], switches
-        )
+        expected = reference_tokens(encode(engine, prompt), 12, starts[prompt], switches)
         assert sink.tokens == expected, prompt
         for event in sink.events:
             step = event.decode_step
@@ -277,15 +250,15 @@ def test_plan_switches_follow_the_documented_semantics(
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_restored_attention_attends_from_the_switch_only(served_model_dir: Path) -> None:
+def test_restored_attention_attends_from_the_switch_only(reference_tokens: Reference) -> None:
     """The reference above is not vacuous: with a restored block, history
     from before the switch is really not attended to."""
     layers = 4
     dropped = PruningPlan.from_dropped(layers, attention=[0, 1, 2])
     dense = PruningPlan.dense(layers)
     prompt = [10, 20, 30, 40, 50, 60]
-    restored = reference_tokens(served_model_dir, prompt, 10, dropped, {3: dense})
-    full = reference_tokens(served_model_dir, prompt, 10, dropped, {})
+    restored = reference_tokens(prompt, 10, dropped, {3: dense})
+    full = reference_tokens(prompt, 10, dropped, {})
     assert restored[:3] == full[:3]
     assert restored != full
 
@@ -306,7 +279,8 @@ def test_a_plan_that_cannot_fit_is_refused_and_changes_nothing(served_model_dir:
     assert engine.stats().picture.active_sequences > 2
     refused = engine.submit_plan(PruningPlan.dense(layers), "dense")
     engine.step()
-    with pytest.raises(FailedPrecondition, match=r"needs \d+ bytes with \d+ running sequences"):
+    match = r"needs \d+ bytes with the [34] running sequences .* did not finish in time"
+    with pytest.raises(FailedPrecondition, match=match):
         refused.result(timeout=1)
     assert engine.plan_id == "small"
     assert engine.model.plan == small
@@ -319,6 +293,41 @@ def test_a_plan_that_cannot_fit_is_refused_and_changes_nothing(served_model_dir:
     assert engine.stats().picture.budget_bytes == 10**9
     with pytest.raises(InvalidArgument, match="plan is for 2 layers"):
         engine.submit_plan(PruningPlan.dense(2), "wrong")
+    with pytest.raises(FailedPrecondition, match="weights and the loaded adapters alone"):
+        engine.submit_plan(small, "tiny budget", budget_bytes=1000)
+    engine.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_plan_waits_for_running_requests_and_admits_none_meanwhile(
+    served_model_dir: Path,
+) -> None:
+    engine = tight_engine(served_model_dir, rows=2, tokens=16, max_queue=8)
+    layers = engine.model.config.num_hidden_layers
+    small = PruningPlan.from_dropped(layers, attention=[0, 1, 2])
+    engine.submit_plan(small, "small")
+    sinks = [Collector() for _ in range(6)]
+    for sink in sinks[:4]:
+        engine.submit("abcd", GREEDY, sink)
+    engine.step()
+    assert engine.stats().picture.active_sequences == 4  # room under the small plan
+    superseded = engine.submit_plan(PruningPlan.dense(layers), "dense-1", wait_s=60)
+    engine.step()
+    waiting = engine.submit_plan(PruningPlan.dense(layers), "dense-2", wait_s=60)
+    with pytest.raises(FailedPrecondition, match="superseded by plan 'dense-2'"):
+        superseded.result(timeout=1)
+    for sink in sinks[4:]:
+        engine.submit("abcd", GREEDY, sink)
+    while not waiting.done():
+        assert not sinks[4].events  # nothing admitted while the plan waits
+        engine.step()
+        assert engine.stats().picture.active_sequences <= 4
+    switch = waiting.result()
+    assert all(s.finished == "length" for s in sinks[:4])
+    # The plan took effect once the four had finished; the rest ran under it.
+    assert switch.effective_step > sinks[0].events[-1].decode_step
+    run_until_idle(engine)
+    assert {e.plan_id for s in sinks[4:] for e in s.events} == {"dense-2"}
     engine.close()
 
 

@@ -89,8 +89,12 @@ class WorkerServicer:
     def ApplyPlan(self, request, context):
         """Switches the pruning plan (and optionally the memory budget) between two
         decode steps. Running requests continue; see ApplyPlanResponse for what
-        happens to their attention history. FAILED_PRECONDITION when the plan and
-        the requests already running cannot fit the budget.
+        happens to their attention history. When the plan fits only once some
+        running requests finish, the worker admits no new request and waits for
+        that (up to the call's deadline, at most the worker's limit, 30 s by
+        default); a newer ApplyPlan supersedes a waiting one.
+        FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
+        did not fit in time, or it was superseded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,8 +54,12 @@ class WorkerStub:
     ApplyPlan: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ApplyPlanRequest, _worker_pb2.ApplyPlanResponse]
     """Switches the pruning plan (and optionally the memory budget) between two
     decode steps. Running requests continue; see ApplyPlanResponse for what
-    happens to their attention history. FAILED_PRECONDITION when the plan and
-    the requests already running cannot fit the budget.
+    happens to their attention history. When the plan fits only once some
+    running requests finish, the worker admits no new request and waits for
+    that (up to the call's deadline, at most the worker's limit, 30 s by
+    default); a newer ApplyPlan supersedes a waiting one.
+    FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
+    did not fit in time, or it was superseded.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]
     """Device memory, the worker's own memory by kind, its queue and running
@@ -91,8 +95,12 @@ class WorkerAsyncStub(WorkerStub):
     ApplyPlan: _aio.UnaryUnaryMultiCallable[_worker_pb2.ApplyPlanRequest, _worker_pb2.ApplyPlanResponse]  # type: ignore[assignment]
     """Switches the pruning plan (and optionally the memory budget) between two
     decode steps. Running requests continue; see ApplyPlanResponse for what
-    happens to their attention history. FAILED_PRECONDITION when the plan and
-    the requests already running cannot fit the budget.
+    happens to their attention history. When the plan fits only once some
+    running requests finish, the worker admits no new request and waits for
+    that (up to the call's deadline, at most the worker's limit, 30 s by
+    default); a newer ApplyPlan supersedes a waiting one.
+    FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
+    did not fit in time, or it was superseded.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Device memory, the worker's own memory by kind, its queue and running
@@ -137,8 +145,12 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_worker_pb2.ApplyPlanResponse, _abc.Awaitable[_worker_pb2.ApplyPlanResponse]]:
         """Switches the pruning plan (and optionally the memory budget) between two
         decode steps. Running requests continue; see ApplyPlanResponse for what
-        happens to their attention history. FAILED_PRECONDITION when the plan and
-        the requests already running cannot fit the budget.
+        happens to their attention history. When the plan fits only once some
+        running requests finish, the worker admits no new request and waits for
+        that (up to the call's deadline, at most the worker's limit, 30 s by
+        default); a newer ApplyPlan supersedes a waiting one.
+        FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
+        did not fit in time, or it was superseded.
         """
 
     @_abc_1.abstractmethod
