@@ -48,9 +48,10 @@ LARGE_BUDGET = 64 * 2**20
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Run torch on one thread for the test. The tiny model's matrices are
-    so small that a second thread only adds synchronisation, and on a busy
-    machine its spin-waits make each product ~50x slower."""
+    """Run torch on one thread for the test. When other processes keep the
+    cores busy, the intra-op thread pool's spin-waits make small products
+    ~50x slower (the tiny model) and the real model's 5x slower; one thread
+    never waits for another."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
