@@ -594,8 +594,11 @@ class Engine:
         return None if cache is None else Layout(cache.batch_size, cache.capacity)
 
     def _admit(self) -> list[_Request]:
-        """Take waiting requests, oldest first, while they fit."""
+        """Take waiting requests, oldest first, while they fit. One that
+        cannot fit even alone (the plan or budget changed since it was
+        queued) is refused with ResourceExhausted rather than left waiting."""
         admitted: list[_Request] = []
+        refused: list[_Request] = []
         layout = self._layout()
         adapter_bytes = self._adapter_bytes()
         with self._lock:
@@ -604,10 +607,26 @@ class Engine:
                 needed = self._needed_layout([*admitted, candidate])
                 assert needed is not None
                 chosen = self.admission.layout_for(self.model.plan, needed, adapter_bytes, layout)
-                if chosen is None:
+                if chosen is not None:
+                    admitted.append(self._queue.popleft())
+                    layout = chosen
+                elif not self.admission.fits(
+                    self.model.plan, Layout(1, candidate.worst_case), adapter_bytes
+                ):
+                    refused.append(self._queue.popleft())
+                    del self._in_flight[candidate.id]
+                else:
                     break
-                admitted.append(self._queue.popleft())
-                layout = chosen
+        for request in refused:
+            self.counters.requests_refused += 1
+            self._emit(
+                request,
+                ResourceExhausted(
+                    f"request needs {request.worst_case} positions of KV cache, which no "
+                    "longer fit the budget under the current plan even alone; retry with "
+                    "fewer max_new_tokens or on another worker"
+                ),
+            )
         if admitted:
             self._resize(layout)
         return admitted

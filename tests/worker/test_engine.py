@@ -195,6 +195,24 @@ def test_admission_waits_for_memory_and_refuses_when_the_queue_is_full(
     engine.close()
 
 
+def test_a_queued_request_that_no_longer_fits_is_refused(engine: Engine) -> None:
+    running, queued = Collector(), Collector()
+    engine.max_queue = 4
+    engine.admission.max_rows = 1
+    engine.submit("abcd", GREEDY, running)
+    engine.step()
+    engine.submit("abcd", SamplingParams(max_new_tokens=100), queued)
+    weights = engine.stats().picture.weight_bytes
+    # A budget with room for the running request's 16 positions but not 104.
+    budget = weights + predict_memory(engine.model.config, None, 1, 20).kv_bytes
+    engine.submit_plan(engine.model.plan, "squeezed", budget_bytes=budget)
+    run_until_idle(engine)
+    assert running.finished == "length"
+    assert len(queued.errors) == 1 and isinstance(queued.errors[0], ResourceExhausted)
+    assert "no longer fit" in str(queued.errors[0])
+    assert engine.counters.requests_refused == 1
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_the_exact_layout_is_used_when_the_rounded_one_would_not_fit(
     served_model_dir: Path,

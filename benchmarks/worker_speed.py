@@ -1,0 +1,387 @@
+"""Serving speed of the worker, measured against Hugging Face transformers.
+
+Two measurements, one run, same weights and threads:
+
+1. Throughput and time per output token at 1, 8 and 32 concurrent streams.
+   The same requests (chat prompts, greedy, output lengths drawn from 16 to
+   96 tokens with a fixed seed) go to a real worker over gRPC on 127.0.0.1,
+   each stream sending its next request when the previous one finishes
+   (continuous batching), and to transformers' LlamaForCausalLM.generate in
+   static batches of the same size, in order (a static batch runs until its
+   longest request is done). Throughput counts only the tokens each request
+   asked for. Time per output token is the gap between a stream's
+   consecutive tokens (ours: gRPC messages; theirs: generate's per-step
+   streamer callbacks). Goal: at 8 and 32 streams ours >= 1.5x theirs.
+2. Decode-step time while plans switch every 200 ms (alternating dense and a
+   plan dropping 4 attention and 4 FFN blocks) against no switching, 16
+   streams: p50 and p99 of the engine's iteration times.
+
+Usage: python benchmarks/worker_speed.py [--repeats N] [--streams 1,8,32]
+                                         [--switch-seconds S] [--out benchmarks/results]
+Writes worker_speed.json and worker_speed.md. Ours and theirs alternate
+within each repeat and medians are reported, because these machines are
+noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elasticfleet.worker.client import AsyncWorkerClient, generate_request
+from elasticfleet.worker.telemetry import percentile
+
+if TYPE_CHECKING:
+    # The client process imports this module too: it needs neither torch
+    # nor transformers, so the worker and peer code import them lazily.
+    from transformers import LlamaForCausalLM
+
+    from elasticfleet.worker.engine import Engine
+    from elasticfleet.worker.plan import PruningPlan
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a child.",
+    "List three uses of copper.",
+    "Why do cats purr?",
+    "Summarise the plot of Hamlet in one sentence.",
+    "What is a prime number?",
+    "Give me a tip for learning Python.",
+    "How do bees make honey?",
+    "What causes the seasons?",
+    "Name a famous painting and its painter.",
+    "Why is the sky blue?",
+]
+STREAMS = (1, 8, 32)
+REQUESTS_PER_STREAM = 2
+MIN_TOKENS, MAX_TOKENS = 16, 96
+GOAL = 1.5
+
+
+def workload(streams: int, seed: int) -> list[tuple[str, int]]:
+    """(question, output length) for each request of a run."""
+    chooser = random.Random(seed)
+    count = max(4, streams * REQUESTS_PER_STREAM)
+    return [
+        (QUESTIONS[i % len(QUESTIONS)], chooser.randint(MIN_TOKENS, MAX_TOKENS))
+        for i in range(count)
+    ]
+
+
+def ours(target: str, requests: list[tuple[str, int]], streams: int) -> dict[str, Any]:
+    """Closed-loop streams over gRPC: each sends its next request when done.
+    Runs in the client process."""
+    gaps: list[float] = []
+    pending = list(enumerate(requests))
+
+    async def stream(client: AsyncWorkerClient) -> None:
+        while pending:
+            index, (question, length) = pending.pop(0)
+            request = generate_request(
+                question, max_new_tokens=length, chat_template=True, ignore_eos=True
+            )
+            last = None
+            tokens = 0
+            async for message in client.generate(request):
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+                tokens += len(message.token_ids)
+            assert tokens == length, (index, tokens, length)
+
+    async def run() -> float:
+        async with AsyncWorkerClient(target) as client:
+            start = time.perf_counter()
+            await asyncio.gather(*(stream(client) for _ in range(streams)))
+            return time.perf_counter() - start
+
+    seconds = asyncio.run(run())
+    return summary(sum(n for _, n in requests), seconds, gaps)
+
+
+def step_clock() -> Any:
+    """A generate() streamer that records when each step's tokens appear."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return StepClock()
+
+
+def theirs(
+    hf: LlamaForCausalLM, prompts: dict[str, list[int]], requests: list[tuple[str, int]], size: int
+) -> dict[str, Any]:
+    """Static batches of `size`, in order, each until its longest request ends."""
+    import torch
+
+    gaps: list[float] = []
+    start = time.perf_counter()
+    for first in range(0, len(requests), size):
+        batch = requests[first : first + size]
+        ids = [prompts[q] for q, _ in batch]
+        width = max(len(p) for p in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(ids):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        longest = max(n for _, n in batch)
+        clock = step_clock()
+        with torch.inference_mode():
+            hf.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                pad_token_id=2,
+                streamer=clock,
+            )
+        # put() #1 is the prompt, #2 the first token; then one per step. A
+        # row sees the steps until its own last token.
+        steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]
+        for _, length in batch:
+            gaps.extend(steps[: length - 1])
+    seconds = time.perf_counter() - start
+    return summary(sum(n for _, n in requests), seconds, gaps)
+
+
+def summary(tokens: int, seconds: float, gaps: list[float]) -> dict[str, Any]:
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tpot_p50_ms": 1000 * percentile(gaps, 50),
+        "tpot_p99_ms": 1000 * percentile(gaps, 99),
+    }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def versus_transformers(
+    model_dir: Path,
+    target: str,
+    prompts: dict[str, list[int]],
+    repeats: int,
+    client: ProcessPoolExecutor,
+    levels: tuple[int, ...] = STREAMS,
+) -> list[dict[str, Any]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # in eval mode
+    rows = []
+    for streams in levels:
+        mine, peer = [], []
+        for repeat in range(repeats):
+            requests = workload(streams, seed=repeat)
+            mine.append(client.submit(ours, target, requests, streams).result())
+            peer.append(theirs(hf, prompts, requests, streams))
+        a, b = median_of(mine), median_of(peer)
+        rows.append(
+            {
+                "streams": streams,
+                "ours": a,
+                "transformers": b,
+                "ratio": a["tokens_per_s"] / b["tokens_per_s"],
+                "goal": GOAL if streams > 1 else None,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def steady(target: str, requests: list[tuple[str, int]], seconds: float) -> None:
+    """steady_load, in the client process."""
+    asyncio.run(steady_load(target, requests, seconds))
+
+
+class Switcher(threading.Thread):
+    """Alternates two plans every 200 ms until stopped."""
+
+    def __init__(self, engine: Engine, plans: list[tuple[str, PruningPlan]]) -> None:
+        super().__init__()
+        self.engine = engine
+        self.plans = plans
+        self.stop = threading.Event()
+        self.switches = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            name, plan = self.plans[self.switches % len(self.plans)]
+            self.engine.submit_plan(plan, name, wait_s=10).result(timeout=60)
+            self.switches += 1
+
+
+async def steady_load(target: str, requests: list[tuple[str, int]], seconds: float) -> None:
+    """16 closed-loop streams cycling through `requests` for `seconds`."""
+    deadline = time.perf_counter() + seconds
+
+    async def stream(client: AsyncWorkerClient, offset: int) -> None:
+        index = offset
+        while time.perf_counter() < deadline:
+            question, length = requests[index % len(requests)]
+            index += 16
+            request = generate_request(
+                question, max_new_tokens=length, chat_template=True, ignore_eos=True
+            )
+            async for _ in client.generate(request):
+                pass
+
+    async with AsyncWorkerClient(target) as client:
+        await asyncio.gather(*(stream(client, i) for i in range(16)))
+
+
+def switching(
+    engine: Engine, target: str, seconds_per_run: float, client: ProcessPoolExecutor
+) -> dict[str, Any]:
+    """p50/p99 iteration time with 16 streams, without and with plan switches."""
+    from elasticfleet.worker.plan import PruningPlan
+
+    layers = engine.model.config.num_hidden_layers
+    dense = PruningPlan.dense(layers)
+    pruned = PruningPlan.from_dropped(layers, attention=[24, 25, 26, 27], ffn=[24, 25, 26, 27])
+    requests = workload(16, seed=99)
+    results: dict[str, Any] = {}
+    for mode in ("none", "every 200 ms"):
+        engine.submit_plan(dense, "dense").result(timeout=60)
+        engine.iterations.clear()
+        switcher = Switcher(engine, [("pruned", pruned), ("dense", dense)])
+        if mode != "none":
+            switcher.start()
+        client.submit(steady, target, requests, seconds_per_run).result()
+        if mode != "none":
+            switcher.stop.set()
+            switcher.join()
+        times = [s for s, rows, _ in engine.iterations if rows]
+        switched = [s for s, rows, did in engine.iterations if did]
+        results[mode] = {
+            "iterations": len(times),
+            "switches": switcher.switches,
+            "step_p50_ms": 1000 * percentile(times, 50),
+            "step_p99_ms": 1000 * percentile(times, 99),
+            "switch_step_p50_ms": 1000 * percentile(switched, 50),
+        }
+        print(mode, json.dumps(results[mode]), flush=True)
+    results["p99_ratio"] = results["every 200 ms"]["step_p99_ms"] / results["none"]["step_p99_ms"]
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Worker speed",
+        "",
+        f"torch threads: {results['threads']}; command: `python benchmarks/worker_speed.py`",
+        "",
+        "## Concurrent streams: worker over gRPC vs transformers static batches",
+        "",
+        f"Greedy, chat prompts, output lengths {MIN_TOKENS}-{MAX_TOKENS} tokens "
+        f"({REQUESTS_PER_STREAM} requests per stream, at least 4); medians of "
+        f"{results['repeats']} runs. TPOT: time per output token.",
+        "",
+        "| streams | ours tok/s | transformers tok/s | ratio | goal | ours TPOT p50 / p99 | "
+        "transformers TPOT p50 / p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["versus_transformers"]:
+        a, b = r["ours"], r["transformers"]
+        goal = f">= {r['goal']}x" if r["goal"] else "-"
+        lines.append(
+            f"| {r['streams']} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
+            f"{r['ratio']:.2f}x | {goal} | {a['tpot_p50_ms']:.1f} / {a['tpot_p99_ms']:.1f} ms | "
+            f"{b['tpot_p50_ms']:.1f} / {b['tpot_p99_ms']:.1f} ms |"
+        )
+    s = results["switching"]
+    lines += [
+        "",
+        "## Decode-step time while plans switch (16 streams)",
+        "",
+        "Switches alternate dense and a plan dropping attention and FFN of layers 24-27; "
+        "an iteration that switches includes the switch (restoring reads the blocks back).",
+        "",
+        "| plan switches | iterations | switches | step p50 | step p99 | switching step p50 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in ("none", "every 200 ms"):
+        m = s[mode]
+        lines.append(
+            f"| {mode} | {m['iterations']} | {m['switches']} | {m['step_p50_ms']:.1f} ms | "
+            f"{m['step_p99_ms']:.1f} ms | {m['switch_step_p50_ms']:.1f} ms |"
+        )
+    lines += ["", f"p99 with switching / without: {s['p99_ratio']:.2f}x", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--switch-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--streams",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=STREAMS,
+        help="comma-separated concurrency levels (default 1,8,32)",
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    import torch
+
+    from elasticfleet.worker.engine import Engine
+    from elasticfleet.worker.generate import chat_prompt, load_tokenizer
+    from elasticfleet.worker.memory import predict_memory
+    from elasticfleet.worker.model import ElasticLlama
+    from elasticfleet.worker.prepare import prepare_model
+    from elasticfleet.worker.server import BackgroundServer, ServerOptions
+
+    model_dir = prepare_model(progress=False)
+    model = ElasticLlama.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    prompts = {
+        q: list(tokenizer.encode(chat_prompt(q), add_special_tokens=False).ids) for q in QUESTIONS
+    }
+    budget = predict_memory(model.config, None, 64, 512).total_bytes
+    engine = Engine(model, tokenizer, budget_bytes=budget)
+    server = BackgroundServer(engine, ServerOptions())
+    target = f"127.0.0.1:{server.port}"
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": args.repeats}
+    # Clients run in their own process, as they would in production: in the
+    # worker's process they would compete with it for the GIL.
+    spawn = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as client:
+            results["versus_transformers"] = versus_transformers(
+                model_dir, target, prompts, args.repeats, client, args.streams
+            )
+            results["switching"] = switching(engine, target, args.switch_seconds, client)
+    finally:
+        server.stop()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "worker_speed.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "worker_speed.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
