@@ -27,6 +27,9 @@ from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 
+# Fixtures: served_model_dir, one_thread, engine, reference_tokens.
+pytest_plugins = ["serving_fixtures"]
+
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 # The reference_tokens fixture (conftest.py): the documented semantics, written out.
 Reference = Callable[[Sequence[int], int, PruningPlan | None, dict[int, PruningPlan]], list[int]]

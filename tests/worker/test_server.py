@@ -43,6 +43,9 @@ from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.server import BackgroundServer, ServerOptions, status_code
 
+# Fixtures: served_model_dir, one_thread, engine, reference_tokens.
+pytest_plugins = ["serving_fixtures"]
+
 LARGE_BUDGET = 64 * 2**20
 
 

@@ -20,6 +20,9 @@ from elasticfleet.worker.generate import TOKENIZER_FILE
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.server import BackgroundServer, ServerOptions
 
+# Fixtures: served_model_dir, one_thread, engine, reference_tokens.
+pytest_plugins = ["serving_fixtures"]
+
 ELASTICFLEET = str(Path(sys.executable).with_name("elasticfleet"))
 
 

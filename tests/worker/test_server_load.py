@@ -27,6 +27,9 @@ from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.server import BackgroundServer, ServerOptions
 
+# Fixtures: served_model_dir, one_thread, engine, reference_tokens.
+pytest_plugins = ["serving_fixtures"]
+
 Reference = Callable[[Sequence[int], int, PruningPlan | None, dict[int, PruningPlan]], list[int]]
 
 REQUESTS = 300

@@ -16,6 +16,9 @@ from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.server import BackgroundServer, ServerOptions
 
+# Fixtures: served_model_dir, one_thread, engine, reference_tokens.
+pytest_plugins = ["serving_fixtures"]
+
 QUESTION = "What is the capital of France?"
 
 

@@ -1,6 +1,10 @@
 """Fixtures for the serving tests: a tiny model directory that also holds a
 tokenizer (so an engine or a server can be started on it like on the real
-model), and engines on it."""
+model), engines on it, and the reference for plan-switch semantics.
+
+Test modules load it with `pytest_plugins = ["serving_fixtures"]`. It is not
+a tests/worker/conftest.py because mypy, checking `tests` as a whole, would
+then find two modules named `conftest`."""
 
 from __future__ import annotations
 
