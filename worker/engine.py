@@ -192,6 +192,22 @@ class EngineStats:
     mix: MixSnapshot
 
 
+@dataclass(frozen=True)
+class Iteration:
+    """Timing of one iteration (for metrics and benchmarks)."""
+
+    rows: int  # sequences it ran, newcomers included
+    newcomers: int  # sequences it admitted and prefilled
+    switched: bool  # whether it began with a plan switch
+    seconds: float  # all of it: switch, prefill, decode step, bookkeeping
+    prefill_s: float  # the newcomers' prefill
+
+    @property
+    def step_s(self) -> float:
+        """The iteration without its prefill: the decode step (plus any switch)."""
+        return self.seconds - self.prefill_s
+
+
 @dataclass
 class Counters:
     """Monotonic totals since start (exported as Prometheus counters)."""
@@ -264,8 +280,7 @@ class Engine:
         self.counters = Counters()
         self.mix = RequestMix(window_s)
         self.step_count = 0
-        # (seconds, rows, whether a plan switched) per iteration, for benchmarks.
-        self.iterations: deque[tuple[float, int, bool]] = deque(maxlen=100_000)
+        self.iterations: deque[Iteration] = deque(maxlen=100_000)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[_Request] = deque()
@@ -560,8 +575,12 @@ class Engine:
             # A waiting plan needs running requests to finish: admit none.
             newcomers = [] if waiting else self._admit()
             rows = len(self._active) + len(newcomers)  # the sequences this iteration runs
+            prefill_started = prefill_ended = time.perf_counter()
             try:
-                produced = self._prefill(newcomers) if newcomers else 0
+                produced = 0
+                if newcomers:
+                    produced = self._prefill(newcomers)
+                    prefill_ended = time.perf_counter()
                 if self._active:
                     produced += self._decode()
                 if rows:
@@ -574,7 +593,15 @@ class Engine:
             self._shrink()
             self._stats = self._measure()
             if rows or switch:
-                self.iterations.append((time.perf_counter() - started, rows, switch is not None))
+                self.iterations.append(
+                    Iteration(
+                        rows=rows,
+                        newcomers=len(newcomers),
+                        switched=switch is not None,
+                        seconds=time.perf_counter() - started,
+                        prefill_s=prefill_ended - prefill_started,
+                    )
+                )
             if waiting and not rows:
                 time.sleep(0.001)  # only the plan's deadline can change anything now
             return bool(rows or switch or waiting)

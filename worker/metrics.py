@@ -75,10 +75,10 @@ class EngineCollector(Collector):
         }
         for name, (documentation, figure) in gauges.items():
             yield GaugeMetricFamily(PREFIX + name, documentation, value=figure)
-        steps = [seconds for seconds, _, _ in list(self.engine.iterations)[-1000:]]
+        steps = [i.step_s for i in list(self.engine.iterations)[-1000:]]
         step = GaugeMetricFamily(
-            PREFIX + "step_seconds",
-            "Iteration (prefill + decode step) time over the last 1000 iterations.",
+            PREFIX + "decode_step_seconds",
+            "Decode-step time (plan switches included, prefills not) over the last 1000 steps.",
             labels=["quantile"],
         )
         for quantile in (50, 99):

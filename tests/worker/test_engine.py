@@ -366,6 +366,9 @@ def test_request_mix_and_throughput_are_reported(engine: Engine) -> None:
     assert mix.tokens_per_second > 0
     assert stats.picture.decode_step == 4  # the first step also prefilled
     assert engine.counters.generated_tokens == 15
+    first, *rest = engine.iterations
+    assert (first.newcomers, first.rows) == (3, 3) and 0 < first.prefill_s < first.seconds
+    assert all(i.newcomers == 0 and i.prefill_s == 0 and i.step_s > 0 for i in rest)
 
 
 def test_background_thread_serves_and_drains(engine: Engine) -> None:

@@ -276,6 +276,7 @@ def test_metrics_are_served_with_the_prefix(served_model_dir: Path, one_thread: 
     for name in ("queue_depth", "kv_reserved_bytes", "weight_bytes", "plan_changes_total"):
         assert f"elasticfleet_{name}" in text
     assert 'elasticfleet_adapter_cache_total{result="hit"}' in text
+    assert 'elasticfleet_decode_step_seconds{quantile="0.99"}' in text
 
 
 def test_the_bearer_token_is_checked_on_every_rpc_but_health(
