@@ -154,6 +154,21 @@ def test_bad_requests_get_invalid_argument_with_a_reason(client: WorkerClient) -
     assert list(client.list_adapters().adapters) == []
 
 
+def test_message_sizes_are_bounded(server: BackgroundServer) -> None:
+    options = [("grpc.max_send_message_length", 16 * 2**20)]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+        generate = channel.unary_stream(
+            "/elasticfleet.v1.Worker/Generate",
+            request_serializer=pb.GenerateRequest.SerializeToString,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        huge = pb.GenerateRequest(prompt="x" * (5 * 2**20))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(generate(huge, timeout=30))
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_an_unexpected_error_is_internal_and_logged(
     server: BackgroundServer, client: WorkerClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
