@@ -35,9 +35,7 @@ Events carry the step counter and plan id, so a client can tell which plan
 produced each token (tokens with decode_step >= a switch's effective_step
 came from the new plan).
 
-Adapters plug in through `AdapterHost`: the engine asks it to check a
-request's adapter at submission and to build the `adapters=` argument of
-`ElasticLlama.forward` from the per-row choices of each forward.
+Adapters plug in through `AdapterHost` (worker/engine_adapters.py).
 """
 
 from __future__ import annotations
@@ -50,13 +48,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer
 
 from elasticfleet.worker.accounting import account
 from elasticfleet.worker.admission import Admission, Layout
+from elasticfleet.worker.engine_adapters import (
+    AdapterHost,
+    AdapterInfo,
+    AdapterListing,
+    AdapterRequest,
+)
 from elasticfleet.worker.engine_errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -75,60 +78,6 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_ID = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class AdapterRequest:
-    """A request's adapter: a loaded set and a task, or its router (task None)."""
-
-    name: str
-    task: str | None = None
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """An adapter set in the worker's local cache."""
-
-    name: str
-    version: str
-    base_model: str
-    rank: int
-    tasks: tuple[str, ...]
-    bytes: int
-    has_router: bool
-
-
-@dataclass(frozen=True)
-class AdapterListing:
-    adapters: tuple[AdapterInfo, ...] = ()
-    cache_bytes: int = 0
-    cache_limit_bytes: int = 0
-
-
-class AdapterHost(Protocol):
-    """What the engine needs from the adapter cache. Methods raise the
-    engine's errors (NotFound, InvalidArgument, Unavailable, DataLoss)."""
-
-    def check(self, request: AdapterRequest) -> None:
-        """Raise unless the adapter is loaded and has the task (or a router)."""
-
-    def batch(self, rows: Sequence[AdapterRequest | None]) -> object:
-        """The `adapters=` argument of ElasticLlama.forward for these rows."""
-
-    def resident_bytes(self) -> int:
-        """Bytes the loaded adapters occupy (counted against the budget)."""
-
-    def apply_plan(self, plan: PruningPlan) -> None:
-        """Release adapter modules on blocks the plan drops (called between steps)."""
-
-    def load(self, name: str, version: str, tasks: Sequence[str]) -> tuple[AdapterInfo, bool]:
-        """Fetch an adapter set; return it and whether it was all cached already."""
-
-    def unload(self, name: str) -> int:
-        """Evict an adapter set; return the bytes freed."""
-
-    def listing(self) -> AdapterListing:
-        """The loaded adapter sets."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from elasticfleet.worker.engine import AdapterInfo, AdapterRequest, Engine, TokenEvent
+from elasticfleet.worker.engine import Engine, TokenEvent
+from elasticfleet.worker.engine_adapters import AdapterInfo, AdapterRequest
 from elasticfleet.worker.engine_errors import (
     DataLoss,
     FailedPrecondition,

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from elasticfleet.worker.accounting import account
 from elasticfleet.worker.admission import Layout
-from elasticfleet.worker.engine import AdapterRequest, Engine, TokenEvent
+from elasticfleet.worker.engine import Engine, TokenEvent
+from elasticfleet.worker.engine_adapters import AdapterRequest
 from elasticfleet.worker.engine_errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -22,12 +22,8 @@ from tokenizers import Tokenizer
 
 from elasticfleet.worker.accounting import account
 from elasticfleet.worker.client import AsyncWorkerClient, WorkerClient, generate_request
-from elasticfleet.worker.engine import (
-    AdapterInfo,
-    AdapterListing,
-    AdapterRequest,
-    Engine,
-)
+from elasticfleet.worker.engine import Engine
+from elasticfleet.worker.engine_adapters import AdapterInfo, AdapterListing, AdapterRequest
 from elasticfleet.worker.engine_errors import (
     DataLoss,
     FailedPrecondition,
