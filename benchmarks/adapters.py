@@ -126,7 +126,7 @@ def random_asym(model: ElasticLlama, seed: int) -> AdapterSet:
     adapters = AdapterSet.create(spec, model.config, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for name, param in adapters.named_parameters():
-        if ".B." in name:
+        if name.endswith(".B"):
             param.data = torch.randn(param.shape, generator=generator) * 0.01
     return adapters.requires_grad_(False)
 

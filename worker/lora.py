@@ -61,19 +61,30 @@ def lora_parameter_count(config: ModelConfig, spec: AdapterSpec) -> int:
 
 
 class AsymLoRA(nn.Module):
-    """The adapter of one projection: A [rank, in], heads B[task] [out, rank],
-    and an optional router [tasks, in]."""
+    """The adapter of one projection: A [rank, in], the task heads stacked
+    and transposed as B [tasks, rank, out] (B[k] = B_k^T), and an optional
+    router [tasks, in].
+
+    Every row's delta is one product with all heads at once: the row's
+    rank-r code z = A x is spread over the heads by its mixing weights (one
+    hot for a named task, the router's softmax otherwise) into a [tasks x
+    rank] code, and multiplied by B viewed as [tasks * rank, out]. So a batch
+    mixing tasks costs the same few operations as a batch on one task, with
+    no gather of per-row weights. `loaded` says which heads hold weights: a
+    worker may load only the tasks it serves; the others stay zero and are
+    never selected."""
 
     def __init__(
         self, fan_in: int, fan_out: int, rank: int, tasks: Sequence[str], *, router: bool
     ) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
+        self.loaded = frozenset(self.tasks)
         self.A = nn.Parameter(torch.empty(rank, fan_in))
         # Kaiming-uniform as nn.Linear initialises its weight; B starts at
         # zero so an untrained adapter is exactly the base model.
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(fan_out, rank)) for t in tasks})
+        self.B = nn.Parameter(torch.zeros(len(self.tasks), rank, fan_out))
         self.router: nn.Parameter | None = None
         if router:
             # Random, not zero: with equal heads and a uniform router every
@@ -81,32 +92,52 @@ class AsymLoRA(nn.Module):
             self.router = nn.Parameter(torch.empty(len(self.tasks), fan_in))
             nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
 
+    def head(self, task: str) -> torch.Tensor:
+        """B_k [out, rank] of one task (a view)."""
+        return self.B[self.tasks.index(task)].T
+
     def mixture(self, x: torch.Tensor) -> torch.Tensor:
         """The router's per-token weights over the heads: [N, T, K] for x [N, T, in]."""
         assert self.router is not None
         return torch.softmax(x @ self.router.T, dim=-1)
 
-    def delta(
-        self, x: torch.Tensor, task_rows: Mapping[str, torch.Tensor], router_rows: torch.Tensor
+    def delta(self, x: torch.Tensor, route: RowRoute) -> torch.Tensor:
+        """B A x for x [N, T, in], each row through its head (or the router
+        mixture) as `route` says: [N, T, out]."""
+        return self._code(x, route) @ self.B.flatten(0, 1)
+
+    def add_delta(
+        self, out: torch.Tensor, x: torch.Tensor, route: RowRoute, scaling: float
     ) -> torch.Tensor:
-        """B A x for x [N, T, in]: rows in task_rows[t] use head t, rows in
-        router_rows the router mixture. Rows in neither get zeros."""
+        """out + scaling * delta(x), fused into one matrix product."""
+        code = self._code(x, route)  # [N, T, K * rank]
+        fused = torch.addmm(
+            out.reshape(-1, out.shape[-1]),
+            code.reshape(-1, code.shape[-1]),
+            self.B.flatten(0, 1),
+            alpha=scaling,
+        )
+        return fused.view(out.shape)
+
+    def _code(self, x: torch.Tensor, route: RowRoute) -> torch.Tensor:
+        """Each row's A x spread over the heads by its mixing weights: [N, T, K * rank]."""
         z = x @ self.A.T  # [N, T, rank]
-        out = z.new_zeros(*x.shape[:-1], next(iter(self.B.values())).shape[0])  # [N, T, out]
-        for task, rows in task_rows.items():
-            head = self.B[task]  # [out, rank]
-            out = out.index_copy(0, rows, z.index_select(0, rows) @ head.T)
-        if router_rows.numel():
-            if self.router is None:
-                raise ValueError("this adapter has no router")
-            xr = x.index_select(0, router_rows)  # [n, T, in]
-            zr = z.index_select(0, router_rows)  # [n, T, rank]
-            weights = self.mixture(xr)  # [n, T, K]
-            mixed = weights[..., :, None] * zr[..., None, :]  # [n, T, K, rank]
-            heads = torch.stack([self.B[t] for t in self.tasks], dim=1)  # [out, K, rank]
-            flat = mixed.flatten(-2) @ heads.flatten(1).T  # [n, T, out]
-            out = out.index_copy(0, router_rows, flat)
-        return out
+        mix = route.mix  # [N, 1, K]
+        if route.router_rows.numel():
+            rows = route.router_rows
+            mix = mix.expand(-1, x.shape[1], -1).index_copy(
+                0, rows, self.mixture(x.index_select(0, rows))
+            )  # [N, T, K]
+        return (mix[..., :, None] * z[..., None, :]).flatten(-2)
+
+
+@dataclass(frozen=True)
+class RowRoute:
+    """How each row of a group mixes the heads: `mix` [N, 1, K] is one-hot
+    on a row's task; rows in `router_rows` take the router's weights."""
+
+    mix: torch.Tensor
+    router_rows: torch.Tensor
 
 
 def module_key(layer: int, module: str) -> str:
@@ -185,41 +216,42 @@ class AdapterSet(nn.Module):
         self.requires_grad_(False)
 
     def _build(self, weights: AdapterWeights, layer: int, module: str) -> AsymLoRA | None:
-        """One projection's module from the tensors present, shape-checked."""
+        """One projection's module from the tensors present (merged with the
+        heads it already holds), shape-checked."""
         prefix = tensor_prefix(layer, module)
         tensors = weights.tensors
         if f"{prefix}.A" not in tensors:
             return None
         fan_in, fan_out = projection_shape(self.config, module)
-        rank = self.spec.rank
-        heads = {
-            t: tensors[f"{prefix}.B.{t}"] for t in self.spec.tasks if f"{prefix}.B.{t}" in tensors
-        }
+        spec = self.spec
         old = self.get(layer, module)
-        if old is not None:
-            heads = {t: h.data for t, h in old.B.items()} | heads
-        expected = {f"{prefix}.A": (rank, fan_in)}
-        expected |= {f"{prefix}.B.{t}": (fan_out, rank) for t in heads}
+        heads = {t: tensors[f"{prefix}.B.{t}"] for t in spec.tasks if f"{prefix}.B.{t}" in tensors}
+        expected = {f"{prefix}.A": (spec.rank, fan_in)}
+        expected |= {f"{prefix}.B.{t}": (fan_out, spec.rank) for t in heads}
         router = tensors.get(f"{prefix}.router")
         if router is not None:
-            expected[f"{prefix}.router"] = (len(self.spec.tasks), fan_in)
+            expected[f"{prefix}.router"] = (len(spec.tasks), fan_in)
         for name, shape in expected.items():
-            actual = tuple(tensors[name].shape) if name in tensors else shape
-            if actual != shape:
+            if tuple(tensors[name].shape) != shape:
                 raise ValueError(
-                    f"adapter tensor {name} has shape {list(actual)}, expected {list(shape)}"
+                    f"adapter tensor {name} has shape {list(tensors[name].shape)}, "
+                    f"expected {list(shape)}"
                 )
-        with torch.device("meta"):
-            lora = AsymLoRA(fan_in, fan_out, rank, list(heads), router=router is not None)
-        # No copies: the modules share the tensors' storage (the worker's
-        # adapter cache holds them), so adapter memory is counted once.
+        lora = AsymLoRA(fan_in, fan_out, spec.rank, spec.tasks, router=router is not None)
+        stacked = torch.zeros(len(spec.tasks), spec.rank, fan_out)
+        loaded = set(heads)
+        if old is not None:
+            stacked.copy_(old.B.data)
+            loaded |= old.loaded
+        for task, head in heads.items():
+            stacked[spec.task_index(task)] = head.T
+        # A and the router share the given tensors' storage (the worker's
+        # adapter cache holds them); only the stacked heads are a copy.
         lora.A = nn.Parameter(tensors[f"{prefix}.A"].float(), requires_grad=False)
-        lora.B = nn.ParameterDict(
-            {t: nn.Parameter(h.float(), requires_grad=False) for t, h in heads.items()}
-        )
+        lora.B = nn.Parameter(stacked, requires_grad=False)
+        lora.loaded = frozenset(loaded)
         if router is not None:
             lora.router = nn.Parameter(router.float(), requires_grad=False)
-        lora.tasks = self.spec.tasks
         return lora
 
     def retain(self, plan: PruningPlan) -> None:
@@ -246,21 +278,22 @@ class AdapterSet(nn.Module):
             layer, module = key.split("_", 1)
             prefix = tensor_prefix(int(layer), module)
             tensors[f"{prefix}.A"] = lora.A.detach()
-            for task, head in lora.B.items():
-                tensors[f"{prefix}.B.{task}"] = head.detach()
+            for task in lora.tasks:
+                if task in lora.loaded:
+                    tensors[f"{prefix}.B.{task}"] = lora.head(task).detach()
             if lora.router is not None:
                 tensors[f"{prefix}.router"] = lora.router.detach()
         return AdapterWeights(self.spec, tensors)
 
     def has_task(self, task: str) -> bool:
         """Whether every module of this set holds `task`'s head."""
-        return all(task in lora.B for lora in self._modules_typed())
+        return all(task in lora.loaded for lora in self._modules_typed())
 
     @property
     def has_router(self) -> bool:
         """Whether every module holds its router and all heads (the mixture needs them)."""
         return all(
-            lora.router is not None and len(lora.B) == len(self.spec.tasks)
+            lora.router is not None and len(lora.loaded) == len(self.spec.tasks)
             for lora in self._modules_typed()
         )
 
@@ -286,59 +319,44 @@ class AdapterChoice:
 @dataclass(frozen=True)
 class _Group:
     adapters: AdapterSet
-    rows: torch.Tensor  # rows of the batch that use this set
-    task_rows: dict[str, torch.Tensor]  # positions within `rows` per head
-    router_rows: torch.Tensor  # positions within `rows` that use the router
+    rows: torch.Tensor | None  # rows of the batch that use this set; None: all, in order
+    route: RowRoute
 
 
 class AdapterBatch:
     """Per-row adapter routing for one forward pass.
 
     Validates every row's choice up front, so a bad request fails before any
-    compute and names the adapter or task that is wrong."""
+    compute and names the adapter or task that is wrong. Build it once per
+    batch composition: it precomputes the index tensors every projection uses."""
 
     def __init__(
         self, sets: Mapping[str, AdapterSet], rows: Sequence[AdapterChoice | None]
     ) -> None:
-        members: dict[str, list[tuple[int, str | None]]] = {}
+        members: dict[str, list[tuple[int, int]]] = {}
+        heads: dict[AdapterChoice, int] = {}
         for index, choice in enumerate(rows):
             if choice is None:
                 continue
             if choice.adapter not in sets:
                 known = ", ".join(sorted(sets)) or "none"
                 raise KeyError(f"adapter {choice.adapter!r} is not loaded (loaded: {known})")
-            adapters = sets[choice.adapter]
-            spec = adapters.spec
-            if choice.task is None:
-                if not spec.router:
-                    raise ValueError(
-                        f"adapter {spec.name!r} has no router; name one of its tasks: "
-                        f"{', '.join(spec.tasks)}"
-                    )
-                if not adapters.has_router:
-                    raise KeyError(f"adapter {spec.name!r} is loaded without its router heads")
-            else:
-                spec.task_index(choice.task)
-                if not adapters.has_task(choice.task):
-                    raise KeyError(
-                        f"adapter {spec.name!r} is loaded without task {choice.task!r}'s heads"
-                    )
-            members.setdefault(choice.adapter, []).append((index, choice.task))
+            if choice not in heads:
+                heads[choice] = _head(sets[choice.adapter], choice.task)
+            members.setdefault(choice.adapter, []).append((index, heads[choice]))
         self.groups: list[_Group] = []
         for name, entries in members.items():
-            task_rows: dict[str, list[int]] = {}
-            router_rows: list[int] = []
-            for position, (_, task) in enumerate(entries):
-                if task is None:
-                    router_rows.append(position)
-                else:
-                    task_rows.setdefault(task, []).append(position)
+            indices = torch.tensor([head for _, head in entries])
+            tasks = len(sets[name].spec.tasks)
+            mix = torch.zeros(len(entries), 1, tasks)  # router rows stay zero here
+            task_rows = (indices >= 0).nonzero().flatten()
+            mix[task_rows, 0, indices[task_rows]] = 1.0
+            covers_all = len(entries) == len(rows)  # rows are then 0..B-1 in order
             self.groups.append(
                 _Group(
                     adapters=sets[name],
-                    rows=_index([row for row, _ in entries]),
-                    task_rows={task: _index(p) for task, p in task_rows.items()},
-                    router_rows=_index(router_rows),
+                    rows=None if covers_all else _index(row for row, _ in entries),
+                    route=RowRoute(mix=mix, router_rows=(indices < 0).nonzero().flatten()),
                 )
             )
 
@@ -354,10 +372,31 @@ class AdapterBatch:
             lora = group.adapters.get(layer, module)
             if lora is None:
                 continue
-            xs = x.index_select(0, group.rows)  # [n, T, in]
-            delta = lora.delta(xs, group.task_rows, group.router_rows)  # [n, T, out]
-            out = out.index_add(0, group.rows, delta, alpha=group.adapters.spec.scaling)
+            scaling = group.adapters.spec.scaling
+            if group.rows is None:
+                out = lora.add_delta(out, x, group.route, scaling)
+            else:
+                delta = lora.delta(x.index_select(0, group.rows), group.route)  # [n, T, out]
+                out = out.index_add(0, group.rows, delta, alpha=scaling)
         return out
+
+
+def _head(adapters: AdapterSet, task: str | None) -> int:
+    """The head index a row uses (-1: the router), after checking it can be served."""
+    spec = adapters.spec
+    if task is None:
+        if not spec.router:
+            raise ValueError(
+                f"adapter {spec.name!r} has no router; name one of its tasks: "
+                f"{', '.join(spec.tasks)}"
+            )
+        if not adapters.has_router:
+            raise KeyError(f"adapter {spec.name!r} is loaded without its router heads")
+        return -1
+    index = spec.task_index(task)
+    if not adapters.has_task(task):
+        raise KeyError(f"adapter {spec.name!r} is loaded without task {task!r}'s heads")
+    return index
 
 
 def _index(values: Iterable[int]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from elasticfleet.worker.lora import (
     AdapterChoice,
     AdapterSet,
     AsymLoRA,
+    RowRoute,
     lora_parameter_count,
 )
 from elasticfleet.worker.model import ElasticLlama
@@ -97,21 +98,28 @@ def test_router_forced_one_hot_equals_plain_lora_on_that_head(
     assert not torch.allclose(routed, logits(plain_model, ids), atol=1e-3)
 
 
-def test_task_head_matches_the_lora_formula() -> None:
+def test_heads_and_mixture_match_the_lora_formulas() -> None:
     torch.manual_seed(0)
     lora = AsymLoRA(8, 6, 2, ("a", "b"), router=True)
-    for head in lora.B.values():
-        head.data.normal_()
+    lora.B.data.normal_()
     x = torch.randn(3, 5, 8)
-    rows = {"b": torch.tensor([0, 2]), "a": torch.tensor([1])}
-    delta = lora.delta(x, rows, torch.tensor([], dtype=torch.long))
-    torch.testing.assert_close(delta[0], x[0] @ lora.A.T @ lora.B["b"].T)
-    torch.testing.assert_close(delta[1], x[1] @ lora.A.T @ lora.B["a"].T)
-    # The mixture is the router-weighted sum of the heads' outputs.
-    mixed = lora.delta(x, {}, torch.tensor([0, 1, 2]))
+    a, b = lora.head("a"), lora.head("b")  # [out, rank]
+    # Rows 0 and 2 on head b, row 1 on head a.
+    one_hot = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]], [[0.0, 1.0]]])
+    route = RowRoute(mix=one_hot, router_rows=torch.tensor([], dtype=torch.long))
+    delta = lora.delta(x, route)
+    torch.testing.assert_close(delta[0], x[0] @ lora.A.T @ b.T)
+    torch.testing.assert_close(delta[1], x[1] @ lora.A.T @ a.T)
+    out = torch.randn(3, 5, 6)
+    torch.testing.assert_close(lora.add_delta(out, x, route, 0.5), out + 0.5 * delta)
+    # Router rows: the router-weighted sum of the heads' outputs.
+    routed = RowRoute(mix=torch.zeros(3, 1, 2), router_rows=torch.tensor([0, 2]))
+    mixed = lora.delta(x, routed)
     weights = lora.mixture(x)
-    per_head = torch.stack([x @ lora.A.T @ lora.B[t].T for t in ("a", "b")], dim=-2)
-    torch.testing.assert_close(mixed, (weights[..., None] * per_head).sum(-2))
+    per_head = torch.stack([x @ lora.A.T @ h.T for h in (a, b)], dim=-2)
+    expected = (weights[..., None] * per_head).sum(-2)
+    torch.testing.assert_close(mixed[[0, 2]], expected[[0, 2]])
+    assert torch.equal(mixed[1], torch.zeros(5, 6))
 
 
 def test_mixed_batch_equals_each_row_alone(
@@ -200,6 +208,17 @@ def test_partial_heads_and_choices_are_validated(plain_model: ElasticLlama) -> N
         AdapterBatch(sets, [AdapterChoice("nope", "code")])
     with pytest.raises(KeyError, match="without its router"):
         AdapterBatch(sets, [AdapterChoice("multi", None)])
+    # Loading another task's heads later merges them in.
+    adapters.add(
+        AdapterWeights(
+            spec, {n: t for n, t in full.tensors.items() if ".B.qa" in n or n.endswith(".A")}
+        )
+    )
+    assert adapters.has_task("qa") and adapters.has_task("code") and not adapters.has_task("defs")
+    AdapterBatch(sets, [AdapterChoice("multi", "qa"), AdapterChoice("multi", "code")])
+    merged = adapters.weights().tensors
+    assert torch.equal(merged["layers.2.up_proj.B.qa"], full.tensors["layers.2.up_proj.B.qa"])
+    assert torch.equal(merged["layers.2.up_proj.B.code"], full.tensors["layers.2.up_proj.B.code"])
     no_router = AdapterSet.create(make_spec("flat", router=False), plain_model.config)
     with pytest.raises(ValueError, match="has no router; name one of its tasks"):
         AdapterBatch({"flat": no_router}, [AdapterChoice("flat", None)])
@@ -254,7 +273,12 @@ def test_parameter_count_matches_the_modules() -> None:
 def test_accountant_counts_shared_adapter_tensors_once(plain_model: ElasticLlama) -> None:
     weights = trained(make_spec(), seed=6).weights()
     adapters = AdapterSet.from_weights(weights, plain_model.config)
-    held = [*weights.tensors.values(), *adapters.parameters()]
-    report = account(plain_model, adapters=held)
-    assert report.adapter_bytes == weights.nbytes == adapters.nbytes
-    assert report.total_bytes == report.weight_bytes + weights.nbytes
+    only_cache = account(plain_model, adapters=weights.tensors.values()).adapter_bytes
+    assert only_cache == weights.nbytes
+    report = account(plain_model, adapters=[*weights.tensors.values(), *adapters.parameters()])
+    # A and the routers share the cache's storage; the stacked heads are a copy.
+    stacked = sum(
+        m.B.numel() * m.B.element_size() for m in adapters.modules() if isinstance(m, AsymLoRA)
+    )
+    assert report.adapter_bytes == only_cache + stacked
+    assert report.total_bytes == report.weight_bytes + report.adapter_bytes
