@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import threading
@@ -295,7 +296,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Worker speed",
         "",
-        f"torch threads: {results['threads']}; command: `python benchmarks/worker_speed.py`",
+        f"torch threads: {results['threads']}; command: `python benchmarks/worker_speed.py`; "
+        f"1-minute load average {results['load_average_before']:.1f} before, "
+        f"{results['load_average_after']:.1f} after (2 cores)",
         "",
         "## Concurrent streams: worker over gRPC vs transformers static batches",
         "",
@@ -372,7 +375,11 @@ def main() -> None:
     engine = Engine(model, tokenizer, budget_bytes=budget)
     server = BackgroundServer(engine, ServerOptions())
     target = f"127.0.0.1:{server.port}"
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": args.repeats}
+    results: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "load_average_before": os.getloadavg()[0],
+    }
     # Clients run in their own process, as they would in production: in the
     # worker's process they would compete with it for the GIL.
     spawn = multiprocessing.get_context("spawn")
@@ -384,6 +391,8 @@ def main() -> None:
             results["switching"] = switching(engine, target, args.switch_seconds, client)
     finally:
         server.stop()
+    # Other work on the machine slows both sides; the ratios are what to read.
+    results["load_average_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "worker_speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "worker_speed.md").write_text(markdown(results))
