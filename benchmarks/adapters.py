@@ -175,14 +175,14 @@ def peft_decode(
     def run() -> torch.Tensor:
         with torch.inference_mode():
             result = peft(input_ids=prompts, use_cache=True, adapter_names=list(names))
-            past = result.past_key_values
+            cache = result.cache
             token = result.logits[:, -1].argmax(-1, keepdim=True)
             out = [token]
             for _ in range(steps - 1):
                 result = peft(
-                    input_ids=token, past_key_values=past, use_cache=True, adapter_names=list(names)
+                    input_ids=token, cache=cache, use_cache=True, adapter_names=list(names)
                 )
-                past = result.past_key_values
+                cache = result.cache
                 token = result.logits[:, -1].argmax(-1, keepdim=True)
                 out.append(token)
         return torch.cat(out, 1)
