@@ -83,10 +83,12 @@ def status_code(error: BaseException) -> grpc.StatusCode:
 
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     code = status_code(error)
+    message = str(error)
     if code == grpc.StatusCode.INTERNAL:
+        # The details may hold internals; the caller gets the kind, the log the rest.
         log.exception("internal error in an RPC", exc_info=error)
-        await context.abort(code, f"internal error ({type(error).__name__}); see the worker log")
-    await context.abort(code, str(error))
+        message = f"internal error ({type(error).__name__}); see the worker log"
+    await context.abort(code, message)
 
 
 # Strings: grpc's classes are generic only in its type stubs.
