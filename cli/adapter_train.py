@@ -12,6 +12,7 @@ perplexity with and without the adapter, the command that reproduces it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -108,29 +109,19 @@ def run_train(args: argparse.Namespace) -> int:
     sources = tuple(args.sources or ALL_SOURCES)
     build_corpus(args.cache_dir, sources=sources, progress=progress)
     tokenizer = load_tokenizer(path)
-    length = args.window + 1  # inputs plus the next-token targets
-
+    # Windows of window + 1 tokens: the inputs plus their next-token targets.
+    windows = functools.partial(
+        token_windows,
+        tokenizer=tokenizer,
+        window=args.window + 1,
+        cache_root=args.cache_dir,
+        sources=sources,
+    )
     data = [
         TaskData(
             task,
-            token_windows(
-                "calibration",
-                tokenizer,
-                length,
-                args.train_windows,
-                cache_root=args.cache_dir,
-                domains=[task],
-                sources=sources,
-            ),
-            token_windows(
-                "evaluation",
-                tokenizer,
-                length,
-                args.eval_windows,
-                cache_root=args.cache_dir,
-                domains=[task],
-                sources=sources,
-            ),
+            windows("calibration", count=args.train_windows, domains=[task]),
+            windows("evaluation", count=args.eval_windows, domains=[task]),
         )
         for task in args.tasks
     ]
