@@ -10,6 +10,7 @@ from pathlib import Path
 
 from elasticfleet import __version__
 from elasticfleet.adapter_commands import ADAPTER_HANDLERS, add_adapter_commands
+from elasticfleet.operator_commands import OPERATOR_HANDLERS, add_operator_commands
 from elasticfleet.worker_commands import WORKER_HANDLERS, add_worker_commands
 
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_adapter_commands(commands)
     add_worker_commands(commands)
+    add_operator_commands(commands)
     return parser
 
 
@@ -269,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("agent", "train"): _train,
         **ADAPTER_HANDLERS,
         **WORKER_HANDLERS,
+        **OPERATOR_HANDLERS,
     }
     subcommand = getattr(args, f"{args.command}_command")
     try:

@@ -1,0 +1,615 @@
+"""The custom resource definitions: `ElasticFleet` and `AdapterSet`.
+
+This module is the one source of truth for the CRD YAML that kubectl, Helm
+and the tests use (`elasticfleet operator crds` prints it), so the schema a
+cluster enforces and the fields the controller reads cannot drift apart.
+Every field carries a description and the validation an API server can do
+for us (types, enums, bounds, patterns, and CEL rules for cross-field and
+immutable fields): a bad spec is refused by `kubectl apply` instead of
+surfacing later as a controller error. No `x-kubernetes-preserve-unknown-
+fields` anywhere: unknown fields are pruned, not silently kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+GROUP = "elasticfleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+FLEET_KIND = "ElasticFleet"
+FLEET_PLURAL = "elasticfleets"
+ADAPTER_KIND = "AdapterSet"
+ADAPTER_PLURAL = "adaptersets"
+
+POLICIES = ("rl", "greedy", "static", "none")
+WORKLOADS = ("Deployment", "StatefulSet")
+CONDITION_TYPES = ("Available", "Progressing", "Degraded")
+ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# A DNS-1123 label (names of objects, tasks) and subdomain (Secrets, nodes).
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes resource quantities such as 500m, 2, 16Gi, 1.5e9.
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+MAX_WORKERS = 1000
+MAX_PLAN_HISTORY = 10
+
+Schema = dict[str, Any]
+
+
+def _obj(
+    description: str,
+    properties: dict[str, Schema],
+    *,
+    required: tuple[str, ...] = (),
+    rules: tuple[tuple[str, str], ...] = (),
+) -> Schema:
+    """An object node; `rules` are (CEL rule, message) pairs."""
+    node: Schema = {"type": "object", "description": description, "properties": properties}
+    if required:
+        node["required"] = list(required)
+    if rules:
+        node["x-kubernetes-validations"] = [{"rule": r, "message": m} for r, m in rules]
+    return node
+
+
+def _str(description: str, **extra: Any) -> Schema:
+    return {"type": "string", "description": description, **extra}
+
+
+def _int(description: str, **extra: Any) -> Schema:
+    return {"type": "integer", "format": "int64", "description": description, **extra}
+
+
+def _num(description: str, **extra: Any) -> Schema:
+    return {"type": "number", "description": description, **extra}
+
+
+def _bool(description: str, **extra: Any) -> Schema:
+    return {"type": "boolean", "description": description, **extra}
+
+
+def _list(description: str, items: Schema, **extra: Any) -> Schema:
+    return {"type": "array", "description": description, "items": items, **extra}
+
+
+def _immutable(node: Schema, what: str) -> Schema:
+    rule = {"rule": "self == oldSelf", "message": f"{what} is immutable"}
+    return {**node, "x-kubernetes-validations": [*node.get("x-kubernetes-validations", []), rule]}
+
+
+def _secret_key(description: str) -> Schema:
+    return _obj(
+        description,
+        {
+            "name": _str("Name of the Secret, in the custom resource's namespace.", maxLength=253),
+            "key": _str("Key within the Secret whose value is used.", maxLength=253, minLength=1),
+        },
+        required=("name", "key"),
+    )
+
+
+def _conditions() -> Schema:
+    condition = _obj(
+        "One aspect of the object's state (the metav1.Condition shape).",
+        {
+            "type": _str("Condition type.", maxLength=316),
+            "status": _str("Whether the condition holds.", enum=["True", "False", "Unknown"]),
+            "reason": _str(
+                "One CamelCase word saying why, for programs.",
+                maxLength=1024,
+                pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+            ),
+            "message": _str("What happened, for people; says what to fix.", maxLength=32768),
+            "lastTransitionTime": _str("When the status last changed.", format="date-time"),
+            "observedGeneration": _int(
+                "The spec generation the condition was computed from.", minimum=0
+            ),
+        },
+        required=("type", "status", "reason", "message", "lastTransitionTime"),
+    )
+    return _list(
+        "Available, Progressing and Degraded, each with a reason.",
+        condition,
+        maxItems=8,
+        **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+def _plan_status(description: str) -> Schema:
+    block = _int("Layer index.", minimum=0)
+    return _obj(
+        description,
+        {
+            "id": _str("Identifier of the plan, as the worker reports it.", maxLength=128),
+            "keptAttention": _int("Attention blocks kept.", minimum=0),
+            "keptFFN": _int("FFN blocks kept.", minimum=0),
+            "droppedAttention": _list("Layers whose attention block is dropped.", block),
+            "droppedFFN": _list("Layers whose FFN block is dropped.", block),
+        },
+    )
+
+
+def fleet_spec_schema() -> Schema:
+    model = _obj(
+        "The base model every worker of the fleet serves.",
+        {
+            "name": _str(
+                "Name of the base model (e.g. SmolLM2-135M-Instruct); AdapterSets must name "
+                "the same base model.",
+                minLength=1,
+                maxLength=253,
+            ),
+            "path": _str(
+                "Model directory inside the worker image (config.json + model.safetensors); "
+                "empty means the worker prepares its default model into its cache.",
+                maxLength=4096,
+            ),
+        },
+        required=("name",),
+    )
+    resources = _obj(
+        "Compute resources of each worker pod.",
+        {
+            "gpus": _int(
+                "NVIDIA GPUs per worker (nvidia.com/gpu); 0 runs on CPU.",
+                minimum=0,
+                maximum=16,
+                default=0,
+            ),
+            "cpu": _str("CPU request and limit, a Kubernetes quantity.", pattern=QUANTITY),
+            "memory": _str("Memory request and limit, a Kubernetes quantity.", pattern=QUANTITY),
+        },
+    )
+    worker = _obj(
+        "How each worker pod runs.",
+        {
+            "image": _str("Container image holding elasticfleet.", minLength=1, maxLength=1024),
+            "imagePullPolicy": _str(
+                "When the kubelet pulls the image.",
+                enum=["Always", "IfNotPresent", "Never"],
+                default="IfNotPresent",
+            ),
+            "port": _int("gRPC port of the worker.", minimum=1, maximum=65535, default=50051),
+            "metricsPort": _int(
+                "Port of the worker's Prometheus /metrics.",
+                minimum=1,
+                maximum=65535,
+                default=9090,
+            ),
+            "maxBatch": _int("Most sequences per decode step.", minimum=1, maximum=4096),
+            "maxQueue": _int("Most requests waiting for memory.", minimum=0, maximum=100000),
+            "threads": _int("Torch threads per worker (default: torch's choice).", minimum=1),
+            "resources": resources,
+            "nodeSelector": {
+                "type": "object",
+                "description": "Node labels a worker pod must match.",
+                "additionalProperties": {"type": "string"},
+                "maxProperties": 64,
+            },
+        },
+        required=("image",),
+        rules=(("self.port != self.metricsPort", "port and metricsPort must differ"),),
+    )
+    budget = _obj(
+        "Each worker's memory budget for weights, KV cache and adapters: a fraction of its "
+        "device's memory, or bytes. Exactly one of the two.",
+        {
+            "fraction": _num(
+                "Share of the device memory the worker may use (of its total minus what other "
+                "processes hold).",
+                minimum=0,
+                exclusiveMinimum=True,
+                maximum=1,
+            ),
+            "bytes": _int("Budget in bytes.", minimum=1),
+        },
+        rules=(
+            (
+                "has(self.fraction) != has(self.bytes)",
+                "set exactly one of budget.fraction and budget.bytes",
+            ),
+        ),
+    )
+    quality = _obj(
+        "The least quality a plan may have; a plan predicted to be worse is not pushed and the "
+        "fleet is marked Degraded.",
+        {
+            "maxPerplexityRatio": _num(
+                "Largest predicted perplexity of a plan relative to the dense model "
+                "(1.0 allows no loss).",
+                minimum=1,
+                maximum=1000,
+            ),
+        },
+        required=("maxPerplexityRatio",),
+    )
+    memory_policy = _obj(
+        "How the operator sizes each worker's budget and chooses its pruning plan.",
+        {
+            "policy": _str(
+                "Which policy chooses the blocks to keep: rl (the trained DQN agent), greedy "
+                "(least importance per byte first), static (one fixed ratio) or none (never "
+                "prune).",
+                enum=list(POLICIES),
+                default="rl",
+            ),
+            "staticRatio": _num(
+                "Share of blocks the static policy drops.", minimum=0, maximum=0.99
+            ),
+            "budget": budget,
+            "headroomBytes": _int(
+                "Bytes of device memory left unbudgeted on every worker.", minimum=0, default=0
+            ),
+            "qualityFloor": quality,
+            "planIntervalSeconds": _int(
+                "Seconds between two control ticks of the fleet.",
+                minimum=1,
+                maximum=3600,
+                default=15,
+            ),
+        },
+        required=("budget",),
+        rules=(
+            (
+                "!has(self.staticRatio) || self.policy == 'static'",
+                "staticRatio applies only to policy static",
+            ),
+        ),
+    )
+    redis = _obj(
+        "The Redis server the adapters are stored in: a URL, or a Secret holding it.",
+        {
+            "url": _str(
+                "redis:// or rediss:// (TLS) URL, without a password.",
+                pattern=r"^rediss?://[^\s]+$",
+                maxLength=2048,
+            ),
+            "urlSecretRef": _secret_key("A Secret key holding the URL (it may carry a password)."),
+            "passwordSecretRef": _secret_key("A Secret key holding the Redis password."),
+            "prefix": _str(
+                "Key prefix of the adapter store.", maxLength=256, default="elasticfleet:"
+            ),
+        },
+        rules=(
+            (
+                "has(self.url) != has(self.urlSecretRef)",
+                "set exactly one of redis.url and redis.urlSecretRef",
+            ),
+        ),
+    )
+    tls = _obj(
+        "TLS between the operator, clients and the workers' gRPC endpoints.",
+        {
+            "secretName": _str(
+                "A kubernetes.io/tls Secret: workers serve tls.crt and tls.key; the operator "
+                "verifies them against ca.crt (else tls.crt).",
+                minLength=1,
+                maxLength=253,
+            ),
+        },
+        required=("secretName",),
+    )
+    adapter = _obj(
+        "An AdapterSet this fleet serves.",
+        {
+            "name": _str(
+                "Name of the AdapterSet, in the fleet's namespace.", pattern=DNS_LABEL, maxLength=63
+            ),
+        },
+        required=("name",),
+    )
+    return _obj(
+        "The desired fleet: which model, how many workers, and how their memory is managed.",
+        {
+            "model": _immutable(model, "model"),
+            "replicas": _int("Number of workers.", minimum=0, maximum=MAX_WORKERS, default=1),
+            "workload": _immutable(
+                _str(
+                    "Kind of the workers' workload: Deployment (interchangeable pods) or "
+                    "StatefulSet (stable pod names and per-pod caches).",
+                    enum=list(WORKLOADS),
+                    default="Deployment",
+                ),
+                "workload",
+            ),
+            "worker": worker,
+            "memoryPolicy": memory_policy,
+            "adapters": _list(
+                "AdapterSets the workers serve.",
+                adapter,
+                maxItems=32,
+                **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+            ),
+            "redis": redis,
+            "tls": tls,
+        },
+        required=("model", "worker", "memoryPolicy"),
+        rules=(
+            (
+                "!has(self.adapters) || size(self.adapters) == 0 || has(self.redis)",
+                "adapters need spec.redis: the store they are fetched from",
+            ),
+        ),
+    )
+
+
+def fleet_status_schema() -> Schema:
+    device = _obj(
+        "Memory of the worker's device as it reported it.",
+        {
+            "totalBytes": _int("Total bytes.", minimum=0),
+            "usedBytes": _int("Bytes in use by every process.", minimum=0),
+            "freeBytes": _int("Bytes free.", minimum=0),
+            "source": _str("Where the figures come from.", enum=["nvml", "host", "unknown"]),
+        },
+    )
+    mix = _obj(
+        "The request mix the worker reported over its window.",
+        {
+            "windowSeconds": _num("Length of the window in seconds.", minimum=0),
+            "batchSizeP90": _num("90th percentile of running sequences per step.", minimum=0),
+            "sequenceTokensP90": _num(
+                "90th percentile of prompt plus generated tokens per request.", minimum=0
+            ),
+            "finishedRequests": _int("Requests finished in the window.", minimum=0),
+            "tokensPerSecond": _num("Generated tokens per second.", minimum=0),
+            "queueDepth": _int("Requests waiting for memory.", minimum=0),
+            "activeSequences": _int("Sequences running.", minimum=0),
+        },
+    )
+    worker = _obj(
+        "One worker as the operator last saw it.",
+        {
+            "pod": _str("Name of the worker's pod.", maxLength=253),
+            "node": _str("Node the pod runs on.", maxLength=253),
+            "address": _str("host:port the operator reaches the worker at.", maxLength=512),
+            "reachable": _bool("Whether the last GetStats succeeded."),
+            "message": _str("Why the worker is unreachable or its plan failed.", maxLength=4096),
+            "lastSeen": _str("When the worker last answered.", format="date-time"),
+            "device": device,
+            "budgetBytes": _int("The budget the operator derived and sent.", minimum=0),
+            "plan": _plan_status("The plan the worker runs."),
+            "weightBytes": _int("Bytes of weights the worker holds.", minimum=0),
+            "kvBytes": _int("Bytes of KV cache the worker has allocated.", minimum=0),
+            "requestMix": mix,
+        },
+        required=("pod",),
+    )
+    plan_record = _obj(
+        "A plan the operator pushed.",
+        {
+            "time": _str("When it was applied.", format="date-time"),
+            "pod": _str("The worker it was pushed to.", maxLength=253),
+            "plan": _plan_status("The plan."),
+            "reason": _str("Why the plan changed.", maxLength=4096),
+            "budgetBytes": _int("The budget it was chosen for.", minimum=0),
+            "predictedBytes": _int("Bytes the memory model predicts for it.", minimum=0),
+            "predictedPerplexityRatio": _num(
+                "Predicted perplexity relative to the dense model.", minimum=0
+            ),
+        },
+    )
+    return _obj(
+        "What the operator observed and did.",
+        {
+            "observedGeneration": _int("The spec generation last acted on.", minimum=0),
+            "conditions": _conditions(),
+            "replicas": _int("Worker pods that exist.", minimum=0),
+            "readyReplicas": _int("Worker pods ready to serve.", minimum=0),
+            "workers": _list(
+                "Each worker's device, budget, plan, memory and request mix.",
+                worker,
+                maxItems=MAX_WORKERS,
+            ),
+            "lastPlans": _list(
+                f"The last {MAX_PLAN_HISTORY} plan changes, newest last.",
+                plan_record,
+                maxItems=MAX_PLAN_HISTORY,
+            ),
+        },
+    )
+
+
+def adapter_spec_schema() -> Schema:
+    store = _obj(
+        "Where the adapter set lives in the fleet's Redis store.",
+        {
+            "name": _str(
+                "Name of the adapter in the store (default: the AdapterSet's name).",
+                minLength=1,
+                maxLength=128,
+            ),
+            "version": _str(
+                "Version to serve; empty serves the store's current version.",
+                pattern=r"^[0-9]*$",
+                maxLength=20,
+            ),
+        },
+    )
+    return _obj(
+        "An AsymLoRA adapter set: one shared A per adapted module, one B head per task.",
+        {
+            "baseModel": _immutable(
+                _str("Base model it was trained for.", minLength=1, maxLength=253), "baseModel"
+            ),
+            "tasks": _list(
+                "Task heads, one B matrix each.",
+                _str("A task name.", pattern=DNS_LABEL, maxLength=63),
+                minItems=1,
+                maxItems=64,
+                **{"x-kubernetes-list-type": "set"},
+            ),
+            "rank": _immutable(_int("LoRA rank.", minimum=1, maximum=256), "rank"),
+            "alpha": _num(
+                "LoRA scaling numerator (scale = alpha / rank).",
+                minimum=0,
+                exclusiveMinimum=True,
+                maximum=4096,
+            ),
+            "modules": _immutable(
+                _list(
+                    "Projections adapted in every layer.",
+                    _str("A projection.", enum=list(ADAPTER_MODULES)),
+                    minItems=1,
+                    maxItems=len(ADAPTER_MODULES),
+                    **{"x-kubernetes-list-type": "set"},
+                ),
+                "modules",
+            ),
+            "router": _bool(
+                "Whether the set has a HydraLoRA router (requests may mix heads).", default=False
+            ),
+            "store": store,
+        },
+        required=("baseModel", "tasks", "rank", "modules"),
+    )
+
+
+def adapter_status_schema() -> Schema:
+    return _obj(
+        "What the operator found in the store.",
+        {
+            "observedGeneration": _int("The spec generation last checked.", minimum=0),
+            "conditions": _conditions(),
+            "ready": _bool("Whether the store holds a version matching the spec."),
+            "version": _str("The version found.", maxLength=20),
+            "digest": _str("sha256 of that version's manifest.", pattern=r"^([0-9a-f]{64})?$"),
+            "sizeBytes": _int("Bytes of all its parts.", minimum=0),
+        },
+    )
+
+
+def _column(name: str, path: str, kind: str, description: str, priority: int = 0) -> Schema:
+    column: Schema = {"name": name, "type": kind, "jsonPath": path, "description": description}
+    if priority:
+        column["priority"] = priority
+    return column
+
+
+def _condition_column(kind: str) -> Schema:
+    return _column(
+        kind, f'.status.conditions[?(@.type=="{kind}")].status', "string", f"{kind} condition"
+    )
+
+
+def _crd(
+    kind: str,
+    plural: str,
+    short_names: list[str],
+    spec: Schema,
+    status: Schema,
+    columns: list[Schema],
+    description: str,
+) -> dict[str, Any]:
+    schema = _obj(
+        description,
+        {
+            "apiVersion": _str("Versioned schema of this representation of an object."),
+            "kind": _str("REST resource this object represents."),
+            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "spec": spec,
+            "status": status,
+        },
+        required=("spec",),
+    )
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
+                "categories": ["elasticfleet"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                }
+            ],
+        },
+    }
+
+
+def fleet_crd() -> dict[str, Any]:
+    """The ElasticFleet CustomResourceDefinition."""
+    columns = [
+        _column("Model", ".spec.model.name", "string", "Base model"),
+        _column("Replicas", ".spec.replicas", "integer", "Desired workers"),
+        _column("Ready", ".status.readyReplicas", "integer", "Ready workers"),
+        _column("Policy", ".spec.memoryPolicy.policy", "string", "Pruning policy"),
+        _condition_column("Available"),
+        _condition_column("Degraded"),
+        _column("Age", ".metadata.creationTimestamp", "date", "Time since creation"),
+    ]
+    return _crd(
+        FLEET_KIND,
+        FLEET_PLURAL,
+        ["ef", "efleet"],
+        fleet_spec_schema(),
+        fleet_status_schema(),
+        columns,
+        "A fleet of workers serving one base model under one memory policy.",
+    )
+
+
+def adapter_crd() -> dict[str, Any]:
+    """The AdapterSet CustomResourceDefinition."""
+    columns = [
+        _column("Base", ".spec.baseModel", "string", "Base model"),
+        _column("Rank", ".spec.rank", "integer", "LoRA rank"),
+        _column("Tasks", ".spec.tasks", "string", "Task heads", priority=1),
+        _column("Ready", ".status.ready", "boolean", "Found in the store"),
+        _column("Version", ".status.version", "string", "Version found"),
+        _column("Size", ".status.sizeBytes", "integer", "Bytes of its parts"),
+        _column("Age", ".metadata.creationTimestamp", "date", "Time since creation"),
+    ]
+    return _crd(
+        ADAPTER_KIND,
+        ADAPTER_PLURAL,
+        ["adset"],
+        adapter_spec_schema(),
+        adapter_status_schema(),
+        columns,
+        "An AsymLoRA adapter set kept in Redis, served by ElasticFleets.",
+    )
+
+
+def all_crds() -> list[dict[str, Any]]:
+    return [fleet_crd(), adapter_crd()]
+
+
+def render_crds() -> str:
+    """Both CRDs as one multi-document YAML stream, as kubectl applies it."""
+    return yaml.safe_dump_all(all_crds(), sort_keys=False, width=100)
+
+
+def with_defaults(schema: Schema, value: Any) -> Any:
+    """`value` with the schema's defaults filled in, as an API server stores
+    it. The controller applies this too, so it reads the same spec whether
+    or not the server it talks to defaults (an emulator does not)."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        properties: dict[str, Schema] = schema.get("properties", {})
+        filled = dict(value)
+        for name, child in properties.items():
+            if name in filled:
+                filled[name] = with_defaults(child, filled[name])
+            elif "default" in child:
+                filled[name] = child["default"]
+        return filled
+    if isinstance(value, list) and schema.get("type") == "array":
+        return [with_defaults(schema["items"], item) for item in value]
+    return value
