@@ -1,0 +1,250 @@
+"""Child objects of an ElasticFleet, built as plain dicts by pure functions.
+
+The handlers only create or patch what these return, so everything about
+what a fleet's workers look like (their command line, ports, probes,
+labels, owner references) is decided here and unit-tested without a
+cluster. Every child carries a controller owner reference to its fleet, so
+deleting the fleet lets Kubernetes' garbage collector remove them.
+
+The Service is headless: gRPC keeps one long-lived HTTP/2 connection per
+channel, which a ClusterIP would pin to one pod; a headless Service lets
+clients resolve every ready worker (gRPC's DNS resolver with round_robin
+balances over them), and it is the governing Service a StatefulSet needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from elasticfleet.operator.crds import API_VERSION, FLEET_KIND
+from elasticfleet.operator.spec import WORKER_SUFFIX, FleetSpec
+
+FLEET_LABEL = "elasticfleet.io/fleet"
+COMPONENT = "worker"
+CONTAINER = "worker"
+GRPC_PORT_NAME = "grpc"
+METRICS_PORT_NAME = "metrics"
+CACHE_DIR = "/var/cache/elasticfleet"
+TLS_DIR = "/etc/elasticfleet/tls"
+# The worker drains running requests for this long on SIGTERM; the pod is
+# given a little more before it is killed.
+DRAIN_SECONDS = 30
+GRACE_SECONDS = DRAIN_SECONDS + 10
+# Preparing the default model (dequantizing it into the cache) takes up to a
+# few minutes on a cold node: the startup probe allows 5.
+STARTUP_PERIOD_S = 5
+STARTUP_FAILURES = 60
+
+Body = dict[str, Any]
+
+
+def worker_name(spec: FleetSpec) -> str:
+    """Name of the fleet's workload and of its Service."""
+    return f"{spec.name}{WORKER_SUFFIX}"
+
+
+def selector_labels(spec: FleetSpec) -> dict[str, str]:
+    """The labels that select a fleet's worker pods (immutable once created)."""
+    return {FLEET_LABEL: spec.name, "app.kubernetes.io/component": COMPONENT}
+
+
+def labels(spec: FleetSpec) -> dict[str, str]:
+    """The recommended labels plus the selector labels, on every child."""
+    return {
+        "app.kubernetes.io/name": "elasticfleet",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/managed-by": "elasticfleet-operator",
+        **selector_labels(spec),
+    }
+
+
+def owner_reference(name: str, uid: str) -> Body:
+    """A controller reference to fleet `name`: children are garbage-collected
+    with it and only one controller may own them."""
+    if not uid:
+        raise ValueError(f"fleet {name!r} has no uid; it has not been stored yet")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": FLEET_KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(spec: FleetSpec, owner: Body) -> Body:
+    return {
+        "name": worker_name(spec),
+        "namespace": spec.namespace,
+        "labels": labels(spec),
+        "ownerReferences": [owner],
+    }
+
+
+def worker_command(spec: FleetSpec) -> list[str]:
+    """The worker container's command line. The starting budget comes from
+    the spec; the operator sends each worker its derived budget with every
+    plan, which replaces it."""
+    worker = spec.worker
+    command = [
+        "elasticfleet",
+        "worker",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(worker.port),
+        "--metrics-port",
+        str(worker.metrics_port),
+        "--drain-timeout",
+        str(DRAIN_SECONDS),
+    ]
+    budget = spec.memory.budget
+    if budget.bytes is not None:
+        command += ["--budget-bytes", str(budget.bytes)]
+    else:
+        command += ["--budget-fraction", str(budget.fraction)]
+    if spec.model_path:
+        command += ["--model", spec.model_path]
+    for flag, value in (
+        ("--max-batch", worker.max_batch),
+        ("--max-queue", worker.max_queue),
+        ("--threads", worker.threads),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    if spec.tls_secret:
+        command += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    return command
+
+
+def _secret_env(name: str, secret: str, key: str) -> Body:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def worker_env(spec: FleetSpec) -> list[Body]:
+    """The environment: the model cache, and the adapter store's connection
+    in the variables every elasticfleet command reads."""
+    env: list[Body] = [{"name": "ELASTICFLEET_CACHE", "value": CACHE_DIR}]
+    redis = spec.redis
+    if redis is not None:
+        if redis.url_secret is not None:
+            secret = redis.url_secret
+            env.append(_secret_env("ELASTICFLEET_REDIS_URL", secret.name, secret.key))
+        else:
+            env.append({"name": "ELASTICFLEET_REDIS_URL", "value": redis.url})
+        if redis.password_secret is not None:
+            secret = redis.password_secret
+            env.append(_secret_env("ELASTICFLEET_REDIS_PASSWORD", secret.name, secret.key))
+        env.append({"name": "ELASTICFLEET_REDIS_PREFIX", "value": redis.prefix})
+    return env
+
+
+def _resources(spec: FleetSpec) -> Body:
+    # Requests equal limits: a worker's budget is derived from the memory it
+    # sees, so it must not be overcommitted.
+    amounts: dict[str, str] = {}
+    if spec.worker.cpu:
+        amounts["cpu"] = spec.worker.cpu
+    if spec.worker.memory:
+        amounts["memory"] = spec.worker.memory
+    if spec.worker.gpus:
+        amounts["nvidia.com/gpu"] = str(spec.worker.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _probe(spec: FleetSpec, period: int, failures: int) -> Body:
+    # The kubelet's gRPC probe asks grpc.health.v1 but cannot speak TLS; a
+    # TLS worker is probed by opening its port.
+    port = spec.worker.port
+    check: Body = {"tcpSocket": {"port": port}} if spec.tls_secret else {"grpc": {"port": port}}
+    return {**check, "periodSeconds": period, "failureThreshold": failures}
+
+
+def pod_template(spec: FleetSpec) -> Body:
+    """The worker pods' template."""
+    container: Body = {
+        "name": CONTAINER,
+        "image": spec.worker.image,
+        "imagePullPolicy": spec.worker.pull_policy,
+        "command": worker_command(spec),
+        "env": worker_env(spec),
+        "ports": [
+            {"name": GRPC_PORT_NAME, "containerPort": spec.worker.port, "protocol": "TCP"},
+            {
+                "name": METRICS_PORT_NAME,
+                "containerPort": spec.worker.metrics_port,
+                "protocol": "TCP",
+            },
+        ],
+        "startupProbe": _probe(spec, STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "readinessProbe": _probe(spec, 5, 2),
+        "livenessProbe": _probe(spec, 10, 3),
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+    }
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+    volumes: list[Body] = [{"name": "cache", "emptyDir": {}}]
+    if spec.tls_secret:
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret}})
+    pod: Body = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
+    }
+    if spec.worker.node_selector:
+        pod["nodeSelector"] = dict(spec.worker.node_selector)
+    return {"metadata": {"labels": labels(spec)}, "spec": pod}
+
+
+def build_workload(spec: FleetSpec, owner: Body) -> Body:
+    """The workers' Deployment or StatefulSet (spec.workload)."""
+    body: Body = {
+        "apiVersion": "apps/v1",
+        "kind": spec.workload,
+        "metadata": _metadata(spec, owner),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(spec)},
+            "template": pod_template(spec),
+        },
+    }
+    if spec.workload == "StatefulSet":
+        body["spec"]["serviceName"] = worker_name(spec)
+        body["spec"]["podManagementPolicy"] = "Parallel"
+    return body
+
+
+def build_service(spec: FleetSpec, owner: Body) -> Body:
+    """The headless Service in front of the workers (see the module docstring)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, owner),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(spec),
+            "ports": [
+                {
+                    "name": GRPC_PORT_NAME,
+                    "port": spec.worker.port,
+                    "targetPort": GRPC_PORT_NAME,
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {
+                    "name": METRICS_PORT_NAME,
+                    "port": spec.worker.metrics_port,
+                    "targetPort": METRICS_PORT_NAME,
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
+def build_children(spec: FleetSpec, owner: Body) -> list[Body]:
+    """Every child of a fleet, Service first (a StatefulSet names it)."""
+    return [build_service(spec, owner), build_workload(spec, owner)]

@@ -1,0 +1,201 @@
+"""The ElasticFleet spec as typed values the builders and the control loop read.
+
+An API server validates a custom resource against its CRD before storing
+it, but the controller cannot rely on that alone: an object stored before a
+CRD upgrade, or served by an API emulator that validates nothing, reaches
+the handlers as it is. So `FleetSpec.parse` fills in the CRD's defaults
+(from crds.py, so there is one set) and re-checks what the controller
+depends on, raising `SpecError` with a message that says what to fix; the
+handlers turn that into a permanent error and a Degraded condition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from elasticfleet.operator.crds import POLICIES, WORKLOADS, fleet_spec_schema, with_defaults
+
+# Names derived from the fleet's add this suffix; a Service name is a
+# DNS-1035 label of at most 63 characters.
+WORKER_SUFFIX = "-worker"
+MAX_FLEET_NAME = 63 - len(WORKER_SUFFIX)
+
+
+class SpecError(ValueError):
+    """A spec the controller cannot act on; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    """One key of a Secret in the fleet's namespace."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A worker's budget: a fraction of its usable device memory, or bytes."""
+
+    fraction: float | None = None
+    bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.bytes is None):
+            raise SpecError("set exactly one of memoryPolicy.budget.fraction and .bytes")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise SpecError(f"memoryPolicy.budget.fraction must be in (0, 1], got {self.fraction}")
+        if self.bytes is not None and self.bytes < 1:
+            raise SpecError(f"memoryPolicy.budget.bytes must be positive, got {self.bytes}")
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """How budgets are derived and plans chosen."""
+
+    policy: str
+    budget: Budget
+    headroom_bytes: int = 0
+    static_ratio: float | None = None
+    max_perplexity_ratio: float | None = None
+    plan_interval_s: int = 15
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise SpecError(
+                f"memoryPolicy.policy {self.policy!r} is not one of {', '.join(POLICIES)}"
+            )
+        if self.static_ratio is not None and self.policy != "static":
+            raise SpecError("memoryPolicy.staticRatio applies only to policy static")
+        if self.headroom_bytes < 0:
+            raise SpecError(f"memoryPolicy.headroomBytes must be >= 0, got {self.headroom_bytes}")
+        if self.plan_interval_s < 1:
+            raise SpecError("memoryPolicy.planIntervalSeconds must be at least 1")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How each worker pod runs."""
+
+    image: str
+    pull_policy: str = "IfNotPresent"
+    port: int = 50051
+    metrics_port: int = 9090
+    max_batch: int | None = None
+    max_queue: int | None = None
+    threads: int | None = None
+    gpus: int = 0
+    cpu: str | None = None
+    memory: str | None = None
+    node_selector: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where the adapter store is."""
+
+    url: str | None = None
+    url_secret: SecretKey | None = None
+    password_secret: SecretKey | None = None
+    prefix: str = "elasticfleet:"
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """A parsed, defaulted ElasticFleet spec."""
+
+    name: str
+    namespace: str
+    model_name: str
+    model_path: str | None
+    replicas: int
+    workload: str
+    worker: WorkerSettings
+    memory: MemoryPolicy
+    adapters: tuple[str, ...] = ()
+    redis: RedisSettings | None = None
+    tls_secret: str | None = None
+
+    @classmethod
+    def parse(cls, name: str, namespace: str, spec: dict[str, Any]) -> FleetSpec:
+        """The spec of fleet `namespace/name`, or SpecError saying what to fix."""
+        if len(name) > MAX_FLEET_NAME:
+            raise SpecError(
+                f"fleet name {name!r} is longer than {MAX_FLEET_NAME} characters; its "
+                f"workers' Service name ({name}{WORKER_SUFFIX}) must fit 63"
+            )
+        raw = with_defaults(fleet_spec_schema(), spec)
+        try:
+            model = raw["model"]
+            worker = raw["worker"]
+            policy = raw["memoryPolicy"]
+            budget = policy["budget"]
+        except KeyError as missing:
+            raise SpecError(f"spec lacks {missing.args[0]}") from None
+        except TypeError:
+            raise SpecError(
+                "spec.model, spec.worker and spec.memoryPolicy must be objects"
+            ) from None
+        if not model.get("name"):
+            raise SpecError("spec.model.name is required")
+        if not worker.get("image"):
+            raise SpecError("spec.worker.image is required")
+        if raw["workload"] not in WORKLOADS:
+            raise SpecError(f"spec.workload must be one of {', '.join(WORKLOADS)}")
+        resources = worker.get("resources", {})
+        floor = policy.get("qualityFloor")
+        adapters = tuple(a["name"] for a in raw.get("adapters", []))
+        redis = raw.get("redis")
+        if adapters and redis is None:
+            raise SpecError("spec.adapters need spec.redis: the store they are fetched from")
+        if worker["port"] == worker["metricsPort"]:
+            raise SpecError("spec.worker.port and spec.worker.metricsPort must differ")
+        return cls(
+            name=name,
+            namespace=namespace,
+            model_name=model["name"],
+            model_path=model.get("path") or None,
+            replicas=raw["replicas"],
+            workload=raw["workload"],
+            worker=WorkerSettings(
+                image=worker["image"],
+                pull_policy=worker["imagePullPolicy"],
+                port=worker["port"],
+                metrics_port=worker["metricsPort"],
+                max_batch=worker.get("maxBatch"),
+                max_queue=worker.get("maxQueue"),
+                threads=worker.get("threads"),
+                gpus=resources.get("gpus", 0),
+                cpu=resources.get("cpu"),
+                memory=resources.get("memory"),
+                node_selector=tuple(sorted(worker.get("nodeSelector", {}).items())),
+            ),
+            memory=MemoryPolicy(
+                policy=policy["policy"],
+                budget=Budget(fraction=budget.get("fraction"), bytes=budget.get("bytes")),
+                headroom_bytes=policy["headroomBytes"],
+                static_ratio=policy.get("staticRatio"),
+                max_perplexity_ratio=None if floor is None else floor["maxPerplexityRatio"],
+                plan_interval_s=policy["planIntervalSeconds"],
+            ),
+            adapters=adapters,
+            redis=None if redis is None else _redis(redis),
+            tls_secret=(raw.get("tls") or {}).get("secretName"),
+        )
+
+
+def _secret(raw: dict[str, str] | None) -> SecretKey | None:
+    return None if raw is None else SecretKey(raw["name"], raw["key"])
+
+
+def _redis(raw: dict[str, Any]) -> RedisSettings:
+    settings = RedisSettings(
+        url=raw.get("url"),
+        url_secret=_secret(raw.get("urlSecretRef")),
+        password_secret=_secret(raw.get("passwordSecretRef")),
+        prefix=raw["prefix"],
+    )
+    if (settings.url is None) == (settings.url_secret is None):
+        raise SpecError("set exactly one of spec.redis.url and spec.redis.urlSecretRef")
+    return settings

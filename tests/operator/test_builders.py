@@ -1,0 +1,180 @@
+"""Spec parsing and the pure builders of a fleet's children, without a cluster:
+the rendered objects pass Kubernetes' own schemas (kubernetes-validate,
+strict), and the worker command line parses with the real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from elasticfleet.cli import build_parser
+from elasticfleet.operator.build import (
+    FLEET_LABEL,
+    build_children,
+    build_service,
+    build_workload,
+    labels,
+    owner_reference,
+    worker_command,
+)
+from elasticfleet.operator.spec import FleetSpec, SpecError
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "operator" / "examples"
+UID = "5e1f0c3a-8d5e-4b7a-9a43-0f1f4c2d9b11"
+
+
+def _spec(example: str = "elasticfleet.yaml") -> FleetSpec:
+    body = yaml.safe_load((EXAMPLES / example).read_text())
+    return FleetSpec.parse(body["metadata"]["name"], "ml", body["spec"])
+
+
+def _raw(**changes: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load((EXAMPLES / "elasticfleet.yaml").read_text())["spec"]
+    raw.update(changes)
+    return raw
+
+
+def test_parse_fills_in_the_crd_defaults() -> None:
+    minimal = {
+        "model": {"name": "m"},
+        "worker": {"image": "img"},
+        "memoryPolicy": {"budget": {"bytes": 1000}},
+    }
+    spec = FleetSpec.parse("f", "ns", minimal)
+    assert (spec.replicas, spec.workload, spec.memory.policy) == (1, "Deployment", "rl")
+    assert (spec.worker.port, spec.worker.metrics_port, spec.worker.pull_policy) == (
+        50051,
+        9090,
+        "IfNotPresent",
+    )
+    assert (spec.memory.plan_interval_s, spec.memory.headroom_bytes) == (15, 0)
+    assert spec.memory.budget.bytes == 1000 and spec.memory.budget.fraction is None
+    assert spec.adapters == () and spec.redis is None and spec.tls_secret is None
+
+
+def test_parse_reads_the_example() -> None:
+    spec = _spec()
+    assert spec.model_name == "SmolLM2-135M-Instruct"
+    assert spec.memory.budget.fraction == 0.6
+    assert spec.memory.max_perplexity_ratio == 3.0
+    assert spec.adapters == ("tasks",)
+    assert spec.redis is not None and spec.redis.url == "redis://redis.elasticfleet.svc:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_raw(memoryPolicy={"budget": {}}), "set exactly one of memoryPolicy.budget"),
+        (
+            _raw(memoryPolicy={"budget": {"fraction": 0.5}, "staticRatio": 0.2}),
+            "staticRatio applies only to policy static",
+        ),
+        (_raw(memoryPolicy={"budget": {"bytes": 5}, "policy": "x"}), "policy 'x' is not one"),
+        (_raw(redis=None) | {"adapters": [{"name": "a"}]}, "adapters need spec.redis"),
+        ({"worker": {"image": "i"}, "memoryPolicy": {"budget": {"bytes": 5}}}, "lacks model"),
+        (_raw(worker={"image": "i", "port": 9090}), "port and spec.worker.metricsPort"),
+        (_raw(redis={"prefix": "p"}), "exactly one of spec.redis.url"),
+    ],
+)
+def test_parse_errors_say_what_to_fix(raw: dict[str, Any], message: str) -> None:
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(SpecError, match=message):
+        FleetSpec.parse("f", "ns", raw)
+
+
+def test_fleet_name_must_leave_room_for_the_service_name() -> None:
+    with pytest.raises(SpecError, match="longer than 56 characters"):
+        FleetSpec.parse("x" * 57, "ns", _raw())
+    assert worker_command(FleetSpec.parse("x" * 56, "ns", _raw()))
+
+
+@pytest.mark.parametrize("example", ["elasticfleet.yaml", "elasticfleet-gpu.yaml"])
+def test_children_are_valid_kubernetes_objects(example: str) -> None:
+    spec = _spec(example)
+    for child in build_children(spec, owner_reference(spec.name, UID)):
+        kubernetes_validate.validate(child, "1.35", strict=True)
+
+
+def test_children_are_owned_and_labelled() -> None:
+    spec = _spec()
+    owner = owner_reference(spec.name, UID)
+    service, workload = build_children(spec, owner)
+    for child in (service, workload):
+        assert child["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "elasticfleet.io/v1alpha1",
+                "kind": "ElasticFleet",
+                "name": "smollm2",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert child["metadata"]["labels"] == labels(spec)
+        assert child["metadata"]["name"] == "smollm2-worker"
+        assert child["metadata"]["namespace"] == "ml"
+    selector = workload["spec"]["selector"]["matchLabels"]
+    assert selector == {FLEET_LABEL: "smollm2", "app.kubernetes.io/component": "worker"}
+    assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["selector"] == selector
+    assert service["spec"]["clusterIP"] == "None"
+
+
+def test_owner_reference_needs_a_stored_fleet() -> None:
+    with pytest.raises(ValueError, match="has no uid"):
+        owner_reference("f", "")
+
+
+def test_deployment_for_the_cpu_example() -> None:
+    spec = _spec()
+    workload = build_workload(spec, owner_reference(spec.name, UID))
+    assert workload["kind"] == "Deployment" and workload["spec"]["replicas"] == 2
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "6Gi"},
+        "limits": {"cpu": "2", "memory": "6Gi"},
+    }
+    assert container["readinessProbe"]["grpc"] == {"port": 50051}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ELASTICFLEET_REDIS_URL"]["value"] == "redis://redis.elasticfleet.svc:6379/0"
+    assert env["ELASTICFLEET_REDIS_PREFIX"]["value"] == "elasticfleet:"
+
+
+def test_statefulset_for_the_gpu_example() -> None:
+    spec = _spec("elasticfleet-gpu.yaml")
+    workload = build_workload(spec, owner_reference(spec.name, UID))
+    assert workload["kind"] == "StatefulSet"
+    assert workload["spec"]["serviceName"] == build_service(spec, {})["metadata"]["name"]
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # TLS: the Secret is mounted, the worker serves it, probes open the port.
+    assert {"name": "tls", "secret": {"secretName": "elasticfleet-workers-tls"}} in pod["volumes"]
+    assert "tcpSocket" in container["readinessProbe"] and "grpc" not in container["livenessProbe"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ELASTICFLEET_REDIS_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "redis", "key": "url"}
+    }
+
+
+@pytest.mark.parametrize("example", ["elasticfleet.yaml", "elasticfleet-gpu.yaml"])
+def test_worker_command_parses_with_the_real_cli(example: str) -> None:
+    spec = _spec(example)
+    command = worker_command(spec)
+    assert command[:2] == ["elasticfleet", "worker"]
+    args = build_parser().parse_args(command[1:])
+    assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", 50051, 9090)
+    assert args.drain_timeout == 30.0
+    if spec.memory.budget.bytes is not None:
+        assert args.budget_bytes == spec.memory.budget.bytes
+        assert args.model == Path("/models/smollm2") and args.max_batch == 128
+        assert args.tls_cert == Path("/etc/elasticfleet/tls/tls.crt")
+        assert args.tls_key == Path("/etc/elasticfleet/tls/tls.key")
+    else:
+        assert args.budget_bytes is None and args.budget_fraction == 0.6
+        assert args.model is None and args.tls_cert is None
