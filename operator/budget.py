@@ -1,0 +1,107 @@
+"""From what a worker reports to what its policy plans for: the memory
+budget, the load, and the quality a plan may not fall below.
+
+Budget (DESIGN.md): of the device's total memory, what other processes hold
+is not ours to plan with, nor is the fleet's headroom; the budget is the
+spec's fraction of the rest, or its fixed bytes capped by the rest. "Other
+processes" is the device's used memory minus the worker's own (weights, KV
+cache, adapters), so the budget does not shrink because the worker itself
+grew into it.
+
+Load: the policy plans for the worker's windowed request mix, a high
+percentile of running sequences and of prompt plus output tokens, so a plan
+anticipates the load of the last window rather than one instant.
+
+Quality: a plan's predicted perplexity relative to the dense model comes
+from the model's profile (the measured Greedy Sequential Importance prefixes,
+agent.rl.ProfileQuality), the same estimate the RL agent was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from elasticfleet.agent.profile import ModelProfile
+from elasticfleet.agent.rl import ProfileQuality
+from elasticfleet.operator.spec import MemoryPolicy
+from elasticfleet.worker.plan import PruningPlan
+
+
+class BudgetError(ValueError):
+    """The device leaves the worker no memory to plan with."""
+
+
+class QualityFloorError(ValueError):
+    """The plan that fits is predicted to be worse than the fleet allows."""
+
+
+@dataclass(frozen=True)
+class DeviceFigures:
+    """A worker's device memory and its own share of it, in bytes."""
+
+    total_bytes: int
+    used_bytes: int
+    own_bytes: int  # weights + reserved KV + adapters
+
+    @property
+    def others_bytes(self) -> int:
+        """Bytes held by other processes on the device."""
+        return max(self.used_bytes - self.own_bytes, 0)
+
+
+def derive_budget(policy: MemoryPolicy, device: DeviceFigures) -> int:
+    """The worker's budget in bytes under `policy` (see the module docstring)."""
+    usable = device.total_bytes - device.others_bytes - policy.headroom_bytes
+    if usable <= 0:
+        raise BudgetError(
+            f"no memory left to budget: device {device.total_bytes:,} bytes, others hold "
+            f"{device.others_bytes:,}, headroom {policy.headroom_bytes:,}"
+        )
+    if policy.budget.fraction is not None:
+        return max(int(policy.budget.fraction * usable), 1)
+    assert policy.budget.bytes is not None  # Budget guarantees one of the two
+    return min(policy.budget.bytes, usable)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The (batch, sequence) a plan is chosen for."""
+
+    batch_size: int
+    seq_len: int
+
+
+def planned_load(
+    batch_size_p90: float, sequence_tokens_p90: float, active_sequences: int, max_seq_len: int
+) -> Load:
+    """The load to plan for from a worker's request mix. Before any request
+    has finished, the sequences running now stand in for the batch; the
+    sequence length is capped by the model's context."""
+    batch = max(math.ceil(batch_size_p90), active_sequences, 1)
+    seq = min(max(math.ceil(sequence_tokens_p90), 1), max_seq_len)
+    return Load(batch, seq)
+
+
+class QualityFloor:
+    """Predicted perplexity ratios of plans, and the fleet's floor on them."""
+
+    def __init__(self, profile: ModelProfile, max_ratio: float | None) -> None:
+        self._quality = ProfileQuality(profile)
+        self._dense = profile.dense_perplexity
+        self.max_ratio = max_ratio
+
+    def ratio(self, plan: PruningPlan) -> float:
+        """Predicted perplexity of `plan` over the dense model's (1.0: no loss)."""
+        return self._quality(plan) / self._dense
+
+    def check(self, plan: PruningPlan) -> float:
+        """The plan's ratio, or QualityFloorError when it exceeds the floor."""
+        ratio = self.ratio(plan)
+        if self.max_ratio is not None and ratio > self.max_ratio:
+            raise QualityFloorError(
+                f"the plan that fits ({plan.describe()}) is predicted at {ratio:.2f}x the dense "
+                f"perplexity, above the floor of {self.max_ratio:.2f}x: give the workers more "
+                f"memory, lower the load, or raise memoryPolicy.qualityFloor.maxPerplexityRatio"
+            )
+        return ratio

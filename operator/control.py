@@ -1,0 +1,535 @@
+"""The fleet control loop: telemetry in, plans out, status and Events back.
+
+A plain async class with no kopf or Kubernetes import, so unit tests, a
+local demo and the benchmark drive exactly what the operator runs. The
+handlers (or anything else) call `tick` with the fleet's ready workers; one
+tick:
+
+1. asks every worker for GetStats, concurrently;
+2. derives each worker's budget from the device memory it reported and asks
+   the fleet's policy for a plan for its windowed load (budget.py);
+3. pushes the plans (and budgets) that changed with ApplyPlan, concurrently,
+   retrying transient failures per worker with exponential backoff;
+4. writes one status patch (every worker's figures, the last plans, the
+   Available and Degraded conditions) and one Event per plan change through
+   the injected `FleetSink`.
+
+Workers are reached through an injected `connect`; the asyncio gRPC client
+(`elasticfleet.worker.client.AsyncWorkerClient`) fits it as it is. A worker
+that cannot be reached, or whose plan cannot be applied, marks the fleet
+Degraded with a reason and a message naming it, and never holds up the
+others: each worker's exchange runs on its own with its own deadlines.
+
+Plan identifiers are derived from the keep-mask, and plans are compared
+with what the worker reports, so a restarted operator seeded with the
+fleet's last status pushes nothing that is already in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from elasticfleet.agent.policy import NoFeasiblePlan, Policy, PolicyState, make_policy
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.operator.budget import (
+    BudgetError,
+    DeviceFigures,
+    Load,
+    QualityFloor,
+    QualityFloorError,
+    derive_budget,
+    planned_load,
+)
+from elasticfleet.operator.conditions import Condition, set_condition, timestamp
+from elasticfleet.operator.crds import MAX_PLAN_HISTORY
+from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.worker.memory import predict_memory
+from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.proto_gen import worker_pb2 as pb
+
+T = TypeVar("T")
+Status = dict[str, Any]
+
+# Why a worker is not being planned, most severe first: the Degraded
+# condition carries the reason of the most severe one present.
+UNREACHABLE = "WorkerUnreachable"
+MODEL_MISMATCH = "ModelMismatch"
+NO_MEMORY = "NoMemory"
+NO_FEASIBLE_PLAN = "NoFeasiblePlan"
+QUALITY_FLOOR = "QualityFloor"
+PLAN_FAILED = "PlanFailed"
+SEVERITY = (UNREACHABLE, MODEL_MISMATCH, NO_MEMORY, NO_FEASIBLE_PLAN, QUALITY_FLOOR, PLAN_FAILED)
+
+# gRPC codes worth trying again: the worker or the network may recover. A
+# FAILED_PRECONDITION (the plan does not fit) would fail the same way.
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+SOURCES = {pb.MEMORY_SOURCE_NVML: "nvml", pb.MEMORY_SOURCE_HOST: "host"}
+
+
+class WorkerConnection(Protocol):
+    """The calls the loop makes on one worker (AsyncWorkerClient has them)."""
+
+    async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse: ...
+
+    async def apply_plan(
+        self,
+        plan_id: str,
+        keep_mask: Sequence[bool],
+        budget_bytes: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> pb.ApplyPlanResponse: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """A ready worker: its pod, where to reach it, and its node."""
+
+    pod: str
+    address: str
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class FleetEvent:
+    """A Kubernetes Event about the fleet, regarding one worker's pod."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+    pod: str
+
+
+class FleetSink(Protocol):
+    """Where a tick's results go: the fleet's status subresource and Events."""
+
+    async def patch_status(self, status: Status) -> None: ...
+
+    async def post_event(self, event: FleetEvent) -> None: ...
+
+
+Connect = Callable[[WorkerEndpoint], WorkerConnection]
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Deadlines and retries of the loop's calls."""
+
+    stats_timeout_s: float = 5.0
+    # A worker may hold a plan until running requests finish (30 s by default).
+    apply_timeout_s: float = 35.0
+    attempts: int = 3
+    backoff_s: float = 0.5
+    backoff_max_s: float = 5.0
+    # A budget that moved less than this share is not pushed on its own.
+    budget_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
+
+
+def plan_id(plan: PruningPlan) -> str:
+    """A plan's identifier: the same blocks always get the same name."""
+    bits = "".join("1" if keep else "0" for keep in plan.to_mask())
+    return "p-" + hashlib.sha256(bits.encode()).hexdigest()[:12]
+
+
+def plan_status(plan: PruningPlan, identifier: str) -> Status:
+    return {
+        "id": identifier,
+        "keptAttention": sum(plan.keep_attention),
+        "keptFFN": sum(plan.keep_ffn),
+        "droppedAttention": plan.dropped_attention,
+        "droppedFFN": plan.dropped_ffn,
+    }
+
+
+def profile_for_model(model_name: str) -> ModelProfile:
+    """The block profile policies need for a fleet's model; only models with a
+    committed profile can be planned."""
+    profile = ModelProfile.load(DEFAULT_PROFILE)
+    if profile.model_name != model_name:
+        raise SpecError(
+            f"no block profile for model {model_name!r}; profiled models: {profile.model_name} "
+            f"(run `elasticfleet agent profile` for another model)"
+        )
+    return profile
+
+
+def build_policy(spec: FleetSpec) -> Policy:
+    """The policy the fleet's spec names."""
+    static_ratio = spec.memory.static_ratio
+    if static_ratio is None:
+        return make_policy(spec.memory.policy)
+    return make_policy(spec.memory.policy, static_ratio=static_ratio)
+
+
+def _describe_error(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code() in TRANSIENT
+    return isinstance(error, OSError | TimeoutError)
+
+
+@dataclass
+class WorkerOutcome:
+    """What one tick did with one worker."""
+
+    endpoint: WorkerEndpoint
+    status: Status
+    error_reason: str = ""
+    error: str = ""
+    plan: PruningPlan | None = None
+    previous_plan: PruningPlan | None = None
+    record: Status | None = None  # the lastPlans entry when the plan changed
+
+    @property
+    def changed(self) -> bool:
+        return self.record is not None
+
+
+@dataclass
+class TickReport:
+    """A tick's outcomes and what it sent to the sink."""
+
+    outcomes: list[WorkerOutcome]
+    status: Status
+    events: list[FleetEvent] = field(default_factory=list)
+
+
+class FleetController:
+    """Plans one fleet's workers; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: FleetSpec,
+        profile: ModelProfile,
+        connect: Connect,
+        sink: FleetSink,
+        *,
+        generation: int = 0,
+        status: Status | None = None,
+        settings: LoopSettings | None = None,
+        sleep: Sleep = asyncio.sleep,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.profile = profile
+        self.connect = connect
+        self.sink = sink
+        self.settings = settings or LoopSettings()
+        self.sleep = sleep
+        self.clock = clock
+        self._connections: dict[str, WorkerConnection] = {}
+        previous = status or {}
+        self._workers: dict[str, Status] = {w["pod"]: w for w in previous.get("workers", [])}
+        self._history: list[Status] = list(previous.get("lastPlans", []))
+        self._conditions: list[Condition] = list(previous.get("conditions", []))
+        self._worker_errors: dict[str, str] = {}
+        self.update(spec, generation)
+
+    def update(self, spec: FleetSpec, generation: int) -> None:
+        """Adopt a changed spec (policy, budget, floor); the next tick plans with it."""
+        if spec.model_name != self.profile.model_name:
+            raise SpecError(
+                f"fleet model {spec.model_name!r} does not match the profile's "
+                f"{self.profile.model_name!r}"
+            )
+        self.spec = spec
+        self.generation = generation
+        self.policy = build_policy(spec)
+        self.floor = QualityFloor(self.profile, spec.memory.max_perplexity_ratio)
+        self._decisions: dict[tuple[int, int, int, tuple[bool, ...]], PruningPlan] = {}
+
+    async def close(self) -> None:
+        """Close every worker connection."""
+        connections, self._connections = self._connections, {}
+        await asyncio.gather(*(c.close() for c in connections.values()))
+
+    async def tick(self, endpoints: Sequence[WorkerEndpoint]) -> TickReport:
+        """One round over `endpoints` (the fleet's ready workers)."""
+        await self._forget_gone(endpoints)
+        outcomes = list(await asyncio.gather(*(self._worker(e) for e in endpoints)))
+        now = self.clock()
+        events = self._events(outcomes)
+        for outcome in outcomes:
+            self._workers[outcome.endpoint.pod] = outcome.status
+            if outcome.record is not None:
+                self._history.append(outcome.record)
+        self._history = self._history[-MAX_PLAN_HISTORY:]
+        self._set_conditions(outcomes, now)
+        status: Status = {
+            "observedGeneration": self.generation,
+            "conditions": self._conditions,
+            "workers": [self._workers[e.pod] for e in sorted(endpoints, key=lambda e: e.pod)],
+            "lastPlans": self._history,
+        }
+        await self.sink.patch_status(status)
+        for event in events:
+            await self.sink.post_event(event)
+        return TickReport(outcomes, status, events)
+
+    async def _forget_gone(self, endpoints: Sequence[WorkerEndpoint]) -> None:
+        live = {e.address for e in endpoints}
+        gone = [address for address in self._connections if address not in live]
+        await asyncio.gather(*(self._connections.pop(a).close() for a in gone))
+        pods = {e.pod for e in endpoints}
+        for pod in [p for p in self._workers if p not in pods]:
+            del self._workers[pod]
+            self._worker_errors.pop(pod, None)
+
+    def _connection(self, endpoint: WorkerEndpoint) -> WorkerConnection:
+        if endpoint.address not in self._connections:
+            self._connections[endpoint.address] = self.connect(endpoint)
+        return self._connections[endpoint.address]
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, tried again after transient failures with exponential backoff."""
+        delay = self.settings.backoff_s
+        for attempt in range(1, self.settings.attempts + 1):
+            try:
+                return await call()
+            except Exception as error:
+                if attempt == self.settings.attempts or not _transient(error):
+                    raise
+            await self.sleep(delay)
+            delay = min(delay * 2, self.settings.backoff_max_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _base_status(self, endpoint: WorkerEndpoint) -> Status:
+        return {"pod": endpoint.pod, "node": endpoint.node, "address": endpoint.address}
+
+    def _failed(
+        self, endpoint: WorkerEndpoint, reason: str, message: str, observed: Status | None = None
+    ) -> WorkerOutcome:
+        """A worker not planned this tick. An unreachable one keeps the figures
+        it last reported; a reachable one shows what it just reported."""
+        if observed is None:
+            status = {**self._workers.get(endpoint.pod, {}), **self._base_status(endpoint)}
+        else:
+            status = dict(observed)
+        status.update(reachable=observed is not None, message=f"{reason}: {message}")
+        return WorkerOutcome(endpoint, status, error_reason=reason, error=message)
+
+    async def _worker(self, endpoint: WorkerEndpoint) -> WorkerOutcome:
+        connection = self._connection(endpoint)
+        timeout = self.settings.stats_timeout_s
+        try:
+            stats = await self._retrying(lambda: connection.get_stats(timeout=timeout))
+        except Exception as error:
+            return self._failed(endpoint, UNREACHABLE, _describe_error(error))
+        status = self._observed(endpoint, stats)
+        try:
+            current = self._current_plan(stats)
+            budget = derive_budget(self.spec.memory, _device(stats))
+            load = planned_load(
+                stats.mix.batch_size_p90,
+                stats.mix.sequence_tokens_p90,
+                stats.active_sequences,
+                self.profile.config.max_position_embeddings,
+            )
+            plan = self._decide(budget, load, current)
+            ratio = self.floor.check(plan)
+        except SpecError as error:
+            return self._failed(endpoint, MODEL_MISMATCH, str(error), status)
+        except BudgetError as error:
+            return self._failed(endpoint, NO_MEMORY, str(error), status)
+        except NoFeasiblePlan as error:
+            return self._failed(endpoint, NO_FEASIBLE_PLAN, str(error), status)
+        except QualityFloorError as error:
+            return self._failed(endpoint, QUALITY_FLOOR, str(error), status)
+        return await self._push(
+            endpoint, connection, stats, status, current, plan, budget, load, ratio
+        )
+
+    def _current_plan(self, stats: pb.GetStatsResponse) -> PruningPlan:
+        blocks = self.profile.num_blocks
+        if stats.model and stats.model != self.spec.model_name:
+            raise SpecError(
+                f"the worker serves {stats.model!r}, the fleet's model is {self.spec.model_name!r}"
+            )
+        if len(stats.keep_mask) != blocks:
+            raise SpecError(
+                f"the worker reports {len(stats.keep_mask)} blocks, "
+                f"{self.spec.model_name} has {blocks}"
+            )
+        return PruningPlan.from_mask(list(stats.keep_mask))
+
+    def _decide(self, budget: int, load: Load, current: PruningPlan) -> PruningPlan:
+        # Policies are deterministic, and workers under one load and budget
+        # ask the same question: decide each distinct state once.
+        key = (budget, load.batch_size, load.seq_len, tuple(current.to_mask()))
+        if key not in self._decisions:
+            state = PolicyState(budget, load.batch_size, load.seq_len, self.profile, current)
+            self._decisions[key] = self.policy.decide(state)
+        return self._decisions[key]
+
+    def _predicted(self, plan: PruningPlan, load: Load) -> int:
+        estimate = predict_memory(
+            self.profile.config, plan, load.batch_size, load.seq_len, self.profile.dtype
+        )
+        return estimate.total_bytes
+
+    async def _push(
+        self,
+        endpoint: WorkerEndpoint,
+        connection: WorkerConnection,
+        stats: pb.GetStatsResponse,
+        status: Status,
+        current: PruningPlan,
+        plan: PruningPlan,
+        budget: int,
+        load: Load,
+        ratio: float,
+    ) -> WorkerOutcome:
+        identifier = plan_id(plan)
+        plan_changed = plan != current
+        reported = stats.memory.budget_bytes
+        budget_changed = abs(budget - reported) > self.settings.budget_tolerance * budget
+        if not plan_changed and not budget_changed:
+            return WorkerOutcome(endpoint, status, plan=plan, previous_plan=current)
+        mask = plan.to_mask()
+        timeout = self.settings.apply_timeout_s
+        try:
+            response = await self._retrying(
+                lambda: connection.apply_plan(identifier, mask, budget, timeout=timeout)
+            )
+        except Exception as error:
+            return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
+        status["budgetBytes"] = budget
+        status["plan"] = plan_status(plan, response.plan_id or identifier)
+        outcome = WorkerOutcome(endpoint, status, plan=plan, previous_plan=current)
+        if plan_changed:
+            before = self._predicted(current, load)
+            side = "over" if before > budget else "within"
+            outcome.record = {
+                "time": timestamp(self.clock()),
+                "pod": endpoint.pod,
+                "plan": status["plan"],
+                "reason": (
+                    f"the previous plan needed {before:,} bytes, {side} the budget of "
+                    f"{budget:,} at batch {load.batch_size} x {load.seq_len} tokens"
+                ),
+                "budgetBytes": budget,
+                "predictedBytes": self._predicted(plan, load),
+                "predictedPerplexityRatio": round(ratio, 4),
+            }
+        return outcome
+
+    def _observed(self, endpoint: WorkerEndpoint, stats: pb.GetStatsResponse) -> Status:
+        """The status entry for what a worker reported."""
+        memory, mix = stats.memory, stats.mix
+        keep = list(stats.keep_mask)
+        status = self._base_status(endpoint)
+        status.update(
+            reachable=True,
+            message="",
+            lastSeen=timestamp(self.clock()),
+            device={
+                "totalBytes": stats.device.total_bytes,
+                "usedBytes": stats.device.used_bytes,
+                "freeBytes": stats.device.free_bytes,
+                "source": SOURCES.get(stats.device.source, "unknown"),
+            },
+            budgetBytes=memory.budget_bytes,
+            weightBytes=memory.weight_bytes,
+            kvBytes=memory.kv_reserved_bytes,
+            requestMix={
+                "windowSeconds": mix.window_seconds,
+                "batchSizeP90": mix.batch_size_p90,
+                "sequenceTokensP90": mix.sequence_tokens_p90,
+                "finishedRequests": mix.finished_requests,
+                "tokensPerSecond": stats.tokens_per_second,
+                "queueDepth": stats.queue_depth,
+                "activeSequences": stats.active_sequences,
+            },
+        )
+        if keep and len(keep) % 2 == 0 and any(keep):
+            status["plan"] = plan_status(PruningPlan.from_mask(keep), stats.plan_id)
+        return status
+
+    def _events(self, outcomes: list[WorkerOutcome]) -> list[FleetEvent]:
+        events = []
+        for outcome in outcomes:
+            pod = outcome.endpoint.pod
+            if outcome.record is not None and outcome.plan is not None:
+                record = outcome.record
+                events.append(
+                    FleetEvent(
+                        "Normal",
+                        "PlanChanged",
+                        f"{pod}: {outcome.plan.describe()} (plan {record['plan']['id']}); "
+                        f"{record['reason']}; predicted {record['predictedBytes']:,} bytes, "
+                        f"perplexity x{record['predictedPerplexityRatio']:.2f}",
+                        pod,
+                    )
+                )
+            # A Warning when a worker enters a failure (or a different one),
+            # not on every tick it stays there.
+            if outcome.error_reason and self._worker_errors.get(pod) != outcome.error_reason:
+                events.append(
+                    FleetEvent("Warning", outcome.error_reason, f"{pod}: {outcome.error}", pod)
+                )
+            if outcome.error_reason:
+                self._worker_errors[pod] = outcome.error_reason
+            else:
+                self._worker_errors.pop(pod, None)
+        return events
+
+    def _set_conditions(self, outcomes: list[WorkerOutcome], now: datetime) -> None:
+        serving = sum(1 for o in outcomes if o.status.get("reachable"))
+        failed = [o for o in outcomes if o.error_reason]
+        total = len(outcomes)
+        if serving:
+            available = (True, "WorkersServing", f"{serving} of {total} workers serving")
+        elif total:
+            available = (False, "NoWorkerReachable", f"none of {total} workers answered")
+        else:
+            available = (False, "NoReadyWorkers", "no worker is ready yet")
+        if failed:
+            reason = min((o.error_reason for o in failed), key=SEVERITY.index)
+            lines = [f"{o.endpoint.pod}: {o.status['message']}" for o in failed]
+            degraded = (True, reason, "; ".join(lines)[:4000])
+        elif total:
+            degraded = (False, "AllWorkersPlanned", f"all {total} workers run their plans")
+        else:
+            degraded = (False, "NoReadyWorkers", "no worker is ready: nothing to plan")
+        conditions = self._conditions
+        for kind, (value, reason, message) in (("Available", available), ("Degraded", degraded)):
+            conditions = set_condition(
+                conditions, kind, value, reason, message, now=now, generation=self.generation
+            )
+        self._conditions = conditions
+
+
+def _device(stats: pb.GetStatsResponse) -> DeviceFigures:
+    memory = stats.memory
+    own = memory.weight_bytes + memory.kv_reserved_bytes + memory.adapter_bytes
+    return DeviceFigures(stats.device.total_bytes, stats.device.used_bytes, own)

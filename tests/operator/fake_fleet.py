@@ -1,0 +1,171 @@
+"""In-process stand-ins for the control loop's collaborators: workers that
+answer GetStats and ApplyPlan like the real server (memory from the shared
+memory model, FAILED_PRECONDITION when a plan's weights exceed the budget,
+gRPC errors when down), fake time, and a sink that records what the loop
+would write to Kubernetes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from elasticfleet.agent.profile import ModelProfile
+from elasticfleet.operator.control import FleetEvent, Status, WorkerEndpoint
+from elasticfleet.worker.memory import predict_memory
+from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.proto_gen import worker_pb2 as pb
+
+GIB = 2**30
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+class FakeTime:
+    """A clock and a sleep that advances it at once (no real waiting)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.sleeps: list[float] = []
+
+    def clock(self) -> datetime:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += timedelta(seconds=seconds)
+        await asyncio.sleep(0)
+
+
+@dataclass
+class FakeWorker:
+    """One worker's device and engine, as GetStats and ApplyPlan see them."""
+
+    profile: ModelProfile
+    total_bytes: int = 4 * GIB
+    others_bytes: int = 0  # what other processes hold on the device
+    batch_p90: float = 1.0
+    sequence_p90: float = 256.0
+    active: int = 0
+    budget_bytes: int = GIB  # the budget the worker started with
+    model: str = "SmolLM2-135M-Instruct"
+    plan_id: str = "initial"
+    down: bool = False
+    # Errors raised by the next calls of each method, in order.
+    stats_errors: list[grpc.aio.AioRpcError] = field(default_factory=list)
+    apply_errors: list[grpc.aio.AioRpcError] = field(default_factory=list)
+    applied: list[tuple[str, list[bool], int | None]] = field(default_factory=list)
+    stats_calls: int = 0
+    closed: bool = False
+    entered: asyncio.Barrier | None = None  # GetStats waits here when set
+
+    def __post_init__(self) -> None:
+        self.plan = PruningPlan.dense(self.profile.config.num_hidden_layers)
+
+    def own_bytes(self) -> tuple[int, int]:
+        """(weight bytes, reserved KV bytes) of the plan in force."""
+        config = self.profile.config
+        weights = predict_memory(config, self.plan, 0, 0, self.profile.dtype).weight_bytes
+        kv = predict_memory(config, self.plan, self.active, int(self.sequence_p90)).kv_bytes
+        return weights, kv
+
+    async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
+        self.stats_calls += 1
+        if self.entered is not None:
+            await self.entered.wait()
+        if self.down:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+        if self.stats_errors:
+            raise self.stats_errors.pop(0)
+        weights, kv = self.own_bytes()
+        used = self.others_bytes + weights + kv
+        return pb.GetStatsResponse(
+            device=pb.DeviceMemory(
+                total_bytes=self.total_bytes,
+                used_bytes=used,
+                free_bytes=max(self.total_bytes - used, 0),
+                source=pb.MEMORY_SOURCE_HOST,
+            ),
+            memory=pb.WorkerMemory(
+                weight_bytes=weights, kv_reserved_bytes=kv, budget_bytes=self.budget_bytes
+            ),
+            active_sequences=self.active,
+            mix=pb.RequestMix(
+                window_seconds=60,
+                batch_size_p90=self.batch_p90,
+                sequence_tokens_p90=self.sequence_p90,
+                finished_requests=10,
+            ),
+            tokens_per_second=42.0,
+            plan_id=self.plan_id,
+            keep_mask=self.plan.to_mask(),
+            model=self.model,
+        )
+
+    async def apply_plan(
+        self,
+        plan_id: str,
+        keep_mask: Sequence[bool],
+        budget_bytes: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> pb.ApplyPlanResponse:
+        if self.down:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+        if self.apply_errors:
+            raise self.apply_errors.pop(0)
+        plan = PruningPlan.from_mask(list(keep_mask))
+        budget = self.budget_bytes if budget_bytes is None else budget_bytes
+        weights = predict_memory(self.profile.config, plan, 0, 0, self.profile.dtype).weight_bytes
+        if weights > budget:
+            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "plan weights exceed budget")
+        before = sum(self.own_bytes())
+        self.applied.append((plan_id, list(keep_mask), budget_bytes))
+        self.plan, self.plan_id, self.budget_bytes = plan, plan_id, budget
+        return pb.ApplyPlanResponse(
+            plan_id=plan_id,
+            bytes_before=before,
+            bytes_after=sum(self.own_bytes()),
+            kept_blocks=plan.kept_blocks,
+        )
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeFleet:
+    """Workers by pod name, and the `connect` the loop is given."""
+
+    def __init__(self, profile: ModelProfile, count: int, **worker: Any) -> None:
+        self.workers = {f"w{i}": FakeWorker(profile, **worker) for i in range(count)}
+        self.connected: list[str] = []
+
+    def endpoints(self) -> list[WorkerEndpoint]:
+        return [
+            WorkerEndpoint(pod, f"10.0.0.{i}:50051", "node-a") for i, pod in enumerate(self.workers)
+        ]
+
+    def connect(self, endpoint: WorkerEndpoint) -> FakeWorker:
+        self.connected.append(endpoint.pod)
+        return self.workers[endpoint.pod]
+
+
+class RecordingSink:
+    """Keeps every status patch and Event the loop sends."""
+
+    def __init__(self) -> None:
+        self.statuses: list[Status] = []
+        self.events: list[FleetEvent] = []
+
+    async def patch_status(self, status: Status) -> None:
+        self.statuses.append(status)
+
+    async def post_event(self, event: FleetEvent) -> None:
+        self.events.append(event)

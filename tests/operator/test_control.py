@@ -1,0 +1,330 @@
+"""The fleet control loop against in-process fake workers with fake time:
+squeeze a worker and see a smaller plan pushed, status and an Event; relax
+it and see blocks restored; failures degrade the fleet without stalling the
+others; retries back off; a restarted loop resumes from status."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from fake_fleet import GIB, FakeFleet, FakeTime, RecordingSink, rpc_error
+
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.operator.control import (
+    FleetController,
+    LoopSettings,
+    TickReport,
+    plan_id,
+    profile_for_model,
+)
+from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.worker.memory import predict_memory
+from elasticfleet.worker.plan import PruningPlan
+
+PROFILE = ModelProfile.load(DEFAULT_PROFILE)
+LAYERS = PROFILE.config.num_hidden_layers
+
+
+def _spec(policy: str = "greedy", **memory: Any) -> FleetSpec:
+    memory_policy = {"policy": policy, "budget": {"fraction": 0.5}, **memory}
+    raw = {
+        "model": {"name": "SmolLM2-135M-Instruct"},
+        "worker": {"image": "img"},
+        "memoryPolicy": memory_policy,
+    }
+    return FleetSpec.parse("fleet", "ns", raw)
+
+
+class Harness:
+    """A controller over a fake fleet, with fake time and a recording sink."""
+
+    def __init__(self, fleet: FakeFleet, spec: FleetSpec | None = None, **kwargs: Any) -> None:
+        self.fleet = fleet
+        self.time = FakeTime()
+        self.sink = RecordingSink()
+        self.controller = FleetController(
+            spec or _spec(),
+            PROFILE,
+            fleet.connect,
+            self.sink,
+            sleep=self.time.sleep,
+            clock=self.time.clock,
+            **kwargs,
+        )
+
+    def tick(self) -> TickReport:
+        return asyncio.run(self.controller.tick(self.fleet.endpoints()))
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    conditions: list[dict[str, Any]] = status["conditions"]
+    (condition,) = [c for c in conditions if c["type"] == kind]
+    return condition
+
+
+def test_squeeze_then_relax() -> None:
+    fleet = FakeFleet(PROFILE, 2, batch_p90=8, sequence_p90=2048)
+    harness = Harness(fleet)
+    worker = fleet.workers["w0"]
+
+    # Plenty of memory: the dense plan stays; only the derived budget is sent.
+    report = harness.tick()
+    assert [o.changed for o in report.outcomes] == [False, False]
+    assert worker.applied == [(plan_id(worker.plan), [True] * 2 * LAYERS, 2 * GIB)]
+    assert harness.sink.events == []
+    assert _condition(report.status, "Degraded")["status"] == "False"
+    assert _condition(report.status, "Available")["message"] == "2 of 2 workers serving"
+
+    # Squeeze w0: other processes take all but 1.6 GiB, so its budget (half
+    # of that) is below the dense model's 1.29 GB at 8 x 2048 tokens.
+    worker.others_bytes = int(2.4 * GIB)
+    report = harness.tick()
+    outcome = report.outcomes[0]
+    assert outcome.changed and not report.outcomes[1].changed
+    budget = int(0.5 * 1.6 * GIB)
+    squeezed = worker.plan
+    assert squeezed.kept_blocks < 2 * LAYERS
+    assert worker.applied[-1] == (plan_id(squeezed), squeezed.to_mask(), budget)
+    assert predict_memory(PROFILE.config, squeezed, 8, 2048).total_bytes <= budget
+    # KV dominates at this load, so attention blocks go.
+    assert squeezed.dropped_attention
+    (event,) = harness.sink.events
+    assert (event.type, event.reason, event.pod) == ("Normal", "PlanChanged", "w0")
+    assert squeezed.describe() in event.message
+    (record,) = report.status["lastPlans"]
+    assert record["pod"] == "w0" and record["budgetBytes"] == budget
+    assert record["predictedBytes"] <= budget and record["predictedPerplexityRatio"] >= 1.0
+    assert "over the budget" in record["reason"]
+    w0 = report.status["workers"][0]
+    assert w0["plan"]["keptAttention"] == sum(squeezed.keep_attention)
+    assert w0["plan"]["droppedAttention"] == squeezed.dropped_attention
+    assert w0["budgetBytes"] == budget and w0["reachable"] is True
+    assert w0["requestMix"]["batchSizeP90"] == 8 and w0["device"]["source"] == "host"
+
+    # Steady state: the same plan is not pushed again.
+    pushes = len(worker.applied)
+    harness.tick()
+    assert len(worker.applied) == pushes and len(harness.sink.events) == 1
+
+    # Relax: the memory comes back and every block is restored.
+    worker.others_bytes = 0
+    report = harness.tick()
+    assert worker.plan == PruningPlan.dense(LAYERS)
+    assert harness.sink.events[-1].reason == "PlanChanged"
+    assert "within the budget" in report.status["lastPlans"][-1]["reason"]
+    assert len(report.status["lastPlans"]) == 2
+    assert len(harness.sink.statuses) == 4
+
+
+def test_light_load_drops_ffn_blocks_first() -> None:
+    # One short sequence: KV is tiny, weights are what must go.
+    fleet = FakeFleet(PROFILE, 1, batch_p90=1, sequence_p90=64, others_bytes=int(3.2 * GIB))
+    Harness(fleet).tick()
+    plan = fleet.workers["w0"].plan
+    assert len(plan.dropped_ffn) > len(plan.dropped_attention)
+
+
+def test_unreachable_worker_degrades_without_stalling_the_others() -> None:
+    fleet = FakeFleet(PROFILE, 3, others_bytes=int(3.2 * GIB))
+    harness = Harness(fleet)
+    fleet.workers["w1"].down = True
+    report = harness.tick()
+    reachable = [fleet.workers["w0"], fleet.workers["w2"]]
+    assert all(w.plan.kept_blocks < 2 * LAYERS for w in reachable)
+    degraded = _condition(report.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "WorkerUnreachable")
+    assert degraded["message"].startswith("w1: WorkerUnreachable: UNAVAILABLE")
+    assert _condition(report.status, "Available")["message"] == "2 of 3 workers serving"
+    w1 = report.status["workers"][1]
+    assert w1["pod"] == "w1" and w1["reachable"] is False
+    # GetStats was retried with backoff: 3 attempts, sleeps of 0.5 and 1 s.
+    assert fleet.workers["w1"].stats_calls == 3 and harness.time.sleeps == [0.5, 1.0]
+    warnings = [e for e in harness.sink.events if e.type == "Warning"]
+    assert [(e.reason, e.pod) for e in warnings] == [("WorkerUnreachable", "w1")]
+
+    # Still down: no second Warning. It comes back: planned, fleet healthy.
+    harness.tick()
+    assert len([e for e in harness.sink.events if e.type == "Warning"]) == 1
+    fleet.workers["w1"].down = False
+    report = harness.tick()
+    assert fleet.workers["w1"].plan == fleet.workers["w0"].plan
+    assert _condition(report.status, "Degraded")["status"] == "False"
+    assert report.status["workers"][1]["reachable"] is True
+
+
+def test_an_unreachable_worker_keeps_its_last_figures() -> None:
+    fleet = FakeFleet(PROFILE, 1)
+    harness = Harness(fleet)
+    before = harness.tick().status["workers"][0]
+    fleet.workers["w0"].down = True
+    after = harness.tick().status["workers"][0]
+    assert after["device"] == before["device"] and after["lastSeen"] == before["lastSeen"]
+    assert after["reachable"] is False and after["message"].startswith("WorkerUnreachable")
+
+
+def test_gets_stats_from_all_workers_concurrently() -> None:
+    # Each GetStats waits until all of them have started: sequential calls
+    # would never get past the first.
+    fleet = FakeFleet(PROFILE, 5)
+
+    async def run() -> TickReport:
+        barrier = asyncio.Barrier(5)
+        for worker in fleet.workers.values():
+            worker.entered = barrier
+        harness = Harness(fleet)
+        return await asyncio.wait_for(harness.controller.tick(fleet.endpoints()), 5)
+
+    report = asyncio.run(run())
+    assert all(o.status["reachable"] for o in report.outcomes)
+
+
+def test_transient_apply_failures_are_retried_with_backoff() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
+    worker = fleet.workers["w0"]
+    worker.apply_errors = [
+        rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset"),
+        rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
+    ]
+    settings = LoopSettings(attempts=4, backoff_s=1.0, backoff_max_s=1.5)
+    harness = Harness(fleet, settings=settings)
+    report = harness.tick()
+    assert report.outcomes[0].changed and len(worker.applied) == 1
+    assert harness.time.sleeps == [1.0, 1.5]
+    assert _condition(report.status, "Degraded")["status"] == "False"
+
+
+def test_refused_plan_is_not_retried_and_degrades() -> None:
+    fleet = FakeFleet(PROFILE, 2, others_bytes=int(3.2 * GIB))
+    refusal = rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "did not fit in time")
+    fleet.workers["w0"].apply_errors = [refusal]
+    harness = Harness(fleet)
+    report = harness.tick()
+    assert harness.time.sleeps == [] and fleet.workers["w0"].applied == []
+    assert fleet.workers["w1"].applied
+    degraded = _condition(report.status, "Degraded")
+    assert degraded["reason"] == "PlanFailed"
+    assert "FAILED_PRECONDITION: did not fit in time" in degraded["message"]
+    assert report.status["workers"][0]["reachable"] is True
+    assert [e.reason for e in harness.sink.events].count("PlanChanged") == 1
+    assert report.status["lastPlans"][0]["pod"] == "w1"
+
+
+def test_no_feasible_plan() -> None:
+    fleet = FakeFleet(PROFILE, 1)
+    harness = Harness(fleet, _spec(budget={"bytes": 50_000_000}))
+    report = harness.tick()
+    degraded = _condition(report.status, "Degraded")
+    assert degraded["reason"] == "NoFeasiblePlan" and "greedy policy" in degraded["message"]
+    assert fleet.workers["w0"].applied == []
+
+
+def test_quality_floor_keeps_the_plan_and_says_what_to_fix() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.4 * GIB))
+    harness = Harness(fleet, _spec(qualityFloor={"maxPerplexityRatio": 1.05}))
+    report = harness.tick()
+    assert fleet.workers["w0"].applied == []
+    degraded = _condition(report.status, "Degraded")
+    assert degraded["reason"] == "QualityFloor"
+    assert "raise memoryPolicy.qualityFloor.maxPerplexityRatio" in degraded["message"]
+
+
+def test_no_memory() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=4 * GIB)
+    report = Harness(fleet).tick()
+    assert _condition(report.status, "Degraded")["reason"] == "NoMemory"
+
+
+def test_worker_serving_another_model() -> None:
+    fleet = FakeFleet(PROFILE, 1, model="Llama-2-7b")
+    report = Harness(fleet).tick()
+    degraded = _condition(report.status, "Degraded")
+    assert degraded["reason"] == "ModelMismatch" and "'Llama-2-7b'" in degraded["message"]
+
+
+def test_most_severe_reason_wins() -> None:
+    fleet = FakeFleet(PROFILE, 2)
+    fleet.workers["w0"].model = "other"
+    fleet.workers["w1"].down = True
+    report = Harness(fleet).tick()
+    degraded = _condition(report.status, "Degraded")
+    assert degraded["reason"] == "WorkerUnreachable"
+    assert (
+        "w0: ModelMismatch" in degraded["message"]
+        and "w1: WorkerUnreachable" in degraded["message"]
+    )
+
+
+def test_restart_resumes_from_status() -> None:
+    fleet = FakeFleet(PROFILE, 2, others_bytes=int(3.2 * GIB))
+    first = Harness(fleet)
+    status = first.tick().status
+    pushed = {pod: list(w.applied) for pod, w in fleet.workers.items()}
+    first.time.now = first.time.now.replace(hour=5)
+
+    # A new operator process, seeded with the fleet's status: nothing to push.
+    second = Harness(fleet, status=status)
+    second.time.now = first.time.now
+    report = second.tick()
+    assert {pod: w.applied for pod, w in fleet.workers.items()} == pushed
+    assert second.sink.events == []
+    assert report.status["lastPlans"] == status["lastPlans"]
+    # Conditions that did not change keep their transition time.
+    for kind in ("Available", "Degraded"):
+        assert _condition(report.status, kind) == _condition(status, kind)
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    fleet = FakeFleet(PROFILE, 1)
+    harness = Harness(fleet)
+    start = _condition(harness.tick().status, "Degraded")["lastTransitionTime"]
+    harness.time.now = harness.time.now.replace(minute=10)
+    fleet.workers["w0"].down = True
+    moved = _condition(harness.tick().status, "Degraded")
+    assert moved["status"] == "True" and moved["lastTransitionTime"] != start
+
+
+def test_spec_update_changes_the_policy() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
+    harness = Harness(fleet, _spec(policy="none"))
+    assert _condition(harness.tick().status, "Degraded")["reason"] == "NoFeasiblePlan"
+    harness.controller.update(_spec(policy="greedy"), generation=2)
+    report = harness.tick()
+    assert report.outcomes[0].changed
+    assert report.status["observedGeneration"] == 2
+    assert _condition(report.status, "Degraded")["observedGeneration"] == 2
+
+
+def test_rl_policy_plans_the_fleet() -> None:
+    fleet = FakeFleet(PROFILE, 2, batch_p90=16, sequence_p90=2048, others_bytes=int(2.4 * GIB))
+    report = Harness(fleet, _spec(policy="rl")).tick()
+    for outcome in report.outcomes:
+        assert outcome.changed
+        plan = fleet.workers[outcome.endpoint.pod].plan
+        assert predict_memory(PROFILE.config, plan, 16, 2048).total_bytes <= int(0.8 * GIB)
+
+
+def test_workers_that_leave_are_forgotten_and_closed() -> None:
+    fleet = FakeFleet(PROFILE, 2)
+    harness = Harness(fleet)
+    harness.tick()
+    gone = fleet.workers.pop("w1")
+    report = harness.tick()
+    assert gone.closed and [w["pod"] for w in report.status["workers"]] == ["w0"]
+    assert fleet.connected == ["w0", "w1"]  # one connection per worker, reused
+    asyncio.run(harness.controller.close())
+    assert fleet.workers["w0"].closed
+
+
+def test_no_workers_yet() -> None:
+    report = Harness(FakeFleet(PROFILE, 0)).tick()
+    assert _condition(report.status, "Available")["reason"] == "NoReadyWorkers"
+    assert _condition(report.status, "Degraded")["status"] == "False"
+
+
+def test_profile_for_model() -> None:
+    assert profile_for_model("SmolLM2-135M-Instruct").model_name == "SmolLM2-135M-Instruct"
+    with pytest.raises(SpecError, match="no block profile for model 'Llama-2-7b'"):
+        profile_for_model("Llama-2-7b")
