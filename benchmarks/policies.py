@@ -43,17 +43,14 @@ from elasticfleet.agent.policy import (
     StaticPolicy,
 )
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
-from elasticfleet.agent.rl import DEFAULT_AGENT, ProfileQuality, RLPolicy
+from elasticfleet.agent.rl import DEFAULT_AGENT, RAP_SCENARIOS, ProfileQuality, RLPolicy
 from elasticfleet.worker.generate import load_tokenizer
 from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.prepare import prepare_model
 
-SCENARIOS = [
-    (1, 4096), (2, 2048), (4, 2048), (4, 4096), (8, 1024),
-    (8, 2048), (8, 4096), (16, 512), (16, 1024), (16, 2048),
-]  # fmt: skip
+SCENARIOS = RAP_SCENARIOS
 BUDGETS = (0.8, 0.6)
 POLICIES = ("none", "static", "greedy", "search", "rl")
 
@@ -93,6 +90,23 @@ def timed_decision(policy: Policy, cell: PolicyState, repeats: int) -> tuple[Any
     return outcome, latencies
 
 
+def latency_summary(latencies: list[float]) -> dict[str, float]:
+    """p50, p99 and max of decision latencies in ms (raw lists would make the
+    results file hundreds of KB)."""
+    ordered = sorted(latencies)
+    return {
+        "p50": round(statistics.median(ordered), 4),
+        "p99": round(percentile(ordered, 0.99), 4),
+        "max": round(ordered[-1], 4),
+        "count": len(ordered),
+    }
+
+
+def percentile(ordered: list[float], share: float) -> float:
+    """The `share` quantile of sorted values (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
 def attention_share(plan: PruningPlan) -> float | None:
     dropped = len(plan.dropped_attention) + len(plan.dropped_ffn)
     return len(plan.dropped_attention) / dropped if dropped else None
@@ -122,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     dense_ppl = held_out.evaluate(PruningPlan.dense(profile.config.num_hidden_layers))
     rows = []
+    latencies: dict[str, list[float]] = {name: [] for name in policies}
     for fraction, cell in cells:
         row: dict[str, Any] = {
             "batch": cell.batch_size,
@@ -131,11 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, policy in policies.items():
             repeats = args.latency_repeats if name in ("greedy", "rl", "static", "none") else 1
-            outcome, latencies = timed_decision(policy, cell, repeats)
-            entry: dict[str, Any] = {"latency_ms": latencies}
+            outcome, times = timed_decision(policy, cell, repeats)
+            latencies[name] += times
+            entry: dict[str, Any] = {"latency_ms": latency_summary(times)}
             if isinstance(outcome, PruningPlan):
                 entry.update(
-                    mask=outcome.to_mask(),
+                    keep="".join("1" if keep else "0" for keep in outcome.to_mask()),
                     predicted_bytes=cell.predicted_bytes(outcome),
                     fits=cell.fits(outcome),
                     attention_share=attention_share(outcome),
@@ -153,11 +169,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "dense_perplexity": dense_ppl,
         "static_ratio": ratio,
+        "latency_repeats": args.latency_repeats,
         "search_quality": args.search_quality,
         "eval_tokens": held_out.num_tokens,
         "profile_complete": profile.complete,
+        "latency_ms": {name: latency_summary(times) for name, times in latencies.items()},
         "rows": rows,
-        "goals": goals(rows),
+        "goals": goals(rows, latencies["rl"]),
     }
 
 
@@ -180,9 +198,8 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
     return cov / norm if norm else 0.0
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def goals(rows: list[dict[str, Any]], rl_latencies: list[float]) -> dict[str, Any]:
     plans = [row[n] for row in rows for n in POLICIES if "perplexity" in row[n]]
-    rl_latency = sorted(x for row in rows for x in row["rl"]["latency_ms"])
     shares: dict[str, float] = {}
     for name in ("greedy", "search", "rl"):
         points = [
@@ -198,7 +215,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "rl_within_5pct_of_search_cells": sum(
             _ppl(r, "rl") <= 1.05 * _ppl(r, "search") for r in rows
         ),
-        "rl_latency_p99_ms": rl_latency[min(len(rl_latency) - 1, int(0.99 * len(rl_latency)))],
+        "rl_latency_p99_ms": percentile(sorted(rl_latencies), 0.99),
         "attention_share_vs_load_spearman": shares,
     }
 
@@ -240,7 +257,17 @@ def markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:+.2f}" for k, v in g["attention_share_vs_load_spearman"].items())
         + " |",
         "",
+        "Decision latency over all cells (ms; search decides once per cell, the others "
+        f"{results['latency_repeats']} times):",
+        "",
+        "| policy | p50 | p99 | max |",
+        "|---|---|---|---|",
     ]
+    for name, summary in results["latency_ms"].items():
+        lines.append(
+            f"| {name} | {summary['p50']:.3f} | {summary['p99']:.3f} | {summary['max']:.3f} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
