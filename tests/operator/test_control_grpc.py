@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 import grpc
 import grpc.aio
-from fake_fleet import GIB, FakeWorker, RecordingSink
+from fake_fleet import GIB, FakeWorker, RecordingSink, fake_worker_service
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.operator.control import (
@@ -22,45 +21,8 @@ from elasticfleet.operator.control import (
 )
 from elasticfleet.operator.spec import FleetSpec
 from elasticfleet.worker.client import AsyncWorkerClient
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
 
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
-
-
-def fake_worker_service(worker: FakeWorker) -> grpc.GenericRpcHandler:
-    """The Worker service's GetStats and ApplyPlan, answered by `worker`
-    (the other methods are not part of the control loop)."""
-
-    async def get_stats(
-        request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetStatsResponse:
-        return await worker.get_stats()
-
-    async def apply_plan(
-        request: pb.ApplyPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ApplyPlanResponse:
-        budget = request.budget_bytes if request.HasField("budget_bytes") else None
-        try:
-            return await worker.apply_plan(request.plan_id, request.keep_mask, budget)
-        except grpc.aio.AioRpcError as error:
-            await context.abort(error.code(), error.details() or "")
-            raise
-
-    return grpc.method_handlers_generic_handler(
-        "elasticfleet.v1.Worker",
-        {
-            "GetStats": grpc.unary_unary_rpc_method_handler(
-                get_stats,
-                request_deserializer=pb.GetStatsRequest.FromString,
-                response_serializer=pb.GetStatsResponse.SerializeToString,
-            ),
-            "ApplyPlan": grpc.unary_unary_rpc_method_handler(
-                apply_plan,
-                request_deserializer=pb.ApplyPlanRequest.FromString,
-                response_serializer=pb.ApplyPlanResponse.SerializeToString,
-            ),
-        },
-    )
 
 
 def _closed_port() -> int:

@@ -1,0 +1,272 @@
+"""The kopf handlers: thin glue between Kubernetes and the rest of the operator.
+
+- create / update / resume of an ElasticFleet: parse the spec (a bad spec is
+  a PermanentError and a Degraded condition that says what to fix), then
+  create or patch its children from the pure builders (build.py). Children
+  carry owner references, so deletion is garbage collection; the
+  domain-qualified finalizer exists so the fleet's worker connections are
+  closed before the object goes.
+- a timer per fleet runs the control loop (control.py) every
+  planIntervalSeconds over the fleet's ready worker pods, which an index
+  keeps from the pod watch (no API call per tick); its status goes out
+  through the timer's `patch.status`, its Events through `kopf.event`.
+
+Log in explicitly (`@kopf.on.login`): in a pod with its service account,
+else from the kubeconfig. The same credentials build the small client that
+creates children (kube.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from elasticfleet.operator import build, crds
+from elasticfleet.operator.conditions import Condition, set_condition
+from elasticfleet.operator.control import (
+    FleetController,
+    FleetEvent,
+    Status,
+    WorkerConnection,
+    WorkerEndpoint,
+    profile_for_model,
+)
+from elasticfleet.operator.kube import KubeApi, KubeError
+from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.worker.client import AsyncWorkerClient
+
+FINALIZER = f"{crds.GROUP}/finalizer"
+FLEETS = (crds.GROUP, crds.VERSION, crds.FLEET_PLURAL)
+# The timer wakes this often and ticks when the fleet's interval has passed,
+# so a changed planIntervalSeconds applies without a restart.
+WAKE_S = 1.0
+LOOP_CONDITIONS = ("Available", "Degraded")
+RETRY_DELAY_S = 10
+
+
+class _Connection:
+    """The login's credentials and the client built from them. kopf hands
+    handlers no API client, and logs in once per operator process."""
+
+    info: kopf.ConnectionInfo | None = None
+    api: KubeApi | None = None
+
+    @classmethod
+    def client(cls) -> KubeApi:
+        if cls.api is None:
+            if cls.info is None:
+                raise kopf.TemporaryError("not logged in to the API server yet", delay=1)
+            cls.api = KubeApi(cls.info)
+        return cls.api
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=crds.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=crds.GROUP, key="last-handled-configuration"
+    )
+    # kopf's own per-handler Events would drown the plan changes.
+    settings.posting.level = logging.WARNING
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    _Connection.info = info
+    return info
+
+
+@kopf.on.cleanup()
+async def close_client(**_: Any) -> None:
+    if _Connection.api is not None:
+        await _Connection.api.close()
+        _Connection.api = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _namespace(namespace: str | None) -> str:
+    if not namespace:
+        raise kopf.PermanentError("an ElasticFleet must be namespaced")
+    return namespace
+
+
+def _conditions(status: kopf.Status | Status) -> list[Condition]:
+    return [dict(c) for c in status.get("conditions", [])]
+
+
+@kopf.on.create(*FLEETS)
+@kopf.on.update(*FLEETS, field="spec")
+@kopf.on.resume(*FLEETS)
+async def reconcile(
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """Create or patch the fleet's Service and workload."""
+    generation = int(meta.get("generation", 0))
+    conditions = _conditions(status)
+    try:
+        fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
+        profile_for_model(fleet.model_name)
+    except SpecError as error:
+        patch.status["conditions"] = set_condition(
+            conditions,
+            "Degraded",
+            True,
+            "InvalidSpec",
+            str(error),
+            now=_now(),
+            generation=generation,
+        )
+        patch.status["observedGeneration"] = generation
+        raise kopf.PermanentError(f"invalid spec: {error}") from error
+    api = _Connection.client()
+    try:
+        for child in build.build_children(fleet, build.owner_reference(name, uid)):
+            await api.apply(child)
+    except KubeError as error:
+        raise kopf.TemporaryError(f"creating children: {error}", delay=RETRY_DELAY_S) from error
+    message = f"{fleet.workload} {build.worker_name(fleet)} at generation {generation}"
+    conditions = set_condition(
+        conditions, "Progressing", True, "RollingOut", message, now=_now(), generation=generation
+    )
+    if any(c["type"] == "Degraded" and c["reason"] == "InvalidSpec" for c in conditions):
+        conditions = set_condition(
+            conditions,
+            "Degraded",
+            False,
+            "SpecAccepted",
+            "the spec is valid",
+            now=_now(),
+            generation=generation,
+        )
+    patch.status["conditions"] = conditions
+    patch.status["observedGeneration"] = generation
+
+
+@kopf.on.delete(*FLEETS)
+async def release(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Close the fleet's worker connections; owner references remove its children."""
+    controller: FleetController | None = memo.get("controller")
+    if controller is not None:
+        await controller.close()
+    logger.info("children are removed by their owner references")
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What the control loop needs of a worker pod."""
+
+    name: str
+    ip: str
+    node: str
+    ready: bool
+
+
+@kopf.index("pods", labels={build.FLEET_LABEL: kopf.PRESENT})
+def fleet_pods(
+    name: str,
+    namespace: str | None,
+    labels: kopf.Labels,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    **_: Any,
+) -> dict[tuple[str | None, str], PodInfo]:
+    """Worker pods by (namespace, fleet)."""
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
+    )
+    ip = str(status.get("podIP", ""))
+    info = PodInfo(name, ip, str(spec.get("nodeName", "")), ready and bool(ip))
+    return {(namespace, labels[build.FLEET_LABEL]): info}
+
+
+class KopfSink:
+    """Sends the loop's status through the running timer's patch, merged with
+    the conditions the other handlers own, and its Events through kopf."""
+
+    def __init__(self, body: kopf.Body, patch: kopf.Patch) -> None:
+        self.body = body
+        self.patch = patch
+
+    async def patch_status(self, status: Status) -> None:
+        own = {c["type"]: c for c in status["conditions"] if c["type"] in LOOP_CONDITIONS}
+        kept = [c for c in _conditions(self.body.status) if c["type"] not in own]
+        self.patch.status.update(status)
+        self.patch.status["conditions"] = [*kept, *own.values()]
+
+    async def post_event(self, event: FleetEvent) -> None:
+        kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _connect(endpoint: WorkerEndpoint) -> WorkerConnection:
+    return AsyncWorkerClient(endpoint.address)
+
+
+@kopf.timer(*FLEETS, interval=WAKE_S)
+async def control(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    memo: kopf.Memo,
+    patch: kopf.Patch,
+    **kwargs: Any,
+) -> None:
+    """One control tick when the fleet's plan interval has passed."""
+    # kopf passes each index as a keyword named after its function.
+    index: kopf.Index[tuple[str | None, str], PodInfo] = kwargs["fleet_pods"]
+    try:
+        fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
+    except SpecError:
+        return  # reconcile has said what to fix
+    now = time.monotonic()
+    if now < memo.get("next_tick", 0.0):
+        return
+    memo["next_tick"] = now + fleet.memory.plan_interval_s
+    generation = int(meta.get("generation", 0))
+    sink = KopfSink(body, patch)
+    controller: FleetController | None = memo.get("controller")
+    if controller is None:
+        profile = profile_for_model(fleet.model_name)
+        controller = FleetController(
+            fleet, profile, _connect, sink, generation=generation, status=dict(status)
+        )
+        memo["controller"] = controller
+    elif controller.generation != generation:
+        controller.update(fleet, generation)
+    controller.sink = sink
+    pods = list(index.get((namespace, name), []))
+    endpoints = [
+        WorkerEndpoint(p.name, f"{p.ip}:{fleet.worker.port}", p.node) for p in pods if p.ready
+    ]
+    await controller.tick(endpoints)
+    patch.status["replicas"] = len(pods)
+    patch.status["readyReplicas"] = len(endpoints)
+    rolling = len(endpoints) < fleet.replicas
+    patch.status["conditions"] = set_condition(
+        patch.status["conditions"],
+        "Progressing",
+        rolling,
+        "RollingOut" if rolling else "RolledOut",
+        f"{len(endpoints)} of {fleet.replicas} workers ready",
+        now=_now(),
+        generation=generation,
+    )

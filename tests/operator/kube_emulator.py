@@ -1,0 +1,201 @@
+"""A Kubernetes API for the operator's integration tests: kmock's emulator,
+extended only where kopf needs real API server behaviour (DESIGN.md lists
+what kmock 0.8 lacks).
+
+What this adds, and why:
+- metadata a server assigns: `uid` (owner references need it),
+  `creationTimestamp`, `generation` (1 on create, +1 when a patch touches
+  `spec`; status changes leave it) and a `resourceVersion` that grows on
+  every write (kopf waits to see its own patches' versions come back);
+- `metadata.namespace` on objects created through a namespaced URL;
+- lists that say their `kind` and a real `resourceVersion`;
+- the core group's discovery as `v1`, not `/v1`;
+- Kubernetes' error statuses and reasons: a failed JSON-patch `test` (kopf
+  guards its patches with one on `resourceVersion`) is 422 Invalid, not 500,
+  so kopf waits for the newer object instead of retrying the stale patch;
+  404s say NotFound and 409s AlreadyExists;
+- discovery for the resources the operator uses, declared up front (as an
+  API server with the CRDs installed would serve them).
+
+Not added: watches still replay every object as ADDED (kopf's handling is
+idempotent over its last-handled state, so a replay changes nothing),
+label selectors are ignored (kopf filters labels itself), and kmock cannot
+route the cluster-scoped `/api/v1/namespaces`, so the operator runs with
+`--all-namespaces` (which never lists them; discovery still names them).
+
+`EmulatedCluster` runs it on 127.0.0.1 on a free port in a thread of its
+own, so a test thread can block in `kopf.testing.KopfRunner`, and writes a
+kubeconfig that points at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp.web
+import attrs
+import jsonpatch
+import kmock
+import yaml
+from kmock._internal import enums, rendering
+from kmock._internal.k8s import KubernetesObjectConflictError
+
+from elasticfleet.operator import crds
+
+T = TypeVar("T")
+
+RESOURCES: dict[str, kmock.ResourceInfo] = {
+    f"{crds.GROUP}/{crds.VERSION}/{crds.FLEET_PLURAL}": kmock.ResourceInfo(
+        kind=crds.FLEET_KIND,
+        namespaced=True,
+        singular="elasticfleet",
+        verbs={"list", "watch", "get", "patch", "create", "delete"},
+        subresources={"status"},
+    ),
+    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"list", "watch", "get"}),
+    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs={"get", "create"}),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
+    # kopf waits for namespaces in discovery even when it serves all of them.
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list"}),
+    "apps/v1/deployments": kmock.ResourceInfo(
+        kind="Deployment", namespaced=True, verbs={"get", "create", "patch"}
+    ),
+    "apps/v1/statefulsets": kmock.ResourceInfo(
+        kind="StatefulSet", namespaced=True, verbs={"get", "create", "patch"}
+    ),
+}
+
+
+@attrs.define(kw_only=True)
+class ApiEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus the server-side behaviour listed above."""
+
+    _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, info in RESOURCES.items():
+            self.resources[key] = info
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == enums.action.CREATE:
+                if request.namespace and not meta.get("namespace"):
+                    meta["namespace"] = request.namespace
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == enums.action.UPDATE and request.name is not None:
+                key = (request.resource, request.namespace, request.name)
+                if key in self.objects and not self.objects[key].deleted:
+                    stored = self.objects[key].raw.get("metadata", {})
+                    generation = int(stored.get("generation", 1))
+                    if "spec" in request.data and request.subresource is None:
+                        generation += 1
+                    meta["generation"] = generation
+                    meta["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        error: Exception = exc
+        if isinstance(exc, jsonpatch.JsonPatchTestFailed):
+            error = kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
+        elif isinstance(exc, kmock.KubernetesNotFoundError):
+            error = kmock.KubernetesError(status=404, reason="NotFound", message=exc.message)
+        elif isinstance(exc, KubernetesObjectConflictError):
+            error = kmock.KubernetesError(status=409, reason="AlreadyExists", message=exc.message)
+        return await super()._render_error(error)
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        payload: Any = await super()._serve_list(request)
+        info = self.resources[request.resource] if request.resource is not None else None
+        if info is not None and info.kind:
+            payload["kind"] = f"{info.kind}List"
+        payload["metadata"] = {"resourceVersion": str(next(self._versions))}
+        return payload  # type: ignore[no-any-return]
+
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        payload: Any = await super()._serve_version(request)
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        return payload  # type: ignore[no-any-return]
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class EmulatedCluster:
+    """The emulator served from a background thread's event loop."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.emulator = ApiEmulator()
+        self._server = kmock.Server(self.emulator)
+        self.url = ""
+
+    def __enter__(self) -> EmulatedCluster:
+        self._thread.start()
+        self.run(self.emulator.__aenter__())
+        self.run(self._server.__aenter__())
+        self.url = str(self._server.url).rstrip("/")
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [
+                {"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}
+            ],
+            "current-context": "emulator",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.run(self._server.__aexit__(None, None, None))
+        self.run(self.emulator.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the emulator's loop and wait for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(10)
+
+    def objects(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The stored objects of `resource` (e.g. 'v1/pods'), in creation order."""
+
+        wanted = kmock.resource(resource)
+
+        async def collect() -> list[dict[str, Any]]:
+            return [
+                dict(obj.raw)
+                for (res, ns, _name), obj in self.emulator.objects.items()
+                if res == wanted and not obj.deleted and namespace in (None, ns)
+            ]
+
+        return self.run(collect())
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API request, as a client (kubectl, or the kubelet the test
+        plays) would send it; fails the test on an error status."""
+
+        async def send() -> Any:
+            async with self.emulator.request(method, path, json=body) as response:
+                payload = await response.json()
+                assert response.status < 400, (method, path, response.status, payload)
+                return payload
+
+        return self.run(send())

@@ -1,0 +1,161 @@
+"""The real kopf operator (KopfRunner) against the Kubernetes API emulator
+(kube_emulator.py), with a worker answering over real gRPC on 127.0.0.1.
+
+The test plays kubelet: when the operator has created the worker
+Deployment, it creates the worker pod and marks it ready with the fake
+worker's address. Then it squeezes the worker's memory and sees a smaller
+plan pushed, status written and an Event posted; relaxes it and sees the
+blocks restored; takes the worker down and sees Degraded, then recovery;
+deletes the fleet and sees the finalizer released.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc.aio
+import pytest
+import yaml
+from fake_fleet import GIB, FakeWorker, fake_worker_service
+from kopf.testing import KopfRunner
+from kube_emulator import EmulatedCluster
+
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.worker.plan import PruningPlan
+
+T = TypeVar("T")
+PROFILE = ModelProfile.load(DEFAULT_PROFILE)
+EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "elasticfleet.yaml"
+FLEETS = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets"
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15.0) -> T:
+    """Poll `probe` until it returns something truthy (real time: the
+    operator runs in its own thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _condition(fleet: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in fleet.get("status", {}).get("conditions", []):
+        if condition["type"] == kind:
+            return dict(condition)
+    return {}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    kubeconfig = tmp_path / "kubeconfig"
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    with EmulatedCluster(kubeconfig) as emulated:
+        yield emulated
+
+
+def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
+    worker = FakeWorker(PROFILE, others_bytes=int(3.2 * GIB))
+
+    async def serve() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(handlers=[fake_worker_service(worker)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = cluster.run(serve())
+    fleet = yaml.safe_load(EXAMPLE.read_text())
+    fleet["spec"].update(replicas=1, adapters=[])
+    fleet["spec"]["worker"].update(port=port, metricsPort=port + 1 if port < 65535 else 1)
+    fleet["spec"]["memoryPolicy"].update(policy="greedy", planIntervalSeconds=1)
+    fleet["spec"]["memoryPolicy"].pop("qualityFloor")
+    args = [
+        "run",
+        "--standalone",
+        "--all-namespaces",
+        "--verbose",
+        "-m",
+        "elasticfleet.operator.handlers",
+    ]
+
+    def fleet_object() -> dict[str, Any]:
+        (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
+        return found
+
+    try:
+        with KopfRunner(args, timeout=60) as runner:
+            cluster.call("POST", FLEETS, copy.deepcopy(fleet))
+
+            # The children, owned by the fleet.
+            (deployment,) = wait_for(
+                "the Deployment", lambda: cluster.objects("apps/v1/deployments")
+            )
+            (service,) = cluster.objects("v1/services")
+            uid = fleet_object()["metadata"]["uid"]
+            for child in (deployment, service):
+                assert child["metadata"]["ownerReferences"][0]["uid"] == uid
+            assert "elasticfleet.io/finalizer" in fleet_object()["metadata"]["finalizers"]
+
+            # Play kubelet: the worker pod runs and is ready at the worker's address.
+            template = deployment["spec"]["template"]
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "smollm2-worker-0", "labels": template["metadata"]["labels"]},
+                "spec": {**template["spec"], "nodeName": "node-a"},
+            }
+            cluster.call("POST", "/api/v1/namespaces/ns/pods", pod)
+            ready = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+            cluster.call(
+                "PATCH", "/api/v1/namespaces/ns/pods/smollm2-worker-0/status", {"status": ready}
+            )
+
+            # Squeezed: a smaller plan is pushed, reported in status, and an Event says so.
+            wait_for("a pushed plan", lambda: worker.plan.kept_blocks < PROFILE.num_blocks)
+            status = wait_for(
+                "plan status",
+                lambda: (
+                    fleet_object().get("status", {}).get("lastPlans") and fleet_object()["status"]
+                ),
+            )
+            (entry,) = status["workers"]
+            assert entry["pod"] == "smollm2-worker-0" and entry["node"] == "node-a"
+            assert entry["plan"]["id"] == worker.plan_id
+            assert status["readyReplicas"] == 1
+            assert _condition(fleet_object(), "Available")["status"] == "True"
+            events = wait_for(
+                "a PlanChanged Event",
+                lambda: [
+                    e for e in cluster.objects("v1/events") if e.get("reason") == "PlanChanged"
+                ],
+            )
+            assert "smollm2-worker-0" in events[0]["message"]
+
+            # Relaxed: every block comes back.
+            worker.others_bytes = 0
+            dense = PruningPlan.dense(PROFILE.config.num_hidden_layers)
+            wait_for("the dense plan", lambda: worker.plan == dense)
+
+            # Down: Degraded, then recovery.
+            worker.down = True
+            wait_for(
+                "Degraded",
+                lambda: _condition(fleet_object(), "Degraded").get("reason") == "WorkerUnreachable",
+            )
+            worker.down = False
+            wait_for(
+                "recovery", lambda: _condition(fleet_object(), "Degraded").get("status") == "False"
+            )
+
+            # Deletion: the handler runs and the finalizer is released.
+            cluster.call("DELETE", f"{FLEETS}/smollm2")
+            wait_for("the fleet to go", lambda: not fleet_object())
+    finally:
+        cluster.run(server.stop(None))
+    assert runner.exit_code == 0, runner.output
