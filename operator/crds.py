@@ -26,7 +26,6 @@ ADAPTER_PLURAL = "adaptersets"
 
 POLICIES = ("rl", "greedy", "static", "none")
 WORKLOADS = ("Deployment", "StatefulSet")
-CONDITION_TYPES = ("Available", "Progressing", "Degraded")
 ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # A DNS-1123 label (names of objects, tasks) and subdomain (Secrets, nodes).

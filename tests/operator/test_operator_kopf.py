@@ -5,8 +5,10 @@ The test plays kubelet: when the operator has created the worker
 Deployment, it creates the worker pod and marks it ready with the fake
 worker's address. Then it squeezes the worker's memory and sees a smaller
 plan pushed, status written and an Event posted; relaxes it and sees the
-blocks restored; takes the worker down and sees Degraded, then recovery;
-deletes the fleet and sees the finalizer released.
+blocks restored; scales the fleet and sees the Deployment follow; restarts
+the operator and sees nothing duplicated or pushed again; takes the worker
+down and sees Degraded, then recovery; deletes the fleet and sees the
+finalizer released.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def _condition(fleet: dict[str, Any], kind: str) -> dict[str, Any]:
     return {}
 
 
+def operator() -> KopfRunner:
+    args = ["run", "--standalone", "--all-namespaces", "-m", "elasticfleet.operator.handlers"]
+    return KopfRunner(args, timeout=60)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     kubeconfig = tmp_path / "kubeconfig"
@@ -75,21 +82,13 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
     fleet["spec"]["worker"].update(port=port, metricsPort=port + 1 if port < 65535 else 1)
     fleet["spec"]["memoryPolicy"].update(policy="greedy", planIntervalSeconds=1)
     fleet["spec"]["memoryPolicy"].pop("qualityFloor")
-    args = [
-        "run",
-        "--standalone",
-        "--all-namespaces",
-        "--verbose",
-        "-m",
-        "elasticfleet.operator.handlers",
-    ]
 
     def fleet_object() -> dict[str, Any]:
         (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
         return found
 
     try:
-        with KopfRunner(args, timeout=60) as runner:
+        with operator() as runner:
             cluster.call("POST", FLEETS, copy.deepcopy(fleet))
 
             # The children, owned by the fleet.
@@ -142,6 +141,25 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
             dense = PruningPlan.dense(PROFILE.config.num_hidden_layers)
             wait_for("the dense plan", lambda: worker.plan == dense)
 
+            # Scaled: the Deployment follows the spec.
+            cluster.call("PATCH", f"{FLEETS}/smollm2", {"spec": {"replicas": 2}})
+            wait_for(
+                "the scaled Deployment",
+                lambda: cluster.objects("apps/v1/deployments")[0]["spec"]["replicas"] == 2,
+            )
+            wait_for(
+                "Progressing", lambda: _condition(fleet_object(), "Progressing")["status"] == "True"
+            )
+        assert runner.exit_code == 0, runner.output
+
+        # A restarted operator resumes: no second child, no plan pushed again.
+        pushes, asked = len(worker.applied), worker.stats_calls
+        with operator() as runner:
+            wait_for("a tick of the new operator", lambda: worker.stats_calls >= asked + 2)
+            assert len(worker.applied) == pushes
+            assert len(cluster.objects("apps/v1/deployments")) == 1
+            assert len(cluster.objects("v1/services")) == 1
+
             # Down: Degraded, then recovery.
             worker.down = True
             wait_for(
@@ -156,6 +174,23 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
             # Deletion: the handler runs and the finalizer is released.
             cluster.call("DELETE", f"{FLEETS}/smollm2")
             wait_for("the fleet to go", lambda: not fleet_object())
+        assert runner.exit_code == 0, runner.output
     finally:
         cluster.run(server.stop(None))
+
+
+def test_a_bad_spec_is_reported(cluster: EmulatedCluster) -> None:
+    fleet = yaml.safe_load(EXAMPLE.read_text())
+    fleet["spec"]["model"]["name"] = "Llama-2-7b"
+    with operator() as runner:
+        cluster.call("POST", FLEETS, fleet)
+
+        def degraded() -> dict[str, Any]:
+            (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets")
+            return _condition(found, "Degraded")
+
+        condition = wait_for("Degraded", degraded)
+        assert (condition["status"], condition["reason"]) == ("True", "InvalidSpec")
+        assert "no block profile for model 'Llama-2-7b'" in condition["message"]
+        assert cluster.objects("apps/v1/deployments") == []
     assert runner.exit_code == 0, runner.output
