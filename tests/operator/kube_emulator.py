@@ -25,7 +25,8 @@ route the cluster-scoped `/api/v1/namespaces`, so the operator runs with
 
 `EmulatedCluster` runs it on 127.0.0.1 on a free port in a thread of its
 own, so a test thread can block in `kopf.testing.KopfRunner`, and writes a
-kubeconfig that points at it.
+kubeconfig that points at it; test modules get it as the `cluster` fixture
+with `pytest_plugins = ["kube_emulator"]`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import asyncio
 import itertools
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
+import pytest
 import yaml
 from kmock._internal import enums, rendering
 from kmock._internal.k8s import KubernetesObjectConflictError
@@ -199,3 +201,12 @@ class EmulatedCluster:
                 return payload
 
         return self.run(send())
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedCluster]:
+    """An emulated cluster, with $KUBECONFIG pointing at it."""
+    kubeconfig = tmp_path / "kubeconfig"
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    with EmulatedCluster(kubeconfig) as emulated:
+        yield emulated

@@ -17,22 +17,26 @@ import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc.aio
-import pytest
 import yaml
 from fake_fleet import GIB, FakeWorker, fake_worker_service
 from kopf.testing import KopfRunner
-from kube_emulator import EmulatedCluster
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.worker.plan import PruningPlan
+
+if TYPE_CHECKING:
+    from kube_emulator import EmulatedCluster
 
 T = TypeVar("T")
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "elasticfleet.yaml"
 FLEETS = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets"
+
+# Fixture: cluster (the emulated API, $KUBECONFIG pointing at it).
+pytest_plugins = ["kube_emulator"]
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15.0) -> T:
@@ -57,14 +61,6 @@ def _condition(fleet: dict[str, Any], kind: str) -> dict[str, Any]:
 def operator() -> KopfRunner:
     args = ["run", "--standalone", "--all-namespaces", "-m", "elasticfleet.operator.handlers"]
     return KopfRunner(args, timeout=60)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    kubeconfig = tmp_path / "kubeconfig"
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    with EmulatedCluster(kubeconfig) as emulated:
-        yield emulated
 
 
 def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
