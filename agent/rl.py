@@ -92,6 +92,9 @@ class ProfileTables:
     cost: torch.Tensor  # [N] log(estimate / dense) if the block were the deepest dropped
     step: torch.Tensor  # [N] the log-perplexity GSI measured for removing the block
     static: torch.Tensor  # [N, 5] attention, depth, rank, cost, step (scaled)
+    # [N, N]: row r is every block's added-cost feature once the deepest
+    # dropped block has GSI rank r (a drop then updates it with one copy).
+    added: torch.Tensor
 
     @classmethod
     def of(cls, profile: ModelProfile) -> ProfileTables:
@@ -120,7 +123,14 @@ class ProfileTables:
             ],
             dim=1,
         )
-        return cls(rank, torch.tensor(order), cost, step, static)
+        costs = cost.tolist()
+        added = torch.stack(
+            [
+                torch.where(rank > r, cost - costs[order[r]], 0.0).clamp(-COST_CAP, COST_CAP)
+                for r in range(blocks)
+            ]
+        )
+        return cls(rank, torch.tensor(order), cost, step, static, added)
 
 
 class StateEncoder:
@@ -140,6 +150,7 @@ class StateEncoder:
         self.ranked_savings = self.savings[tables.by_rank]
         total = float(dense.total_bytes)
         self._ranks = tables.rank.tolist()
+        self._rank = tables.rank
         self._costs = tables.cost.tolist()
         #: Bytes the plan is over budget; it fits once this is <= 0.
         self.excess = dense.total_bytes - state.budget_bytes
@@ -206,9 +217,7 @@ class StateEncoder:
         self._load[LOAD_FEATURES + block] = 0.0
         if rank > self.deepest:
             self.deepest, self.current = rank, self._costs[block]
-            tables = self.tables
-            added = torch.where(tables.rank > rank, tables.cost - self.current, 0.0)
-            self._blocks[:, 7] = added.clamp(-COST_CAP, COST_CAP)
+            self._blocks[:, 7] = self.tables.added[rank]
 
     def encode(self, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(load [LOAD_FEATURES + N], blocks [N, BLOCK_FEATURES]) for the plan
@@ -218,7 +227,7 @@ class StateEncoder:
         load[5] = self.kept_count / len(self.kept)
         load[6] = min(self.current, COST_CAP)
         need = max(self.excess, 1) * RATIO_CAP
-        reach = (self.ranked_savings * self._keep_ranked).cumsum(0)[self.tables.rank]
+        reach = (self.ranked_savings * self._keep_ranked).cumsum(0).index_select(0, self._rank)
         ratios = (torch.stack([self.savings, reach], dim=1) / need).clamp_(max=1.0)
         self._blocks[:, 8:10] = ratios
         self._blocks[:, 10:] = ratios >= 1 / RATIO_CAP  # the ratio before capping is >= 1
@@ -305,11 +314,11 @@ class FoldedNetwork:
     def scores(self, load: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The network's Q-values for one state ([N]) less the value bias, which
         no choice between blocks depends on."""
-        context = F.relu(F.linear(load, self.context_in, self.context_in_bias))
+        context = F.linear(load, self.context_in, self.context_in_bias).relu_()
         context = F.linear(context, self.context_out, self.context_out_bias)  # [Hb]
-        z = F.relu(torch.addmm(context, blocks, self.block_t))  # [N, Hb]
+        z = torch.addmm(context, blocks, self.block_t).relu_()  # [N, Hb]
         pooled = F.linear(z.amax(0), self.pool, self.mix_bias)  # [Hb]
-        z = F.relu(torch.addmm(pooled, z, self.mix_t))  # [N, Hb]
+        z = torch.addmm(pooled, z, self.mix_t).relu_()  # [N, Hb]
         return torch.mv(z, self.value)  # [N]
 
 
