@@ -10,7 +10,9 @@ tick:
    the fleet's policy for a plan for its windowed load (budget.py);
 3. pushes the plans (and budgets) that changed with ApplyPlan, concurrently,
    retrying transient failures per worker with exponential backoff;
-4. writes one status patch (every worker's figures, the last plans, the
+4. rolls out the fleet's adapter sets: loads the ones a worker lacks (or
+   holds at another version) and unloads the ones the fleet dropped;
+5. writes one status patch (every worker's figures, the last plans, the
    Available and Degraded conditions) and one Event per plan change through
    the injected `FleetSink`.
 
@@ -32,6 +34,7 @@ import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -65,7 +68,16 @@ NO_MEMORY = "NoMemory"
 NO_FEASIBLE_PLAN = "NoFeasiblePlan"
 QUALITY_FLOOR = "QualityFloor"
 PLAN_FAILED = "PlanFailed"
-SEVERITY = (UNREACHABLE, MODEL_MISMATCH, NO_MEMORY, NO_FEASIBLE_PLAN, QUALITY_FLOOR, PLAN_FAILED)
+ADAPTER_FAILED = "AdapterFailed"
+SEVERITY = (
+    UNREACHABLE,
+    MODEL_MISMATCH,
+    NO_MEMORY,
+    NO_FEASIBLE_PLAN,
+    QUALITY_FLOOR,
+    PLAN_FAILED,
+    ADAPTER_FAILED,
+)
 
 # gRPC codes worth trying again: the worker or the network may recover. A
 # FAILED_PRECONDITION (the plan does not fit) would fail the same way.
@@ -94,6 +106,21 @@ class WorkerConnection(Protocol):
         timeout: float | None = None,
     ) -> pb.ApplyPlanResponse: ...
 
+    async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse: ...
+
+    async def load_adapter(
+        self,
+        name: str,
+        version: str = "",
+        tasks: Sequence[str] = (),
+        *,
+        timeout: float | None = None,
+    ) -> pb.LoadAdapterResponse: ...
+
+    async def unload_adapter(
+        self, name: str, *, timeout: float | None = None
+    ) -> pb.UnloadAdapterResponse: ...
+
     async def close(self) -> None: ...
 
 
@@ -104,6 +131,16 @@ class WorkerEndpoint:
     pod: str
     address: str
     node: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterWant:
+    """An adapter set the fleet serves: its name in the store, the version
+    (empty: the store's current one) and the task heads (empty: all)."""
+
+    name: str
+    version: str = ""
+    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +177,8 @@ class LoopSettings:
     stats_timeout_s: float = 5.0
     # A worker may hold a plan until running requests finish (30 s by default).
     apply_timeout_s: float = 35.0
+    # Fetching an adapter set from Redis can take a while for large sets.
+    adapter_timeout_s: float = 60.0
     attempts: int = 3
     backoff_s: float = 0.5
     backoff_max_s: float = 5.0
@@ -253,6 +292,7 @@ class FleetController:
         self._history: list[Status] = list(previous.get("lastPlans", []))
         self._conditions: list[Condition] = list(previous.get("conditions", []))
         self._worker_errors: dict[str, str] = {}
+        self.adapters: tuple[AdapterWant, ...] = ()
         self.update(spec, generation)
 
     def update(self, spec: FleetSpec, generation: int) -> None:
@@ -365,9 +405,41 @@ class FleetController:
             return self._failed(endpoint, NO_FEASIBLE_PLAN, str(error), status)
         except QualityFloorError as error:
             return self._failed(endpoint, QUALITY_FLOOR, str(error), status)
-        return await self._push(
+        outcome = await self._push(
             endpoint, connection, stats, status, current, plan, budget, load, ratio
         )
+        if outcome.error_reason:
+            return outcome
+        try:
+            outcome.status["adapters"] = await self._roll_out_adapters(connection)
+        except Exception as error:
+            failed = self._failed(endpoint, ADAPTER_FAILED, _describe_error(error), outcome.status)
+            failed.plan, failed.previous_plan, failed.record = outcome.plan, current, outcome.record
+            return failed
+        return outcome
+
+    async def _roll_out_adapters(self, connection: WorkerConnection) -> list[Status]:
+        """Load the wanted adapter sets a worker lacks (or holds at another
+        version), unload the ones the fleet no longer serves; what it holds."""
+        timeout = self.settings.adapter_timeout_s
+        listed = await self._retrying(lambda: connection.list_adapters(timeout=timeout))
+        held = {a.name: a for a in listed.adapters}
+        wanted = {want.name: want for want in self.adapters}
+        for name in sorted(set(held) - set(wanted)):
+            await self._retrying(partial(connection.unload_adapter, name, timeout=timeout))
+            del held[name]
+        for want in self.adapters:
+            have = held.get(want.name)
+            if have is None or (want.version and have.version != want.version):
+                load = partial(
+                    connection.load_adapter, want.name, want.version, want.tasks, timeout=timeout
+                )
+                response = await self._retrying(load)
+                held[want.name] = response.adapter
+        return [
+            {"name": a.name, "version": a.version, "bytes": a.bytes}
+            for a in sorted(held.values(), key=lambda a: a.name)
+        ]
 
     def _current_plan(self, stats: pb.GetStatsResponse) -> PruningPlan:
         blocks = self.profile.num_blocks

@@ -374,6 +374,18 @@ def fleet_status_schema() -> Schema:
             "weightBytes": _int("Bytes of weights the worker holds.", minimum=0),
             "kvBytes": _int("Bytes of KV cache the worker has allocated.", minimum=0),
             "requestMix": mix,
+            "adapters": _list(
+                "Adapter sets the worker holds in its cache.",
+                _obj(
+                    "One adapter set.",
+                    {
+                        "name": _str("Name in the store.", maxLength=128),
+                        "version": _str("Version held.", maxLength=20),
+                        "bytes": _int("Bytes it occupies in the worker's cache.", minimum=0),
+                    },
+                ),
+                maxItems=32,
+            ),
         },
         required=("pod",),
     )

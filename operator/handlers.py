@@ -7,9 +7,10 @@
   domain-qualified finalizer exists so the fleet's worker connections are
   closed before the object goes.
 - a timer per fleet runs the control loop (control.py) every
-  planIntervalSeconds over the fleet's ready worker pods, which an index
-  keeps from the pod watch (no API call per tick); its status goes out
-  through the timer's `patch.status`, its Events through `kopf.event`.
+  planIntervalSeconds over the fleet's ready worker pods and with the
+  adapter sets its spec names, both kept by indexes from watches (no API
+  call per tick); its status goes out through the timer's `patch.status`,
+  its Events through `kopf.event`.
 
 Log in explicitly (`@kopf.on.login`): in a pod with its service account,
 else from the kubeconfig. The same credentials build the small client that
@@ -29,6 +30,7 @@ import kopf
 from elasticfleet.operator import build, crds
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.control import (
+    AdapterWant,
     FleetController,
     FleetEvent,
     Status,
@@ -196,6 +198,29 @@ def fleet_pods(
     return {(namespace, labels[build.FLEET_LABEL]): info}
 
 
+@kopf.index(crds.GROUP, crds.VERSION, crds.ADAPTER_PLURAL)
+def adapter_sets(
+    name: str, namespace: str | None, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str | None, str], AdapterWant]:
+    """What the workers load for each AdapterSet, by (namespace, name)."""
+    store = spec.get("store", {})
+    tasks = tuple(str(task) for task in spec.get("tasks", []))
+    want = AdapterWant(str(store.get("name") or name), str(store.get("version", "")), tasks)
+    return {(namespace, name): want}
+
+
+def _adapter_wants(
+    index: kopf.Index[tuple[str | None, str], AdapterWant], namespace: str, names: tuple[str, ...]
+) -> tuple[AdapterWant, ...]:
+    """The fleet's adapter sets; one without an AdapterSet object is loaded
+    by its name with every task (its load failure then says it is missing)."""
+    wants = []
+    for name in names:
+        found = list(index.get((namespace, name), []))
+        wants.append(found[0] if found else AdapterWant(name))
+    return tuple(wants)
+
+
 class KopfSink:
     """Sends the loop's status through the running timer's patch, merged with
     the conditions the other handlers own, and its Events through kopf."""
@@ -232,7 +257,8 @@ async def control(
 ) -> None:
     """One control tick when the fleet's plan interval has passed."""
     # kopf passes each index as a keyword named after its function.
-    index: kopf.Index[tuple[str | None, str], PodInfo] = kwargs["fleet_pods"]
+    pod_index: kopf.Index[tuple[str | None, str], PodInfo] = kwargs["fleet_pods"]
+    adapter_index: kopf.Index[tuple[str | None, str], AdapterWant] = kwargs["adapter_sets"]
     try:
         fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
     except SpecError:
@@ -253,7 +279,8 @@ async def control(
     elif controller.generation != generation:
         controller.update(fleet, generation)
     controller.sink = sink
-    pods = list(index.get((namespace, name), []))
+    controller.adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
+    pods = list(pod_index.get((namespace, name), []))
     endpoints = [
         WorkerEndpoint(p.name, f"{p.ip}:{fleet.worker.port}", p.node) for p in pods if p.ready
     ]

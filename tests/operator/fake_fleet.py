@@ -7,7 +7,7 @@ would write to Kubernetes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,6 +65,10 @@ class FakeWorker:
     stats_calls: int = 0
     closed: bool = False
     entered: asyncio.Barrier | None = None  # GetStats waits here when set
+    # The adapter store's current version of each adapter set, and the cache.
+    store: dict[str, str] = field(default_factory=lambda: {"tasks": "2", "code": "1"})
+    adapters: dict[str, pb.AdapterInfo] = field(default_factory=dict)
+    adapter_calls: list[tuple[str, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.plan = PruningPlan.dense(self.profile.config.num_hidden_layers)
@@ -136,6 +140,39 @@ class FakeWorker:
             kept_blocks=plan.kept_blocks,
         )
 
+    def _reachable(self) -> None:
+        if self.down:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+
+    async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
+        self._reachable()
+        return pb.ListAdaptersResponse(adapters=list(self.adapters.values()))
+
+    async def load_adapter(
+        self,
+        name: str,
+        version: str = "",
+        tasks: Sequence[str] = (),
+        *,
+        timeout: float | None = None,
+    ) -> pb.LoadAdapterResponse:
+        self._reachable()
+        if name not in self.store:
+            raise rpc_error(grpc.StatusCode.NOT_FOUND, f"no adapter {name!r} in the store")
+        self.adapter_calls.append(("load", name, version, *tasks))
+        info = pb.AdapterInfo(
+            name=name, version=version or self.store[name], tasks=list(tasks), bytes=4096
+        )
+        self.adapters[name] = info
+        return pb.LoadAdapterResponse(adapter=info)
+
+    async def unload_adapter(
+        self, name: str, *, timeout: float | None = None
+    ) -> pb.UnloadAdapterResponse:
+        self._reachable()
+        self.adapter_calls.append(("unload", name))
+        return pb.UnloadAdapterResponse(bytes_freed=self.adapters.pop(name).bytes)
+
     async def close(self) -> None:
         self.closed = True
 
@@ -172,36 +209,56 @@ class RecordingSink:
 
 
 def fake_worker_service(worker: FakeWorker) -> grpc.GenericRpcHandler:
-    """The Worker service's GetStats and ApplyPlan, answered by `worker`
-    (the other methods are not part of the control loop)."""
+    """The Worker service's control-loop methods (all but Generate),
+    answered by `worker`; its gRPC errors become the call's status."""
 
-    async def get_stats(
-        request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetStatsResponse:
-        return await worker.get_stats()
+    def unary(
+        method: Callable[..., Awaitable[Any]],
+        request_type: Any,
+        response_type: Any,
+        arguments: Callable[[Any], tuple[Any, ...]],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await method(*arguments(request))
+            except grpc.aio.AioRpcError as error:
+                await context.abort(error.code(), error.details() or "")
 
-    async def apply_plan(
-        request: pb.ApplyPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ApplyPlanResponse:
-        budget = request.budget_bytes if request.HasField("budget_bytes") else None
-        try:
-            return await worker.apply_plan(request.plan_id, request.keep_mask, budget)
-        except grpc.aio.AioRpcError as error:
-            await context.abort(error.code(), error.details() or "")
-            raise
+        return grpc.unary_unary_rpc_method_handler(
+            handle,
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+
+    def budget(request: pb.ApplyPlanRequest) -> int | None:
+        return request.budget_bytes if request.HasField("budget_bytes") else None
 
     return grpc.method_handlers_generic_handler(
         "elasticfleet.v1.Worker",
         {
-            "GetStats": grpc.unary_unary_rpc_method_handler(
-                get_stats,
-                request_deserializer=pb.GetStatsRequest.FromString,
-                response_serializer=pb.GetStatsResponse.SerializeToString,
+            "GetStats": unary(
+                worker.get_stats, pb.GetStatsRequest, pb.GetStatsResponse, lambda r: ()
             ),
-            "ApplyPlan": grpc.unary_unary_rpc_method_handler(
-                apply_plan,
-                request_deserializer=pb.ApplyPlanRequest.FromString,
-                response_serializer=pb.ApplyPlanResponse.SerializeToString,
+            "ApplyPlan": unary(
+                worker.apply_plan,
+                pb.ApplyPlanRequest,
+                pb.ApplyPlanResponse,
+                lambda r: (r.plan_id, list(r.keep_mask), budget(r)),
+            ),
+            "ListAdapters": unary(
+                worker.list_adapters, pb.ListAdaptersRequest, pb.ListAdaptersResponse, lambda r: ()
+            ),
+            "LoadAdapter": unary(
+                worker.load_adapter,
+                pb.LoadAdapterRequest,
+                pb.LoadAdapterResponse,
+                lambda r: (r.name, r.version, list(r.tasks)),
+            ),
+            "UnloadAdapter": unary(
+                worker.unload_adapter,
+                pb.UnloadAdapterRequest,
+                pb.UnloadAdapterResponse,
+                lambda r: (r.name,),
             ),
         },
     )

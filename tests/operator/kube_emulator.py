@@ -62,6 +62,13 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
         verbs={"list", "watch", "get", "patch", "create", "delete"},
         subresources={"status"},
     ),
+    f"{crds.GROUP}/{crds.VERSION}/{crds.ADAPTER_PLURAL}": kmock.ResourceInfo(
+        kind=crds.ADAPTER_KIND,
+        namespaced=True,
+        singular="adapterset",
+        verbs={"list", "watch", "get", "patch", "create", "delete"},
+        subresources={"status"},
+    ),
     "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"list", "watch", "get"}),
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs={"get", "create"}),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),

@@ -14,6 +14,7 @@ from fake_fleet import GIB, FakeFleet, FakeTime, RecordingSink, rpc_error
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.operator.control import (
+    AdapterWant,
     FleetController,
     LoopSettings,
     TickReport,
@@ -23,6 +24,7 @@ from elasticfleet.operator.control import (
 from elasticfleet.operator.spec import FleetSpec, SpecError
 from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.proto_gen import worker_pb2 as pb
 
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 LAYERS = PROFILE.config.num_hidden_layers
@@ -328,3 +330,40 @@ def test_profile_for_model() -> None:
     assert profile_for_model("SmolLM2-135M-Instruct").model_name == "SmolLM2-135M-Instruct"
     with pytest.raises(SpecError, match="no block profile for model 'Llama-2-7b'"):
         profile_for_model("Llama-2-7b")
+
+
+def test_adapters_roll_out() -> None:
+    fleet = FakeFleet(PROFILE, 2)
+    harness = Harness(fleet)
+    stale = pb.AdapterInfo(name="retired", version="3", bytes=10)
+    fleet.workers["w1"].adapters["retired"] = stale
+    harness.controller.adapters = (AdapterWant("tasks", tasks=("code", "qa")),)
+    report = harness.tick()
+    for worker in fleet.workers.values():
+        assert ("load", "tasks", "", "code", "qa") in worker.adapter_calls
+    assert fleet.workers["w1"].adapter_calls[0] == ("unload", "retired")
+    held = [{"name": "tasks", "version": "2", "bytes": 4096}]
+    assert [w["adapters"] for w in report.status["workers"]] == [held, held]
+    assert _condition(report.status, "Degraded")["status"] == "False"
+
+    # In place: nothing is loaded again. A pinned older version is.
+    calls = [list(w.adapter_calls) for w in fleet.workers.values()]
+    harness.tick()
+    assert [w.adapter_calls for w in fleet.workers.values()] == calls
+    harness.controller.adapters = (AdapterWant("tasks", version="1"),)
+    report = harness.tick()
+    assert fleet.workers["w0"].adapter_calls[-1] == ("load", "tasks", "1")
+    assert report.status["workers"][0]["adapters"][0]["version"] == "1"
+
+
+def test_an_adapter_missing_from_the_store_degrades_but_the_plan_applies() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
+    harness = Harness(fleet)
+    harness.controller.adapters = (AdapterWant("nowhere"),)
+    report = harness.tick()
+    (outcome,) = report.outcomes
+    assert outcome.changed and fleet.workers["w0"].plan.kept_blocks < 2 * LAYERS
+    degraded = _condition(report.status, "Degraded")
+    assert degraded["reason"] == "AdapterFailed"
+    assert "NOT_FOUND: no adapter 'nowhere' in the store" in degraded["message"]
+    assert [e.reason for e in harness.sink.events] == ["PlanChanged", "AdapterFailed"]

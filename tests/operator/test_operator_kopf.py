@@ -3,12 +3,12 @@
 
 The test plays kubelet: when the operator has created the worker
 Deployment, it creates the worker pod and marks it ready with the fake
-worker's address. Then it squeezes the worker's memory and sees a smaller
-plan pushed, status written and an Event posted; relaxes it and sees the
-blocks restored; scales the fleet and sees the Deployment follow; restarts
-the operator and sees nothing duplicated or pushed again; takes the worker
-down and sees Degraded, then recovery; deletes the fleet and sees the
-finalizer released.
+worker's address. Then it sees the fleet's AdapterSet loaded; squeezes the
+worker's memory and sees a smaller plan pushed, status written and an Event
+posted; relaxes it and sees the blocks restored; scales the fleet and sees
+the Deployment follow; restarts the operator and sees nothing duplicated or
+pushed again; takes the worker down and sees Degraded, then recovery;
+deletes the fleet and sees the finalizer released.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ T = TypeVar("T")
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "elasticfleet.yaml"
 FLEETS = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets"
+ADAPTER_SETS = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/adaptersets"
 
 # Fixture: cluster (the emulated API, $KUBECONFIG pointing at it).
 pytest_plugins = ["kube_emulator"]
@@ -74,7 +75,7 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
 
     server, port = cluster.run(serve())
     fleet = yaml.safe_load(EXAMPLE.read_text())
-    fleet["spec"].update(replicas=1, adapters=[])
+    fleet["spec"]["replicas"] = 1
     fleet["spec"]["worker"].update(port=port, metricsPort=port + 1 if port < 65535 else 1)
     fleet["spec"]["memoryPolicy"].update(policy="greedy", planIntervalSeconds=1)
     fleet["spec"]["memoryPolicy"].pop("qualityFloor")
@@ -85,6 +86,8 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
 
     try:
         with operator() as runner:
+            adapter_set = yaml.safe_load((EXAMPLE.parent / "adapterset.yaml").read_text())
+            cluster.call("POST", ADAPTER_SETS, adapter_set)
             cluster.call("POST", FLEETS, copy.deepcopy(fleet))
 
             # The children, owned by the fleet.
@@ -123,6 +126,9 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
             assert entry["pod"] == "smollm2-worker-0" and entry["node"] == "node-a"
             assert entry["plan"]["id"] == worker.plan_id
             assert status["readyReplicas"] == 1
+            # The fleet's AdapterSet is loaded with the heads it names.
+            assert ("load", "tasks", "", "code", "qa", "definitions") in worker.adapter_calls
+            assert entry["adapters"] == [{"name": "tasks", "version": "2", "bytes": 4096}]
             assert _condition(fleet_object(), "Available")["status"] == "True"
             events = wait_for(
                 "a PlanChanged Event",
