@@ -12,6 +12,11 @@
   call per tick); its status goes out through the timer's `patch.status`,
   its Events through `kopf.event`.
 
+- an AdapterSet is checked against the adapter store (adapters.py) when it
+  changes and every few minutes; its status says whether the version it
+  names is published and matches. The store is the operator's own setting
+  (ELASTICFLEET_REDIS_URL, _PASSWORD, _PREFIX, as for every command).
+
 Log in explicitly (`@kopf.on.login`): in a pod with its service account,
 else from the kubeconfig. The same credentials build the small client that
 creates children (kube.py).
@@ -19,7 +24,9 @@ creates children (kube.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +35,7 @@ from typing import Any
 import kopf
 
 from elasticfleet.operator import build, crds
+from elasticfleet.operator.adapters import adapter_status, check_adapter_set
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.control import (
     AdapterWant,
@@ -40,10 +48,13 @@ from elasticfleet.operator.control import (
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
 from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.worker.adapter_store import DEFAULT_PREFIX, AdapterStore, StoreUnavailable
 from elasticfleet.worker.client import AsyncWorkerClient
 
 FINALIZER = f"{crds.GROUP}/finalizer"
 FLEETS = (crds.GROUP, crds.VERSION, crds.FLEET_PLURAL)
+ADAPTER_SETS = (crds.GROUP, crds.VERSION, crds.ADAPTER_PLURAL)
+ADAPTER_CHECK_S = 300.0
 # The timer wakes this often and ticks when the fleet's interval has passed,
 # so a changed planIntervalSeconds applies without a restart.
 WAKE_S = 1.0
@@ -85,11 +96,31 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return info
 
 
+class _Store:
+    """The adapter store AdapterSets are checked against, opened once."""
+
+    store: AdapterStore | None = None
+
+    @classmethod
+    def get(cls) -> AdapterStore | None:
+        url = os.environ.get("ELASTICFLEET_REDIS_URL")
+        if cls.store is None and url:
+            cls.store = AdapterStore.from_url(
+                url,
+                password=os.environ.get("ELASTICFLEET_REDIS_PASSWORD"),
+                prefix=os.environ.get("ELASTICFLEET_REDIS_PREFIX", DEFAULT_PREFIX),
+            )
+        return cls.store
+
+
 @kopf.on.cleanup()
 async def close_client(**_: Any) -> None:
     if _Connection.api is not None:
         await _Connection.api.close()
         _Connection.api = None
+    if _Store.store is not None:
+        _Store.store.close()
+        _Store.store = None
 
 
 def _now() -> datetime:
@@ -168,6 +199,36 @@ async def release(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     if controller is not None:
         await controller.close()
     logger.info("children are removed by their owner references")
+
+
+@kopf.on.create(*ADAPTER_SETS)
+@kopf.on.update(*ADAPTER_SETS, field="spec")
+@kopf.on.resume(*ADAPTER_SETS)
+@kopf.timer(*ADAPTER_SETS, interval=ADAPTER_CHECK_S)
+async def check_adapters(
+    name: str,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """Write whether the AdapterSet's version is published and matches."""
+    generation = int(meta.get("generation", 0))
+    conditions = _conditions(status)
+    store = _Store.get()
+    if store is None:
+        message = "the operator has no adapter store: set ELASTICFLEET_REDIS_URL on it"
+        patch.status["ready"] = False
+        patch.status["conditions"] = set_condition(
+            conditions, "Ready", False, "NoStore", message, now=_now(), generation=generation
+        )
+        return
+    try:
+        check = await asyncio.to_thread(check_adapter_set, store, name, dict(spec))
+    except StoreUnavailable as error:
+        raise kopf.TemporaryError(str(error), delay=RETRY_DELAY_S) from error
+    patch.status.update(adapter_status(check, conditions, now=_now(), generation=generation))
 
 
 @dataclass(frozen=True)

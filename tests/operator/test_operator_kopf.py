@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc.aio
+import pytest
 import yaml
 from fake_fleet import GIB, FakeWorker, fake_worker_service
 from kopf.testing import KopfRunner
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.worker.adapter_format import AdapterWeights
+from elasticfleet.worker.adapter_store import AdapterStore
 from elasticfleet.worker.plan import PruningPlan
 
 if TYPE_CHECKING:
@@ -64,7 +67,8 @@ def operator() -> KopfRunner:
     return KopfRunner(args, timeout=60)
 
 
-def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
+def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)
     worker = FakeWorker(PROFILE, others_bytes=int(3.2 * GIB))
 
     async def serve() -> tuple[grpc.aio.Server, int]:
@@ -129,6 +133,9 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster) -> None:
             # The fleet's AdapterSet is loaded with the heads it names.
             assert ("load", "tasks", "", "code", "qa", "definitions") in worker.adapter_calls
             assert entry["adapters"] == [{"name": "tasks", "version": "2", "bytes": 4096}]
+            # With no store configured, the AdapterSet's status says so.
+            (adapters,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+            assert _condition(adapters, "Ready")["reason"] == "NoStore"
             assert _condition(fleet_object(), "Available")["status"] == "True"
             events = wait_for(
                 "a PlanChanged Event",
@@ -195,4 +202,38 @@ def test_a_bad_spec_is_reported(cluster: EmulatedCluster) -> None:
         assert (condition["status"], condition["reason"]) == ("True", "InvalidSpec")
         assert "no block profile for model 'Llama-2-7b'" in condition["message"]
         assert cluster.objects("apps/v1/deployments") == []
+    assert runner.exit_code == 0, runner.output
+
+
+def test_adapter_set_status_comes_from_the_store(
+    cluster: EmulatedCluster,
+    redis_url: str,
+    make_adapter: Callable[..., AdapterWeights],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = AdapterStore.from_url(redis_url)
+    manifest = store.publish(make_adapter(name="demo", router=False))
+    store.close()
+    monkeypatch.setenv("ELASTICFLEET_REDIS_URL", redis_url)
+    adapter_set = {
+        "apiVersion": "elasticfleet.io/v1alpha1",
+        "kind": "AdapterSet",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "baseModel": "tiny-llama",
+            "tasks": ["code", "qa"],
+            "rank": 4,
+            "modules": list(manifest.spec.modules),
+        },
+    }
+    with operator() as runner:
+        cluster.call("POST", ADAPTER_SETS, adapter_set)
+
+        def status() -> dict[str, Any]:
+            (found,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+            return dict(found.get("status", {}))
+
+        ready = wait_for("a checked AdapterSet", lambda: status().get("ready") and status())
+        assert ready["version"] == str(manifest.version)
+        assert ready["sizeBytes"] == manifest.total_bytes and len(ready["digest"]) == 64
     assert runner.exit_code == 0, runner.output

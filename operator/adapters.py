@@ -1,0 +1,102 @@
+"""AdapterSet status: is the adapter set its spec describes really in the store?
+
+An AdapterSet object only describes an adapter; the weights live in Redis,
+published by `elasticfleet adapters push`. Workers fetch what a fleet
+names, so a typo or a stale spec would surface as load failures on every
+worker. This check reads the version's manifest (no blobs) and compares it
+with the spec: base model, rank, modules, router, and that every task the
+spec names has a head. The result is the AdapterSet's status, with the
+version, its manifest's sha256 digest and its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from elasticfleet.operator.conditions import Condition, set_condition
+from elasticfleet.worker.adapter_store import AdapterManifest, AdapterNotFound, AdapterStore
+
+
+@dataclass(frozen=True)
+class AdapterCheck:
+    """What the store says about one AdapterSet."""
+
+    ready: bool
+    reason: str
+    message: str
+    manifest: AdapterManifest | None = None
+
+
+def store_name(name: str, spec: dict[str, Any]) -> str:
+    """The adapter's name in the store: spec.store.name, else the object's."""
+    return str(spec.get("store", {}).get("name") or name)
+
+
+def mismatches(spec: dict[str, Any], manifest: AdapterManifest) -> list[str]:
+    """How the published version differs from what the spec says."""
+    found = manifest.spec
+    problems = []
+    if spec["baseModel"] != found.base_model:
+        problems.append(f"base model is {found.base_model!r}, spec says {spec['baseModel']!r}")
+    if spec["rank"] != found.rank:
+        problems.append(f"rank is {found.rank}, spec says {spec['rank']}")
+    if "alpha" in spec and float(spec["alpha"]) != found.alpha:
+        problems.append(f"alpha is {found.alpha:g}, spec says {spec['alpha']:g}")
+    if set(spec["modules"]) != set(found.modules):
+        problems.append(
+            f"modules are {', '.join(found.modules)}, spec says {', '.join(spec['modules'])}"
+        )
+    if spec.get("router", False) and not found.router:
+        problems.append("it has no router, spec says router: true")
+    missing = [task for task in spec["tasks"] if task not in found.tasks]
+    if missing:
+        problems.append(
+            f"no head for task(s) {', '.join(missing)} (it has {', '.join(found.tasks)})"
+        )
+    return problems
+
+
+def check_adapter_set(store: AdapterStore, name: str, spec: dict[str, Any]) -> AdapterCheck:
+    """Check AdapterSet `name` against `store`. Store outages raise the
+    store's StoreUnavailable: the caller retries later."""
+    adapter = store_name(name, spec)
+    pinned = str(spec.get("store", {}).get("version", ""))
+    try:
+        manifest = store.manifest(adapter, int(pinned) if pinned else None)
+    except AdapterNotFound as error:
+        return AdapterCheck(
+            False, "NotFound", f"{error}; publish it with `elasticfleet adapters push`"
+        )
+    problems = mismatches(spec, manifest)
+    if problems:
+        return AdapterCheck(
+            False, "SpecMismatch", f"version {manifest.version}: " + "; ".join(problems), manifest
+        )
+    return AdapterCheck(True, "Published", f"version {manifest.version} matches the spec", manifest)
+
+
+def adapter_status(
+    check: AdapterCheck, conditions: list[Condition], *, now: datetime, generation: int
+) -> dict[str, Any]:
+    """The AdapterSet's status for a check."""
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "ready": check.ready,
+        "conditions": set_condition(
+            conditions,
+            "Ready",
+            check.ready,
+            check.reason,
+            check.message,
+            now=now,
+            generation=generation,
+        ),
+    }
+    if check.manifest is not None:
+        status["version"] = str(check.manifest.version)
+        status["digest"] = hashlib.sha256(check.manifest.to_json().encode()).hexdigest()
+        status["sizeBytes"] = check.manifest.total_bytes
+    return status

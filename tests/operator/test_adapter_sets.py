@@ -1,0 +1,95 @@
+"""AdapterSet status from the adapter store, on a real Valkey server (the
+session's, from tests/conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from elasticfleet.operator.adapters import adapter_status, check_adapter_set, store_name
+from elasticfleet.worker.adapter_format import AdapterWeights
+from elasticfleet.worker.adapter_store import AdapterStore, StoreUnavailable
+
+MakeAdapter = Callable[..., AdapterWeights]
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[AdapterStore]:
+    opened = AdapterStore.from_url(redis_url)
+    yield opened
+    opened.close()
+
+
+def _spec(**changes: Any) -> dict[str, Any]:
+    # Matches conftest's make_adapter(): every module, rank 4, alpha 8, router.
+    spec: dict[str, Any] = {
+        "baseModel": "tiny-llama",
+        "tasks": ["code", "qa"],
+        "rank": 4,
+        "alpha": 8,
+        "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "router": True,
+    }
+    return spec | changes
+
+
+def test_a_published_adapter_is_ready(store: AdapterStore, make_adapter: MakeAdapter) -> None:
+    first = store.publish(make_adapter(name="demo", seed=1))
+    second = store.publish(make_adapter(name="demo", seed=2))
+    check = check_adapter_set(store, "demo", _spec())
+    assert check.ready and check.manifest == second
+    status = adapter_status(check, [], now=NOW, generation=3)
+    assert status["ready"] is True and status["version"] == str(second.version)
+    assert status["sizeBytes"] == second.total_bytes > 0
+    assert len(status["digest"]) == 64
+    (ready,) = status["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Published")
+    assert ready["observedGeneration"] == 3
+    # A pinned version is checked as it is, under the store name the spec gives.
+    pinned = _spec(store={"name": "demo", "version": str(first.version)})
+    assert check_adapter_set(store, "renamed", pinned).manifest == first
+    assert store_name("renamed", pinned) == "demo"
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"baseModel": "SmolLM2-135M-Instruct"}, "base model is 'tiny-llama'"),
+        ({"rank": 8}, "rank is 4, spec says 8"),
+        ({"alpha": 16}, "alpha is 8, spec says 16"),
+        ({"modules": ["q_proj"]}, "modules are q_proj, k_proj"),
+        ({"tasks": ["code", "poetry"]}, "no head for task(s) poetry"),
+    ],
+)
+def test_a_spec_that_does_not_match_is_not_ready(
+    store: AdapterStore, make_adapter: MakeAdapter, changes: dict[str, Any], problem: str
+) -> None:
+    store.publish(make_adapter(name="demo"))
+    check = check_adapter_set(store, "demo", _spec(**changes))
+    assert not check.ready and check.reason == "SpecMismatch"
+    assert problem in check.message
+
+
+def test_router_is_required_only_when_asked(store: AdapterStore, make_adapter: MakeAdapter) -> None:
+    store.publish(make_adapter(name="plain", router=False))
+    assert check_adapter_set(store, "plain", _spec(router=False)).ready
+    assert "has no router" in check_adapter_set(store, "plain", _spec()).message
+
+
+def test_an_unpublished_adapter_says_how_to_publish(store: AdapterStore) -> None:
+    check = check_adapter_set(store, "missing", _spec())
+    assert (check.ready, check.reason) == (False, "NotFound")
+    assert "elasticfleet adapters push" in check.message
+    status = adapter_status(check, [], now=NOW, generation=1)
+    assert "version" not in status and status["ready"] is False
+
+
+def test_a_store_outage_raises_for_a_retry() -> None:
+    store = AdapterStore.from_url("redis://127.0.0.1:1/0", connect_timeout_s=0.2, retries=0)
+    with pytest.raises(StoreUnavailable):
+        check_adapter_set(store, "demo", _spec())
+    store.close()
