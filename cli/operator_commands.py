@@ -4,9 +4,11 @@ Kept apart from `cli.py` so the operator's commands grow in one place:
 `add_operator_commands` adds the group and `OPERATOR_HANDLERS` maps each
 subcommand to its function. `operator crds` prints the CustomResource-
 Definitions that elasticfleet.operator.crds defines, the one source of the
-CRD YAML (`elasticfleet operator crds | kubectl apply -f -`). `operator run`
-runs the kopf operator; its settings come from flags, else the environment
-(what a Deployment sets):
+CRD YAML (`elasticfleet operator crds | kubectl apply -f -`). `operator loop`
+drives the fleet control loop against workers given by address, without
+Kubernetes (a local demo, or a look at what the operator would do).
+`operator run` runs the kopf operator; its settings come from flags, else
+the environment (what a Deployment sets):
 
     ELASTICFLEET_NAMESPACES  comma-separated namespaces to serve (default: all)
     ELASTICFLEET_PEERING     kopf peering object name (several replicas: one active)
@@ -20,20 +22,38 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `operator crds | run` to the top-level subcommands."""
+    """Add `operator crds | loop | run` to the top-level subcommands."""
     operator = commands.add_parser("operator", help="the Kubernetes operator")
     group = operator.add_subparsers(dest="operator_command", required=True)
     group.add_parser("crds", help="print the ElasticFleet and AdapterSet CRDs as YAML")
+    loop = group.add_parser(
+        "loop", help="run the fleet control loop against workers by address (no Kubernetes)"
+    )
+    loop.add_argument("fleet", type=Path, help="an ElasticFleet YAML file (its spec is used)")
+    loop.add_argument(
+        "--worker",
+        action="append",
+        required=True,
+        type=_endpoint,
+        metavar="NAME=HOST:PORT",
+        help="a worker to plan (repeatable)",
+    )
+    loop.add_argument("--ticks", type=int, default=1, help="ticks to run (default 1)")
+    loop.add_argument("--interval", type=float, help="seconds between ticks (default: the spec's)")
     run = group.add_parser("run", help="run the operator (kopf) against the current cluster")
     run.add_argument(
         "--namespace",
         action="append",
-        default=_env_list("ELASTICFLEET_NAMESPACES"),
         help="namespace to serve (repeatable; default: $ELASTICFLEET_NAMESPACES, else all)",
     )
     peering = run.add_mutually_exclusive_group()
@@ -54,6 +74,70 @@ def _env_list(name: str) -> list[str]:
     return [part for part in os.environ.get(name, "").split(",") if part]
 
 
+def namespaces(args: argparse.Namespace) -> list[str]:
+    """The namespaces `operator run` serves: flags, else the environment."""
+    return list(args.namespace or _env_list("ELASTICFLEET_NAMESPACES"))
+
+
+def _endpoint(text: str) -> WorkerEndpoint:
+    from elasticfleet.operator.control import WorkerEndpoint
+
+    name, sep, address = text.partition("=")
+    if not sep or not name or ":" not in address:
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {text!r}")
+    return WorkerEndpoint(name, address)
+
+
+class _PrintingSink:
+    """Events to stderr as they happen; the last status kept for stdout."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+
+    async def patch_status(self, status: dict[str, Any]) -> None:
+        self.status = status
+
+    async def post_event(self, event: FleetEvent) -> None:
+        print(f"{event.type} {event.reason}: {event.message}", file=sys.stderr, flush=True)
+
+
+def _loop(args: argparse.Namespace) -> int:
+    import yaml
+
+    from elasticfleet.operator.control import AdapterWant, FleetController, profile_for_model
+    from elasticfleet.operator.spec import FleetSpec
+    from elasticfleet.worker.client import AsyncWorkerClient
+
+    body = yaml.safe_load(args.fleet.read_text())
+    meta = body.get("metadata", {})
+    spec = FleetSpec.parse(
+        meta.get("name", "fleet"), meta.get("namespace", "default"), body["spec"]
+    )
+    interval = spec.memory.plan_interval_s if args.interval is None else args.interval
+    sink = _PrintingSink()
+
+    async def run() -> None:
+        controller = FleetController(
+            spec,
+            profile_for_model(spec.model_name),
+            lambda endpoint: AsyncWorkerClient(endpoint.address),
+            sink,
+        )
+        # Without AdapterSet objects, each adapter set is loaded by its name.
+        controller.adapters = tuple(AdapterWant(name) for name in spec.adapters)
+        try:
+            for tick in range(args.ticks):
+                if tick:
+                    await asyncio.sleep(interval)
+                await controller.tick(args.worker)
+        finally:
+            await controller.close()
+
+    asyncio.run(run())
+    sys.stdout.write(yaml.safe_dump({"status": sink.status}, sort_keys=False))
+    return 0
+
+
 def _crds(_args: argparse.Namespace) -> int:
     from elasticfleet.operator.crds import render_crds
 
@@ -66,10 +150,11 @@ def _run(args: argparse.Namespace) -> int:
 
     import elasticfleet.operator.handlers  # noqa: F401 (registers the handlers)
 
+    served = namespaces(args)
     asyncio.run(
         kopf.operator(
-            clusterwide=not args.namespace,
-            namespaces=args.namespace,
+            clusterwide=not served,
+            namespaces=served,
             standalone=args.standalone or args.peering is None,
             peering_name=args.peering,
             liveness_endpoint=args.liveness,
@@ -80,5 +165,6 @@ def _run(args: argparse.Namespace) -> int:
 
 OPERATOR_HANDLERS: dict[tuple[str, str], Handler] = {
     ("operator", "crds"): _crds,
+    ("operator", "loop"): _loop,
     ("operator", "run"): _run,
 }

@@ -1,24 +1,31 @@
-"""`elasticfleet operator run` as a real process against the emulated API:
-settings from the environment, the liveness endpoint, the handlers at work,
-and a clean stop on SIGTERM."""
+"""The operator's commands: `operator run` as a real process against the
+emulated API (settings from the environment, the liveness endpoint, the
+handlers at work, a clean stop on SIGTERM), and `operator loop` planning a
+worker over gRPC without Kubernetes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc.aio
 import pytest
 import yaml
+from fake_fleet import GIB, FakeWorker, fake_worker_service
 
-from elasticfleet.cli import build_parser
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.cli import build_parser, main
+from elasticfleet.operator_commands import namespaces
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
 # Fixture: cluster (the emulated API, $KUBECONFIG pointing at it).
 pytest_plugins = ["kube_emulator"]
 
+PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 ELASTICFLEET = str(Path(sys.executable).with_name("elasticfleet"))
 EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "elasticfleet.yaml"
 
@@ -46,12 +54,12 @@ def _alive(url: str) -> bool:
 
 
 def test_settings_come_from_flags_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = build_parser().parse_args(["operator", "run", "--namespace", "a", "--namespace", "b"])
-    assert (args.namespace, args.peering, args.standalone) == (["a", "b"], None, False)
     monkeypatch.setenv("ELASTICFLEET_NAMESPACES", "x,y")
+    args = build_parser().parse_args(["operator", "run", "--namespace", "a", "--namespace", "b"])
+    assert (namespaces(args), args.peering, args.standalone) == (["a", "b"], None, False)
     monkeypatch.setenv("ELASTICFLEET_PEERING", "elasticfleet")
     args = build_parser().parse_args(["operator", "run"])
-    assert (args.namespace, args.peering) == (["x", "y"], "elasticfleet")
+    assert (namespaces(args), args.peering) == (["x", "y"], "elasticfleet")
 
 
 def test_run_serves_liveness_and_stops_on_sigterm(cluster: EmulatedCluster) -> None:
@@ -82,3 +90,43 @@ def test_run_serves_liveness_and_stops_on_sigterm(cluster: EmulatedCluster) -> N
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def test_loop_plans_workers_without_kubernetes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    worker = FakeWorker(PROFILE, others_bytes=int(3.2 * GIB))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def serve() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(handlers=[fake_worker_service(worker)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    fleet = yaml.safe_load(EXAMPLE.read_text())
+    fleet["spec"]["memoryPolicy"] = {"policy": "greedy", "budget": {"fraction": 0.5}}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet))
+    try:
+        command = ["operator", "loop", str(path), "--worker", f"w0=127.0.0.1:{port}"]
+        assert main([*command, "--ticks", "2", "--interval", "0"]) == 0
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    out, err = capsys.readouterr()
+    status = yaml.safe_load(out)["status"]
+    (entry,) = status["workers"]
+    assert entry["plan"]["id"] == worker.plan_id and worker.plan.kept_blocks < PROFILE.num_blocks
+    assert entry["adapters"][0]["name"] == "tasks"
+    assert err.count("Normal PlanChanged: w0:") == 1  # the second tick changes nothing
+
+
+def test_loop_rejects_a_bad_worker_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["operator", "loop", "f.yaml", "--worker", "127.0.0.1:1"])
+    assert "expected NAME=HOST:PORT" in capsys.readouterr().err
