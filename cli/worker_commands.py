@@ -78,6 +78,18 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     worker.add_argument("--max-batch", type=int, default=64, help="most sequences per step")
     worker.add_argument("--max-queue", type=int, default=256, help="most requests waiting")
     worker.add_argument("--default-max-new-tokens", type=int, default=256)
+    worker.add_argument(
+        "--prefill-group",
+        type=int,
+        default=4,
+        help="while sequences run, newcomers wait until this many can share a prefill",
+    )
+    worker.add_argument(
+        "--max-admit-delay",
+        type=int,
+        default=3,
+        help="most decode steps a newcomer waits for a prefill group",
+    )
     worker.add_argument("--drop-attention", type=_int_list, default=[], metavar="I,J")
     worker.add_argument("--drop-ffn", type=_int_list, default=[], metavar="I,J")
     worker.add_argument("--plan-id", default="initial", help="name of the starting plan")
@@ -155,6 +167,8 @@ def _worker(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         plan_id=args.plan_id,
+        prefill_group=args.prefill_group,
+        max_admit_delay=args.max_admit_delay,
     )
     options = ServerOptions(
         host=args.host,

@@ -186,6 +186,7 @@ class _Request:
     next_input: int = 0
     row: int = -1
     cancelled: bool = False
+    held: int = 0  # iterations held back to share a prefill
 
 
 @dataclass
@@ -211,10 +212,22 @@ class Engine:
         window_s: float = 60.0,
         adapters: AdapterHost | None = None,
         plan_id: str = "initial",
+        prefill_group: int = 4,
+        max_admit_delay: int = 3,
     ) -> None:
         if max_queue < 0 or max_batch < 1:
             raise ValueError(f"need max_queue >= 0 and max_batch >= 1, got {max_queue}/{max_batch}")
+        if prefill_group < 1 or max_admit_delay < 0:
+            raise ValueError("need prefill_group >= 1 and max_admit_delay >= 0")
         self.model = model
+        # A prefill forward reads every weight however few prompts it holds,
+        # so one over several newcomers costs far less per request than one
+        # each (on 2 CPU cores: 350 ms for one 40-token prompt, 510 ms for
+        # three). While sequences are running, newcomers are therefore held
+        # back until prefill_group of them wait, or the oldest has waited
+        # max_admit_delay iterations; an idle worker admits at once.
+        self.prefill_group = prefill_group
+        self.max_admit_delay = max_admit_delay
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.max_queue = max_queue
@@ -578,6 +591,8 @@ class Engine:
         layout = self._layout()
         adapter_bytes = self._adapter_bytes()
         with self._lock:
+            if self._hold_back():
+                return []
             while self._queue and len(self._active) + len(admitted) < self.admission.max_rows:
                 candidate = self._queue[0]
                 needed = self._needed_layout([*admitted, candidate])
@@ -606,6 +621,18 @@ class Engine:
         if admitted:
             self._resize(layout)
         return admitted
+
+    def _hold_back(self) -> bool:
+        """Whether to keep the queue waiting one more iteration so that its
+        requests share a prefill (see __init__). Called under the lock."""
+        if not self._queue or not self._active:
+            return False
+        group = min(self.prefill_group, self.admission.max_rows - len(self._active))
+        head = self._queue[0]
+        if len(self._queue) >= group or head.held >= self.max_admit_delay:
+            return False
+        head.held += 1
+        return True
 
     def _shrink(self) -> None:
         """Give memory back when requests have left: free the cache when

@@ -65,10 +65,11 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture
 def engine(served_model_dir: Path, one_thread: None) -> Iterator[Engine]:
     """An engine on the plain-layout tiny model, not started: tests drive it
-    with step() so every interleaving is deterministic."""
+    with step() so every interleaving is deterministic. Newcomers join at
+    the next step (prefill_group=1), so tests can place joins exactly."""
     model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
     tokenizer = Tokenizer.from_file(str(served_model_dir / TOKENIZER_FILE))
-    engine = Engine(model, tokenizer, budget_bytes=LARGE_BUDGET)
+    engine = Engine(model, tokenizer, budget_bytes=LARGE_BUDGET, prefill_group=1)
     yield engine
     engine.close()
 

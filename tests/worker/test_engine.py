@@ -106,6 +106,27 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(
     assert engine.stats().picture.kv_reserved_bytes == 0  # idle: the cache is freed
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_newcomers_are_held_back_to_share_a_prefill(served_model_dir: Path) -> None:
+    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
+    tokenizer = Tokenizer.from_file(str(served_model_dir / TOKENIZER_FILE))
+    engine = Engine(model, tokenizer, budget_bytes=2**26, prefill_group=3, max_admit_delay=2)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    engine.submit("first", params, Collector())
+    engine.step()  # idle: admitted at once
+    engine.submit("alone", params, Collector())
+    for _ in range(2):  # held back while it waits alone, at most 2 iterations
+        engine.step()
+        assert engine.stats().queue_depth == 1
+    engine.step()
+    assert engine.stats().queue_depth == 0
+    for prompt in ("a", "b", "c"):  # a group of 3 joins at the next step
+        engine.submit(prompt, params, Collector())
+    engine.step()
+    assert [i.newcomers for i in engine.iterations] == [1, 0, 0, 1, 3]
+    engine.close()
+
+
 def test_eos_and_stop_strings_finish_a_request(engine: Engine) -> None:
     # Force the tiny model's choice: a huge temperature-free top-k of 1 is
     # greedy; find what it would say, then stop on its third character.
