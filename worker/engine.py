@@ -9,7 +9,9 @@ One thread owns the model and its KV cache and runs iterations. Each one:
    new request is admitted meanwhile; a newer plan supersedes it;
 2. drops cancelled requests, freeing their KV rows;
 3. admits waiting requests, first come first served, while the cache laid
-   out for them still fits the memory budget (worker/admission.py);
+   out for them still fits the memory budget (worker/admission.py); while
+   sequences run, a few newcomers are gathered first so that they share
+   one prefill (at most `max_admit_delay` iterations);
 4. prefills the newcomers (one forward over their prompts) and samples each
    one's first token;
 5. runs one decode step over every running sequence, samples, streams each
