@@ -22,6 +22,12 @@ that cannot be reached, or whose plan cannot be applied, marks the fleet
 Degraded with a reason and a message naming it, and never holds up the
 others: each worker's exchange runs on its own with its own deadlines.
 
+Policy decisions are CPU work (the RL policy runs a small network per
+dropped block), so they run on one thread of the controller's own, one at a
+time, and the event loop (kopf's, in the operator) keeps serving. Workers
+under the same budget and load ask the same question; each distinct one is
+decided once.
+
 Plan identifiers are derived from the keep-mask, and plans are compared
 with what the worker reports, so a restarted operator seeded with the
 fleet's last status pushes nothing that is already in force.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -90,6 +97,8 @@ TRANSIENT = frozenset(
     }
 )
 SOURCES = {pb.MEMORY_SOURCE_NVML: "nvml", pb.MEMORY_SOURCE_HOST: "host"}
+# Decisions remembered across ticks; the memo starts over when it is full.
+MAX_DECISIONS = 4096
 
 
 class WorkerConnection(Protocol):
@@ -293,6 +302,7 @@ class FleetController:
         self._conditions: list[Condition] = list(previous.get("conditions", []))
         self._worker_errors: dict[str, str] = {}
         self.adapters: tuple[AdapterWant, ...] = ()
+        self._decider = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elasticfleet-policy")
         self.update(spec, generation)
 
     def update(self, spec: FleetSpec, generation: int) -> None:
@@ -309,9 +319,10 @@ class FleetController:
         self._decisions: dict[tuple[int, int, int, tuple[bool, ...]], PruningPlan] = {}
 
     async def close(self) -> None:
-        """Close every worker connection."""
+        """Close every worker connection and stop the decision thread."""
         connections, self._connections = self._connections, {}
         await asyncio.gather(*(c.close() for c in connections.values()))
+        self._decider.shutdown(wait=False)
 
     async def tick(self, endpoints: Sequence[WorkerEndpoint]) -> TickReport:
         """One round over `endpoints` (the fleet's ready workers)."""
@@ -395,7 +406,12 @@ class FleetController:
                 stats.active_sequences,
                 self.profile.config.max_position_embeddings,
             )
-            plan = self._decide(budget, load, current)
+            plan = self._decisions.get(_decision_key(budget, load, current))
+            if plan is None:
+                loop = asyncio.get_running_loop()
+                plan = await loop.run_in_executor(
+                    self._decider, self._decide, budget, load, current
+                )
             ratio = self.floor.check(plan)
         except SpecError as error:
             return self._failed(endpoint, MODEL_MISMATCH, str(error), status)
@@ -457,8 +473,10 @@ class FleetController:
     def _decide(self, budget: int, load: Load, current: PruningPlan) -> PruningPlan:
         # Policies are deterministic, and workers under one load and budget
         # ask the same question: decide each distinct state once.
-        key = (budget, load.batch_size, load.seq_len, tuple(current.to_mask()))
+        key = _decision_key(budget, load, current)
         if key not in self._decisions:
+            if len(self._decisions) >= MAX_DECISIONS:
+                self._decisions.clear()
             state = PolicyState(budget, load.batch_size, load.seq_len, self.profile, current)
             self._decisions[key] = self.policy.decide(state)
         return self._decisions[key]
@@ -599,6 +617,12 @@ class FleetController:
                 conditions, kind, value, reason, message, now=now, generation=self.generation
             )
         self._conditions = conditions
+
+
+def _decision_key(
+    budget: int, load: Load, current: PruningPlan
+) -> tuple[int, int, int, tuple[bool, ...]]:
+    return (budget, load.batch_size, load.seq_len, tuple(current.to_mask()))
 
 
 def _device(stats: pb.GetStatsResponse) -> DeviceFigures:

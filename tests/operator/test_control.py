@@ -6,12 +6,15 @@ others; retries back off; a restarted loop resumes from status."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import grpc
 import pytest
 from fake_fleet import GIB, FakeFleet, FakeTime, RecordingSink, rpc_error
 
+from elasticfleet.agent.policy import GreedyPolicy, PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.operator.control import (
     AdapterWant,
@@ -367,3 +370,51 @@ def test_an_adapter_missing_from_the_store_degrades_but_the_plan_applies() -> No
     assert degraded["reason"] == "AdapterFailed"
     assert "NOT_FOUND: no adapter 'nowhere' in the store" in degraded["message"]
     assert [e.reason for e in harness.sink.events] == ["PlanChanged", "AdapterFailed"]
+
+
+class CountingPolicy:
+    """Greedy decisions, counted, each taking `seconds` of real CPU-bound time."""
+
+    name = "counting"
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.calls = 0
+        self.seconds = seconds
+        self.threads: set[str] = set()
+
+    def decide(self, state: PolicyState) -> PruningPlan:
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)  # stands in for a network's forward passes
+        return GreedyPolicy().decide(state)
+
+
+def test_each_distinct_state_is_decided_once() -> None:
+    fleet = FakeFleet(PROFILE, 4, others_bytes=int(3.2 * GIB))
+    harness = Harness(fleet)
+    policy = CountingPolicy()
+    harness.controller.policy = policy
+    harness.tick()
+    assert policy.calls == 1  # four workers, one state
+    assert len({w.plan for w in fleet.workers.values()}) == 1
+    harness.tick()  # each worker now runs that plan: a new state, decided once
+    assert policy.calls == 2
+
+
+def test_decisions_do_not_block_the_event_loop() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
+    harness = Harness(fleet)
+    policy = CountingPolicy(seconds=0.3)
+    harness.controller.policy = policy
+
+    async def run() -> int:
+        beats = 0
+        tick = asyncio.create_task(harness.controller.tick(fleet.endpoints()))
+        while not tick.done():
+            await asyncio.sleep(0.01)
+            beats += 1
+        await tick
+        return beats
+
+    assert asyncio.run(run()) >= 10
+    assert policy.threads == {"elasticfleet-policy_0"}
