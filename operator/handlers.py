@@ -60,6 +60,7 @@ ADAPTER_CHECK_S = 300.0
 WAKE_S = 1.0
 LOOP_CONDITIONS = ("Available", "Degraded")
 RETRY_DELAY_S = 10
+WATCH_TIMEOUT_S = 600
 
 
 class _Connection:
@@ -87,6 +88,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     # kopf's own per-handler Events would drown the plan changes.
     settings.posting.level = logging.WARNING
+    # Watches that end on the server's side are reopened rather than trusted
+    # forever: a silently dead connection would freeze the operator's view.
+    settings.watching.server_timeout = WATCH_TIMEOUT_S
+    settings.watching.client_timeout = WATCH_TIMEOUT_S + 60
+    settings.watching.connect_timeout = 60
 
 
 @kopf.on.login()
