@@ -96,8 +96,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    # kopf logs in again when credentials expire: the client follows.
+    if _Connection.api is not None:
+        await _Connection.api.close()
+        _Connection.api = None
     _Connection.info = info
     return info
 
