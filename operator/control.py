@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Status = dict[str, Any]
 
@@ -76,12 +78,16 @@ NO_FEASIBLE_PLAN = "NoFeasiblePlan"
 QUALITY_FLOOR = "QualityFloor"
 PLAN_FAILED = "PlanFailed"
 ADAPTER_FAILED = "AdapterFailed"
+POLICY_FAILED = "PolicyFailed"
+INTERNAL_ERROR = "InternalError"
 SEVERITY = (
+    INTERNAL_ERROR,
     UNREACHABLE,
     MODEL_MISMATCH,
     NO_MEMORY,
     NO_FEASIBLE_PLAN,
     QUALITY_FLOOR,
+    POLICY_FAILED,
     PLAN_FAILED,
     ADAPTER_FAILED,
 )
@@ -327,7 +333,7 @@ class FleetController:
     async def tick(self, endpoints: Sequence[WorkerEndpoint]) -> TickReport:
         """One round over `endpoints` (the fleet's ready workers)."""
         await self._forget_gone(endpoints)
-        outcomes = list(await asyncio.gather(*(self._worker(e) for e in endpoints)))
+        outcomes = list(await asyncio.gather(*(self._guarded(e) for e in endpoints)))
         now = self.clock()
         events = self._events(outcomes)
         for outcome in outcomes:
@@ -389,6 +395,14 @@ class FleetController:
         status.update(reachable=observed is not None, message=f"{reason}: {message}")
         return WorkerOutcome(endpoint, status, error_reason=reason, error=message)
 
+    async def _guarded(self, endpoint: WorkerEndpoint) -> WorkerOutcome:
+        """One worker's round; a bug there fails that worker, not the tick."""
+        try:
+            return await self._worker(endpoint)
+        except Exception as error:
+            log.exception("planning worker %s failed", endpoint.pod)
+            return self._failed(endpoint, INTERNAL_ERROR, _describe_error(error))
+
     async def _worker(self, endpoint: WorkerEndpoint) -> WorkerOutcome:
         connection = self._connection(endpoint)
         timeout = self.settings.stats_timeout_s
@@ -421,6 +435,8 @@ class FleetController:
             return self._failed(endpoint, NO_FEASIBLE_PLAN, str(error), status)
         except QualityFloorError as error:
             return self._failed(endpoint, QUALITY_FLOOR, str(error), status)
+        except ValueError as error:  # e.g. an RL agent trained for another block count
+            return self._failed(endpoint, POLICY_FAILED, str(error), status)
         outcome = await self._push(
             endpoint, connection, stats, status, current, plan, budget, load, ratio
         )

@@ -418,3 +418,33 @@ def test_decisions_do_not_block_the_event_loop() -> None:
 
     assert asyncio.run(run()) >= 10
     assert policy.threads == {"elasticfleet-policy_0"}
+
+
+def test_a_policy_for_another_model_fails_that_worker_not_the_tick() -> None:
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
+    harness = Harness(fleet)
+
+    class WrongAgent:
+        name = "rl"
+
+        def decide(self, state: PolicyState) -> PruningPlan:
+            raise ValueError("the agent was trained for 8 blocks, the model has 60")
+
+    harness.controller.policy = WrongAgent()
+    degraded = _condition(harness.tick().status, "Degraded")
+    assert (degraded["reason"], degraded["status"]) == ("PolicyFailed", "True")
+    assert "trained for 8 blocks" in degraded["message"]
+
+
+def test_an_unexpected_error_fails_that_worker_not_the_tick() -> None:
+    fleet = FakeFleet(PROFILE, 2)
+    harness = Harness(fleet)
+
+    async def broken(*, timeout: float | None = None) -> Any:
+        return None  # not a GetStatsResponse
+
+    fleet.workers["w0"].get_stats = broken  # type: ignore[method-assign]
+    report = harness.tick()
+    assert report.outcomes[0].error_reason == "InternalError"
+    assert report.outcomes[1].error_reason == ""
+    assert _condition(report.status, "Degraded")["reason"] == "InternalError"
