@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reward from the profile's importance estimate (fast) or measured perplexity",
     )
     train.add_argument("--windows", type=int, default=2, help="perplexity windows (x256)")
-    train.add_argument("--episodes", type=int, default=3000)
+    train.add_argument("--episodes", type=int, default=2500)
     train.add_argument("--time-limit", type=float, help="stop after this many seconds")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
