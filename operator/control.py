@@ -38,11 +38,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -103,6 +105,7 @@ TRANSIENT = frozenset(
     }
 )
 SOURCES = {pb.MEMORY_SOURCE_NVML: "nvml", pb.MEMORY_SOURCE_HOST: "host"}
+PROFILES_ENV = "ELASTICFLEET_PROFILES"
 # Decisions remembered across ticks; the memo starts over when it is full.
 MAX_DECISIONS = 4096
 
@@ -222,15 +225,23 @@ def plan_status(plan: PruningPlan, identifier: str) -> Status:
 
 
 def profile_for_model(model_name: str) -> ModelProfile:
-    """The block profile policies need for a fleet's model; only models with a
-    committed profile can be planned."""
-    profile = ModelProfile.load(DEFAULT_PROFILE)
-    if profile.model_name != model_name:
-        raise SpecError(
-            f"no block profile for model {model_name!r}; profiled models: {profile.model_name} "
-            f"(run `elasticfleet agent profile` for another model)"
-        )
-    return profile
+    """The block profile policies need for a fleet's model: the committed
+    SmolLM2 profile, or `<model>.json` in a directory of $ELASTICFLEET_PROFILES
+    (os.pathsep-separated; `elasticfleet agent profile --out` writes one)."""
+    folders = [part for part in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if part]
+    candidates = [DEFAULT_PROFILE, *(Path(folder) / f"{model_name}.json" for folder in folders)]
+    known = []
+    for path in candidates:
+        if path.is_file():
+            profile = ModelProfile.load(path)
+            if profile.model_name == model_name:
+                return profile
+            known.append(profile.model_name)
+    raise SpecError(
+        f"no block profile for model {model_name!r}; profiled models: {', '.join(known)} "
+        f"(profile it with `elasticfleet agent profile --out DIR/{model_name}.json` and "
+        f"add DIR to ${PROFILES_ENV})"
+    )
 
 
 def build_policy(spec: FleetSpec) -> Policy:
