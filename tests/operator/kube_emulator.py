@@ -9,13 +9,21 @@ What this adds, and why:
   every write (kopf waits to see its own patches' versions come back);
 - `metadata.namespace` on objects created through a namespaced URL;
 - lists that say their `kind` and a real `resourceVersion`;
-- the core group's discovery as `v1`, not `/v1`;
+- the core group's discovery as `v1`, not `/v1`, and subresources without
+  the short names of their resource (kubectl would call them ambiguous);
 - Kubernetes' error statuses and reasons: a failed JSON-patch `test` (kopf
   guards its patches with one on `resourceVersion`) is 422 Invalid, not 500,
   so kopf waits for the newer object instead of retrying the stale patch;
   404s say NotFound and 409s AlreadyExists;
 - discovery for the resources the operator uses, declared up front (as an
-  API server with the CRDs installed would serve them).
+  API server with the CRDs installed would serve them);
+- CustomResourceDefinitions that take effect: a created CRD is marked
+  Established and adds its resource to discovery (kind, short names,
+  categories, status subresource), so `kubectl apply` of the CRDs and then
+  of custom resources works, and `kubectl get` by short name;
+- server-side printing: a list or get that asks for a Table (as kubectl
+  does) gets the CRD's printer columns, evaluated with the JSONPath subset
+  printer columns use (`.a.b` and `[?(@.key=="value")]` filters).
 
 Not added: watches still replay every object as ADDED (kopf's handling is
 idempotent over its last-handled state, so a replay changes nothing),
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -74,6 +83,13 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
     # kopf waits for namespaces in discovery even when it serves all of them.
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition",
+        namespaced=False,
+        singular="customresourcedefinition",
+        shortnames={"crd", "crds"},
+        verbs={"get", "list", "create", "patch"},
+    ),
     "apps/v1/deployments": kmock.ResourceInfo(
         kind="Deployment", namespaced=True, verbs={"get", "create", "patch"}
     ),
@@ -98,6 +114,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == enums.action.CREATE:
+                if request.data.get("kind") == "CustomResourceDefinition":
+                    self._establish(request.data)
                 if request.namespace and not meta.get("namespace"):
                     meta["namespace"] = request.namespace
                 meta.setdefault("uid", str(uuid.uuid4()))
@@ -115,6 +133,75 @@ class ApiEmulator(kmock.KubernetesEmulator):
                     meta["resourceVersion"] = str(next(self._versions))
         return await super()._handle(request)
 
+    _printer_columns: dict[Any, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
+
+    def _establish(self, crd: dict[str, Any]) -> None:
+        """Serve the custom resource a created CRD defines."""
+        spec = crd["spec"]
+        names = spec["names"]
+        for version in spec["versions"]:
+            key = f"{spec['group']}/{version['name']}/{names['plural']}"
+            self.resources[key] = kmock.ResourceInfo(
+                kind=names["kind"],
+                namespaced=spec["scope"] == "Namespaced",
+                singular=names.get("singular", names["kind"].lower()),
+                shortnames=set(names.get("shortNames", [])),
+                categories=set(names.get("categories", [])),
+                verbs={"list", "watch", "get", "patch", "create", "delete"},
+                subresources=set(version.get("subresources", {})),
+            )
+            self._printer_columns[kmock.resource(key)] = version.get("additionalPrinterColumns", [])
+        crd["status"] = {
+            "acceptedNames": names,
+            "conditions": [
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted"}
+            ],
+        }
+
+    def _wants_table(self, request: rendering.Request) -> bool:
+        return "as=Table" in request.headers.get("Accept", "") and (
+            request.resource in self._printer_columns
+        )
+
+    def _table(self, request: rendering.Request, objects: list[dict[str, Any]]) -> Any:
+        columns = [
+            {"name": "Name", "type": "string", "format": "name", "description": "Name"},
+            *self._printer_columns[request.resource],
+        ]
+        rows = []
+        for obj in objects:
+            cells: list[Any] = [obj["metadata"]["name"]]
+            for column in columns[1:]:
+                value = _json_path(obj, column["jsonPath"])
+                if column["type"] == "date" and isinstance(value, str):
+                    value = _age(value)
+                cells.append(value)
+            metadata = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1"}
+            rows.append({"cells": cells, "object": {**metadata, "metadata": obj["metadata"]}})
+        definitions = [
+            {
+                "name": c["name"],
+                "type": c["type"],
+                "format": c.get("format", ""),
+                "description": c.get("description", ""),
+                "priority": c.get("priority", 0),
+            }
+            for c in columns
+        ]
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": str(next(self._versions))},
+            "columnDefinitions": definitions,
+            "rows": rows,
+        }
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        payload: Any = await super()._serve_fetch(request)
+        if self._wants_table(request):
+            payload = self._table(request, [payload])
+        return payload  # type: ignore[no-any-return]
+
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         error: Exception = exc
         if isinstance(exc, jsonpatch.JsonPatchTestFailed):
@@ -127,6 +214,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         payload: Any = await super()._serve_list(request)
+        if self._wants_table(request):
+            return self._table(request, payload["items"])  # type: ignore[no-any-return]
         info = self.resources[request.resource] if request.resource is not None else None
         if info is not None and info.kind:
             payload["kind"] = f"{info.kind}List"
@@ -136,7 +225,37 @@ class ApiEmulator(kmock.KubernetesEmulator):
     async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
         payload: Any = await super()._serve_version(request)
         payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        for entry in payload["resources"]:
+            if "/" in entry["name"]:  # a subresource has no names of its own
+                entry["shortNames"], entry["categories"] = [], []
         return payload  # type: ignore[no-any-return]
+
+
+_PATH_STEP = re.compile(r'\.(\w+)(?:\[\?\(@\.(\w+)=="([^"]*)"\)\])?')
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    """The printer-column JSONPath subset: `.a.b` and `.a[?(@.k=="v")].b`."""
+    value = obj
+    for step in _PATH_STEP.finditer(path):
+        field, key, wanted = step.groups()
+        if not isinstance(value, dict) or field not in value:
+            return None
+        value = value[field]
+        if key is not None:
+            items = value if isinstance(value, list) else []
+            value = next((item for item in items if item.get(key) == wanted), None)
+    return value
+
+
+def _age(stamp: str) -> str:
+    """A timestamp as kubectl shows an age: 42s, 7m, 3h, 2d."""
+    seconds = datetime.now(UTC) - datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    total = max(int(seconds.total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if total >= size:
+            return f"{total // size}{unit}"
+    return f"{total}s"
 
 
 def _now() -> str:
