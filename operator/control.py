@@ -367,7 +367,10 @@ class FleetController:
     async def _forget_gone(self, endpoints: Sequence[WorkerEndpoint]) -> None:
         live = {e.address for e in endpoints}
         gone = [address for address in self._connections if address not in live]
-        await asyncio.gather(*(self._connections.pop(a).close() for a in gone))
+        # A connection that fails to close is gone all the same.
+        await asyncio.gather(
+            *(self._connections.pop(a).close() for a in gone), return_exceptions=True
+        )
         pods = {e.pod for e in endpoints}
         for pod in [p for p in self._workers if p not in pods]:
             del self._workers[pod]
