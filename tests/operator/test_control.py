@@ -448,3 +448,17 @@ def test_an_unexpected_error_fails_that_worker_not_the_tick() -> None:
     assert report.outcomes[0].error_reason == "InternalError"
     assert report.outcomes[1].error_reason == ""
     assert _condition(report.status, "Degraded")["reason"] == "InternalError"
+
+
+def test_a_connection_that_fails_to_close_does_not_fail_the_tick() -> None:
+    fleet = FakeFleet(PROFILE, 2)
+    harness = Harness(fleet)
+    harness.tick()
+
+    async def refuse() -> None:
+        raise OSError("socket already gone")
+
+    gone = fleet.workers.pop("w1")
+    gone.close = refuse  # type: ignore[method-assign]
+    report = harness.tick()
+    assert [w["pod"] for w in report.status["workers"]] == ["w0"]
