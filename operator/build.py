@@ -43,6 +43,19 @@ def worker_name(spec: FleetSpec) -> str:
     return f"{spec.name}{WORKER_SUFFIX}"
 
 
+def worker_address(spec: FleetSpec, pod_ip: str) -> str:
+    """Where the operator reaches a worker pod. In plaintext, its IP; with TLS,
+    the pod's DNS name under the headless Service (the dashed IP,
+    `10-1-2-3.<fleet>-worker.<namespace>.svc`), which a certificate for
+    `*.<fleet>-worker.<namespace>.svc` covers, as no certificate covers a
+    pod IP known only at run time."""
+    port = spec.worker.port
+    if not spec.tls_secret:
+        return f"{pod_ip}:{port}"
+    host = pod_ip.replace(".", "-").replace(":", "-")
+    return f"{host}.{worker_name(spec)}.{spec.namespace}.svc:{port}"
+
+
 def selector_labels(spec: FleetSpec) -> dict[str, str]:
     """The labels that select a fleet's worker pods (immutable once created)."""
     return {FLEET_LABEL: spec.name, "app.kubernetes.io/component": COMPONENT}

@@ -25,6 +25,7 @@ creates children (kube.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ from elasticfleet.operator.adapters import adapter_status, check_adapter_set
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.control import (
     AdapterWant,
+    Connect,
     FleetController,
     FleetEvent,
     Status,
@@ -310,8 +312,34 @@ class KopfSink:
         kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
 
 
-def _connect(endpoint: WorkerEndpoint) -> WorkerConnection:
+def _plaintext(endpoint: WorkerEndpoint) -> WorkerConnection:
     return AsyncWorkerClient(endpoint.address)
+
+
+async def _connector(fleet: FleetSpec) -> Connect:
+    """How the loop reaches the fleet's workers: plaintext, or TLS verified
+    against the fleet's Secret (its ca.crt, else its tls.crt)."""
+    if not fleet.tls_secret:
+        return _plaintext
+    path = f"/api/v1/namespaces/{fleet.namespace}/secrets/{fleet.tls_secret}"
+    try:
+        secret = await _Connection.client().get(path)
+    except KubeError as error:
+        raise kopf.TemporaryError(
+            f"reading the TLS Secret: {error}", delay=RETRY_DELAY_S
+        ) from error
+    data = (secret or {}).get("data", {})
+    encoded = data.get("ca.crt") or data.get("tls.crt")
+    if not encoded:
+        raise kopf.TemporaryError(
+            f"Secret {fleet.tls_secret} has no ca.crt or tls.crt yet", delay=RETRY_DELAY_S
+        )
+    roots = base64.b64decode(encoded)
+
+    def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
+        return AsyncWorkerClient(endpoint.address, tls=True, root_certificates=roots)
+
+    return connect
 
 
 @kopf.timer(*FLEETS, interval=WAKE_S)
@@ -343,17 +371,19 @@ async def control(
     controller: FleetController | None = memo.get("controller")
     if controller is None:
         profile = profile_for_model(fleet.model_name)
+        connect = await _connector(fleet)
         controller = FleetController(
-            fleet, profile, _connect, sink, generation=generation, status=dict(status)
+            fleet, profile, connect, sink, generation=generation, status=dict(status)
         )
         memo["controller"] = controller
     elif controller.generation != generation:
         controller.update(fleet, generation)
+        controller.connect = await _connector(fleet)
     controller.sink = sink
     controller.adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     pods = list(pod_index.get((namespace, name), []))
     endpoints = [
-        WorkerEndpoint(p.name, f"{p.ip}:{fleet.worker.port}", p.node) for p in pods if p.ready
+        WorkerEndpoint(p.name, build.worker_address(fleet, p.ip), p.node) for p in pods if p.ready
     ]
     await controller.tick(endpoints)
     patch.status["replicas"] = len(pods)

@@ -19,6 +19,7 @@ from elasticfleet.operator.build import (
     build_workload,
     labels,
     owner_reference,
+    worker_address,
     worker_command,
 )
 from elasticfleet.operator.spec import FleetSpec, SpecError
@@ -178,3 +179,11 @@ def test_worker_command_parses_with_the_real_cli(example: str) -> None:
     else:
         assert args.budget_bytes is None and args.budget_fraction == 0.6
         assert args.model is None and args.tls_cert is None
+
+
+def test_worker_address() -> None:
+    # Plaintext: the pod IP. TLS: the pod's name under the headless Service,
+    # which a certificate for *.smollm2-gpu-worker.ml.svc covers.
+    assert worker_address(_spec(), "10.1.2.3") == "10.1.2.3:50051"
+    tls = _spec("elasticfleet-gpu.yaml")
+    assert worker_address(tls, "10.1.2.3") == "10-1-2-3.smollm2-gpu-worker.ml.svc:50051"

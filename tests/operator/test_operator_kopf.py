@@ -13,6 +13,7 @@ deletes the fleet and sees the finalizer released.
 
 from __future__ import annotations
 
+import base64
 import copy
 import time
 from collections.abc import Callable
@@ -236,4 +237,47 @@ def test_adapter_set_status_comes_from_the_store(
         ready = wait_for("a checked AdapterSet", lambda: status().get("ready") and status())
         assert ready["version"] == str(manifest.version)
         assert ready["sizeBytes"] == manifest.total_bytes and len(ready["digest"]) == 64
+    assert runner.exit_code == 0, runner.output
+
+
+def test_a_tls_fleet_is_reached_by_name_with_its_ca(cluster: EmulatedCluster) -> None:
+    fleet = yaml.safe_load(EXAMPLE.read_text())
+    fleet["spec"].update(adapters=[], tls={"secretName": "workers-tls"})
+    fleet["spec"]["memoryPolicy"].update(planIntervalSeconds=1)
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "workers-tls"},
+        "type": "kubernetes.io/tls",
+        "data": {"ca.crt": base64.b64encode(pem).decode()},
+    }
+    with operator() as runner:
+        cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
+        cluster.call("POST", FLEETS, fleet)
+        (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert "--tls-cert" in container["command"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "w-0",
+                "labels": deployment["spec"]["template"]["metadata"]["labels"],
+            },
+            "spec": {"nodeName": "node-a", "containers": [container]},
+        }
+        cluster.call("POST", "/api/v1/namespaces/ns/pods", pod)
+        ready = {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]}
+        cluster.call("PATCH", "/api/v1/namespaces/ns/pods/w-0/status", {"status": ready})
+
+        def workers() -> list[dict[str, Any]]:
+            (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets")
+            return list(found.get("status", {}).get("workers", []))
+
+        (entry,) = wait_for("the worker's status", workers)
+        # Reached by its DNS name under the headless Service (which does not
+        # resolve here: the worker is reported unreachable, by that name).
+        assert entry["address"] == "10-1-2-3.smollm2-worker.ns.svc:50051"
+        assert entry["reachable"] is False
     assert runner.exit_code == 0, runner.output
