@@ -283,8 +283,10 @@ def fleet_spec_schema() -> Schema:
         "TLS between the operator, clients and the workers' gRPC endpoints.",
         {
             "secretName": _str(
-                "A kubernetes.io/tls Secret: workers serve tls.crt and tls.key; the operator "
-                "verifies them against ca.crt (else tls.crt).",
+                "A kubernetes.io/tls Secret: workers serve tls.crt and tls.key, which must "
+                "cover *.<fleet>-worker.<namespace>.svc (the operator reaches each worker by "
+                "its pod name under the headless Service) and are verified against ca.crt "
+                "(else tls.crt).",
                 minLength=1,
                 maxLength=253,
             ),
