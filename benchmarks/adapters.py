@@ -333,7 +333,7 @@ def plot(quality_results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("quality", "speed", "all"), default="all")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--windows-per-task", type=int, default=2)
     parser.add_argument("--train-windows", type=int, default=256)
@@ -348,6 +348,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = prepare_model(progress=False)
+    args.out.mkdir(parents=True, exist_ok=True)
     out_json = args.out / "adapters.json"
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.exists() else {}
     if args.part in ("speed", "all"):
@@ -355,7 +356,6 @@ def main() -> None:
     if args.part in ("quality", "all"):
         results["quality"] = quality(model_dir, args)
         plot(results["quality"], args.out / "adapters.png")
-    args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "adapters.md").write_text(markdown(results))
     print(markdown(results))
