@@ -59,8 +59,10 @@ def fleet_spec(policy: str) -> FleetSpec:
 
 
 def squeeze(worker: FakeWorker, rng: random.Random) -> None:
-    """Other processes hold a random 1.5-3.4 GiB of the worker's 4 GiB."""
-    worker.others_bytes = int(rng.uniform(1.5, 3.4) * GIB)
+    """Other processes hold a random 3.0-3.5 GiB of the worker's 4 GiB, so
+    the budget (0.45-0.9 GiB) is below the dense model's needs for most
+    workers and each one's plan depends on its own figure."""
+    worker.others_bytes = int(rng.uniform(3.0, 3.5) * GIB)
 
 
 def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
@@ -70,7 +72,14 @@ def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
 async def measure(count: int, policy: str, repeats: int, seed: int) -> dict[str, Any]:
     profile = ModelProfile.load(DEFAULT_PROFILE)
     rng = random.Random(seed)
-    workers = [FakeWorker(profile, batch_p90=rng.choice([1, 4, 8, 16])) for _ in range(count)]
+    workers = [
+        FakeWorker(
+            profile,
+            batch_p90=rng.choice([1, 4, 8, 16]),
+            sequence_p90=rng.choice([256, 1024, 2048]),
+        )
+        for _ in range(count)
+    ]
     servers, endpoints = [], []
     for index, worker in enumerate(workers):
         squeeze(worker, rng)
