@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from elasticfleet.worker.adapter_cache import AdapterCache
     from elasticfleet.worker.server import WorkerServer
 
 EXIT_TEMPFAIL = 75
@@ -97,6 +98,22 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     worker.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     worker.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on shutdown")
     worker.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    store = worker.add_argument_group(
+        "adapter store",
+        "password: $ELASTICFLEET_REDIS_PASSWORD; key prefix: $ELASTICFLEET_REDIS_PREFIX",
+    )
+    store.add_argument(
+        "--redis-url",
+        help="serve adapters from this Redis (rediss:// for TLS; default: "
+        "$ELASTICFLEET_REDIS_URL, else no adapters)",
+    )
+    store.add_argument("--redis-tls-ca", type=Path, help="CA bundle for a rediss:// server")
+    store.add_argument(
+        "--adapter-cache-bytes",
+        type=int,
+        default=256 << 20,
+        help="bound of the local adapter cache (default: 256 MiB)",
+    )
     _token_options(worker)
 
     generate = commands.add_parser("generate", help="stream a completion from a running worker")
@@ -143,6 +160,7 @@ def _limit_heap_retention() -> bool:
 def _worker(args: argparse.Namespace) -> int:
     import torch
 
+    from elasticfleet.worker.adapter_host import CachedAdapterHost
     from elasticfleet.worker.engine import Engine
     from elasticfleet.worker.generate import load_tokenizer
     from elasticfleet.worker.model import ElasticLlama
@@ -160,6 +178,7 @@ def _worker(args: argparse.Namespace) -> int:
     model = ElasticLlama.from_pretrained(path)
     layers = model.config.num_hidden_layers
     model.apply_plan(PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn))
+    adapters = CachedAdapterHost(_adapter_cache(args), model.config, model.plan)
     engine = Engine(
         model,
         load_tokenizer(path),
@@ -169,6 +188,7 @@ def _worker(args: argparse.Namespace) -> int:
         plan_id=args.plan_id,
         prefill_group=args.prefill_group,
         max_admit_delay=args.max_admit_delay,
+        adapters=adapters,
     )
     options = ServerOptions(
         host=args.host,
@@ -182,6 +202,24 @@ def _worker(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
     )
     return asyncio.run(_serve(WorkerServer(engine, options), budget, device.detail))
+
+
+def _adapter_cache(args: argparse.Namespace) -> AdapterCache | None:
+    """The local cache over the Redis store the flags or environment name;
+    None when no store is configured (the worker then serves no adapters)."""
+    from elasticfleet.worker.adapter_cache import AdapterCache
+    from elasticfleet.worker.adapter_store import DEFAULT_PREFIX, AdapterStore
+
+    url = args.redis_url or os.environ.get("ELASTICFLEET_REDIS_URL")
+    if not url:
+        return None
+    store = AdapterStore.from_url(
+        url,
+        password=os.environ.get("ELASTICFLEET_REDIS_PASSWORD") or None,
+        prefix=os.environ.get("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
+        tls_ca=str(args.redis_tls_ca) if args.redis_tls_ca else None,
+    )
+    return AdapterCache(store, args.adapter_cache_bytes)
 
 
 async def _serve(server: WorkerServer, budget: int, device: str) -> int:

@@ -18,6 +18,7 @@ store -> Unavailable, a blob failing its digest -> DataLoss.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ class CachedAdapterHost:
         self.config = config
         self.plan = plan
         self._loaded: dict[str, _Loaded] = {}
+        # The engine calls check/batch/apply_plan between steps while
+        # load/unload run on a server thread; the lock guards the table
+        # (fetches happen outside it, except a plan switch's own).
+        self._lock = threading.RLock()
 
     # -- loading ----------------------------------------------------------------
 
@@ -111,25 +116,28 @@ class CachedAdapterHost:
                 name, manifest.version, self.plan, wanted, router=router
             )
             cached = self.cache.misses == misses
-        adapters = AdapterSet.from_weights(weights, self.config, plan=self.plan)
-        self._loaded[name] = _Loaded(manifest, wanted, router, adapters)
-        return self._info(name), cached
+        with self._lock:
+            adapters = AdapterSet.from_weights(weights, self.config, plan=self.plan)
+            self._loaded[name] = _Loaded(manifest, wanted, router, adapters)
+            return self._info(name), cached
 
     def unload(self, name: str) -> int:
         """Forget an adapter set (and its cached parts); the bytes freed."""
-        loaded = self._require(name)
-        before = self.resident_bytes()
-        del self._loaded[name]
-        if self.cache is not None:
-            self.cache.forget(name, loaded.manifest.version)
-        return before - self.resident_bytes()
+        with self._lock:
+            loaded = self._require(name)
+            before = self.resident_bytes()
+            del self._loaded[name]
+            if self.cache is not None:
+                self.cache.forget(name, loaded.manifest.version)
+            return before - self.resident_bytes()
 
     # -- serving ------------------------------------------------------------------
 
     def check(self, request: AdapterRequest) -> None:
         """Raise unless the adapter is loaded, current with the plan, and has
         the task (or its router)."""
-        loaded = self._require(request.name)
+        with self._lock:
+            loaded = self._require(request.name)
         if loaded.stale is not None:
             raise Unavailable(loaded.stale)
         spec = loaded.manifest.spec
@@ -150,44 +158,53 @@ class CachedAdapterHost:
         """The forward pass's routing for these rows (None: no row uses an adapter)."""
         if all(row is None for row in rows):
             return None
-        sets = {name: loaded.adapters for name, loaded in self._loaded.items()}
+        with self._lock:
+            sets = {name: loaded.adapters for name, loaded in self._loaded.items()}
         choices = [None if r is None else AdapterChoice(r.name, r.task) for r in rows]
         return AdapterBatch(sets, choices)
 
     def resident_bytes(self) -> int:
         """The local cache's decoded parts plus the loaded sets' stacked heads
         (their A matrices and routers share the cache's tensors)."""
-        heads = sum(
-            module.B.numel() * module.B.element_size()
-            for loaded in self._loaded.values()
-            for module in loaded.adapters.modules()
-            if isinstance(module, AsymLoRA)
-        )
+        with self._lock:
+            heads = sum(
+                module.B.numel() * module.B.element_size()
+                for loaded in self._loaded.values()
+                for module in loaded.adapters.modules()
+                if isinstance(module, AsymLoRA)
+            )
         return (0 if self.cache is None else self.cache.nbytes) + heads
 
     def apply_plan(self, plan: PruningPlan) -> None:
         """Release modules on dropped blocks and fetch those of restored ones."""
-        self.plan = plan
-        for name, loaded in self._loaded.items():
-            loaded.adapters.retain(plan)
-            assert self.cache is not None  # nothing loads without a cache
-            try:
-                with _store_errors(name):
-                    _, weights = self.cache.get_for_plan(
-                        name, loaded.manifest.version, plan, loaded.tasks, router=loaded.router
-                    )
-            except (Unavailable, DataLoss, NotFound, FailedPrecondition) as error:
-                loaded.stale = (
-                    f"adapter {name!r} could not follow the new plan ({error}); requests for "
-                    "it resume after the next successful fetch"
+        with self._lock:
+            self.plan = plan
+            for name, loaded in self._loaded.items():
+                self._follow(name, loaded, plan)
+
+    def _follow(self, name: str, loaded: _Loaded, plan: PruningPlan) -> None:
+        """One set's half of a plan switch."""
+        loaded.adapters.retain(plan)
+        assert self.cache is not None  # nothing loads without a cache
+        try:
+            with _store_errors(name):
+                _, weights = self.cache.get_for_plan(
+                    name, loaded.manifest.version, plan, loaded.tasks, router=loaded.router
                 )
-                continue
-            loaded.adapters.add(weights, plan=plan)
-            loaded.stale = None
+        except (Unavailable, DataLoss, NotFound, FailedPrecondition) as error:
+            loaded.stale = (
+                f"adapter {name!r} could not follow the new plan ({error}); requests for "
+                "it resume after the next successful fetch"
+            )
+            return
+        loaded.adapters.add(weights, plan=plan)
+        loaded.stale = None
 
     def listing(self) -> AdapterListing:
+        with self._lock:
+            infos = tuple(self._info(name) for name in sorted(self._loaded))
         return AdapterListing(
-            adapters=tuple(self._info(name) for name in sorted(self._loaded)),
+            adapters=infos,
             cache_bytes=0 if self.cache is None else self.cache.nbytes,
             cache_limit_bytes=0 if self.cache is None else self.cache.max_bytes,
         )

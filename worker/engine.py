@@ -501,6 +501,8 @@ class Engine:
             self.counters.adapter_cache_hits += 1
         else:
             self.counters.adapter_cache_misses += 1
+        with self._lock:  # an idle engine takes no picture of its own
+            self._stats = self._measure()
         return info, hit
 
     def unload_adapter(self, name: str) -> int:
@@ -512,7 +514,9 @@ class Engine:
                     f"adapter {name!r} is used by {users} queued or running requests; "
                     "unload it when they finish"
                 )
-            return host.unload(name)
+            freed = host.unload(name)
+            self._stats = self._measure()
+            return freed
 
     def list_adapters(self) -> AdapterListing:
         return AdapterListing() if self.adapters is None else self.adapters.listing()
