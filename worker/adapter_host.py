@@ -43,6 +43,7 @@ from elasticfleet.worker.engine_errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from elasticfleet.worker.lora import AdapterBatch, AdapterChoice, AdapterSet, AsymLoRA
@@ -90,9 +91,13 @@ class CachedAdapterHost:
 
     # -- loading ----------------------------------------------------------------
 
-    def load(self, name: str, version: str, tasks: Sequence[str]) -> tuple[AdapterInfo, bool]:
+    def load(
+        self, name: str, version: str, tasks: Sequence[str], room_bytes: int
+    ) -> tuple[AdapterInfo, bool]:
         """Fetch (the plan's parts of) an adapter version; the bool says
-        whether every part was in the local cache already."""
+        whether every part was in the local cache already. The bytes it
+        will hold (its parts, as the manifest sizes them, and a copy of the
+        heads) are checked against `room_bytes` before anything is fetched."""
         if self.cache is None:
             raise FailedPrecondition(
                 "this worker has no adapter store: start it with --redis-url to serve adapters"
@@ -111,6 +116,12 @@ class CachedAdapterHost:
             except ValueError as error:
                 raise InvalidArgument(str(error)) from None
             router = spec.router and not tasks
+            needed = _estimate(manifest, spec.parts_for_plan(self.plan, wanted, router=router))
+            if needed > room_bytes:
+                raise ResourceExhausted(
+                    f"adapter {name!r} needs about {needed:,} bytes on this plan but the budget "
+                    f"leaves {max(room_bytes, 0):,}; load fewer tasks or free memory first"
+                )
             misses = self.cache.misses
             _, weights = self.cache.get_for_plan(
                 name, manifest.version, self.plan, wanted, router=router
@@ -229,6 +240,14 @@ class CachedAdapterHost:
             bytes=loaded.adapters.nbytes,
             has_router=loaded.router,
         )
+
+
+def _estimate(manifest: AdapterManifest, parts: Sequence[str]) -> int:
+    """Bytes an adapter's parts will occupy loaded: each blob's size (tensor
+    bytes plus a small header) and the heads once more, stacked per module."""
+    blobs = sum(manifest.parts[part].size for part in parts)
+    heads = sum(manifest.parts[part].size for part in parts if part.startswith("B/"))
+    return blobs + heads
 
 
 def _version(text: str) -> int | None:

@@ -496,7 +496,11 @@ class Engine:
         """Fetch an adapter set into the cache (in the caller's thread: the
         host installs it without disturbing a running forward)."""
         host = self._require_adapters()
-        info, hit = host.load(name, version, tasks)
+        with self._lock:
+            committed = self.admission.total_bytes(
+                self.model.plan, self._needed_layout(), self._adapter_bytes()
+            )
+        info, hit = host.load(name, version, tasks, self.admission.budget_bytes - committed)
         if hit:
             self.counters.adapter_cache_hits += 1
         else:

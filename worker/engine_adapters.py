@@ -65,8 +65,12 @@ class AdapterHost(Protocol):
     def apply_plan(self, plan: PruningPlan) -> None:
         """Release adapter modules on blocks the plan drops (called between steps)."""
 
-    def load(self, name: str, version: str, tasks: Sequence[str]) -> tuple[AdapterInfo, bool]:
-        """Fetch an adapter set; return it and whether it was all cached already."""
+    def load(
+        self, name: str, version: str, tasks: Sequence[str], room_bytes: int
+    ) -> tuple[AdapterInfo, bool]:
+        """Fetch an adapter set; return it and whether it was all cached
+        already. Raise ResourceExhausted, before fetching, if it would need
+        more than `room_bytes` (what the budget leaves)."""
 
     def unload(self, name: str) -> int:
         """Evict an adapter set; return the bytes freed."""

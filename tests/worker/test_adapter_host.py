@@ -18,12 +18,14 @@ from elasticfleet.worker.engine_errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from elasticfleet.worker.lora import AdapterBatch, AdapterChoice, AdapterSet
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 
+ROOM = 64 << 20  # what the budget leaves for adapters
 DENSE = PruningPlan.dense(4)
 PRUNED = PruningPlan.from_dropped(4, attention=[1, 3], ffn=[2])
 
@@ -42,14 +44,14 @@ def test_loaded_adapter_serves_like_the_published_one(
     redis_url: str, plain_model: ElasticLlama, tiny_windows: torch.Tensor
 ) -> None:
     host, published = host_on(redis_url, DENSE, plain_model)
-    info, cached = host.load("multi", "", [])
+    info, cached = host.load("multi", "", [], ROOM)
     assert (info.version, info.tasks, info.has_router, cached) == (
         "1",
         ("code", "qa", "defs"),
         True,
         False,
     )
-    assert host.load("multi", "1", [])[1] is True  # everything came from the local cache
+    assert host.load("multi", "1", [], ROOM)[1] is True  # everything came from the local cache
     rows = [AdapterRequest("multi", "qa"), None, AdapterRequest("multi", None)]
     for row in rows:
         if row is not None:
@@ -76,29 +78,29 @@ def test_requests_are_checked_against_what_was_loaded(
     redis_url: str, plain_model: ElasticLlama
 ) -> None:
     host, _ = host_on(redis_url, DENSE, plain_model)
-    host.load("multi", "", ["code"])
+    host.load("multi", "", ["code"], ROOM)
     host.check(AdapterRequest("multi", "code"))
     with pytest.raises(InvalidArgument, match="does not serve task 'qa' here; loaded tasks: code"):
         host.check(AdapterRequest("multi", "qa"))
     with pytest.raises(InvalidArgument, match="loaded for named tasks"):
         host.check(AdapterRequest("multi", None))
     with pytest.raises(InvalidArgument, match="has no task 'poetry'"):
-        host.load("multi", "", ["poetry"])
+        host.load("multi", "", ["poetry"], ROOM)
     with pytest.raises(InvalidArgument, match="positive integer, got 'latest'"):
-        host.load("multi", "latest", [])
+        host.load("multi", "latest", [], ROOM)
     with pytest.raises(NotFound):
-        host.load("missing", "", [])
+        host.load("missing", "", [], ROOM)
     with pytest.raises(NotFound):
-        host.load("multi", "9", [])
+        host.load("multi", "9", [], ROOM)
     with pytest.raises(FailedPrecondition, match="no adapter store"):
-        CachedAdapterHost(None, plain_model.config, DENSE).load("multi", "", [])
+        CachedAdapterHost(None, plain_model.config, DENSE).load("multi", "", [], ROOM)
 
 
 def test_plan_switches_release_and_refetch_blocks(
     redis_url: str, plain_model: ElasticLlama
 ) -> None:
     host, published = host_on(redis_url, PRUNED, plain_model)
-    host.load("multi", "", ["qa"])
+    host.load("multi", "", ["qa"], ROOM)
     loaded = host._loaded["multi"].adapters
     assert loaded.get(1, "q_proj") is None and loaded.get(2, "up_proj") is None
     pruned_bytes = host.resident_bytes()
@@ -114,14 +116,14 @@ def test_store_failures_become_engine_errors(
     restartable_redis: TestRedisServer, plain_model: ElasticLlama
 ) -> None:
     host, _ = host_on(restartable_redis.url, PRUNED, plain_model)
-    host.load("multi", "", ["code"])
+    host.load("multi", "", ["code"], ROOM)
     restartable_redis.stop()
     # Restored blocks' parts were never fetched: the adapter goes stale, not half-applied.
     host.apply_plan(DENSE)
     with pytest.raises(Unavailable, match="could not follow the new plan"):
         host.check(AdapterRequest("multi", "code"))
     with pytest.raises(Unavailable, match="will load when Redis is back"):
-        host.load("other", "", [])
+        host.load("other", "", [], ROOM)
     restartable_redis.start()
     host.apply_plan(DENSE)
     host.check(AdapterRequest("multi", "code"))
@@ -135,4 +137,20 @@ def test_corrupt_blob_is_data_loss(
     (key,) = [k for k in client.keys("*blob:1:A/0")]
     client.set(key, b"not what was published")
     with pytest.raises(DataLoss, match="A/0"):
-        host.load("multi", "", [])
+        host.load("multi", "", [], ROOM)
+
+
+def test_adapter_beyond_the_budget_is_refused_before_fetching(
+    redis_url: str, plain_model: ElasticLlama
+) -> None:
+    host, _ = host_on(redis_url, DENSE, plain_model)
+    assert host.cache is not None
+    with pytest.raises(ResourceExhausted, match="the budget leaves 1,000"):
+        host.load("multi", "", [], 1000)
+    assert host.resident_bytes() == 0 and host.cache.misses == 0
+    host.load("multi", "", [], ROOM)
+    held = host.resident_bytes()
+    host.unload("multi")
+    # The estimate never falls below what loading really holds.
+    with pytest.raises(ResourceExhausted):
+        host.load("multi", "", [], held - 1)

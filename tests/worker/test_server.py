@@ -438,7 +438,9 @@ class FakeAdapters:
     def apply_plan(self, plan: PruningPlan) -> None:
         pass
 
-    def load(self, name: str, version: str, tasks: Sequence[str]) -> tuple[AdapterInfo, bool]:
+    def load(
+        self, name: str, version: str, tasks: Sequence[str], room_bytes: int
+    ) -> tuple[AdapterInfo, bool]:
         if name == "corrupt":
             raise DataLoss("blob A/0 of 'corrupt' fails its sha256 check")
         if name == "remote":
