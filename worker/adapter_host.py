@@ -88,6 +88,10 @@ class CachedAdapterHost:
         # load/unload run on a server thread; the lock guards the table
         # (fetches happen outside it, except a plan switch's own).
         self._lock = threading.RLock()
+        # The last batch built, for the rows it was built for: the engine asks
+        # every step, and a composition usually lasts many steps. Any change to
+        # the loaded sets forgets it.
+        self._last: tuple[tuple[AdapterRequest | None, ...], AdapterBatch] | None = None
 
     # -- loading ----------------------------------------------------------------
 
@@ -130,6 +134,7 @@ class CachedAdapterHost:
         with self._lock:
             adapters = AdapterSet.from_weights(weights, self.config, plan=self.plan)
             self._loaded[name] = _Loaded(manifest, wanted, router, adapters)
+            self._last = None
             return self._info(name), cached
 
     def unload(self, name: str) -> int:
@@ -138,6 +143,7 @@ class CachedAdapterHost:
             loaded = self._require(name)
             before = self.resident_bytes()
             del self._loaded[name]
+            self._last = None
             if self.cache is not None:
                 self.cache.forget(name, loaded.manifest.version)
             return before - self.resident_bytes()
@@ -169,10 +175,15 @@ class CachedAdapterHost:
         """The forward pass's routing for these rows (None: no row uses an adapter)."""
         if all(row is None for row in rows):
             return None
+        key = tuple(rows)
         with self._lock:
+            if self._last is not None and self._last[0] == key:
+                return self._last[1]
             sets = {name: loaded.adapters for name, loaded in self._loaded.items()}
-        choices = [None if r is None else AdapterChoice(r.name, r.task) for r in rows]
-        return AdapterBatch(sets, choices)
+            choices = [None if r is None else AdapterChoice(r.name, r.task) for r in rows]
+            batch = AdapterBatch(sets, choices)
+            self._last = (key, batch)
+            return batch
 
     def resident_bytes(self) -> int:
         """The local cache's decoded parts plus the loaded sets' stacked heads
@@ -190,6 +201,7 @@ class CachedAdapterHost:
         """Release modules on dropped blocks and fetch those of restored ones."""
         with self._lock:
             self.plan = plan
+            self._last = None
             for name, loaded in self._loaded.items():
                 self._follow(name, loaded, plan)
 

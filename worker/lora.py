@@ -18,6 +18,7 @@ neither loaded nor computed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ class AsymLoRA(nn.Module):
         """Each row's A x spread over the heads by its mixing weights: [N, T, K * rank]."""
         z = x @ self.A.T  # [N, T, rank]
         mix = route.mix  # [N, 1, K]
-        if route.router_rows.numel():
+        if route.routed:
             rows = route.router_rows
             mix = mix.expand(-1, x.shape[1], -1).index_copy(
                 0, rows, self.mixture(x.index_select(0, rows))
@@ -131,13 +132,18 @@ class AsymLoRA(nn.Module):
         return (mix[..., :, None] * z[..., None, :]).flatten(-2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RowRoute:
     """How each row of a group mixes the heads: `mix` [N, 1, K] is one-hot
     on a row's task; rows in `router_rows` take the router's weights."""
 
     mix: torch.Tensor
     router_rows: torch.Tensor
+
+    @functools.cached_property
+    def routed(self) -> bool:
+        """Whether any row uses the router (asked once per projection)."""
+        return bool(self.router_rows.numel())
 
 
 def module_key(layer: int, module: str) -> str:
@@ -345,6 +351,7 @@ class AdapterBatch:
                 heads[choice] = _head(sets[choice.adapter], choice.task)
             members.setdefault(choice.adapter, []).append((index, heads[choice]))
         self.groups: list[_Group] = []
+        self._resolved: dict[tuple[int, str], list[tuple[_Group, AsymLoRA, float]]] = {}
         for name, entries in members.items():
             indices = torch.tensor([head for _, head in entries])
             tasks = len(sets[name].spec.tasks)
@@ -368,11 +375,14 @@ class AdapterBatch:
 
     def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (the base projection of x, [B, T, out]) plus each row's delta."""
-        for group in self.groups:
-            lora = group.adapters.get(layer, module)
-            if lora is None:
-                continue
-            scaling = group.adapters.spec.scaling
+        key = (layer, module)
+        if key not in self._resolved:  # looked up once per batch, not once per step
+            self._resolved[key] = [
+                (group, lora, group.adapters.spec.scaling)
+                for group in self.groups
+                if (lora := group.adapters.get(layer, module)) is not None
+            ]
+        for group, lora, scaling in self._resolved[key]:
             if group.rows is None:
                 out = lora.add_delta(out, x, group.route, scaling)
             else:

@@ -104,7 +104,11 @@ def test_plan_switches_release_and_refetch_blocks(
     loaded = host._loaded["multi"].adapters
     assert loaded.get(1, "q_proj") is None and loaded.get(2, "up_proj") is None
     pruned_bytes = host.resident_bytes()
+    rows = [AdapterRequest("multi", "qa"), None]
+    first = host.batch(rows)
+    assert host.batch(list(rows)) is first  # one batch per composition, not per step
     host.apply_plan(DENSE)
+    assert host.batch(rows) is not first  # built anew over the restored modules
     assert loaded.get(1, "q_proj") is not None and loaded.get(2, "up_proj") is not None
     assert torch.equal(loaded.get(1, "q_proj").head("qa"), published.get(1, "q_proj").head("qa"))  # type: ignore[union-attr]
     assert host.resident_bytes() > pruned_bytes
