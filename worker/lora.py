@@ -49,18 +49,6 @@ def projection_shape(config: ModelConfig, module: str) -> tuple[int, int]:
     return shapes[module]
 
 
-def lora_parameter_count(config: ModelConfig, spec: AdapterSpec) -> int:
-    """Trainable parameters of a complete set with this spec."""
-    total = 0
-    for module in spec.modules:
-        fan_in, fan_out = projection_shape(config, module)
-        per_layer = spec.rank * fan_in + len(spec.tasks) * fan_out * spec.rank
-        if spec.router:
-            per_layer += len(spec.tasks) * fan_in
-        total += per_layer * config.num_hidden_layers
-    return total
-
-
 class AsymLoRA(nn.Module):
     """The adapter of one projection: A [rank, in], the task heads stacked
     and transposed as B [tasks, rank, out] (B[k] = B_k^T), and an optional
