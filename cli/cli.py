@@ -11,16 +11,7 @@ from pathlib import Path
 from elasticfleet import __version__
 from elasticfleet.adapter_commands import ADAPTER_HANDLERS, add_adapter_commands
 from elasticfleet.operator_commands import OPERATOR_HANDLERS, add_operator_commands
-from elasticfleet.worker_commands import WORKER_HANDLERS, add_worker_commands
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices such as 3,7,12, got {text!r}"
-        ) from None
+from elasticfleet.worker_commands import WORKER_HANDLERS, add_worker_commands, layer_list
 
 
 def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -52,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_dir_option(generate)
     generate.add_argument(
         "--drop-attention",
-        type=_int_list,
+        type=layer_list,
         default=[],
         metavar="I,J",
         help="layer indices whose attention block is dropped",
     )
     generate.add_argument(
         "--drop-ffn",
-        type=_int_list,
+        type=layer_list,
         default=[],
         metavar="I,J",
         help="layer indices whose FFN block is dropped",

@@ -38,7 +38,8 @@ MMAP_THRESHOLD_BYTES = 65536
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _int_list(text: str) -> list[int]:
+def layer_list(text: str) -> list[int]:
+    """Parse "3,7,12" (the --drop-attention/--drop-ffn flags of several commands)."""
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -91,8 +92,8 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=3,
         help="most decode steps a newcomer waits for a prefill group",
     )
-    worker.add_argument("--drop-attention", type=_int_list, default=[], metavar="I,J")
-    worker.add_argument("--drop-ffn", type=_int_list, default=[], metavar="I,J")
+    worker.add_argument("--drop-attention", type=layer_list, default=[], metavar="I,J")
+    worker.add_argument("--drop-ffn", type=layer_list, default=[], metavar="I,J")
     worker.add_argument("--plan-id", default="initial", help="name of the starting plan")
     worker.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
     worker.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")

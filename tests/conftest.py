@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
+from valkey_server import TestRedisServer, TlsFront, self_signed_certificate
 
+from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights
+from elasticfleet.worker.adapter_store import AdapterStore
 from elasticfleet.worker.config import tiny_config
 from elasticfleet.worker.model import ElasticLlama
 
@@ -59,12 +64,6 @@ def real_model_dir() -> Path:
 
 # -- Redis (a real Valkey server; see tests/valkey_server.py) --------------------
 
-from collections.abc import Callable, Iterator  # noqa: E402  (appended section)
-
-from valkey_server import TestRedisServer, TlsFront, self_signed_certificate  # noqa: E402
-
-from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[TestRedisServer]:
@@ -82,6 +81,22 @@ def redis_url(redis_server: TestRedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[AdapterStore]:
+    """An adapter store on the (flushed) session server."""
+    store = AdapterStore.from_url(redis_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def raw(redis_server: TestRedisServer) -> Iterator[redis.Redis]:
+    """A plain client, to look at and tamper with what the store wrote."""
+    client = redis_server.client()
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import pytest
 import redis
@@ -23,20 +23,6 @@ from elasticfleet.worker.plan import PruningPlan
 
 MakeAdapter = Callable[..., AdapterWeights]
 MiB = 2**20
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[AdapterStore]:
-    store = AdapterStore.from_url(redis_url)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def raw(redis_server: TestRedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    yield client
-    client.close()
 
 
 def tensor_bytes(weights: AdapterWeights, names: Iterable[str]) -> int:
@@ -192,6 +178,8 @@ def test_unknown_adapter_version_and_task_are_not_found(
         cache.get("other", None, ["A/0"])
     with pytest.raises(AdapterNotFound, match="no version 7"):
         cache.get("demo", 7, ["A/0"])
+    with pytest.raises(AdapterNotFound, match=r"version 1 has no part\(s\) A/99"):
+        cache.get("demo", None, ["A/0", "A/99"])
     with pytest.raises(
         LookupError, match="has no task\\(s\\) poetry; its tasks are code, qa, defs"
     ):

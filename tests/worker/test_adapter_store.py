@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +26,6 @@ from elasticfleet.worker.adapter_store import (
 )
 
 MakeAdapter = Callable[..., AdapterWeights]
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[AdapterStore]:
-    store = AdapterStore.from_url(redis_url)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def raw(redis_server: TestRedisServer) -> Iterator[redis.Redis]:
-    """A plain client, to look at and tamper with what the store wrote."""
-    client = redis_server.client()
-    yield client
-    client.close()
 
 
 def get(raw: redis.Redis, key: str) -> bytes:
