@@ -37,7 +37,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
-from elasticfleet.agent.corpus import build_corpus, token_windows
+from elasticfleet.adapter_train import corpus_tasks
 from elasticfleet.worker.adapter_format import ALL_MODULES, AdapterSpec
 from elasticfleet.worker.adapter_training import (
     LAYOUTS,
@@ -46,7 +46,6 @@ from elasticfleet.worker.adapter_training import (
     evaluate,
     train_adapters,
 )
-from elasticfleet.worker.generate import load_tokenizer
 from elasticfleet.worker.lora import AdapterBatch, AdapterChoice, AdapterSet, tensor_prefix
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
@@ -59,16 +58,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def task_data(model_dir: Path, window: int, train: int, held_out: int) -> list[TaskData]:
-    build_corpus(progress=False)
-    tokenizer = load_tokenizer(model_dir)
-    return [
-        TaskData(
-            task,
-            token_windows("calibration", tokenizer, window + 1, train, domains=[task]),
-            token_windows("evaluation", tokenizer, window + 1, held_out, domains=[task]),
-        )
-        for task in TASKS
-    ]
+    return corpus_tasks(model_dir, TASKS, window, train, held_out)
 
 
 def quality(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:

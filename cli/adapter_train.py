@@ -15,9 +15,12 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from elasticfleet.worker.adapter_format import ALL_MODULES
+if TYPE_CHECKING:  # torch stays out of the command line's start-up
+    from elasticfleet.worker.adapter_training import TaskData
 
 DEFAULT_TASKS = ("code", "qa", "definitions")
 TRAINING_REPORT = "training.json"
@@ -51,7 +54,6 @@ def add_train_command(group: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument(
         "--modules",
         type=_names,
-        default=list(ALL_MODULES),
         metavar="M,N",
         help="projections to adapt (default: all attention and FFN projections)",
     )
@@ -79,16 +81,51 @@ def add_train_command(group: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def corpus_tasks(
+    model_dir: Path,
+    tasks: Sequence[str],
+    window: int,
+    train: int,
+    held_out: int,
+    *,
+    cache_root: Path | None = None,
+    sources: Sequence[str] | None = None,
+    progress: bool = False,
+) -> list[TaskData]:
+    """One TaskData per corpus domain: `train` calibration windows and
+    `held_out` evaluation windows of window + 1 tokens (the inputs plus
+    their next-token targets). Builds the corpus if it is missing."""
+    from elasticfleet.agent.corpus import ALL_SOURCES, build_corpus, token_windows
+    from elasticfleet.worker.adapter_training import TaskData
+    from elasticfleet.worker.generate import load_tokenizer
+
+    chosen = tuple(sources or ALL_SOURCES)
+    build_corpus(cache_root, sources=chosen, progress=progress)
+    windows = functools.partial(
+        token_windows,
+        tokenizer=load_tokenizer(model_dir),
+        window=window + 1,
+        cache_root=cache_root,
+        sources=chosen,
+    )
+    return [
+        TaskData(
+            task,
+            windows("calibration", count=train, domains=[task]),
+            windows("evaluation", count=held_out, domains=[task]),
+        )
+        for task in tasks
+    ]
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `adapters train`."""
-    from elasticfleet.agent.corpus import ALL_SOURCES, build_corpus, token_windows
+    from elasticfleet.worker.adapter_format import ALL_MODULES
     from elasticfleet.worker.adapter_training import (
         AdapterTrainingConfig,
-        TaskData,
         evaluate,
         train_adapters,
     )
-    from elasticfleet.worker.generate import load_tokenizer
     from elasticfleet.worker.model import ElasticLlama
     from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
 
@@ -97,7 +134,7 @@ def run_train(args: argparse.Namespace) -> int:
         name=args.name,
         rank=args.rank,
         alpha=args.alpha,
-        modules=tuple(args.modules),
+        modules=tuple(args.modules or ALL_MODULES),
         steps=args.steps,
         windows_per_task=args.windows_per_task,
         learning_rate=args.learning_rate,
@@ -106,25 +143,16 @@ def run_train(args: argparse.Namespace) -> int:
     )
     progress = not args.no_progress
     path = prepare_model(args.cache_dir, progress=progress)
-    sources = tuple(args.sources or ALL_SOURCES)
-    build_corpus(args.cache_dir, sources=sources, progress=progress)
-    tokenizer = load_tokenizer(path)
-    # Windows of window + 1 tokens: the inputs plus their next-token targets.
-    windows = functools.partial(
-        token_windows,
-        tokenizer=tokenizer,
-        window=args.window + 1,
+    data = corpus_tasks(
+        path,
+        args.tasks,
+        args.window,
+        args.train_windows,
+        args.eval_windows,
         cache_root=args.cache_dir,
-        sources=sources,
+        sources=args.sources,
+        progress=progress,
     )
-    data = [
-        TaskData(
-            task,
-            windows("calibration", count=args.train_windows, domains=[task]),
-            windows("evaluation", count=args.eval_windows, domains=[task]),
-        )
-        for task in args.tasks
-    ]
     model = ElasticLlama.from_pretrained(path, packed=False)
     base = evaluate(model, data, {}, dict.fromkeys(args.tasks))
     result = train_adapters(model, data, config, base_model=MODEL_NAME, progress=progress)
