@@ -37,11 +37,10 @@ from fake_fleet import GIB, FakeWorker, RecordingSink, fake_worker_service
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.operator.control import (
     FleetController,
-    WorkerConnection,
     WorkerEndpoint,
+    plaintext_connect,
 )
 from elasticfleet.operator.spec import FleetSpec
-from elasticfleet.worker.client import AsyncWorkerClient
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,10 +62,6 @@ def squeeze(worker: FakeWorker, rng: random.Random) -> None:
     the budget (0.45-0.9 GiB) is below the dense model's needs for most
     workers and each one's plan depends on its own figure."""
     worker.others_bytes = int(rng.uniform(3.0, 3.5) * GIB)
-
-
-def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
-    return AsyncWorkerClient(endpoint.address)
 
 
 async def measure(count: int, policy: str, repeats: int, seed: int) -> dict[str, Any]:
@@ -93,7 +88,9 @@ async def measure(count: int, policy: str, repeats: int, seed: int) -> dict[str,
     changed: list[int] = []
     try:
         for _ in range(repeats):
-            controller = FleetController(fleet_spec(policy), profile, connect, RecordingSink())
+            controller = FleetController(
+                fleet_spec(policy), profile, plaintext_connect, RecordingSink()
+            )
             try:
                 start = time.perf_counter()
                 report = await controller.tick(endpoints)

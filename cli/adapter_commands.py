@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,17 +97,20 @@ def add_adapter_commands(
 
 def open_store(args: argparse.Namespace) -> AdapterStore:
     """The store the connection flags (or environment) describe."""
-    from elasticfleet.worker.adapter_store import DEFAULT_PREFIX, AdapterStore
+    from elasticfleet.worker.adapter_store import AdapterStore
 
-    return AdapterStore.from_url(
-        args.redis_url or os.environ.get("ELASTICFLEET_REDIS_URL") or DEFAULT_REDIS_URL,
-        password=args.password or os.environ.get("ELASTICFLEET_REDIS_PASSWORD") or None,
-        prefix=args.prefix or os.environ.get("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
+    store = AdapterStore.from_environment(
+        args.redis_url,
+        password=args.password,
+        prefix=args.prefix,
+        default_url=DEFAULT_REDIS_URL,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_verify=not args.tls_insecure,
     )
+    assert store is not None  # there is a default URL
+    return store
 
 
 def _reports_store_errors(handler: Handler) -> Handler:

@@ -104,9 +104,13 @@ class _PrintingSink:
 def _loop(args: argparse.Namespace) -> int:
     import yaml
 
-    from elasticfleet.operator.control import AdapterWant, FleetController, profile_for_model
+    from elasticfleet.operator.control import (
+        AdapterWant,
+        FleetController,
+        plaintext_connect,
+        profile_for_model,
+    )
     from elasticfleet.operator.spec import FleetSpec
-    from elasticfleet.worker.client import AsyncWorkerClient
 
     body = yaml.safe_load(args.fleet.read_text())
     meta = body.get("metadata", {})
@@ -120,7 +124,7 @@ def _loop(args: argparse.Namespace) -> int:
         controller = FleetController(
             spec,
             profile_for_model(spec.model_name),
-            lambda endpoint: AsyncWorkerClient(endpoint.address),
+            plaintext_connect,
             sink,
         )
         # Without AdapterSet objects, each adapter set is loaded by its name.

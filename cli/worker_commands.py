@@ -209,17 +209,12 @@ def _adapter_cache(args: argparse.Namespace) -> AdapterCache | None:
     """The local cache over the Redis store the flags or environment name;
     None when no store is configured (the worker then serves no adapters)."""
     from elasticfleet.worker.adapter_cache import AdapterCache
-    from elasticfleet.worker.adapter_store import DEFAULT_PREFIX, AdapterStore
+    from elasticfleet.worker.adapter_store import AdapterStore
 
-    url = args.redis_url or os.environ.get("ELASTICFLEET_REDIS_URL")
-    if not url:
+    tls_ca = str(args.redis_tls_ca) if args.redis_tls_ca else None
+    store = AdapterStore.from_environment(args.redis_url, tls_ca=tls_ca)
+    if store is None:
         return None
-    store = AdapterStore.from_url(
-        url,
-        password=os.environ.get("ELASTICFLEET_REDIS_PASSWORD") or None,
-        prefix=os.environ.get("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
-        tls_ca=str(args.redis_tls_ca) if args.redis_tls_ca else None,
-    )
     return AdapterCache(store, args.adapter_cache_bytes)
 
 

@@ -12,6 +12,7 @@ version, its manifest's sha256 digest and its size.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +31,7 @@ class AdapterCheck:
     manifest: AdapterManifest | None = None
 
 
-def store_name(name: str, spec: dict[str, Any]) -> str:
+def store_name(name: str, spec: Mapping[str, Any]) -> str:
     """The adapter's name in the store: spec.store.name, else the object's."""
     return str(spec.get("store", {}).get("name") or name)
 

@@ -63,6 +63,7 @@ from elasticfleet.operator.budget import (
 from elasticfleet.operator.conditions import Condition, set_condition, timestamp
 from elasticfleet.operator.crds import MAX_PLAN_HISTORY
 from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.worker.client import AsyncWorkerClient
 from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
@@ -180,6 +181,13 @@ class FleetSink(Protocol):
 
 
 Connect = Callable[[WorkerEndpoint], WorkerConnection]
+
+
+def plaintext_connect(endpoint: WorkerEndpoint) -> WorkerConnection:
+    """Reach a worker over plaintext gRPC with the project's asyncio client."""
+    return AsyncWorkerClient(endpoint.address)
+
+
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], datetime]
 
@@ -273,7 +281,6 @@ class WorkerOutcome:
     error_reason: str = ""
     error: str = ""
     plan: PruningPlan | None = None
-    previous_plan: PruningPlan | None = None
     record: Status | None = None  # the lastPlans entry when the plan changed
 
     @property
@@ -460,7 +467,7 @@ class FleetController:
             outcome.status["adapters"] = await self._roll_out_adapters(connection)
         except Exception as error:
             failed = self._failed(endpoint, ADAPTER_FAILED, _describe_error(error), outcome.status)
-            failed.plan, failed.previous_plan, failed.record = outcome.plan, current, outcome.record
+            failed.plan, failed.record = outcome.plan, outcome.record
             return failed
         return outcome
 
@@ -534,7 +541,7 @@ class FleetController:
         reported = stats.memory.budget_bytes
         budget_changed = abs(budget - reported) > self.settings.budget_tolerance * budget
         if not plan_changed and not budget_changed:
-            return WorkerOutcome(endpoint, status, plan=plan, previous_plan=current)
+            return WorkerOutcome(endpoint, status, plan=plan)
         mask = plan.to_mask()
         timeout = self.settings.apply_timeout_s
         try:
@@ -545,7 +552,7 @@ class FleetController:
             return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
         status["budgetBytes"] = budget
         status["plan"] = plan_status(plan, response.plan_id or identifier)
-        outcome = WorkerOutcome(endpoint, status, plan=plan, previous_plan=current)
+        outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:
             before = self._predicted(current, load)
             side = "over" if before > budget else "within"

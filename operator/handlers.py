@@ -27,16 +27,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from elasticfleet.operator import build, crds
-from elasticfleet.operator.adapters import adapter_status, check_adapter_set
+from elasticfleet.operator.adapters import adapter_status, check_adapter_set, store_name
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.control import (
     AdapterWant,
@@ -46,11 +44,13 @@ from elasticfleet.operator.control import (
     Status,
     WorkerConnection,
     WorkerEndpoint,
+    plaintext_connect,
     profile_for_model,
+    utc_now,
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
 from elasticfleet.operator.spec import FleetSpec, SpecError
-from elasticfleet.worker.adapter_store import DEFAULT_PREFIX, AdapterStore, StoreUnavailable
+from elasticfleet.worker.adapter_store import AdapterStore, StoreUnavailable
 from elasticfleet.worker.client import AsyncWorkerClient
 
 FINALIZER = f"{crds.GROUP}/finalizer"
@@ -115,13 +115,8 @@ class _Store:
 
     @classmethod
     def get(cls) -> AdapterStore | None:
-        url = os.environ.get("ELASTICFLEET_REDIS_URL")
-        if cls.store is None and url:
-            cls.store = AdapterStore.from_url(
-                url,
-                password=os.environ.get("ELASTICFLEET_REDIS_PASSWORD"),
-                prefix=os.environ.get("ELASTICFLEET_REDIS_PREFIX", DEFAULT_PREFIX),
-            )
+        if cls.store is None:
+            cls.store = AdapterStore.from_environment()
         return cls.store
 
 
@@ -133,10 +128,6 @@ async def close_client(**_: Any) -> None:
     if _Store.store is not None:
         _Store.store.close()
         _Store.store = None
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _namespace(namespace: str | None) -> str:
@@ -175,7 +166,7 @@ async def reconcile(
             True,
             "InvalidSpec",
             str(error),
-            now=_now(),
+            now=utc_now(),
             generation=generation,
         )
         patch.status["observedGeneration"] = generation
@@ -188,7 +179,7 @@ async def reconcile(
         raise kopf.TemporaryError(f"creating children: {error}", delay=RETRY_DELAY_S) from error
     message = f"{fleet.workload} {build.worker_name(fleet)} at generation {generation}"
     conditions = set_condition(
-        conditions, "Progressing", True, "RollingOut", message, now=_now(), generation=generation
+        conditions, "Progressing", True, "RollingOut", message, now=utc_now(), generation=generation
     )
     if any(c["type"] == "Degraded" and c["reason"] == "InvalidSpec" for c in conditions):
         conditions = set_condition(
@@ -197,7 +188,7 @@ async def reconcile(
             False,
             "SpecAccepted",
             "the spec is valid",
-            now=_now(),
+            now=utc_now(),
             generation=generation,
         )
     patch.status["conditions"] = conditions
@@ -233,14 +224,14 @@ async def check_adapters(
         message = "the operator has no adapter store: set ELASTICFLEET_REDIS_URL on it"
         patch.status["ready"] = False
         patch.status["conditions"] = set_condition(
-            conditions, "Ready", False, "NoStore", message, now=_now(), generation=generation
+            conditions, "Ready", False, "NoStore", message, now=utc_now(), generation=generation
         )
         return
     try:
         check = await asyncio.to_thread(check_adapter_set, store, name, dict(spec))
     except StoreUnavailable as error:
         raise kopf.TemporaryError(str(error), delay=RETRY_DELAY_S) from error
-    patch.status.update(adapter_status(check, conditions, now=_now(), generation=generation))
+    patch.status.update(adapter_status(check, conditions, now=utc_now(), generation=generation))
 
 
 @dataclass(frozen=True)
@@ -276,9 +267,9 @@ def adapter_sets(
     name: str, namespace: str | None, spec: kopf.Spec, **_: Any
 ) -> dict[tuple[str | None, str], AdapterWant]:
     """What the workers load for each AdapterSet, by (namespace, name)."""
-    store = spec.get("store", {})
     tasks = tuple(str(task) for task in spec.get("tasks", []))
-    want = AdapterWant(str(store.get("name") or name), str(store.get("version", "")), tasks)
+    version = str(spec.get("store", {}).get("version", ""))
+    want = AdapterWant(store_name(name, spec), version, tasks)
     return {(namespace, name): want}
 
 
@@ -312,15 +303,11 @@ class KopfSink:
         kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
 
 
-def _plaintext(endpoint: WorkerEndpoint) -> WorkerConnection:
-    return AsyncWorkerClient(endpoint.address)
-
-
 async def _connector(fleet: FleetSpec) -> Connect:
     """How the loop reaches the fleet's workers: plaintext, or TLS verified
     against the fleet's Secret (its ca.crt, else its tls.crt)."""
     if not fleet.tls_secret:
-        return _plaintext
+        return plaintext_connect
     path = f"/api/v1/namespaces/{fleet.namespace}/secrets/{fleet.tls_secret}"
     try:
         secret = await _Connection.client().get(path)
@@ -395,6 +382,6 @@ async def control(
         rolling,
         "RollingOut" if rolling else "RolledOut",
         f"{len(endpoints)} of {fleet.replicas} workers ready",
-        now=_now(),
+        now=utc_now(),
         generation=generation,
     )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import ssl
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -253,6 +254,30 @@ class AdapterStore:
         # Client-side counters, so tests and metrics can see what was read.
         self.blobs_read = 0
         self.bytes_read = 0
+
+    @classmethod
+    def from_environment(
+        cls,
+        url: str | None = None,
+        *,
+        password: str | None = None,
+        prefix: str | None = None,
+        default_url: str | None = None,
+        **options: Any,
+    ) -> AdapterStore | None:
+        """The store that flags, else $ELASTICFLEET_REDIS_URL / _PASSWORD /
+        _PREFIX, describe (a worker pod, the operator and a shell share one
+        configuration); None when neither gives a URL and there is no
+        `default_url`. `options` go to from_url (TLS settings)."""
+        url = url or os.environ.get("ELASTICFLEET_REDIS_URL") or default_url
+        if not url:
+            return None
+        return cls.from_url(
+            url,
+            password=password or os.environ.get("ELASTICFLEET_REDIS_PASSWORD") or None,
+            prefix=prefix or os.environ.get("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
+            **options,
+        )
 
     @classmethod
     def from_url(

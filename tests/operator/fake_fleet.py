@@ -75,17 +75,16 @@ class FakeWorker:
 
     def own_bytes(self) -> tuple[int, int]:
         """(weight bytes, reserved KV bytes) of the plan in force."""
-        config = self.profile.config
-        weights = predict_memory(config, self.plan, 0, 0, self.profile.dtype).weight_bytes
-        kv = predict_memory(config, self.plan, self.active, int(self.sequence_p90)).kv_bytes
-        return weights, kv
+        estimate = predict_memory(
+            self.profile.config, self.plan, self.active, int(self.sequence_p90), self.profile.dtype
+        )
+        return estimate.weight_bytes, estimate.kv_bytes
 
     async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
         self.stats_calls += 1
         if self.entered is not None:
             await self.entered.wait()
-        if self.down:
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+        self._reachable()
         if self.stats_errors:
             raise self.stats_errors.pop(0)
         weights, kv = self.own_bytes()
@@ -121,8 +120,7 @@ class FakeWorker:
         *,
         timeout: float | None = None,
     ) -> pb.ApplyPlanResponse:
-        if self.down:
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+        self._reachable()
         if self.apply_errors:
             raise self.apply_errors.pop(0)
         plan = PruningPlan.from_mask(list(keep_mask))

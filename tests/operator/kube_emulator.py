@@ -60,6 +60,7 @@ from kmock._internal import enums, rendering
 from kmock._internal.k8s import KubernetesObjectConflictError
 
 from elasticfleet.operator import crds
+from elasticfleet.operator.conditions import timestamp
 
 T = TypeVar("T")
 
@@ -260,7 +261,7 @@ def _age(stamp: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp(datetime.now(UTC))
 
 
 class EmulatedCluster:

@@ -462,3 +462,12 @@ def test_a_connection_that_fails_to_close_does_not_fail_the_tick() -> None:
     gone.close = refuse  # type: ignore[method-assign]
     report = harness.tick()
     assert [w["pod"] for w in report.status["workers"]] == ["w0"]
+
+
+def test_a_budget_within_tolerance_is_not_pushed() -> None:
+    # The default spec derives a 2 GiB budget here; a worker already within
+    # 2% of it keeps its plan and budget, one 3% off is sent the new budget.
+    for share, pushed in ((0.99, []), (0.97, [2 * GIB])):
+        fleet = FakeFleet(PROFILE, 1, budget_bytes=int(2 * GIB * share))
+        Harness(fleet).tick()
+        assert [applied[2] for applied in fleet.workers["w0"].applied] == pushed

@@ -16,11 +16,10 @@ from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.operator.control import (
     FleetController,
     LoopSettings,
-    WorkerConnection,
     WorkerEndpoint,
+    plaintext_connect,
 )
 from elasticfleet.operator.spec import FleetSpec
-from elasticfleet.worker.client import AsyncWorkerClient
 
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 
@@ -30,10 +29,6 @@ def _closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port  # nothing listens on it once the socket is closed
-
-
-def _connect(endpoint: WorkerEndpoint) -> WorkerConnection:
-    return AsyncWorkerClient(endpoint.address)
 
 
 class NoSleep:
@@ -63,7 +58,9 @@ def test_tick_over_real_grpc() -> None:
         sink = RecordingSink()
         sleep = NoSleep()
         settings = LoopSettings(stats_timeout_s=2.0, attempts=2)
-        controller = FleetController(spec, PROFILE, _connect, sink, settings=settings, sleep=sleep)
+        controller = FleetController(
+            spec, PROFILE, plaintext_connect, sink, settings=settings, sleep=sleep
+        )
         endpoints = [
             WorkerEndpoint("up", f"127.0.0.1:{port}"),
             WorkerEndpoint("gone", f"127.0.0.1:{_closed_port()}"),

@@ -20,8 +20,8 @@ from tokenizers import Tokenizer, models
 from elasticfleet.agent.profile import profile_model
 from elasticfleet.operator.control import (
     FleetController,
-    WorkerConnection,
     WorkerEndpoint,
+    plaintext_connect,
     profile_for_model,
 )
 from elasticfleet.operator.spec import FleetSpec
@@ -88,12 +88,9 @@ def test_loop_plans_a_real_worker(
     dense = PruningPlan.dense(profile.config.num_hidden_layers)
     weights = engine.stats().picture.weight_bytes
 
-    def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
-        return AsyncWorkerClient(endpoint.address)
-
     async def run() -> None:
         sink = RecordingSink()
-        controller = FleetController(spec, profile, connect, sink)
+        controller = FleetController(spec, profile, plaintext_connect, sink)
         endpoints = [WorkerEndpoint("tiny-0", f"127.0.0.1:{running.port}")]
         try:
             # Plenty: the dense model stays, the derived budget is sent.
