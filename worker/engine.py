@@ -69,7 +69,13 @@ from elasticfleet.worker.engine_errors import (
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.generate import Completion, SamplingParams, TextStream, sample_next
+from elasticfleet.worker.generate import (
+    Completion,
+    SamplingParams,
+    TextStream,
+    cut_at_stop,
+    sample_next,
+)
 from elasticfleet.worker.kvcache import KVCache
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
@@ -232,6 +238,10 @@ class Engine:
         self.max_admit_delay = max_admit_delay
         self.tokenizer = tokenizer
         self.adapters = adapters
+        # The loaded adapters' bytes change only on load, unload and plan
+        # switches; every iteration reads them, so they are kept here.
+        self._adapter_resident = 0
+        self._refresh_adapter_bytes()
         self.max_queue = max_queue
         self.admission = Admission(model.config, model.dtype, budget_bytes, max_batch)
         if not self.admission.fits(model.plan, None, self._adapter_bytes()):
@@ -487,6 +497,7 @@ class Engine:
             self._cache.sync_layers(plan.keep_attention)
         if self.adapters is not None:
             self.adapters.apply_plan(plan)
+            self._refresh_adapter_bytes()
 
     # -- adapters -----------------------------------------------------------
 
@@ -506,6 +517,7 @@ class Engine:
         else:
             self.counters.adapter_cache_misses += 1
         with self._lock:  # an idle engine takes no picture of its own
+            self._refresh_adapter_bytes()
             self._stats = self._measure()
         return info, hit
 
@@ -519,6 +531,7 @@ class Engine:
                     "unload it when they finish"
                 )
             freed = host.unload(name)
+            self._refresh_adapter_bytes()
             self._stats = self._measure()
             return freed
 
@@ -533,7 +546,10 @@ class Engine:
         return self.adapters
 
     def _adapter_bytes(self) -> int:
-        return 0 if self.adapters is None else self.adapters.resident_bytes()
+        return self._adapter_resident
+
+    def _refresh_adapter_bytes(self) -> None:
+        self._adapter_resident = 0 if self.adapters is None else self.adapters.resident_bytes()
 
     # -- the loop -------------------------------------------------------------
 
@@ -733,7 +749,7 @@ class Engine:
             new = (token,)
             self.counters.generated_tokens += 1
             text = request.stream.push(token)
-            if params.stop and any(s in self._decode_text(request.tokens) for s in params.stop):
+            if params.stop and any(s in request.stream.text for s in params.stop):
                 finish = "stop"
             elif (
                 len(request.tokens) >= params.max_new_tokens
@@ -741,12 +757,10 @@ class Engine:
             ):
                 finish = "length"
         if finish:
-            full = self._decode_text(request.tokens)
-            cuts = [full.find(s) for s in params.stop if s in full]
             completion = Completion(
                 prompt_tokens=len(request.prompt_ids),
                 token_ids=request.tokens,
-                text=full[: min(cuts)] if cuts else full,
+                text=cut_at_stop(request.stream.text, params.stop),
                 finish_reason=finish,
             )
             text += request.stream.finish(completion)
@@ -760,10 +774,6 @@ class Engine:
             decode_step=self.step_count,
             plan_id=self.plan_id,
         )
-
-    def _decode_text(self, ids: Sequence[int]) -> str:
-        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)
-        return text
 
     def _emit(self, request: _Request, event: TokenEvent | Exception) -> None:
         try:

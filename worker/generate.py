@@ -107,6 +107,12 @@ def sample_next(
     return tokens
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first stop string in it (all of it when none occurs)."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
 class TextStream:
     """Turns one row's tokens, as they arrive, into text safe to show.
 
@@ -119,11 +125,13 @@ class TextStream:
         self.stop = tuple(stop)
         self.tokens: list[int] = []
         self.shown = 0
+        self.text = ""  # the whole decoded text so far (callers test stop strings on it)
 
     def push(self, token: int) -> str:
         """Add a token; return the text that can now be shown."""
         self.tokens.append(token)
         text: str = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        self.text = text
         cut = len(text.rstrip("\ufffd"))
         for stop in self.stop:
             found = text.find(stop)
@@ -240,6 +248,4 @@ class TextGenerator:
         return text
 
     def _finish_text(self, result: Completion, params: SamplingParams) -> str:
-        text = self._decode(result.token_ids)
-        cuts = [text.find(s) for s in params.stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        return cut_at_stop(self._decode(result.token_ids), params.stop)

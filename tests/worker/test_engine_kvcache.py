@@ -37,8 +37,10 @@ def test_a_row_view_writes_through() -> None:
 def test_move_and_clear_row() -> None:
     cache = filled_cache()
     expected = cache.keys[2][2, :, :7].clone()
+    expected_values = cache.values[2][2, :, :7].clone()
     cache.move_row(2, 0)
     assert torch.equal(cache.keys[2][0, :, :7], expected)
+    assert torch.equal(cache.values[2][0, :, :7], expected_values)
     assert cache.lengths[0] == 7 and cache.history_start[2][0] == 3
     cache.clear_row(2)
     assert cache.lengths[2] == 0 and cache.history_start[2][2] == 0
@@ -47,12 +49,14 @@ def test_move_and_clear_row() -> None:
 def test_resize_keeps_rows_and_tokens() -> None:
     cache = filled_cache()
     before = {layer: cache.keys[layer][:2, :, :5].clone() for layer in cache.layers}
+    values = {layer: cache.values[layer][:2, :, :5].clone() for layer in cache.layers}
     cache.lengths[2] = 0
     cache.resize(2, 5)
     assert cache.batch_size == 2 and cache.capacity == 5
     assert cache.keys[0].shape == (2, 2, 5, 16)
     for layer in cache.layers:
         assert torch.equal(cache.keys[layer], before[layer])
+        assert torch.equal(cache.values[layer], values[layer])
     assert cache.history_start[2].tolist() == [1, 0]
     cache.resize(4, 9)
     assert cache.lengths.tolist() == [5, 2, 0, 0]
