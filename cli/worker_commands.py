@@ -99,6 +99,13 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     worker.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     worker.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on shutdown")
     worker.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    worker.add_argument(
+        "--simulated-device",
+        type=Path,
+        metavar="FILE",
+        help='report this device instead of the GPU or host: JSON {"total_bytes": T, '
+        '"others_bytes": O}, re-read on every stats call (demos and tests without a GPU)',
+    )
     store = worker.add_argument_group(
         "adapter store",
         "password: $ELASTICFLEET_REDIS_PASSWORD; key prefix: $ELASTICFLEET_REDIS_PREFIX",
@@ -168,12 +175,19 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.plan import PruningPlan
     from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
     from elasticfleet.worker.server import ServerOptions, WorkerServer
-    from elasticfleet.worker.telemetry import device_memory
+    from elasticfleet.worker.telemetry import device_memory, simulated_memory
 
+    if args.simulated_device is not None:
+        try:
+            device = simulated_memory(args.simulated_device, own_bytes=0)
+        except ValueError as error:
+            print(f"elasticfleet: error: {error}", file=sys.stderr)
+            return 2
+    else:
+        device = device_memory()
     _limit_heap_retention()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = device_memory()
     budget = args.budget_bytes or int(args.budget_fraction * device.free_bytes)
     path = args.model or prepare_model(args.cache_dir, progress=False)
     model = ElasticLlama.from_pretrained(path)
@@ -201,6 +215,7 @@ def _worker(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         default_max_new_tokens=args.default_max_new_tokens,
         drain_timeout_s=args.drain_timeout,
+        simulated_device=args.simulated_device,
     )
     return asyncio.run(_serve(WorkerServer(engine, options), budget, device.detail))
 

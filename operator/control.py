@@ -105,7 +105,11 @@ TRANSIENT = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-SOURCES = {pb.MEMORY_SOURCE_NVML: "nvml", pb.MEMORY_SOURCE_HOST: "host"}
+SOURCES = {
+    pb.MEMORY_SOURCE_NVML: "nvml",
+    pb.MEMORY_SOURCE_HOST: "host",
+    pb.MEMORY_SOURCE_SIMULATED: "simulated",
+}
 PROFILES_ENV = "ELASTICFLEET_PROFILES"
 # Decisions remembered across ticks; the memo starts over when it is full.
 MAX_DECISIONS = 4096

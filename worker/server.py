@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from elasticfleet.worker.engine import Engine, TokenEvent
+from elasticfleet.worker.engine import Engine, EnginePicture, TokenEvent
 from elasticfleet.worker.engine_adapters import AdapterInfo, AdapterRequest
 from elasticfleet.worker.engine_errors import (
     DataLoss,
@@ -46,7 +46,12 @@ from elasticfleet.worker.metrics import MetricsServer
 from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.proto_gen import worker_pb2_grpc as pb_grpc
-from elasticfleet.worker.telemetry import Histogram, device_memory
+from elasticfleet.worker.telemetry import (
+    DeviceMemory,
+    Histogram,
+    device_memory,
+    simulated_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,12 @@ FINISH_REASONS = {
     "eos": pb.FINISH_REASON_EOS,
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
+}
+
+MEMORY_SOURCES = {
+    "nvml": pb.MEMORY_SOURCE_NVML,
+    "host": pb.MEMORY_SOURCE_HOST,
+    "simulated": pb.MEMORY_SOURCE_SIMULATED,
 }
 
 
@@ -248,11 +259,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         model_name: str,
         default_max_new_tokens: int = 256,
         plan_wait_s: float = 30.0,
+        simulated_device: Path | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.default_max_new_tokens = default_max_new_tokens
         self.plan_wait_s = plan_wait_s
+        self.simulated_device = simulated_device
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -305,13 +318,23 @@ class WorkerService(pb_grpc.WorkerServicer):
             kept_blocks=switch.kept_blocks,
         )
 
+    def _device(self, picture: EnginePicture) -> DeviceMemory:
+        simulated = self.simulated_device
+        if simulated is None:
+            return device_memory()
+        own = picture.weight_bytes + picture.kv_reserved_bytes + picture.adapter_bytes
+        return simulated_memory(simulated, own)
+
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatsResponse:
         stats = self.engine.stats()
         picture, mix = stats.picture, stats.mix
-        device = await asyncio.to_thread(device_memory)
-        source = pb.MEMORY_SOURCE_NVML if device.source == "nvml" else pb.MEMORY_SOURCE_HOST
+        try:
+            device = await asyncio.to_thread(self._device, picture)
+        except ValueError as error:  # a broken simulated device file
+            raise FailedPrecondition(str(error)) from None
+        source = MEMORY_SOURCES[device.source]
         return pb.GetStatsResponse(
             device=pb.DeviceMemory(
                 total_bytes=device.total_bytes,
@@ -390,6 +413,8 @@ class ServerOptions:
     # Longest an ApplyPlan waits for running requests to make room.
     plan_wait_s: float = 30.0
     drain_timeout_s: float = 30.0
+    # Report this file's device instead of NVML's or the host's (telemetry.simulated_memory).
+    simulated_device: Path | None = None
 
 
 class WorkerServer:
@@ -419,7 +444,11 @@ class WorkerServer:
             ],
         )
         service = WorkerService(
-            self.engine, options.model_name, options.default_max_new_tokens, options.plan_wait_s
+            self.engine,
+            options.model_name,
+            options.default_max_new_tokens,
+            options.plan_wait_s,
+            options.simulated_device,
         )
         pb_grpc.add_WorkerServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

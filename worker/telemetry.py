@@ -10,6 +10,7 @@ plan must hold through the busy moments of that load.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import os
 import time
@@ -107,7 +108,7 @@ class DeviceMemory:
     total_bytes: int
     used_bytes: int
     free_bytes: int
-    source: str  # "nvml" or "host"
+    source: str  # "nvml", "host" or "simulated"
     detail: str
 
 
@@ -146,3 +147,29 @@ def host_memory(detail: str) -> DeviceMemory:
     total = fields.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     free = fields.get("MemAvailable", fields.get("MemFree", 0))
     return DeviceMemory(total, total - free, free, "host", detail)
+
+
+def simulated_memory(path: Path, own_bytes: int) -> DeviceMemory:
+    """A simulated device, for demos and tests on machines without a GPU:
+    `path` holds JSON `{"total_bytes": T, "others_bytes": O}`, read on every
+    call, so whoever plays the other processes squeezes the device by
+    rewriting it. In use: what the others hold plus the worker's own
+    `own_bytes` (weights, KV cache and adapters). A missing or malformed
+    file raises ValueError saying what is wrong with it."""
+    try:
+        figures = json.loads(path.read_text())
+        total, others = int(figures["total_bytes"]), int(figures["others_bytes"])
+    except OSError as error:
+        raise ValueError(f"simulated device {path}: {error.strerror or error}") from None
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"simulated device {path}: expected JSON "
+            f'{{"total_bytes": <int>, "others_bytes": <int>}} ({type(error).__name__}: {error})'
+        ) from None
+    if total <= 0 or others < 0:
+        raise ValueError(
+            f"simulated device {path}: total_bytes must be positive and others_bytes "
+            f"not negative, got {total} and {others}"
+        )
+    used = min(total, others + own_bytes)
+    return DeviceMemory(total, used, total - used, "simulated", f"simulated by {path}")

@@ -2,13 +2,15 @@
 WorkerServer and Engine on the tiny random model, on 127.0.0.1), with the
 tiny model's own block profile found through $ELASTICFLEET_PROFILES.
 
-The worker's device is the one thing faked: its memory figures are set by
-the test, so other processes can squeeze it and let go again.
+The worker's device is simulated (`ServerOptions.simulated_device`): the
+test writes what other processes hold into its file, squeezing the worker
+and letting go again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,29 +27,20 @@ from elasticfleet.operator.control import (
     profile_for_model,
 )
 from elasticfleet.operator.spec import FleetSpec
-from elasticfleet.worker import server as worker_server
 from elasticfleet.worker.client import AsyncWorkerClient
 from elasticfleet.worker.engine import Engine
 from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.telemetry import DeviceMemory
+from elasticfleet.worker.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.server import BackgroundServer, ServerOptions
 
 MODEL = "tiny-llama"
 DEVICE_BYTES = 8 * 2**20
 
 
-class Device:
-    """The worker's device: other processes hold `others` bytes of it."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.others = 0
-
-    def __call__(self, gpu_index: int = 0) -> DeviceMemory:
-        picture = self.engine.stats().picture
-        own = picture.weight_bytes + picture.kv_reserved_bytes + picture.adapter_bytes
-        used = self.others + own
-        return DeviceMemory(DEVICE_BYTES, used, DEVICE_BYTES - used, "host", "set by the test")
+def squeeze(device: Path, others_bytes: int) -> None:
+    """Other processes now hold `others_bytes` of the simulated device."""
+    device.write_text(json.dumps({"total_bytes": DEVICE_BYTES, "others_bytes": others_bytes}))
 
 
 @pytest.fixture
@@ -66,15 +59,14 @@ def profiles(
     yield tmp_path
 
 
-def test_loop_plans_a_real_worker(
-    tiny_model_dir: Path, profiles: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_loop_plans_a_real_worker(tiny_model_dir: Path, profiles: Path, tmp_path: Path) -> None:
     model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
     engine = Engine(model, tokenizer, budget_bytes=2**20)
-    device = Device(engine)
-    monkeypatch.setattr(worker_server, "device_memory", device)
-    running = worker_server.BackgroundServer(engine, worker_server.ServerOptions(model_name=MODEL))
+    device = tmp_path / "device.json"
+    squeeze(device, 0)
+    options = ServerOptions(model_name=MODEL, simulated_device=device)
+    running = BackgroundServer(engine, options)
     spec = FleetSpec.parse(
         "tiny",
         "ns",
@@ -99,7 +91,7 @@ def test_loop_plans_a_real_worker(
             assert report.status["workers"][0]["plan"]["keptAttention"] == 4
 
             # Squeezed below the dense weights: blocks go, the worker frees them.
-            device.others = DEVICE_BYTES - weights
+            squeeze(device, DEVICE_BYTES - weights)
             report = await controller.tick(endpoints)
             (outcome,) = report.outcomes
             assert outcome.changed and outcome.plan is not None
@@ -108,10 +100,14 @@ def test_loop_plans_a_real_worker(
             assert stats.plan_id == outcome.status["plan"]["id"]
             assert list(stats.keep_mask) == outcome.plan.to_mask()
             assert stats.memory.weight_bytes < weights
+            own = stats.memory.weight_bytes + stats.memory.kv_reserved_bytes
+            assert stats.device.total_bytes == DEVICE_BYTES
+            assert stats.device.used_bytes == DEVICE_BYTES - weights + own
+            assert stats.device.source == pb.MEMORY_SOURCE_SIMULATED
             assert [e.reason for e in sink.events] == ["PlanChanged"]
 
             # Relaxed: every block is restored.
-            device.others = 0
+            squeeze(device, 0)
             report = await controller.tick(endpoints)
             assert report.outcomes[0].plan == dense
             assert engine.stats().picture.weight_bytes == weights

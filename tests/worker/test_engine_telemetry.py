@@ -3,13 +3,21 @@ without a GPU, from the host."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from elasticfleet.worker.telemetry import RequestMix, device_memory, histogram, percentile
+from elasticfleet.worker.telemetry import (
+    RequestMix,
+    device_memory,
+    histogram,
+    percentile,
+    simulated_memory,
+)
 
 
 def test_histogram_and_percentile() -> None:
@@ -78,3 +86,35 @@ def test_device_memory_falls_back_to_the_host_and_says_why(
     assert "NVMLError_LibraryNotFound: NVML Shared Library Not Found" in memory.detail
     assert memory.total_bytes >= memory.free_bytes > 0
     assert memory.used_bytes == memory.total_bytes - memory.free_bytes
+
+
+def test_a_simulated_device_is_read_on_every_call(tmp_path: Path) -> None:
+    device = tmp_path / "device.json"
+    device.write_text(json.dumps({"total_bytes": 1000, "others_bytes": 100}))
+    memory = simulated_memory(device, own_bytes=300)
+    assert (memory.total_bytes, memory.used_bytes, memory.free_bytes) == (1000, 400, 600)
+    assert memory.source == "simulated" and str(device) in memory.detail
+    device.write_text(json.dumps({"total_bytes": 1000, "others_bytes": 900}))
+    squeezed = simulated_memory(device, own_bytes=300)
+    assert (squeezed.used_bytes, squeezed.free_bytes) == (1000, 0)  # never below zero
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file or directory"),
+        ("{", 'expected JSON {"total_bytes": <int>, "others_bytes": <int>} (JSONDecodeError'),
+        ('{"total_bytes": 10}', "(KeyError: 'others_bytes')"),
+        ('{"total_bytes": 0, "others_bytes": 0}', "total_bytes must be positive"),
+        ('{"total_bytes": 10, "others_bytes": -1}', "others_bytes not negative, got 10 and -1"),
+    ],
+)
+def test_a_broken_simulated_device_says_what_is_wrong(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    device = tmp_path / "device.json"
+    if content is not None:
+        device.write_text(content)
+    with pytest.raises(ValueError, match="simulated device") as raised:
+        simulated_memory(device, own_bytes=0)
+    assert message in str(raised.value)

@@ -5,6 +5,7 @@ metrics, statistics and graceful drain."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import threading
@@ -288,6 +289,28 @@ def test_metrics_are_served_with_the_prefix(served_model_dir: Path, one_thread: 
         assert f"elasticfleet_{name}" in text
     assert 'elasticfleet_adapter_cache_total{result="hit"}' in text
     assert 'elasticfleet_decode_step_seconds{quantile="0.99"}' in text
+
+
+def test_a_simulated_device_reports_its_file(
+    served_model_dir: Path, one_thread: None, tmp_path: Path
+) -> None:
+    device = tmp_path / "device.json"
+    device.write_text(json.dumps({"total_bytes": 2**30, "others_bytes": 2**20}))
+    options = ServerOptions(simulated_device=device)
+    running = BackgroundServer(make_engine(served_model_dir), options)
+    try:
+        with WorkerClient(f"127.0.0.1:{running.port}") as client:
+            stats = client.get_stats()
+            assert stats.device.source == pb.MEMORY_SOURCE_SIMULATED
+            assert stats.device.total_bytes == 2**30
+            assert stats.device.used_bytes == 2**20 + stats.memory.weight_bytes
+            device.write_text("not json")
+            with pytest.raises(grpc.RpcError) as raised:
+                client.get_stats()
+            assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "simulated device" in str(raised.value.details())
+    finally:
+        running.stop()
 
 
 def test_the_bearer_token_is_checked_on_every_rpc_but_health(

@@ -4,9 +4,6 @@ against a worker on 127.0.0.1."""
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +15,11 @@ from elasticfleet.worker.client import WorkerClient, generate_request
 from elasticfleet.worker.engine import Engine
 from elasticfleet.worker.generate import TOKENIZER_FILE
 from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.process import WorkerProcess, WorkerStartError
 from elasticfleet.worker.server import BackgroundServer, ServerOptions
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
-
-ELASTICFLEET = str(Path(sys.executable).with_name("elasticfleet"))
 
 
 @pytest.fixture
@@ -51,25 +47,29 @@ def test_generate_reports_the_status_and_exits_non_zero(
     assert "INVALID_ARGUMENT: temperature must be between 0 and 100" in capsys.readouterr().err
 
 
-def test_worker_process_serves_and_drains_on_sigterm(served_model_dir: Path) -> None:
-    command = [
-        ELASTICFLEET, "worker", "--model", str(served_model_dir), "--port", "0",
+def test_worker_process_serves_and_drains_on_sigterm(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
+    args = [
+        "--model", str(served_model_dir), "--port", "0",
         "--budget-bytes", str(2**26), "--threads", "1",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    worker = WorkerProcess.start(args, tmp_path / "worker.log")
     try:
-        assert process.stderr is not None
-        line = process.stderr.readline()
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+); budget 64 MiB", line)
-        assert found, line
-        with WorkerClient(f"127.0.0.1:{found.group(1)}") as client:
+        assert worker.address == f"127.0.0.1:{worker.port}" and worker.port > 0
+        assert "budget 64 MiB" in worker.log.read_text()
+        with WorkerClient(worker.address) as client:
             result = client.complete(generate_request("hi", max_new_tokens=3, ignore_eos=True))
             assert len(result.token_ids) == 3
             assert client.get_stats().model == served_model_dir.name
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        assert "draining" in process.stderr.read()
+        assert worker.stop() == 0
+        assert "draining" in worker.log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        worker.kill()
+
+
+def test_a_worker_that_cannot_start_says_why(served_model_dir: Path, tmp_path: Path) -> None:
+    args = ["--model", str(served_model_dir), "--simulated-device", str(tmp_path / "none.json")]
+    with pytest.raises(WorkerStartError, match="exited with status 2") as raised:
+        WorkerProcess.start(args, tmp_path / "worker.log")
+    assert "simulated device" in str(raised.value) and "No such file" in str(raised.value)

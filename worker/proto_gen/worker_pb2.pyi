@@ -66,6 +66,10 @@ class _MemorySourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemorySo
     """An NVIDIA GPU, through NVML."""
     MEMORY_SOURCE_HOST: _MemorySource.ValueType  # 2
     """The host's memory, because no GPU (or no NVIDIA driver) is available."""
+    MEMORY_SOURCE_SIMULATED: _MemorySource.ValueType  # 3
+    """A simulated device: figures from the file the worker was started with
+    (--simulated-device), for demos and tests on machines without a GPU.
+    """
 
 class MemorySource(_MemorySource, metaclass=_MemorySourceEnumTypeWrapper):
     """Where the device memory figures come from."""
@@ -76,6 +80,10 @@ MEMORY_SOURCE_NVML: MemorySource.ValueType  # 1
 """An NVIDIA GPU, through NVML."""
 MEMORY_SOURCE_HOST: MemorySource.ValueType  # 2
 """The host's memory, because no GPU (or no NVIDIA driver) is available."""
+MEMORY_SOURCE_SIMULATED: MemorySource.ValueType  # 3
+"""A simulated device: figures from the file the worker was started with
+(--simulated-device), for demos and tests on machines without a GPU.
+"""
 Global___MemorySource: _TypeAlias = MemorySource  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,98 @@
+"""`elasticfleet worker` as a child process: started, awaited until it
+listens, stopped by its PID.
+
+What runs worker processes outside Kubernetes uses this: the local fleet
+demo, and the integration tests that play kubelet for the operator. The
+worker's stderr goes to a log file (a pipe nobody drains would block it
+once full); its "listening on HOST:PORT" line says where it serves, so
+`--port 0` lets the worker pick a free port without a race.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+LISTENING = re.compile(r"elasticfleet worker listening on (\S+):(\d+)")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+class WorkerStartError(RuntimeError):
+    """The worker exited, or did not listen in time; the message ends with its log."""
+
+
+class WorkerProcess:
+    """One running `elasticfleet worker`; `address` is HOST:PORT."""
+
+    def __init__(self, process: subprocess.Popen[bytes], address: str, log: Path) -> None:
+        self.process = process
+        self.address = address
+        self.log = log
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @classmethod
+    def start(
+        cls,
+        args: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = START_TIMEOUT_S,
+    ) -> WorkerProcess:
+        """Run `elasticfleet worker ARGS` with this Python (its environment
+        plus `env`) and return once it listens. Raises WorkerStartError,
+        with the log's tail, if it exits first or takes over `timeout_s`."""
+        command = [sys.executable, "-m", "elasticfleet", "worker", *args]
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                env={**os.environ, **(env or {})},
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = LISTENING.search(log.read_text(errors="replace"))
+            if found:
+                return cls(process, f"{found.group(1)}:{found.group(2)}", log)
+            if process.poll() is not None:
+                raise WorkerStartError(
+                    f"worker exited with status {process.returncode}:\n{_tail(log)}"
+                )
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise WorkerStartError(
+                    f"worker did not listen within {timeout_s:.0f} s:\n{_tail(log)}"
+                )
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM (the worker drains its requests), then SIGKILL after
+        `timeout_s`; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies as a crashed pod does, with no drain."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
