@@ -43,13 +43,14 @@ def worker_name(spec: FleetSpec) -> str:
     return f"{spec.name}{WORKER_SUFFIX}"
 
 
-def worker_address(spec: FleetSpec, pod_ip: str) -> str:
+def worker_address(spec: FleetSpec, pod_ip: str, pod_port: int | None = None) -> str:
     """Where the operator reaches a worker pod. In plaintext, its IP; with TLS,
     the pod's DNS name under the headless Service (the dashed IP,
     `10-1-2-3.<fleet>-worker.<namespace>.svc`), which a certificate for
     `*.<fleet>-worker.<namespace>.svc` covers, as no certificate covers a
-    pod IP known only at run time."""
-    port = spec.worker.port
+    pod IP known only at run time. The port is the one the pod declares,
+    else the spec's."""
+    port = pod_port or spec.worker.port
     if not spec.tls_secret:
         return f"{pod_ip}:{port}"
     host = pod_ip.replace(".", "-").replace(":", "-")

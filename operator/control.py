@@ -554,7 +554,10 @@ class FleetController:
             )
         except Exception as error:
             return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
+        # What the worker holds now, not what it held when asked for stats.
         status["budgetBytes"] = budget
+        status["weightBytes"] = response.memory.weight_bytes
+        status["kvBytes"] = response.memory.kv_reserved_bytes
         status["plan"] = plan_status(plan, response.plan_id or identifier)
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:

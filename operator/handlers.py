@@ -242,6 +242,7 @@ class PodInfo:
     ip: str
     node: str
     ready: bool
+    port: int | None  # its container's grpc port; None: the fleet's
 
 
 @kopf.index("pods", labels={build.FLEET_LABEL: kopf.PRESENT})
@@ -258,8 +259,18 @@ def fleet_pods(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", [])
     )
     ip = str(status.get("podIP", ""))
-    info = PodInfo(name, ip, str(spec.get("nodeName", "")), ready and bool(ip))
+    info = PodInfo(name, ip, str(spec.get("nodeName", "")), ready and bool(ip), _grpc_port(spec))
     return {(namespace, labels[build.FLEET_LABEL]): info}
+
+
+def _grpc_port(spec: kopf.Spec) -> int | None:
+    """The port the pod itself declares for gRPC: a pod made from an older
+    template serves where that template said, not where the spec now says."""
+    for container in spec.get("containers", []):
+        for port in container.get("ports", []):
+            if port.get("name") == build.GRPC_PORT_NAME:
+                return int(port["containerPort"])
+    return None
 
 
 @kopf.index(crds.GROUP, crds.VERSION, crds.ADAPTER_PLURAL)
@@ -370,7 +381,9 @@ async def control(
     controller.adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     pods = list(pod_index.get((namespace, name), []))
     endpoints = [
-        WorkerEndpoint(p.name, build.worker_address(fleet, p.ip), p.node) for p in pods if p.ready
+        WorkerEndpoint(p.name, build.worker_address(fleet, p.ip, p.port), p.node)
+        for p in pods
+        if p.ready
     ]
     await controller.tick(endpoints)
     patch.status["replicas"] = len(pods)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import torch
+from tokenizers import Tokenizer, models
 from valkey_server import TestRedisServer, TlsFront, self_signed_certificate
 
+from elasticfleet.agent.profile import profile_model
 from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights
 from elasticfleet.worker.adapter_store import AdapterStore
 from elasticfleet.worker.config import tiny_config
+from elasticfleet.worker.generate import TOKENIZER_FILE
 from elasticfleet.worker.model import ElasticLlama
+
+# The name the tiny model is served and profiled under.
+TINY_MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +37,34 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             param.normal_(0.0, 0.1)
     path = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_profiles(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """The tiny model's block profile (two steps of Greedy Sequential
+    Importance over its 8 blocks, the proxy ranking the rest) in a folder
+    named by $ELASTICFLEET_PROFILES, where the operator looks for profiles."""
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    out = folder / f"{TINY_MODEL}.json"
+    profile_model(model, tokens, out_path=out, progress=False, model_name=TINY_MODEL)
+    monkeypatch.setenv("ELASTICFLEET_PROFILES", str(folder))
+    yield folder
+
+
+@pytest.fixture
+def tiny_worker_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model's files and a one-word tokenizer in a folder named
+    `tiny-llama`, so `elasticfleet worker --model DIR` serves it under that
+    name (a worker reports its model folder's name)."""
+    path = tmp_path / TINY_MODEL
+    shutil.copytree(tiny_model_dir, path)
+    Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(path / TOKENIZER_FILE))
     return path
 
 
@@ -136,7 +171,7 @@ def make_adapter() -> Callable[..., AdapterWeights]:
     ) -> AdapterWeights:
         spec = AdapterSpec(
             name=name,
-            base_model="tiny-llama",
+            base_model=TINY_MODEL,
             num_layers=2,
             rank=rank,
             alpha=2.0 * rank,

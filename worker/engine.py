@@ -108,17 +108,6 @@ Sink = Callable[[TokenEvent | Exception], None]
 
 
 @dataclass(frozen=True)
-class PlanSwitch:
-    """The outcome of a plan switch."""
-
-    plan_id: str
-    bytes_before: int
-    bytes_after: int
-    effective_step: int
-    kept_blocks: int
-
-
-@dataclass(frozen=True)
 class EnginePicture:
     """Memory (measured by the accountant) and plan, taken between two
     iterations, so the figures are consistent with each other."""
@@ -138,6 +127,22 @@ class EnginePicture:
     def total_bytes(self) -> int:
         """What the worker holds: weights, reserved KV and adapters."""
         return self.weight_bytes + self.kv_reserved_bytes + self.adapter_bytes
+
+
+@dataclass(frozen=True)
+class PlanSwitch:
+    """The outcome of a plan switch; `after` is the picture taken right
+    after it (so a caller learns what the worker now holds without asking)."""
+
+    plan_id: str
+    bytes_before: int
+    after: EnginePicture
+    effective_step: int
+    kept_blocks: int
+
+    @property
+    def bytes_after(self) -> int:
+        return self.after.total_bytes
 
 
 @dataclass(frozen=True)
@@ -486,7 +491,7 @@ class Engine:
         return PlanSwitch(
             plan_id=pending.plan_id,
             bytes_before=before,
-            bytes_after=self._stats.total_bytes,
+            after=self._stats,
             effective_step=self.step_count,
             kept_blocks=plan.kept_blocks,
         )

@@ -84,6 +84,17 @@ MEMORY_SOURCES = {
 }
 
 
+def worker_memory(picture: EnginePicture) -> pb.WorkerMemory:
+    return pb.WorkerMemory(
+        weight_bytes=picture.weight_bytes,
+        kv_reserved_bytes=picture.kv_reserved_bytes,
+        kv_used_bytes=picture.kv_used_bytes,
+        adapter_bytes=picture.adapter_bytes,
+        budget_bytes=picture.budget_bytes,
+        kv_committed_bytes=picture.kv_committed_bytes,
+    )
+
+
 def status_code(error: BaseException) -> grpc.StatusCode:
     """The status code an exception maps to (INTERNAL when unknown)."""
     for kind, code in STATUS_CODES:
@@ -316,14 +327,14 @@ class WorkerService(pb_grpc.WorkerServicer):
             bytes_after=switch.bytes_after,
             effective_step=switch.effective_step,
             kept_blocks=switch.kept_blocks,
+            memory=worker_memory(switch.after),
         )
 
     def _device(self, picture: EnginePicture) -> DeviceMemory:
         simulated = self.simulated_device
         if simulated is None:
             return device_memory()
-        own = picture.weight_bytes + picture.kv_reserved_bytes + picture.adapter_bytes
-        return simulated_memory(simulated, own)
+        return simulated_memory(simulated, picture.total_bytes)
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -343,14 +354,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 source=source,
                 detail=device.detail,
             ),
-            memory=pb.WorkerMemory(
-                weight_bytes=picture.weight_bytes,
-                kv_reserved_bytes=picture.kv_reserved_bytes,
-                kv_used_bytes=picture.kv_used_bytes,
-                adapter_bytes=picture.adapter_bytes,
-                budget_bytes=picture.budget_bytes,
-                kv_committed_bytes=picture.kv_committed_bytes,
-            ),
+            memory=worker_memory(picture),
             queue_depth=stats.queue_depth,
             active_sequences=picture.active_sequences,
             mix=pb.RequestMix(

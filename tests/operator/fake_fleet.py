@@ -80,6 +80,12 @@ class FakeWorker:
         )
         return estimate.weight_bytes, estimate.kv_bytes
 
+    def memory(self) -> pb.WorkerMemory:
+        weights, kv = self.own_bytes()
+        return pb.WorkerMemory(
+            weight_bytes=weights, kv_reserved_bytes=kv, budget_bytes=self.budget_bytes
+        )
+
     async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
         self.stats_calls += 1
         if self.entered is not None:
@@ -87,8 +93,8 @@ class FakeWorker:
         self._reachable()
         if self.stats_errors:
             raise self.stats_errors.pop(0)
-        weights, kv = self.own_bytes()
-        used = self.others_bytes + weights + kv
+        memory = self.memory()
+        used = self.others_bytes + memory.weight_bytes + memory.kv_reserved_bytes
         return pb.GetStatsResponse(
             device=pb.DeviceMemory(
                 total_bytes=self.total_bytes,
@@ -96,9 +102,7 @@ class FakeWorker:
                 free_bytes=max(self.total_bytes - used, 0),
                 source=pb.MEMORY_SOURCE_HOST,
             ),
-            memory=pb.WorkerMemory(
-                weight_bytes=weights, kv_reserved_bytes=kv, budget_bytes=self.budget_bytes
-            ),
+            memory=memory,
             active_sequences=self.active,
             mix=pb.RequestMix(
                 window_seconds=60,
@@ -136,6 +140,7 @@ class FakeWorker:
             bytes_before=before,
             bytes_after=sum(self.own_bytes()),
             kept_blocks=plan.kept_blocks,
+            memory=self.memory(),
         )
 
     def _reachable(self) -> None:

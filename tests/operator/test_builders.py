@@ -187,3 +187,5 @@ def test_worker_address() -> None:
     assert worker_address(_spec(), "10.1.2.3") == "10.1.2.3:50051"
     tls = _spec("elasticfleet-gpu.yaml")
     assert worker_address(tls, "10.1.2.3") == "10-1-2-3.smollm2-gpu-worker.ml.svc:50051"
+    # A pod that declares its own gRPC port (made from an older template) is reached there.
+    assert worker_address(_spec(), "10.1.2.3", 50077) == "10.1.2.3:50077"

@@ -107,6 +107,8 @@ def test_squeeze_then_relax() -> None:
     assert w0["plan"]["keptAttention"] == sum(squeezed.keep_attention)
     assert w0["plan"]["droppedAttention"] == squeezed.dropped_attention
     assert w0["budgetBytes"] == budget and w0["reachable"] is True
+    # The memory the worker holds under the new plan, from ApplyPlan's answer.
+    assert (w0["weightBytes"], w0["kvBytes"]) == worker.own_bytes()
     assert w0["requestMix"]["batchSizeP90"] == 8 and w0["device"]["source"] == "host"
 
     # Steady state: the same plan is not pushed again.

@@ -10,16 +10,12 @@ and letting go again.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import torch
 from fake_fleet import RecordingSink
+from tiny_fleet import DEVICE_BYTES, MODEL, squeeze
 from tokenizers import Tokenizer, models
 
-from elasticfleet.agent.profile import profile_model
 from elasticfleet.operator.control import (
     FleetController,
     WorkerEndpoint,
@@ -34,32 +30,10 @@ from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.server import BackgroundServer, ServerOptions
 
-MODEL = "tiny-llama"
-DEVICE_BYTES = 8 * 2**20
 
-
-def squeeze(device: Path, others_bytes: int) -> None:
-    """Other processes now hold `others_bytes` of the simulated device."""
-    device.write_text(json.dumps({"total_bytes": DEVICE_BYTES, "others_bytes": others_bytes}))
-
-
-@pytest.fixture
-def profiles(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Path]:
-    """The tiny model's profile (two steps of Greedy Sequential Importance
-    over its 8 blocks, the proxy ranking the rest), where the operator looks
-    for profiles."""
-    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
-    model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
-    profile_model(
-        model, tokens, out_path=tmp_path / f"{MODEL}.json", progress=False, model_name=MODEL
-    )
-    monkeypatch.setenv("ELASTICFLEET_PROFILES", str(tmp_path))
-    yield tmp_path
-
-
-def test_loop_plans_a_real_worker(tiny_model_dir: Path, profiles: Path, tmp_path: Path) -> None:
+def test_loop_plans_a_real_worker(
+    tiny_model_dir: Path, tiny_profiles: Path, tmp_path: Path
+) -> None:
     model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
     engine = Engine(model, tokenizer, budget_bytes=2**20)

@@ -347,6 +347,7 @@ class ApplyPlanResponse(_message.Message):
     BYTES_AFTER_FIELD_NUMBER: _builtins.int
     EFFECTIVE_STEP_FIELD_NUMBER: _builtins.int
     KEPT_BLOCKS_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """The plan now in force."""
     bytes_before: _builtins.int
@@ -357,6 +358,10 @@ class ApplyPlanResponse(_message.Message):
     """The first decode step run under the new plan."""
     kept_blocks: _builtins.int
     """Blocks kept by the plan, of 2L."""
+    @_builtins.property
+    def memory(self) -> Global___WorkerMemory:
+        """The worker's memory right after the switch."""
+
     def __init__(
         self,
         *,
@@ -365,10 +370,11 @@ class ApplyPlanResponse(_message.Message):
         bytes_after: _builtins.int = ...,
         effective_step: _builtins.int = ...,
         kept_blocks: _builtins.int = ...,
+        memory: Global___WorkerMemory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_after", b"bytes_after", "bytes_before", b"bytes_before", "effective_step", b"effective_step", "kept_blocks", b"kept_blocks", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_after", b"bytes_after", "bytes_before", b"bytes_before", "effective_step", b"effective_step", "kept_blocks", b"kept_blocks", "memory", b"memory", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,195 @@
+"""The whole product on one machine: the real kopf operator (KopfRunner)
+against the Kubernetes API emulator, real `elasticfleet worker` processes on
+the tiny model, and a real Valkey holding the fleet's adapter set.
+
+The test plays kubelet (tiny_fleet.Kubelet): when the operator has created
+the worker Deployment, it starts one worker process per replica from the
+Deployment's own command and environment and marks its pod ready at the
+worker's address. Then: both workers load the AdapterSet from Redis and
+serve a request with it; other processes squeeze one worker's device and
+the operator pushes it a smaller plan, writes status and posts an Event,
+while the other worker keeps every block; relaxed, the blocks come back; a
+worker killed with SIGKILL marks the fleet Degraded, naming it, and its
+restart recovers it; deleting the fleet releases the finalizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator, wait_for
+from tiny_fleet import DEVICE_BYTES, MODEL, Kubelet, squeeze
+
+from elasticfleet.worker.adapter_format import AdapterSpec
+from elasticfleet.worker.adapter_store import AdapterStore
+from elasticfleet.worker.client import WorkerClient, generate_request
+from elasticfleet.worker.config import tiny_config
+from elasticfleet.worker.lora import AdapterSet
+from elasticfleet.worker.proto_gen import worker_pb2 as pb
+
+if TYPE_CHECKING:
+    from kube_emulator import EmulatedCluster
+
+# Fixture: cluster (the emulated API, $KUBECONFIG pointing at it).
+pytest_plugins = ["kube_emulator"]
+
+BLOCKS = 2 * tiny_config().num_hidden_layers
+TASKS = ("code", "qa")
+
+
+def publish_adapter(redis_url: str) -> int:
+    """An AsymLoRA set for the tiny model ("tasks": q and v, two heads) in
+    the store; returns its version."""
+    spec = AdapterSpec(
+        name="tasks",
+        base_model=MODEL,
+        num_layers=tiny_config().num_hidden_layers,
+        rank=4,
+        alpha=8.0,
+        modules=("q_proj", "v_proj"),
+        tasks=TASKS,
+        router=False,
+    )
+    store = AdapterStore.from_url(redis_url)
+    try:
+        return store.publish(AdapterSet.create(spec, tiny_config(), seed=5).weights()).version
+    finally:
+        store.close()
+
+
+def fleet_body(model: Path, redis_url: str) -> dict[str, Any]:
+    """An ElasticFleet as a user would write it (the API server adds the
+    defaults; the operator applies them itself)."""
+    return {
+        "apiVersion": "elasticfleet.io/v1alpha1",
+        "kind": "ElasticFleet",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"name": MODEL, "path": str(model)},
+            "replicas": 2,
+            "worker": {"image": "ghcr.io/example/elasticfleet:test"},
+            "memoryPolicy": {
+                "policy": "greedy",
+                "budget": {"fraction": 0.5},
+                "headroomBytes": 0,
+                "planIntervalSeconds": 1,
+            },
+            "adapters": [{"name": "tasks"}],
+            "redis": {"url": redis_url},
+        },
+    }
+
+
+def test_the_operator_runs_a_fleet_of_real_workers(
+    cluster: EmulatedCluster,
+    tiny_profiles: Path,
+    tiny_worker_model: Path,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    version = publish_adapter(redis_url)
+    monkeypatch.setenv("ELASTICFLEET_REDIS_URL", redis_url)  # where AdapterSets are checked
+    adapter_set = {
+        "apiVersion": "elasticfleet.io/v1alpha1",
+        "kind": "AdapterSet",
+        "metadata": {"name": "tasks"},
+        "spec": {"baseModel": MODEL, "tasks": list(TASKS), "rank": 4, "alpha": 8,
+                 "modules": ["q_proj", "v_proj"]},
+    }  # fmt: skip
+
+    def fleet() -> dict[str, Any]:
+        (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
+        return found
+
+    def worker_status(pod: str) -> dict[str, Any]:
+        entries = fleet().get("status", {}).get("workers", [])
+        return next((dict(e) for e in entries if e["pod"] == pod), {})
+
+    def loaded(pod: str) -> bool:
+        return any(
+            a["name"] == "tasks" and a["version"] == str(version) and a["bytes"] > 0
+            for a in worker_status(pod).get("adapters", [])
+        )
+
+    def stats(address: str) -> pb.GetStatsResponse:
+        with WorkerClient(address) as client:
+            return client.get_stats(timeout=10)
+
+    with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
+        cluster.call("POST", ADAPTER_SETS, adapter_set)
+        cluster.call("POST", FLEETS, fleet_body(tiny_worker_model, redis_url))
+        (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
+        first, second = kubelet.sync(deployment)
+        addresses = {pod: kubelet.workers[pod].address for pod in (first, second)}
+
+        # Both workers are reached at their pods' ports and load the adapter set.
+        wait_for("both workers with the adapter", lambda: loaded(first) and loaded(second), 60)
+        status = fleet()["status"]
+        assert status["readyReplicas"] == 2
+        assert _condition(fleet(), "Available")["status"] == "True"
+        for pod in (first, second):
+            entry = worker_status(pod)
+            assert entry["address"] == addresses[pod] and entry["reachable"] is True
+            assert entry["device"]["source"] == "simulated"
+            assert entry["device"]["totalBytes"] == DEVICE_BYTES
+            assert entry["budgetBytes"] == DEVICE_BYTES // 2  # half the simulated device
+        (adapters,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+        assert _condition(adapters, "Ready")["status"] == "True"
+        with WorkerClient(addresses[first]) as client:
+            request = generate_request("hi", max_new_tokens=4, adapter="tasks", task="qa")
+            request.ignore_eos = True
+            result = client.complete(request, timeout=30)
+        assert len(result.token_ids) == 4
+
+        # Squeezed: other processes take all but the worker's own memory.
+        own = stats(addresses[first]).memory
+        squeeze(kubelet.device(first), DEVICE_BYTES - own.weight_bytes - own.adapter_bytes)
+
+        def shrunk() -> pb.GetStatsResponse | None:
+            found = stats(addresses[first])
+            return found if found.memory.weight_bytes < own.weight_bytes else None
+
+        smaller = wait_for("a smaller plan on the squeezed worker", shrunk, 30)
+        assert sum(smaller.keep_mask) < BLOCKS
+        entry = wait_for(
+            "the smaller plan in status",
+            lambda: (
+                worker_status(first).get("plan", {}).get("id") == smaller.plan_id
+                and worker_status(first)
+            ),
+        )
+        assert entry["weightBytes"] == smaller.memory.weight_bytes
+        assert entry["plan"]["keptAttention"] + entry["plan"]["keptFFN"] == sum(smaller.keep_mask)
+        assert any(p["pod"] == first for p in fleet()["status"]["lastPlans"])
+        events = wait_for(
+            "a PlanChanged Event",
+            lambda: [e for e in cluster.objects("v1/events") if e.get("reason") == "PlanChanged"],
+        )
+        assert first in events[-1]["message"]
+        assert sum(stats(addresses[second]).keep_mask) == BLOCKS  # the other is untouched
+
+        # Relaxed: every block comes back.
+        squeeze(kubelet.device(first), 0)
+        wait_for("the dense plan", lambda: sum(stats(addresses[first]).keep_mask) == BLOCKS, 30)
+
+        # A crashed worker: Degraded, naming it; its restart recovers the fleet.
+        kubelet.kill(second)
+        degraded = wait_for(
+            "Degraded",
+            lambda: (
+                (c := _condition(fleet(), "Degraded")).get("reason") == "WorkerUnreachable" and c
+            ),
+        )
+        assert second in degraded["message"] and first not in degraded["message"]
+        assert worker_status(first)["reachable"] is True
+        kubelet.restart(second)
+        wait_for("recovery", lambda: _condition(fleet(), "Degraded").get("status") == "False", 30)
+        wait_for("the restarted worker's adapter", lambda: loaded(second), 30)
+
+        # Deletion: the finalizer is released.
+        cluster.call("DELETE", f"{FLEETS}/tiny")
+        wait_for("the fleet to go", lambda: not fleet())
+    assert runner.exit_code == 0, runner.output

@@ -1,0 +1,150 @@
+"""Real worker processes for the operator's tests: `Kubelet` plays the
+ReplicaSet controller and kubelet with them, on a simulated device that
+`squeeze` fills. The tiny model they serve and its block profile come from
+the `tiny_worker_model` and `tiny_profiles` fixtures (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from conftest import TINY_MODEL
+
+from elasticfleet.operator.build import GRPC_PORT_NAME
+from elasticfleet.worker.process import WorkerProcess
+
+if TYPE_CHECKING:
+    from kube_emulator import EmulatedCluster
+
+MODEL = TINY_MODEL
+DEVICE_BYTES = 8 * 2**20
+
+
+def squeeze(device: Path, others_bytes: int) -> None:
+    """Other processes now hold `others_bytes` of a simulated device."""
+    device.write_text(json.dumps({"total_bytes": DEVICE_BYTES, "others_bytes": others_bytes}))
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> None:
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+
+
+class Kubelet:
+    """Runs the worker pods of the Deployments the operator creates, as
+    real `elasticfleet worker` processes started from the Deployment's own
+    container command and environment, and creates their pods, Ready.
+
+    Where it must differ from a node:
+    - every worker shares 127.0.0.1, so each listens on a free port and its
+      pod declares that port as the container's `grpc` port (the operator
+      reaches a pod at the port it declares); metrics go to free ports too;
+    - the device is simulated: each worker reads its memory from a file of
+      its own (`--simulated-device`), which `squeeze` rewrites;
+    - `elasticfleet` is this Python's, the model cache a temporary folder,
+      and Secret-backed variables are read from the emulated cluster.
+
+    `kill` ends a worker with SIGKILL, as a crash does; its pod stays Ready
+    (the window before a readiness probe notices) until `restart` brings the
+    container back on the same port.
+    """
+
+    def __init__(self, cluster: EmulatedCluster, folder: Path, namespace: str = "ns") -> None:
+        self.cluster = cluster
+        self.folder = folder
+        self.namespace = namespace
+        self.workers: dict[str, WorkerProcess] = {}
+        self.commands: dict[str, list[str]] = {}
+        self.envs: dict[str, dict[str, str]] = {}
+
+    def __enter__(self) -> Kubelet:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for worker in self.workers.values():
+            worker.kill()
+
+    def device(self, pod: str) -> Path:
+        return self.folder / f"{pod}.device.json"
+
+    def sync(self, deployment: dict[str, Any]) -> list[str]:
+        """Run `spec.replicas` pods for `deployment` (creating the missing
+        ones, deleting the extra ones); returns the pod names."""
+        name = deployment["metadata"]["name"]
+        wanted = [f"{name}-{index}" for index in range(deployment["spec"]["replicas"])]
+        for pod in wanted:
+            if pod not in self.workers:
+                self._create(pod, deployment["spec"]["template"])
+        for pod in [p for p in self.workers if p.startswith(f"{name}-") and p not in wanted]:
+            self.workers.pop(pod).stop()
+            self.cluster.call("DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{pod}")
+        return wanted
+
+    def kill(self, pod: str) -> None:
+        self.workers[pod].kill()
+
+    def restart(self, pod: str) -> None:
+        """Start the pod's container again, where it listened before."""
+        port = str(self.workers[pod].port)
+        command = self.commands[pod]
+        _set_flag(command, "--port", port)
+        self.workers[pod] = self._start(pod, command, self.envs[pod])
+
+    def _create(self, pod: str, template: dict[str, Any]) -> None:
+        (container,) = template["spec"]["containers"]
+        executable, subcommand, *args = container["command"]
+        assert (executable, subcommand) == ("elasticfleet", "worker"), container["command"]
+        for flag, value in (
+            ("--host", "127.0.0.1"),
+            ("--port", "0"),
+            ("--metrics-port", "0"),
+            ("--threads", "1"),
+            ("--simulated-device", str(self.device(pod))),
+        ):
+            _set_flag(args, flag, value)
+        # Only what the container declares: nothing of the test's own settings.
+        env = {name: "" for name in os.environ if name.startswith("ELASTICFLEET_")}
+        env.update({item["name"]: self._env_value(item) for item in container.get("env", [])})
+        env["ELASTICFLEET_CACHE"] = str(self.folder / "cache")
+        squeeze(self.device(pod), 0)
+        worker = self._start(pod, args, env)
+        self.commands[pod], self.envs[pod] = args, env
+        self.workers[pod] = worker
+        ports = [
+            {**port, "containerPort": worker.port} if port["name"] == GRPC_PORT_NAME else port
+            for port in container.get("ports", [])
+        ]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "labels": template["metadata"]["labels"]},
+            "spec": {
+                **template["spec"],
+                "nodeName": "node-a",
+                "containers": [{**container, "ports": ports}],
+            },
+        }
+        pods = f"/api/v1/namespaces/{self.namespace}/pods"
+        self.cluster.call("POST", pods, body)
+        ready = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+        self.cluster.call("PATCH", f"{pods}/{pod}/status", {"status": ready})
+
+    def _start(self, pod: str, args: list[str], env: dict[str, str]) -> WorkerProcess:
+        return WorkerProcess.start(args, self.folder / f"{pod}.log", env=env)
+
+    def _env_value(self, item: dict[str, Any]) -> str:
+        if "value" in item:
+            return str(item["value"])
+        ref = item["valueFrom"]["secretKeyRef"]
+        (secret,) = [
+            s
+            for s in self.cluster.objects("v1/secrets", self.namespace)
+            if s["metadata"]["name"] == ref["name"]
+        ]
+        return base64.b64decode(secret["data"][ref["key"]]).decode()
