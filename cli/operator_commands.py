@@ -12,6 +12,7 @@ the environment (what a Deployment sets):
 
     ELASTICFLEET_NAMESPACES  comma-separated namespaces to serve (default: all)
     ELASTICFLEET_PEERING     kopf peering object name (several replicas: one active)
+    ELASTICFLEET_PRIORITY    this replica's peering priority (default: drawn at random)
     ELASTICFLEET_LIVENESS    liveness endpoint, e.g. http://0.0.0.0:8080/healthz
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +37,18 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     """Add `operator crds | loop | run` to the top-level subcommands."""
     operator = commands.add_parser("operator", help="the Kubernetes operator")
     group = operator.add_subparsers(dest="operator_command", required=True)
-    group.add_parser("crds", help="print the ElasticFleet and AdapterSet CRDs as YAML")
+    crds = group.add_parser("crds", help="print the ElasticFleet and AdapterSet CRDs as YAML")
+    crds.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="also kopf's peering CRDs and the peering object NAME (for `run --peering NAME`)",
+    )
+    crds.add_argument(
+        "--namespace",
+        action="append",
+        help="with --peering: a namespace the operator serves (repeatable; default: all, "
+        "one ClusterKopfPeering)",
+    )
     loop = group.add_parser(
         "loop", help="run the fleet control loop against workers by address (no Kubernetes)"
     )
@@ -64,6 +77,21 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     peering.add_argument("--standalone", action="store_true", help="no peering (one replica)")
     run.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority: the live replica with the highest is active (default: "
+        "$ELASTICFLEET_PRIORITY, else drawn at random, as replicas of equal priority all pause)",
+    )
+    verbosity = run.add_mutually_exclusive_group()
+    verbosity.add_argument("--verbose", action="store_true", help="log at DEBUG level")
+    verbosity.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    run.add_argument(
+        "--log-format",
+        choices=("full", "plain", "json"),
+        default="full",
+        help="log lines with timestamps and levels (full), bare (plain) or as JSON",
+    )
+    run.add_argument(
         "--liveness",
         default=os.environ.get("ELASTICFLEET_LIVENESS"),
         help="liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz",
@@ -77,6 +105,21 @@ def _env_list(name: str) -> list[str]:
 def namespaces(args: argparse.Namespace) -> list[str]:
     """The namespaces `operator run` serves: flags, else the environment."""
     return list(args.namespace or _env_list("ELASTICFLEET_NAMESPACES"))
+
+
+def peering_priority(args: argparse.Namespace, standalone: bool) -> int:
+    """This replica's priority: the flag, else $ELASTICFLEET_PRIORITY, else
+    (peering) a random one. Replicas of one Deployment share their settings
+    and kopf pauses every replica that ties, so each draws its own."""
+    if args.priority is not None:
+        return int(args.priority)
+    value = os.environ.get("ELASTICFLEET_PRIORITY")
+    if value:
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"ELASTICFLEET_PRIORITY must be an integer, got {value!r}") from None
+    return 0 if standalone else random.randint(1, 2**31 - 1)
 
 
 def _endpoint(text: str) -> WorkerEndpoint:
@@ -142,10 +185,10 @@ def _loop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _crds(_args: argparse.Namespace) -> int:
+def _crds(args: argparse.Namespace) -> int:
     from elasticfleet.operator.crds import render_crds
 
-    sys.stdout.write(render_crds())
+    sys.stdout.write(render_crds(args.peering, args.namespace))
     return 0
 
 
@@ -155,12 +198,21 @@ def _run(args: argparse.Namespace) -> int:
     import elasticfleet.operator.handlers  # noqa: F401 (registers the handlers)
 
     served = namespaces(args)
+    standalone = args.standalone or args.peering is None
+    try:
+        priority = peering_priority(args, standalone)
+    except ValueError as error:
+        print(f"elasticfleet: error: {error}", file=sys.stderr)
+        return 2
+    log_format = kopf.LogFormat[args.log_format.upper()]
+    kopf.configure(verbose=args.verbose, quiet=args.quiet, log_format=log_format)
     asyncio.run(
         kopf.operator(
             clusterwide=not served,
             namespaces=served,
-            standalone=args.standalone or args.peering is None,
+            standalone=standalone,
             peering_name=args.peering,
+            priority=priority,
             liveness_endpoint=args.liveness,
         )
     )

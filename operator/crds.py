@@ -23,6 +23,7 @@ FLEET_KIND = "ElasticFleet"
 FLEET_PLURAL = "elasticfleets"
 ADAPTER_KIND = "AdapterSet"
 ADAPTER_PLURAL = "adaptersets"
+PEERING_GROUP = "kopf.dev"
 
 POLICIES = ("rl", "greedy", "static", "none")
 WORKLOADS = ("Deployment", "StatefulSet")
@@ -605,9 +606,71 @@ def all_crds() -> list[dict[str, Any]]:
     return [fleet_crd(), adapter_crd()]
 
 
-def render_crds() -> str:
-    """Both CRDs as one multi-document YAML stream, as kubectl applies it."""
-    return yaml.safe_dump_all(all_crds(), sort_keys=False, width=100)
+def peering_crds() -> list[dict[str, Any]]:
+    """kopf's peering resources (group kopf.dev), which `operator run
+    --peering` needs: ClusterKopfPeering for an operator serving every
+    namespace, KopfPeering for one serving named namespaces. Each peering
+    object's status maps every running replica to its priority and
+    lifetime; kopf writes it, so it is left unchecked."""
+    crds = []
+    for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
+        plural = f"{kind.lower()}s"
+        schema = _obj(
+            "Where replicas of a kopf operator find each other: the one with the "
+            "highest priority is active, the others pause.",
+            {
+                "apiVersion": _str("Versioned schema of this representation of an object."),
+                "kind": _str("REST resource this object represents."),
+                "metadata": {"type": "object", "description": "Standard object metadata."},
+                "status": {
+                    "type": "object",
+                    "description": "Every running replica, by identity: priority and lifetime.",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                },
+            },
+        )
+        crds.append(
+            {
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.{PEERING_GROUP}"},
+                "spec": {
+                    "group": PEERING_GROUP,
+                    "scope": scope,
+                    "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                    "versions": [
+                        {
+                            "name": "v1",
+                            "served": True,
+                            "storage": True,
+                            "schema": {"openAPIV3Schema": schema},
+                        }
+                    ],
+                },
+            }
+        )
+    return crds
+
+
+def peering_objects(name: str, namespaces: list[str]) -> list[dict[str, Any]]:
+    """The peering object(s) replicas named `name` meet at: one
+    ClusterKopfPeering, or a KopfPeering in each namespace served."""
+    api = f"{PEERING_GROUP}/v1"
+    if not namespaces:
+        return [{"apiVersion": api, "kind": "ClusterKopfPeering", "metadata": {"name": name}}]
+    return [
+        {"apiVersion": api, "kind": "KopfPeering", "metadata": {"name": name, "namespace": ns}}
+        for ns in namespaces
+    ]
+
+
+def render_crds(peering: str | None = None, namespaces: list[str] | None = None) -> str:
+    """The CRDs as one multi-document YAML stream, as kubectl applies it;
+    with `peering`, also kopf's peering CRDs and the peering object(s)."""
+    documents = all_crds()
+    if peering:
+        documents += peering_crds() + peering_objects(peering, namespaces or [])
+    return yaml.safe_dump_all(documents, sort_keys=False, width=100)
 
 
 def with_defaults(schema: Schema, value: Any) -> Any:

@@ -13,7 +13,13 @@ import yaml
 from crd_check import openapi_schema, schema_nodes, validation_errors
 
 from elasticfleet.cli import main
-from elasticfleet.operator.crds import adapter_crd, all_crds, fleet_crd, render_crds
+from elasticfleet.operator.crds import (
+    adapter_crd,
+    all_crds,
+    fleet_crd,
+    peering_crds,
+    render_crds,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "operator" / "examples"
 
@@ -68,6 +74,30 @@ def test_render_is_two_yaml_documents() -> None:
 def test_cli_prints_the_crds(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["operator", "crds"]) == 0
     assert list(yaml.safe_load_all(capsys.readouterr().out)) == all_crds()
+
+
+@pytest.mark.parametrize("crd", peering_crds(), ids=lambda crd: crd["spec"]["names"]["kind"])
+def test_peering_crds_are_valid_kubernetes_objects(crd: dict[str, Any]) -> None:
+    kubernetes_validate.validate(crd, "1.35", strict=True)
+    assert crd["spec"]["group"] == "kopf.dev"
+
+
+def test_cli_prints_the_peering_objects(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["operator", "crds", "--peering", "ef"]) == 0
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert documents[:4] == all_crds() + peering_crds()
+    assert documents[4:] == [
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "ef"}}
+    ]
+    # An operator serving named namespaces meets its peers in each of them.
+    assert (
+        main(["operator", "crds", "--peering", "ef", "--namespace", "a", "--namespace", "b"]) == 0
+    )
+    peerings = list(yaml.safe_load_all(capsys.readouterr().out))[4:]
+    assert [(p["kind"], p["metadata"]["namespace"]) for p in peerings] == [
+        ("KopfPeering", "a"),
+        ("KopfPeering", "b"),
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))

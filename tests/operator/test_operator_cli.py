@@ -16,16 +16,18 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 import pytest
 import yaml
 from fake_fleet import GIB, FakeWorker, fake_worker_service
+from test_operator_kopf import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import build_parser, main
-from elasticfleet.operator_commands import namespaces
+from elasticfleet.operator.crds import render_crds
+from elasticfleet.operator_commands import namespaces, peering_priority
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
@@ -60,6 +62,108 @@ def test_settings_come_from_flags_else_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("ELASTICFLEET_PEERING", "elasticfleet")
     args = build_parser().parse_args(["operator", "run"])
     assert (namespaces(args), args.peering) == (["x", "y"], "elasticfleet")
+
+
+def test_the_peering_priority_comes_from_the_flag_the_environment_or_chance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ELASTICFLEET_PRIORITY", raising=False)
+    parse = build_parser().parse_args
+    assert peering_priority(parse(["operator", "run", "--priority", "7"]), False) == 7
+    assert peering_priority(parse(["operator", "run"]), True) == 0  # standalone
+    # Replicas of one Deployment share their settings but must not tie.
+    drawn = {
+        peering_priority(parse(["operator", "run", "--peering", "p"]), False) for _ in range(5)
+    }
+    assert len(drawn) == 5 and all(0 < p < 2**31 for p in drawn)
+    monkeypatch.setenv("ELASTICFLEET_PRIORITY", "42")
+    assert peering_priority(parse(["operator", "run"]), False) == 42
+    monkeypatch.setenv("ELASTICFLEET_PRIORITY", "high")
+    with pytest.raises(ValueError, match="ELASTICFLEET_PRIORITY must be an integer, got 'high'"):
+        peering_priority(parse(["operator", "run"]), False)
+    assert main(["operator", "run"]) == 2
+
+
+class OperatorProcess:
+    """`elasticfleet operator run ARGS` against the emulated API, its log in a file."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        self.log = log
+        with log.open("w") as sink:
+            self.process = subprocess.Popen(
+                [ELASTICFLEET, "operator", "run", "--log-format", "plain", *args],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+
+    def logged(self, text: str) -> bool:
+        assert self.process.poll() is None, self.log.read_text()
+        return text in self.log.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def test_one_replica_is_active_and_another_takes_over(
+    cluster: EmulatedCluster, tmp_path: Path
+) -> None:
+    """Two replicas meet at the peering object that `operator crds --peering`
+    prints: the one with the higher priority works, the other pauses and
+    resumes when it leaves."""
+    for document in yaml.safe_load_all(render_crds("elasticfleet")):
+        if document["kind"] == "CustomResourceDefinition":
+            path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        else:
+            path = "/apis/kopf.dev/v1/clusterkopfpeerings"
+        cluster.call("POST", path, document)
+    fleets = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets"
+
+    def peers() -> dict[str, Any]:
+        (peering,) = cluster.objects("kopf.dev/v1/clusterkopfpeerings")
+        return dict(peering.get("status") or {})
+
+    def served(name: str) -> bool:
+        fleet = yaml.safe_load(EXAMPLE.read_text())
+        fleet["metadata"]["name"] = name
+        cluster.call("POST", fleets, fleet)
+        return wait_for(
+            f"the Deployment of {name}",
+            lambda: any(
+                d["metadata"]["name"] == f"{name}-worker"
+                for d in cluster.objects("apps/v1/deployments")
+            ),
+            30,
+        )
+
+    peering = ("--peering", "elasticfleet")
+    low = OperatorProcess(tmp_path / "low.log", *peering, "--priority", "10")
+    high: OperatorProcess | None = None
+    try:
+        wait_for("the first replica among the peers", lambda: len(peers()) == 1, 60)
+        assert served("first")
+        high = OperatorProcess(
+            tmp_path / "high.log", "--peering", "elasticfleet", "--priority", "20"
+        )
+        wait_for("the second replica among the peers", lambda: len(peers()) == 2, 60)
+        assert sorted(p["priority"] for p in peers().values()) == [10, 20]
+        wait_for("the first to pause", lambda: low.logged("Pausing operations in favour of"))
+        assert served("second")
+        assert not high.logged("Pausing operations")
+        assert high.stop() == 0
+        wait_for("the first to resume", lambda: low.logged("Resuming operations"), 30)
+        assert len(peers()) == 1
+        assert served("third")
+    finally:
+        for replica in (high, low):
+            if replica is not None:
+                replica.stop()
+    assert low.process.returncode == 0, low.log.read_text()
 
 
 def test_run_serves_liveness_and_stops_on_sigterm(cluster: EmulatedCluster) -> None:
