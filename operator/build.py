@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from elasticfleet.operator.crds import API_VERSION, FLEET_KIND
-from elasticfleet.operator.spec import WORKER_SUFFIX, FleetSpec
+from elasticfleet.operator.spec import WORKER_SUFFIX, FleetSpec, SecretKey
 
 FLEET_LABEL = "elasticfleet.io/fleet"
 COMPONENT = "worker"
@@ -132,25 +132,25 @@ def worker_command(spec: FleetSpec) -> list[str]:
     return command
 
 
-def _secret_env(name: str, secret: str, key: str) -> Body:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+def _secret_env(name: str, secret: SecretKey) -> Body:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}
 
 
 def worker_env(spec: FleetSpec) -> list[Body]:
-    """The environment: the model cache, and the adapter store's connection
-    in the variables every elasticfleet command reads."""
+    """The environment: the model cache, the adapter store's connection and
+    the bearer token, in the variables every elasticfleet command reads."""
     env: list[Body] = [{"name": "ELASTICFLEET_CACHE", "value": CACHE_DIR}]
     redis = spec.redis
     if redis is not None:
         if redis.url_secret is not None:
-            secret = redis.url_secret
-            env.append(_secret_env("ELASTICFLEET_REDIS_URL", secret.name, secret.key))
+            env.append(_secret_env("ELASTICFLEET_REDIS_URL", redis.url_secret))
         else:
             env.append({"name": "ELASTICFLEET_REDIS_URL", "value": redis.url})
         if redis.password_secret is not None:
-            secret = redis.password_secret
-            env.append(_secret_env("ELASTICFLEET_REDIS_PASSWORD", secret.name, secret.key))
+            env.append(_secret_env("ELASTICFLEET_REDIS_PASSWORD", redis.password_secret))
         env.append({"name": "ELASTICFLEET_REDIS_PREFIX", "value": redis.prefix})
+    if spec.token_secret is not None:
+        env.append(_secret_env("ELASTICFLEET_TOKEN", spec.token_secret))
     return env
 
 

@@ -294,6 +294,16 @@ def fleet_spec_schema() -> Schema:
         },
         required=("secretName",),
     )
+    auth = _obj(
+        "Bearer-token authentication of the workers' gRPC API.",
+        {
+            "tokenSecretRef": _secret_key(
+                "A Secret key holding the token workers require on every RPC but health "
+                "checks; the operator sends it, and so must every client."
+            ),
+        },
+        required=("tokenSecretRef",),
+    )
     adapter = _obj(
         "An AdapterSet this fleet serves.",
         {
@@ -327,6 +337,7 @@ def fleet_spec_schema() -> Schema:
             ),
             "redis": redis,
             "tls": tls,
+            "auth": auth,
         },
         required=("model", "worker", "memoryPolicy"),
         rules=(

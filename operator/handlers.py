@@ -314,28 +314,40 @@ class KopfSink:
         kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
 
 
-async def _connector(fleet: FleetSpec) -> Connect:
-    """How the loop reaches the fleet's workers: plaintext, or TLS verified
-    against the fleet's Secret (its ca.crt, else its tls.crt)."""
-    if not fleet.tls_secret:
-        return plaintext_connect
-    path = f"/api/v1/namespaces/{fleet.namespace}/secrets/{fleet.tls_secret}"
+async def _secret_value(namespace: str, name: str, keys: tuple[str, ...]) -> bytes:
+    """The first of `keys` a Secret holds, decoded; a TemporaryError (the
+    tick is retried) while the Secret or the key is missing."""
+    path = f"/api/v1/namespaces/{namespace}/secrets/{name}"
     try:
         secret = await _Connection.client().get(path)
     except KubeError as error:
-        raise kopf.TemporaryError(
-            f"reading the TLS Secret: {error}", delay=RETRY_DELAY_S
-        ) from error
+        raise kopf.TemporaryError(f"reading Secret {name}: {error}", delay=RETRY_DELAY_S) from error
     data = (secret or {}).get("data", {})
-    encoded = data.get("ca.crt") or data.get("tls.crt")
-    if not encoded:
+    encoded = next((data[key] for key in keys if data.get(key)), None)
+    if encoded is None:
         raise kopf.TemporaryError(
-            f"Secret {fleet.tls_secret} has no ca.crt or tls.crt yet", delay=RETRY_DELAY_S
+            f"Secret {name} has no {' or '.join(keys)} yet", delay=RETRY_DELAY_S
         )
-    roots = base64.b64decode(encoded)
+    return base64.b64decode(encoded)
+
+
+async def _connector(fleet: FleetSpec) -> Connect:
+    """How the loop reaches the fleet's workers: plaintext, or TLS verified
+    against the fleet's Secret (its ca.crt, else its tls.crt); with the
+    bearer token of spec.auth when the fleet has one."""
+    roots = token = None
+    if fleet.tls_secret:
+        roots = await _secret_value(fleet.namespace, fleet.tls_secret, ("ca.crt", "tls.crt"))
+    if fleet.token_secret is not None:
+        ref = fleet.token_secret
+        token = (await _secret_value(fleet.namespace, ref.name, (ref.key,))).decode().strip()
+    if roots is None and token is None:
+        return plaintext_connect
 
     def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
-        return AsyncWorkerClient(endpoint.address, tls=True, root_certificates=roots)
+        return AsyncWorkerClient(
+            endpoint.address, token=token, tls=roots is not None, root_certificates=roots
+        )
 
     return connect
 

@@ -116,6 +116,7 @@ class FleetSpec:
     adapters: tuple[str, ...] = ()
     redis: RedisSettings | None = None
     tls_secret: str | None = None
+    token_secret: SecretKey | None = None
 
     @classmethod
     def parse(cls, name: str, namespace: str, spec: dict[str, Any]) -> FleetSpec:
@@ -182,6 +183,7 @@ class FleetSpec:
             adapters=adapters,
             redis=None if redis is None else _redis(redis),
             tls_secret=(raw.get("tls") or {}).get("secretName"),
+            token_secret=_secret((raw.get("auth") or {}).get("tokenSecretRef")),
         )
 
 

@@ -161,6 +161,11 @@ def test_statefulset_for_the_gpu_example() -> None:
     assert env["ELASTICFLEET_REDIS_URL"]["valueFrom"] == {
         "secretKeyRef": {"name": "redis", "key": "url"}
     }
+    # The bearer token comes from its Secret, never from the command line.
+    assert env["ELASTICFLEET_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "elasticfleet-workers-token", "key": "token"}
+    }
+    assert not any("token" in part for part in container["command"])
 
 
 @pytest.mark.parametrize("example", ["elasticfleet.yaml", "elasticfleet-gpu.yaml"])

@@ -5,8 +5,9 @@ the tiny model, and a real Valkey holding the fleet's adapter set.
 The test plays kubelet (tiny_fleet.Kubelet): when the operator has created
 the worker Deployment, it starts one worker process per replica from the
 Deployment's own command and environment and marks its pod ready at the
-worker's address. Then: both workers load the AdapterSet from Redis and
-serve a request with it; other processes squeeze one worker's device and
+worker's address. The workers require the bearer token of the fleet's
+Secret, which the operator reads and sends. Then: both workers load the
+AdapterSet from Redis and serve a request with it; other processes squeeze one worker's device and
 the operator pushes it a smaller plan, writes status and posts an Event,
 while the other worker keeps every block; relaxed, the blocks come back; a
 worker killed with SIGKILL marks the fleet Degraded, naming it, and its
@@ -15,9 +16,11 @@ restart recovers it; deleting the fleet releases the finalizer.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import pytest
 from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator, wait_for
 from tiny_fleet import DEVICE_BYTES, MODEL, Kubelet, squeeze
@@ -37,6 +40,7 @@ pytest_plugins = ["kube_emulator"]
 
 BLOCKS = 2 * tiny_config().num_hidden_layers
 TASKS = ("code", "qa")
+TOKEN = "fleet-token-1"
 
 
 def publish_adapter(redis_url: str) -> int:
@@ -78,6 +82,7 @@ def fleet_body(model: Path, redis_url: str) -> dict[str, Any]:
             },
             "adapters": [{"name": "tasks"}],
             "redis": {"url": redis_url},
+            "auth": {"tokenSecretRef": {"name": "workers-token", "key": "token"}},
         },
     }
 
@@ -115,11 +120,15 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         )
 
     def stats(address: str) -> pb.GetStatsResponse:
-        with WorkerClient(address) as client:
+        with WorkerClient(address, token=TOKEN) as client:
             return client.get_stats(timeout=10)
 
     with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
         cluster.call("POST", ADAPTER_SETS, adapter_set)
+        token = {"token": base64.b64encode(TOKEN.encode()).decode()}
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "workers-token"},
+                  "type": "Opaque", "data": token}  # fmt: skip
+        cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
         cluster.call("POST", FLEETS, fleet_body(tiny_worker_model, redis_url))
         (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
         first, second = kubelet.sync(deployment)
@@ -138,7 +147,11 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             assert entry["budgetBytes"] == DEVICE_BYTES // 2  # half the simulated device
         (adapters,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
         assert _condition(adapters, "Ready")["status"] == "True"
-        with WorkerClient(addresses[first]) as client:
+        # The workers require the fleet's token (which the operator sends).
+        with WorkerClient(addresses[first]) as anonymous, pytest.raises(grpc.RpcError) as refused:
+            anonymous.get_stats(timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with WorkerClient(addresses[first], token=TOKEN) as client:
             request = generate_request("hi", max_new_tokens=4, adapter="tasks", task="qa")
             request.ignore_eos = True
             result = client.complete(request, timeout=30)
