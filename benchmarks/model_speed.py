@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from chat_workload import QUESTIONS, hf_greedy
 from transformers import LlamaForCausalLM
 
 from elasticfleet.worker.generate import SamplingParams, TextGenerator, chat_prompt, load_tokenizer
@@ -33,16 +34,6 @@ from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.prepare import prepare_model
 
 NEW_TOKENS = 64
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain recursion to a child.",
-    "List three uses of copper.",
-    "Why do cats purr?",
-    "Summarise the plot of Hamlet in one sentence.",
-    "What is a prime number?",
-    "Give me a tip for learning Python.",
-]
 # Deep-first drops that keep about 75% and 50% of the dense decode FLOPs.
 PRUNED_PLANS = {
     "75%": {"attention": [21, 23, 25, 27], "ffn": [18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]},
@@ -65,26 +56,7 @@ def ours_generate(generator: TextGenerator, prompts: list[list[int]]) -> Callabl
 
 
 def hf_generate(model: LlamaForCausalLM, prompts: list[list[int]]) -> Callable[[], object]:
-    """Left-padded batch, as transformers expects for generation."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-
-    def run() -> object:
-        with torch.inference_mode():
-            return model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                pad_token_id=2,
-            )
-
-    return run
+    return lambda: hf_greedy(model, prompts, NEW_TOKENS)
 
 
 def versus_transformers(
@@ -236,7 +208,7 @@ def main() -> None:
     model_dir = prepare_model(progress=False)
     model = ElasticLlama.from_pretrained(model_dir)
     generator = TextGenerator(model, load_tokenizer(model_dir))
-    prompts = [generator.encode(chat_prompt(q)) for q in QUESTIONS]
+    prompts = [generator.encode(chat_prompt(q)) for q in QUESTIONS[:8]]
     results: dict[str, Any] = {"threads": torch.get_num_threads()}
     results["versus_transformers"] = versus_transformers(
         model_dir, generator, prompts, args.repeats

@@ -38,6 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chat_workload import QUESTIONS, hf_greedy
+
 from elasticfleet.worker.client import AsyncWorkerClient, generate_request
 from elasticfleet.worker.telemetry import percentile
 
@@ -49,20 +51,6 @@ if TYPE_CHECKING:
     from elasticfleet.worker.engine import Engine
     from elasticfleet.worker.plan import PruningPlan
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain recursion to a child.",
-    "List three uses of copper.",
-    "Why do cats purr?",
-    "Summarise the plot of Hamlet in one sentence.",
-    "What is a prime number?",
-    "Give me a tip for learning Python.",
-    "How do bees make honey?",
-    "What causes the seasons?",
-    "Name a famous painting and its painter.",
-    "Why is the sky blue?",
-]
 STREAMS = (1, 8, 32)
 REQUESTS_PER_STREAM = 2
 MIN_TOKENS, MAX_TOKENS = 16, 96
@@ -132,31 +120,14 @@ def theirs(
     hf: LlamaForCausalLM, prompts: dict[str, list[int]], requests: list[tuple[str, int]], size: int
 ) -> dict[str, Any]:
     """Static batches of `size`, in order, each until its longest request ends."""
-    import torch
 
     gaps: list[float] = []
     start = time.perf_counter()
     for first in range(0, len(requests), size):
         batch = requests[first : first + size]
-        ids = [prompts[q] for q, _ in batch]
-        width = max(len(p) for p in ids)
-        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(ids):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
         longest = max(n for _, n in batch)
         clock = step_clock()
-        with torch.inference_mode():
-            hf.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=longest,
-                min_new_tokens=longest,
-                pad_token_id=2,
-                streamer=clock,
-            )
+        hf_greedy(hf, [prompts[q] for q, _ in batch], longest, streamer=clock)
         # put() #1 is the prompt, #2 the first token; then one per step. A
         # row sees the steps until its own last token.
         steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)]

@@ -21,6 +21,9 @@ import grpc.aio
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.proto_gen import worker_pb2_grpc as pb_grpc
 
+# A prompt at the model's 8k context is ~32 KB; 4 MiB leaves room for any
+# sane request and bounds what one message can make a worker buffer. The
+# worker's server takes the same default.
 MAX_MESSAGE_BYTES = 4 * 2**20
 FINISH_NAMES = {
     pb.FINISH_REASON_UNSPECIFIED: "",

@@ -86,6 +86,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_ID = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+# Decode-step times kept apart for the metrics endpoint.
+RECENT_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,9 @@ class Engine:
         self.mix = RequestMix(window_s)
         self.step_count = 0
         self.iterations: deque[Iteration] = deque(maxlen=100_000)
+        # The last steps' decode times apart, so /metrics copies 1000 floats
+        # per scrape rather than the whole history.
+        self.recent_step_s: deque[float] = deque(maxlen=RECENT_STEPS)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[_Request] = deque()
@@ -586,15 +591,15 @@ class Engine:
             self._shrink()
             self._stats = self._measure()
             if rows or switch:
-                self.iterations.append(
-                    Iteration(
-                        rows=rows,
-                        newcomers=len(newcomers),
-                        switched=switch is not None,
-                        seconds=time.perf_counter() - started,
-                        prefill_s=prefill_ended - prefill_started,
-                    )
+                iteration = Iteration(
+                    rows=rows,
+                    newcomers=len(newcomers),
+                    switched=switch is not None,
+                    seconds=time.perf_counter() - started,
+                    prefill_s=prefill_ended - prefill_started,
                 )
+                self.iterations.append(iteration)
+                self.recent_step_s.append(iteration.step_s)
             if waiting and not rows:
                 time.sleep(0.001)  # only the plan's deadline can change anything now
             return bool(rows or switch or waiting)

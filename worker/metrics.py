@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from elasticfleet.worker.engine import Engine
+from elasticfleet.worker.engine import RECENT_STEPS, Engine
 from elasticfleet.worker.telemetry import percentile
 
 PREFIX = "elasticfleet_"
@@ -75,10 +75,11 @@ class EngineCollector(Collector):
         }
         for name, (documentation, figure) in gauges.items():
             yield GaugeMetricFamily(PREFIX + name, documentation, value=figure)
-        steps = [i.step_s for i in list(self.engine.iterations)[-1000:]]
+        steps = list(self.engine.recent_step_s)
         step = GaugeMetricFamily(
             PREFIX + "decode_step_seconds",
-            "Decode-step time (plan switches included, prefills not) over the last 1000 steps.",
+            f"Decode-step time (plan switches included, prefills not) over the last "
+            f"{RECENT_STEPS} steps.",
             labels=["quantile"],
         )
         for quantile in (50, 99):

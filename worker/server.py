@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from elasticfleet.worker.client import FINISH_NAMES, MAX_MESSAGE_BYTES
 from elasticfleet.worker.engine import Engine, EnginePicture, TokenEvent
 from elasticfleet.worker.engine_adapters import AdapterInfo, AdapterRequest
 from elasticfleet.worker.engine_errors import (
@@ -57,9 +58,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
-# A prompt at the model's 8k context is ~32 KB; 4 MiB leaves room for any
-# sane request and bounds what one message can make the worker buffer.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
 
 STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -70,12 +68,7 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (DataLoss, grpc.StatusCode.DATA_LOSS),
 )
 
-FINISH_REASONS = {
-    "": pb.FINISH_REASON_UNSPECIFIED,
-    "eos": pb.FINISH_REASON_EOS,
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-}
+FINISH_REASONS = {name: reason for reason, name in FINISH_NAMES.items()}
 
 MEMORY_SOURCES = {
     "nvml": pb.MEMORY_SOURCE_NVML,
@@ -412,7 +405,7 @@ class ServerOptions:
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     default_max_new_tokens: int = 256
     # Longest an ApplyPlan waits for running requests to make room.
     plan_wait_s: float = 30.0

@@ -4,6 +4,7 @@ semantics, cancellation and statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -141,6 +142,18 @@ def test_eos_and_stop_strings_finish_a_request(engine: Engine) -> None:
     assert sink.finished == "stop"
     assert sink.text == text[: text.find(stop)]
     assert stop not in sink.text
+
+    # EOS: were the third greedy token the end of sequence, the request
+    # would end there, without it, releasing its row.
+    eos = probe.tokens[2]
+    assert eos not in probe.tokens[:2]
+    engine.model.config = dataclasses.replace(engine.model.config, eos_token_id=eos)
+    ended = Collector()
+    engine.submit("abc", SamplingParams(max_new_tokens=8), ended)
+    run_until_idle(engine)
+    assert ended.finished == "eos"
+    assert ended.tokens == probe.tokens[:2]
+    assert engine.stats().picture.active_sequences == 0
 
 
 def test_cancel_frees_the_row_before_the_next_step(engine: Engine) -> None:
