@@ -1,7 +1,9 @@
 """AdapterSet status: is the adapter set its spec describes really in the store?
 
 An AdapterSet object only describes an adapter; the weights live in Redis,
-published by `elasticfleet adapters push`. Workers fetch what a fleet
+published by `elasticfleet adapters push`: in the store of every fleet that
+serves it (spec.redis), or, for one no fleet serves yet, the operator's own
+store when it has one. Workers fetch what a fleet
 names, so a typo or a stale spec would surface as load failures on every
 worker. This check reads the version's manifest (no blobs) and compares it
 with the spec: base model, rank, modules, router, and that every task the
@@ -18,7 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from elasticfleet.operator.conditions import Condition, set_condition
-from elasticfleet.worker.adapter_store import AdapterManifest, AdapterNotFound, AdapterStore
+from elasticfleet.worker.adapter_store import (
+    AdapterManifest,
+    AdapterNotFound,
+    AdapterStore,
+    StoreUnavailable,
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,8 @@ def mismatches(spec: dict[str, Any], manifest: AdapterManifest) -> list[str]:
 
 
 def check_adapter_set(store: AdapterStore, name: str, spec: dict[str, Any]) -> AdapterCheck:
-    """Check AdapterSet `name` against `store`. Store outages raise the
-    store's StoreUnavailable: the caller retries later."""
+    """Check AdapterSet `name` against `store` (an outage is a check that
+    failed: the caller checks again later)."""
     adapter = store_name(name, spec)
     pinned = str(spec.get("store", {}).get("version", ""))
     try:
@@ -71,12 +78,22 @@ def check_adapter_set(store: AdapterStore, name: str, spec: dict[str, Any]) -> A
         return AdapterCheck(
             False, "NotFound", f"{error}; publish it with `elasticfleet adapters push`"
         )
+    except StoreUnavailable as error:
+        return AdapterCheck(False, "StoreUnavailable", str(error))
     problems = mismatches(spec, manifest)
     if problems:
         return AdapterCheck(
             False, "SpecMismatch", f"version {manifest.version}: " + "; ".join(problems), manifest
         )
     return AdapterCheck(True, "Published", f"version {manifest.version} matches the spec", manifest)
+
+
+def combined(checks: list[tuple[str, AdapterCheck]]) -> AdapterCheck:
+    """One verdict over the stores an AdapterSet is checked in (one per
+    Redis its fleets use): the first failure, else the first success; the
+    message says which store it is about."""
+    where, check = next(((w, c) for w, c in checks if not c.ready), checks[0])
+    return AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
 
 
 def adapter_status(

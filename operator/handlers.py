@@ -13,9 +13,11 @@
   its Events through `kopf.event`.
 
 - an AdapterSet is checked against the adapter store (adapters.py) when it
-  changes and every few minutes; its status says whether the version it
-  names is published and matches. The store is the operator's own setting
-  (ELASTICFLEET_REDIS_URL, _PASSWORD, _PREFIX, as for every command).
+  changes and every minute; its status says whether the version it names
+  is published and matches. It is checked in the Redis of every fleet that
+  serves it (spec.redis, Secrets resolved), and, while no fleet does, in
+  the operator's own store if it has one (ELASTICFLEET_REDIS_URL,
+  _PASSWORD, _PREFIX, as for every command).
 
 Log in explicitly (`@kopf.on.login`): in a pod with its service account,
 else from the kubeconfig. The same credentials build the small client that
@@ -29,12 +31,17 @@ import base64
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import kopf
 
 from elasticfleet.operator import build, crds
-from elasticfleet.operator.adapters import adapter_status, check_adapter_set, store_name
+from elasticfleet.operator.adapters import (
+    adapter_status,
+    check_adapter_set,
+    combined,
+    store_name,
+)
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.control import (
     AdapterWant,
@@ -49,14 +56,14 @@ from elasticfleet.operator.control import (
     utc_now,
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
-from elasticfleet.operator.spec import FleetSpec, SpecError
-from elasticfleet.worker.adapter_store import AdapterStore, StoreUnavailable
+from elasticfleet.operator.spec import FleetSpec, RedisSettings, SpecError
+from elasticfleet.worker.adapter_store import AdapterStore
 from elasticfleet.worker.client import AsyncWorkerClient
 
 FINALIZER = f"{crds.GROUP}/finalizer"
 FLEETS = (crds.GROUP, crds.VERSION, crds.FLEET_PLURAL)
 ADAPTER_SETS = (crds.GROUP, crds.VERSION, crds.ADAPTER_PLURAL)
-ADAPTER_CHECK_S = 300.0
+ADAPTER_CHECK_S = 60.0
 # The timer wakes this often and ticks when the fleet's interval has passed,
 # so a changed planIntervalSeconds applies without a restart.
 WAKE_S = 1.0
@@ -108,16 +115,31 @@ async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return info
 
 
-class _Store:
-    """The adapter store AdapterSets are checked against, opened once."""
+class _Stores:
+    """The adapter stores AdapterSets are checked in, each opened once: the
+    fleets' (by URL, password and prefix) and the operator's own."""
 
-    store: AdapterStore | None = None
+    opened: ClassVar[dict[tuple[str, str | None, str], AdapterStore]] = {}
+    own: ClassVar[AdapterStore | None] = None
 
     @classmethod
-    def get(cls) -> AdapterStore | None:
-        if cls.store is None:
-            cls.store = AdapterStore.from_environment()
-        return cls.store
+    def get(cls, url: str, password: str | None, prefix: str) -> AdapterStore:
+        key = (url, password, prefix)
+        if key not in cls.opened:
+            cls.opened[key] = AdapterStore.from_url(url, password=password, prefix=prefix)
+        return cls.opened[key]
+
+    @classmethod
+    def operators(cls) -> AdapterStore | None:
+        if cls.own is None:
+            cls.own = AdapterStore.from_environment()
+        return cls.own
+
+    @classmethod
+    def close(cls) -> None:
+        for store in [*cls.opened.values(), *([cls.own] if cls.own else [])]:
+            store.close()
+        cls.opened, cls.own = {}, None
 
 
 @kopf.on.cleanup()
@@ -125,9 +147,7 @@ async def close_client(**_: Any) -> None:
     if _Connection.api is not None:
         await _Connection.api.close()
         _Connection.api = None
-    if _Store.store is not None:
-        _Store.store.close()
-        _Store.store = None
+    _Stores.close()
 
 
 def _namespace(namespace: str | None) -> str:
@@ -204,34 +224,85 @@ async def release(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     logger.info("children are removed by their owner references")
 
 
+@dataclass(frozen=True)
+class ServingFleet:
+    """A fleet that serves an AdapterSet, and the Redis its workers fetch from."""
+
+    name: str
+    redis: RedisSettings
+
+
+@kopf.index(*FLEETS)
+def fleets_by_adapter(
+    name: str, namespace: str | None, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str | None, str], ServingFleet]:
+    """Fleets by (namespace, AdapterSet they serve)."""
+    try:
+        fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
+    except (SpecError, kopf.PermanentError):
+        return {}  # reconcile says what to fix
+    if fleet.redis is None:
+        return {}
+    return {(namespace, adapter): ServingFleet(name, fleet.redis) for adapter in fleet.adapters}
+
+
+async def _fleet_store(namespace: str, redis: RedisSettings) -> AdapterStore:
+    """A fleet's store, its URL and password read from Secrets where it keeps them."""
+    url = redis.url
+    if redis.url_secret is not None:
+        ref = redis.url_secret
+        url = (await _secret_value(namespace, ref.name, (ref.key,))).decode().strip()
+    password = None
+    if redis.password_secret is not None:
+        ref = redis.password_secret
+        password = (await _secret_value(namespace, ref.name, (ref.key,))).decode().strip()
+    assert url is not None  # the spec has a URL or its Secret
+    return _Stores.get(url, password, redis.prefix)
+
+
 @kopf.on.create(*ADAPTER_SETS)
 @kopf.on.update(*ADAPTER_SETS, field="spec")
 @kopf.on.resume(*ADAPTER_SETS)
 @kopf.timer(*ADAPTER_SETS, interval=ADAPTER_CHECK_S)
 async def check_adapters(
     name: str,
+    namespace: str | None,
     spec: kopf.Spec,
     meta: kopf.Meta,
     status: kopf.Status,
     patch: kopf.Patch,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
-    """Write whether the AdapterSet's version is published and matches."""
+    """Write whether the AdapterSet's version is published and matches, in
+    the store of every fleet serving it (else in the operator's own)."""
+    fleet_index: kopf.Index[tuple[str | None, str], ServingFleet] = kwargs["fleets_by_adapter"]
     generation = int(meta.get("generation", 0))
     conditions = _conditions(status)
-    store = _Store.get()
-    if store is None:
-        message = "the operator has no adapter store: set ELASTICFLEET_REDIS_URL on it"
+    serving = {f.redis: f.name for f in fleet_index.get((namespace, name), [])}
+    stores = [
+        (f"fleet {fleet}'s store", await _fleet_store(_namespace(namespace), redis))
+        for redis, fleet in sorted(serving.items(), key=lambda item: item[1])
+    ]
+    own = _Stores.operators() if not stores else None
+    if own is not None:
+        stores.append(("the operator's store", own))
+    if not stores:
+        message = (
+            "no ElasticFleet serves it yet, and the operator has no store of its own "
+            "(ELASTICFLEET_REDIS_URL) to check it in"
+        )
         patch.status["ready"] = False
         patch.status["conditions"] = set_condition(
             conditions, "Ready", False, "NoStore", message, now=utc_now(), generation=generation
         )
         return
-    try:
-        check = await asyncio.to_thread(check_adapter_set, store, name, dict(spec))
-    except StoreUnavailable as error:
-        raise kopf.TemporaryError(str(error), delay=RETRY_DELAY_S) from error
-    patch.status.update(adapter_status(check, conditions, now=utc_now(), generation=generation))
+    checks = [
+        (where, await asyncio.to_thread(check_adapter_set, store, name, dict(spec)))
+        for where, store in stores
+    ]
+    patch.status.update(
+        adapter_status(combined(checks), conditions, now=utc_now(), generation=generation)
+    )
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,15 @@ from typing import Any
 
 import pytest
 
-from elasticfleet.operator.adapters import adapter_status, check_adapter_set, store_name
+from elasticfleet.operator.adapters import (
+    AdapterCheck,
+    adapter_status,
+    check_adapter_set,
+    combined,
+    store_name,
+)
 from elasticfleet.worker.adapter_format import AdapterWeights
-from elasticfleet.worker.adapter_store import AdapterStore, StoreUnavailable
+from elasticfleet.worker.adapter_store import AdapterStore
 
 MakeAdapter = Callable[..., AdapterWeights]
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -88,8 +94,20 @@ def test_an_unpublished_adapter_says_how_to_publish(store: AdapterStore) -> None
     assert "version" not in status and status["ready"] is False
 
 
-def test_a_store_outage_raises_for_a_retry() -> None:
+def test_a_store_outage_is_a_failed_check() -> None:
     store = AdapterStore.from_url("redis://127.0.0.1:1/0", connect_timeout_s=0.2, retries=0)
-    with pytest.raises(StoreUnavailable):
-        check_adapter_set(store, "demo", _spec())
+    check = check_adapter_set(store, "demo", _spec())
     store.close()
+    assert (check.ready, check.reason, check.manifest) == (False, "StoreUnavailable", None)
+    assert "127.0.0.1:1" in check.message
+
+
+def test_the_verdict_over_several_stores_names_the_one_that_fails() -> None:
+    good = AdapterCheck(True, "Published", "version 2 matches the spec")
+    bad = AdapterCheck(False, "NotFound", "adapter 'demo' not found")
+    verdict = combined([("fleet a's store", good), ("fleet b's store", bad)])
+    assert (verdict.ready, verdict.reason) == (False, "NotFound")
+    assert verdict.message == "fleet b's store: adapter 'demo' not found"
+    assert combined([("fleet a's store", good)]).message == (
+        "fleet a's store: version 2 matches the spec"
+    )

@@ -84,6 +84,7 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
     fleet["spec"]["worker"].update(port=port, metricsPort=port + 1 if port < 65535 else 1)
     fleet["spec"]["memoryPolicy"].update(policy="greedy", planIntervalSeconds=1)
     fleet["spec"]["memoryPolicy"].pop("qualityFloor")
+    fleet["spec"]["redis"]["url"] = "redis://127.0.0.1:1/0"  # nothing listens there
 
     def fleet_object() -> dict[str, Any]:
         (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
@@ -134,9 +135,15 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
             # The fleet's AdapterSet is loaded with the heads it names.
             assert ("load", "tasks", "", "code", "qa", "definitions") in worker.adapter_calls
             assert entry["adapters"] == [{"name": "tasks", "version": "2", "bytes": 4096}]
-            # With no store configured, the AdapterSet's status says so.
-            (adapters,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
-            assert _condition(adapters, "Ready")["reason"] == "NoStore"
+
+            # The AdapterSet is checked in the fleet's store, which is down.
+            def adapter_condition() -> dict[str, Any]:
+                (adapters,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+                return _condition(adapters, "Ready")
+
+            checked = wait_for("the AdapterSet checked", adapter_condition)
+            assert (checked["status"], checked["reason"]) == ("False", "StoreUnavailable")
+            assert checked["message"].startswith("fleet smollm2's store: ")
             assert _condition(fleet_object(), "Available")["status"] == "True"
             events = wait_for(
                 "a PlanChanged Event",
@@ -237,6 +244,54 @@ def test_adapter_set_status_comes_from_the_store(
         ready = wait_for("a checked AdapterSet", lambda: status().get("ready") and status())
         assert ready["version"] == str(manifest.version)
         assert ready["sizeBytes"] == manifest.total_bytes and len(ready["digest"]) == 64
+    assert runner.exit_code == 0, runner.output
+
+
+def test_an_adapter_set_is_checked_in_its_fleets_store(
+    cluster: EmulatedCluster,
+    redis_url: str,
+    make_adapter: Callable[..., AdapterWeights],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = AdapterStore.from_url(redis_url)
+    manifest = store.publish(make_adapter(name="tasks", tasks=("code", "qa"), router=False))
+    store.close()
+    monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)  # the operator has no store
+    fleet = yaml.safe_load(EXAMPLE.read_text())
+    # The fleet keeps its Redis URL in a Secret, as a password-bearing one would be.
+    fleet["spec"]["redis"] = {"urlSecretRef": {"name": "redis", "key": "url"}}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "redis"},
+        "data": {"url": base64.b64encode(redis_url.encode()).decode()},
+    }
+    adapter_set = {
+        "apiVersion": "elasticfleet.io/v1alpha1",
+        "kind": "AdapterSet",
+        "metadata": {"name": "tasks"},
+        "spec": {
+            "baseModel": "tiny-llama",
+            "tasks": ["code", "qa"],
+            "rank": 4,
+            "modules": list(manifest.spec.modules),
+        },
+    }
+    with operator() as runner:
+        cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
+        cluster.call("POST", FLEETS, fleet)
+        wait_for("the fleet's Deployment", lambda: cluster.objects("apps/v1/deployments"))
+        cluster.call("POST", ADAPTER_SETS, adapter_set)
+
+        def status() -> dict[str, Any]:
+            (found,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+            return dict(found.get("status", {}))
+
+        ready = wait_for("a checked AdapterSet", lambda: status().get("ready") and status())
+        assert ready["version"] == str(manifest.version)
+        assert _condition({"status": ready}, "Ready")["message"] == (
+            f"fleet smollm2's store: version {manifest.version} matches the spec"
+        )
     assert runner.exit_code == 0, runner.output
 
 
