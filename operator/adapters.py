@@ -88,12 +88,10 @@ def check_adapter_set(store: AdapterStore, name: str, spec: dict[str, Any]) -> A
     return AdapterCheck(True, "Published", f"version {manifest.version} matches the spec", manifest)
 
 
-def combined(checks: list[tuple[str, AdapterCheck]]) -> AdapterCheck:
+def first_failure(checks: list[AdapterCheck]) -> AdapterCheck:
     """One verdict over the stores an AdapterSet is checked in (one per
-    Redis its fleets use): the first failure, else the first success; the
-    message says which store it is about."""
-    where, check = next(((w, c) for w, c in checks if not c.ready), checks[0])
-    return AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
+    Redis its fleets use): the first failure, else the first success."""
+    return next((check for check in checks if not check.ready), checks[0])
 
 
 def adapter_status(

@@ -30,6 +30,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,9 +38,10 @@ import kopf
 
 from elasticfleet.operator import build, crds
 from elasticfleet.operator.adapters import (
+    AdapterCheck,
     adapter_status,
     check_adapter_set,
-    combined,
+    first_failure,
     store_name,
 )
 from elasticfleet.operator.conditions import Condition, set_condition
@@ -140,6 +142,10 @@ class _Stores:
         for store in [*cls.opened.values(), *([cls.own] if cls.own else [])]:
             store.close()
         cls.opened, cls.own = {}, None
+
+
+async def _operators_store() -> AdapterStore | None:
+    return _Stores.operators()
 
 
 @kopf.on.cleanup()
@@ -279,29 +285,30 @@ async def check_adapters(
     generation = int(meta.get("generation", 0))
     conditions = _conditions(status)
     serving = {f.redis: f.name for f in fleet_index.get((namespace, name), [])}
-    stores = [
-        (f"fleet {fleet}'s store", await _fleet_store(_namespace(namespace), redis))
+
+    async def check_in(where: str, store: Awaitable[AdapterStore | None]) -> AdapterCheck:
+        try:
+            opened = await store
+        except ValueError as error:  # a malformed URL, from a Secret or the environment
+            return AdapterCheck(False, "InvalidStore", f"{where}: {error}")
+        if opened is None:
+            return AdapterCheck(
+                False,
+                "NoStore",
+                "no ElasticFleet serves it yet, and the operator has no store of its own "
+                "(ELASTICFLEET_REDIS_URL) to check it in",
+            )
+        check = await asyncio.to_thread(check_adapter_set, opened, name, dict(spec))
+        return AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
+
+    checks = [
+        await check_in(f"fleet {fleet}'s store", _fleet_store(_namespace(namespace), redis))
         for redis, fleet in sorted(serving.items(), key=lambda item: item[1])
     ]
-    own = _Stores.operators() if not stores else None
-    if own is not None:
-        stores.append(("the operator's store", own))
-    if not stores:
-        message = (
-            "no ElasticFleet serves it yet, and the operator has no store of its own "
-            "(ELASTICFLEET_REDIS_URL) to check it in"
-        )
-        patch.status["ready"] = False
-        patch.status["conditions"] = set_condition(
-            conditions, "Ready", False, "NoStore", message, now=utc_now(), generation=generation
-        )
-        return
-    checks = [
-        (where, await asyncio.to_thread(check_adapter_set, store, name, dict(spec)))
-        for where, store in stores
-    ]
+    if not checks:
+        checks.append(await check_in("the operator's store", _operators_store()))
     patch.status.update(
-        adapter_status(combined(checks), conditions, now=utc_now(), generation=generation)
+        adapter_status(first_failure(checks), conditions, now=utc_now(), generation=generation)
     )
 
 

@@ -82,7 +82,9 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"list", "watch", "get"}),
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs={"get", "create"}),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
-    "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs={"get", "create"}),
+    "v1/secrets": kmock.ResourceInfo(
+        kind="Secret", namespaced=True, verbs={"get", "create", "patch"}
+    ),
     # kopf waits for namespaces in discovery even when it serves all of them.
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(

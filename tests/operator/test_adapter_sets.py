@@ -13,7 +13,7 @@ from elasticfleet.operator.adapters import (
     AdapterCheck,
     adapter_status,
     check_adapter_set,
-    combined,
+    first_failure,
     store_name,
 )
 from elasticfleet.worker.adapter_format import AdapterWeights
@@ -102,12 +102,8 @@ def test_a_store_outage_is_a_failed_check() -> None:
     assert "127.0.0.1:1" in check.message
 
 
-def test_the_verdict_over_several_stores_names_the_one_that_fails() -> None:
-    good = AdapterCheck(True, "Published", "version 2 matches the spec")
-    bad = AdapterCheck(False, "NotFound", "adapter 'demo' not found")
-    verdict = combined([("fleet a's store", good), ("fleet b's store", bad)])
-    assert (verdict.ready, verdict.reason) == (False, "NotFound")
-    assert verdict.message == "fleet b's store: adapter 'demo' not found"
-    assert combined([("fleet a's store", good)]).message == (
-        "fleet a's store: version 2 matches the spec"
-    )
+def test_the_verdict_over_several_stores_is_the_first_failure() -> None:
+    good = AdapterCheck(True, "Published", "fleet a's store: version 2 matches the spec")
+    bad = AdapterCheck(False, "NotFound", "fleet b's store: adapter 'demo' not found")
+    assert first_failure([good, bad]) is bad
+    assert first_failure([good]) is good

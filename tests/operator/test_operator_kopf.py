@@ -264,7 +264,7 @@ def test_an_adapter_set_is_checked_in_its_fleets_store(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": "redis"},
-        "data": {"url": base64.b64encode(redis_url.encode()).decode()},
+        "data": {"url": base64.b64encode(b"localhost:6379").decode()},  # no scheme
     }
     adapter_set = {
         "apiVersion": "elasticfleet.io/v1alpha1",
@@ -287,6 +287,18 @@ def test_an_adapter_set_is_checked_in_its_fleets_store(
             (found,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
             return dict(found.get("status", {}))
 
+        def reason() -> str:
+            return str(_condition({"status": status()}, "Ready").get("reason", ""))
+
+        wait_for("the bad URL reported", lambda: reason() == "InvalidStore")
+        assert (
+            "fleet smollm2's store: Redis URL must start with redis://"
+            in (_condition({"status": status()}, "Ready")["message"])
+        )
+        # The URL fixed, and the spec touched so the set is checked at once.
+        fixed = {"data": {"url": base64.b64encode(redis_url.encode()).decode()}}
+        cluster.call("PATCH", "/api/v1/namespaces/ns/secrets/redis", fixed)
+        cluster.call("PATCH", f"{ADAPTER_SETS}/tasks", {"spec": {"alpha": 8}})
         ready = wait_for("a checked AdapterSet", lambda: status().get("ready") and status())
         assert ready["version"] == str(manifest.version)
         assert _condition({"status": ready}, "Ready")["message"] == (
