@@ -10,6 +10,7 @@ from pathlib import Path
 
 from elasticfleet import __version__
 from elasticfleet.adapter_commands import ADAPTER_HANDLERS, add_adapter_commands
+from elasticfleet.fleet_commands import FLEET_HANDLERS, add_fleet_commands
 from elasticfleet.operator_commands import OPERATOR_HANDLERS, add_operator_commands
 from elasticfleet.worker_commands import WORKER_HANDLERS, add_worker_commands, layer_list
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_commands(commands)
     add_worker_commands(commands)
     add_operator_commands(commands)
+    add_fleet_commands(commands)
     return parser
 
 
@@ -263,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **ADAPTER_HANDLERS,
         **WORKER_HANDLERS,
         **OPERATOR_HANDLERS,
+        **FLEET_HANDLERS,
     }
     subcommand = getattr(args, f"{args.command}_command")
     try:

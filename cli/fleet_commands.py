@@ -1,0 +1,83 @@
+"""`elasticfleet fleet ...`: a fleet on this machine, without Kubernetes.
+
+Kept apart from `cli.py` like the other command groups: `add_fleet_commands`
+adds the group and `FLEET_HANDLERS` maps each subcommand to its function.
+`fleet demo` runs the local fleet demo (elasticfleet.operator.local_fleet):
+real workers on simulated devices, planned by the real control loop through
+a squeeze, a relief and a crash. It exits 0 when every phase did what it
+showed, 1 when one did not (the message says which), 2 on bad arguments,
+130 when interrupted (Ctrl-C); the workers are stopped however it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+# What a shell reports for a command that SIGINT ended.
+EXIT_INTERRUPTED = 130
+
+
+def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `fleet demo` to the top-level subcommands."""
+    fleet = commands.add_parser("fleet", help="a fleet on this machine (no Kubernetes)")
+    group = fleet.add_subparsers(dest="fleet_command", required=True)
+    demo = group.add_parser(
+        "demo",
+        help="workers on simulated devices, planned by the real control loop through a "
+        "squeeze, a relief and a crash",
+    )
+    demo.add_argument(
+        "--model", type=Path, help="model directory (default: the prepared SmolLM2 cache)"
+    )
+    demo.add_argument("--cache-dir", type=Path, help="cache root for the default model")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    demo.add_argument("--policy", default="rl", help="the fleet's policy: rl (default) or greedy")
+    demo.add_argument(
+        "--squeeze",
+        type=float,
+        default=0.8,
+        help="the squeezed worker's budget as a share of the dense weights (default 0.8)",
+    )
+    demo.add_argument("--prompt", default="Why is the sky blue?", help="what the workers answer")
+    demo.add_argument(
+        "--max-new-tokens", type=int, default=24, help="tokens per answer (default 24)"
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("fleet-demo"),
+        help="folder for the record, the plot and the worker logs (default ./fleet-demo)",
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from elasticfleet.operator.local_fleet import DemoError, DemoOptions, run_demo
+    from elasticfleet.worker.prepare import prepare_model
+    from elasticfleet.worker.process import WorkerStartError
+
+    model = args.model or prepare_model(args.cache_dir, progress=False)
+    options = DemoOptions(
+        model_dir=model,
+        out=args.out,
+        workers=args.workers,
+        policy=args.policy,
+        squeeze_ratio=args.squeeze,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+    )
+    try:
+        run_demo(options, say=lambda line: print(line, flush=True))
+    except (DemoError, WorkerStartError) as error:
+        print(f"elasticfleet: the demo failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("elasticfleet: interrupted; the workers are stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+FLEET_HANDLERS: dict[tuple[str, str], Handler] = {("fleet", "demo"): _demo}

@@ -1,0 +1,330 @@
+"""The local fleet demo (`elasticfleet fleet demo`): its figures, table and
+record, its worker processes, and whole runs on the tiny model (the greedy
+policy: the committed RL agent is trained for SmolLM2's 60 blocks) and on
+the real one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile, profile_model
+from elasticfleet.cli import main
+from elasticfleet.operator.control import FleetEvent, TickReport
+from elasticfleet.operator.local_fleet import (
+    PLOT_FILE,
+    RECORD_FILE,
+    DemoError,
+    DemoOptions,
+    DemoResult,
+    FleetDemo,
+    TickRecord,
+    WorkerRow,
+    demo_figures,
+    demo_spec,
+    phase_spans,
+    render_table,
+    run_demo,
+)
+from elasticfleet.worker.generate import TOKENIZER_FILE
+from elasticfleet.worker.memory import predict_memory
+from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.plan import PruningPlan
+
+MODEL = "tiny-llama"
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> ModelProfile:
+    return ModelProfile.load(DEFAULT_PROFILE)
+
+
+@pytest.fixture
+def tiny_fleet_model(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """The tiny model as a worker serves it (weights, config and a tokenizer
+    that names every id, in a folder named for the model), with its block
+    profile where the operator looks for profiles."""
+    model = tmp_path / MODEL
+    shutil.copytree(tiny_model_dir, model)
+    vocabulary = {f"<{i}>": i for i in range(256)}
+    Tokenizer(models.WordLevel(vocabulary, unk_token="<0>")).save(str(model / TOKENIZER_FILE))
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    profiles = tmp_path / "profiles"
+    profile_model(
+        ElasticLlama.from_pretrained(model, packed=False),
+        tokens,
+        out_path=profiles / f"{MODEL}.json",
+        progress=False,
+        model_name=MODEL,
+    )
+    monkeypatch.setenv("ELASTICFLEET_PROFILES", str(profiles))
+    yield model
+
+
+# -- figures ---------------------------------------------------------------------
+
+
+def test_figures_squeeze_the_budget_to_the_share_asked(smollm2: ModelProfile) -> None:
+    figures = demo_figures(smollm2, 0.8)
+    policy = demo_spec(smollm2.model_name, "rl").memory
+    dense = PruningPlan.dense(smollm2.config.num_hidden_layers)
+    weights = predict_memory(smollm2.config, dense, 0, 0, smollm2.dtype).weight_bytes
+    assert figures.dense_weight_bytes == weights == 538_060_032
+    # Squeezed: the budget is 80% of the dense weights (to the byte)...
+    squeezed = figures.budget(policy, figures.squeeze_others_bytes)
+    assert squeezed == pytest.approx(0.8 * weights, abs=1)
+    # ... and the others and the worker's dense weights still fit the device.
+    assert figures.squeeze_others_bytes + weights <= figures.total_bytes
+    # Idle: the dense model fits with the KV cache of a full-context sequence.
+    context = smollm2.config.max_position_embeddings
+    full = predict_memory(smollm2.config, dense, 1, context, smollm2.dtype).total_bytes
+    assert figures.budget(policy, 0) > full
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3, 1.0, 1.2])
+def test_figures_refuse_a_squeeze_that_cannot_be_played(
+    smollm2: ModelProfile, ratio: float
+) -> None:
+    with pytest.raises(ValueError, match=r"between 0\.5 and 1 times the dense weights"):
+        demo_figures(smollm2, ratio)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "1"], "the demo needs at least 2 workers, got 1"),
+        (["--policy", "static"], "policy must be one of rl, greedy, got 'static'"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
+        (["--squeeze", "0.4"], "the squeeze must leave between 0.5 and 1 times"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_worker_starts(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "SmolLM2-135M-Instruct"  # a profiled name; no weights needed
+    out = tmp_path / "out"
+    assert main(["fleet", "demo", "--model", str(model), "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_model_without_a_profile_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "out")
+    assert main(["fleet", "demo", "--model", str(tmp_path / "mystery"), "--out", out]) == 2
+    assert "no block profile for model 'mystery'" in capsys.readouterr().err
+
+
+# -- records and rendering --------------------------------------------------------
+
+
+def _status_entry(pod: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "pod": pod,
+        "reachable": True,
+        "message": "",
+        "device": {"totalBytes": 2048 * MIB, "usedBytes": 1700 * MIB},
+        "budgetBytes": 410 * MIB,
+        "weightBytes": 408 * MIB,
+        "plan": {"id": "p-faf8c18f4ac0", "keptAttention": 17, "keptFFN": 24},
+        **extra,
+    }
+
+
+def _report() -> TickReport:
+    status = {
+        "workers": [
+            _status_entry("worker-0"),
+            # Never reached: only what the loop knows without an answer.
+            {"pod": "worker-1", "reachable": False, "message": "WorkerUnreachable: refused"},
+        ],
+        "conditions": [
+            {"type": "Available", "status": "True", "reason": "WorkersServing", "message": "1"},
+            {"type": "Degraded", "status": "True", "reason": "WorkerUnreachable", "message": "w1"},
+        ],
+    }
+    event = FleetEvent("Warning", "WorkerUnreachable", "worker-1: refused", "worker-1")
+    return TickReport(outcomes=[], status=status, events=[event])
+
+
+def test_a_tick_record_reads_the_status() -> None:
+    record = TickRecord.from_report(3, "crash", "2026-01-01T00:00:00Z", _report())
+    assert record.worker("worker-0") == WorkerRow(
+        "worker-0", True, 2048 * MIB, 1700 * MIB, 410 * MIB, 17, 24, 408 * MIB, "p-faf8c18f4ac0", ""
+    )
+    unknown = record.worker("worker-1")
+    assert not unknown.reachable and unknown.plan_id == "" and unknown.weight_bytes == 0
+    assert record.condition("Degraded") and record.condition("Available")
+    assert not record.condition("Progressing")
+    assert record.conditions["Degraded"] == {
+        "status": "True",
+        "reason": "WorkerUnreachable",
+        "message": "w1",
+    }
+
+
+def test_the_table_shows_every_worker_and_the_conditions() -> None:
+    record = TickRecord.from_report(3, "crash", "2026-01-01T00:00:00Z", _report())
+    lines = render_table(record).splitlines()
+    assert lines[0] == (
+        "tick 3 [crash]  Available=True (WorkersServing)  Degraded=True (WorkerUnreachable)"
+    )
+    assert lines[1].split() == [
+        "worker", "device", "used", "/", "total", "budget", "attn", "ffn", "weights", "plan", "up"
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "worker-0", "1.66", "GiB", "/", "2.00", "GiB", "410.00", "MiB", "17", "24",
+        "408.00", "MiB", "p-faf8c18f4ac0", "yes",
+    ]  # fmt: skip
+    assert lines[3].split()[0] == "worker-1" and lines[3].split()[-2:] == ["-", "NO"]
+    # Columns line up: every cell of a column starts where its header does.
+    assert lines[2].index("p-faf8") == lines[1].index("plan") == lines[3].rindex("-")
+
+
+def test_the_record_is_json_of_every_tick_and_answer(tmp_path: Path) -> None:
+    result = DemoResult(settings={"model": MODEL})
+    result.ticks.append(TickRecord.from_report(0, "crash", "t", _report()))
+    result.write(tmp_path / "record.json")
+    written = json.loads((tmp_path / "record.json").read_text())
+    assert written["settings"] == {"model": MODEL}
+    assert written["answers"] == []
+    (tick,) = written["ticks"]
+    assert tick["phase"] == "crash" and tick["workers"][0]["kept_ffn"] == 24
+    assert tick["events"] == [
+        {
+            "type": "Warning",
+            "reason": "WorkerUnreachable",
+            "message": "worker-1: refused",
+            "pod": "worker-1",
+        }
+    ]
+
+
+def test_phase_spans_group_consecutive_ticks() -> None:
+    phases = ["plenty", "squeeze", "squeeze", "relax", "relax", "crash", "recover"]
+    ticks = [TickRecord(i, phase, "t", (), {}, (), ()) for i, phase in enumerate(phases)]
+    assert phase_spans(ticks) == [
+        ("plenty", 0, 0),
+        ("squeeze", 1, 2),
+        ("relax", 3, 4),
+        ("crash", 5, 5),
+        ("recover", 6, 6),
+    ]
+
+
+# -- worker processes -------------------------------------------------------------
+
+
+def test_a_failed_phase_stops_the_workers_and_keeps_the_record(
+    tiny_fleet_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fail(demo: FleetDemo) -> None:
+        raise DemoError("squeeze: no new plan")
+
+    monkeypatch.setattr(FleetDemo, "_squeeze", fail)
+    options = DemoOptions(tiny_fleet_model, tmp_path, policy="greedy", max_new_tokens=2)
+    with pytest.raises(DemoError, match="squeeze: no new plan"):
+        run_demo(options, say=lambda _line: None)
+    # Both workers were stopped (SIGTERM: they drained) ...
+    assert all("draining" in (tmp_path / f"worker-{i}.log").read_text() for i in (0, 1))
+    # ... and what ran is on record.
+    record = json.loads((tmp_path / RECORD_FILE).read_text())
+    assert {t["phase"] for t in record["ticks"]} == {"plenty"}
+    assert [a["pod"] for a in record["answers"]] == ["worker-0", "worker-1"]
+    assert (tmp_path / PLOT_FILE).exists()
+
+
+# -- whole runs -------------------------------------------------------------------
+
+
+def _pods(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {w["pod"]: w for w in record["workers"]}
+
+
+def _last(ticks: list[dict[str, Any]], phase: str) -> dict[str, Any]:
+    return [t for t in ticks if t["phase"] == phase][-1]
+
+
+def test_the_demo_runs_every_phase_on_the_tiny_model(
+    tiny_fleet_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["fleet", "demo", "--model", str(tiny_fleet_model), "--out", str(out)]
+    assert main([*argv, "--policy", "greedy", "--max-new-tokens", "6"]) == 0
+    stdout = capsys.readouterr().out
+    record = json.loads((out / RECORD_FILE).read_text())
+    ticks, answers = record["ticks"], record["answers"]
+    layers = 4
+    phases = ["plenty", "squeeze", "relax", "crash", "recover"]
+    assert list(dict.fromkeys(t["phase"] for t in ticks)) == phases
+
+    plenty = _pods(_last(ticks, "plenty"))
+    dense_id = plenty["worker-0"]["plan_id"]
+    dense_weights = plenty["worker-0"]["weight_bytes"]
+    assert all(w["kept_attention"] == w["kept_ffn"] == layers for w in plenty.values())
+
+    squeeze = [t for t in ticks if t["phase"] == "squeeze"]
+    (change,) = squeeze[0]["changes"]
+    assert change["pod"] == "worker-0"
+    assert [e["reason"] for e in squeeze[0]["events"]] == ["PlanChanged"]
+    squeezed = _pods(squeeze[-1])
+    w0 = squeezed["worker-0"]
+    assert w0["kept_attention"] + w0["kept_ffn"] < 2 * layers
+    assert w0["weight_bytes"] < dense_weights
+    assert w0["budget_bytes"] == pytest.approx(0.8 * dense_weights, abs=1)
+    assert change["predictedBytes"] <= w0["budget_bytes"]
+    assert squeezed["worker-1"]["plan_id"] == dense_id
+
+    relaxed = _pods(_last(ticks, "relax"))["worker-0"]
+    assert relaxed["kept_attention"] == relaxed["kept_ffn"] == layers
+    assert relaxed["weight_bytes"] == dense_weights and relaxed["plan_id"] == dense_id
+
+    crash = _last(ticks, "crash")
+    assert crash["conditions"]["Degraded"]["status"] == "True"
+    assert crash["conditions"]["Degraded"]["reason"] == "WorkerUnreachable"
+    assert "worker-1" in crash["conditions"]["Degraded"]["message"]
+    assert not _pods(crash)["worker-1"]["reachable"]
+    assert _pods(crash)["worker-0"]["plan_id"] == dense_id
+
+    recover = _last(ticks, "recover")
+    assert recover["conditions"]["Degraded"]["status"] == "False"
+    assert all(w["reachable"] for w in recover["workers"])
+
+    # Answers came from the plan in force: pruned under the squeeze, and
+    # after the restore the same text as before it.
+    by_phase = {(a["phase"], a["pod"]): a for a in answers}
+    assert by_phase[("squeeze", "worker-0")]["plan_ids"] == [w0["plan_id"]]
+    assert by_phase[("squeeze", "worker-1")]["plan_ids"] == [dense_id]
+    assert by_phase[("relax", "worker-0")]["text"] == by_phase[("plenty", "worker-0")]["text"]
+    assert all(a["tokens"] > 0 for a in answers)
+
+    assert (out / PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+    # Every start logged; the restarted worker and worker-0 drained on exit.
+    assert "draining" in (out / "worker-0.log").read_text()
+    assert "draining" in (out / "worker-1.2.log").read_text()
+    assert "draining" not in (out / "worker-1.log").read_text()  # SIGKILLed
+    for heading in ("Phase 1", "Phase 2", "Phase 3", "Phase 4", "Recovered"):
+        assert heading in stdout
+
+
+@pytest.mark.real_model
+def test_the_demo_runs_on_the_real_model(
+    real_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fleet", "demo", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / RECORD_FILE).read_text())
+    assert record["settings"]["policy"] == "rl"
+    squeezed = _pods(_last(record["ticks"], "squeeze"))["worker-0"]
+    assert squeezed["kept_attention"] + squeezed["kept_ffn"] < 60
+    assert "Recovered" in capsys.readouterr().out
