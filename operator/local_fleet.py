@@ -463,10 +463,10 @@ class FleetDemo:
                 "model": profile.model_name,
                 "policy": options.policy,
                 "workers": options.workers,
-                "squeezeRatio": options.squeeze_ratio,
-                "budgetFraction": BUDGET_FRACTION,
+                "squeeze_ratio": options.squeeze_ratio,
+                "budget_fraction": BUDGET_FRACTION,
                 "prompt": options.prompt,
-                "maxNewTokens": options.max_new_tokens,
+                "max_new_tokens": options.max_new_tokens,
                 "figures": asdict(self.figures),
             }
         )
