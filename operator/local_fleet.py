@@ -57,6 +57,7 @@ from elasticfleet.worker.client import AsyncWorkerClient, generate_request
 from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.process import WorkerProcess
+from elasticfleet.worker.telemetry import write_simulated_device
 
 # The simulated device holds this many times the dense weights.
 DEVICE_TO_WEIGHTS = 4
@@ -321,11 +322,6 @@ def plot_timeline(ticks: Sequence[TickRecord], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def write_device(path: Path, total_bytes: int, others_bytes: int) -> None:
-    """Set a simulated device; its worker reads the file on every GetStats."""
-    path.write_text(json.dumps({"total_bytes": total_bytes, "others_bytes": others_bytes}))
-
-
 class LocalFleet:
     """Workers `worker-0` ... as `elasticfleet worker` processes on 127.0.0.1,
     each serving `model_dir` on its own simulated device, one torch thread
@@ -349,7 +345,7 @@ class LocalFleet:
 
     def set_others(self, pod: str, others_bytes: int) -> None:
         """Other processes now hold `others_bytes` of `pod`'s device."""
-        write_device(self.device(pod), self.figures.total_bytes, others_bytes)
+        write_simulated_device(self.device(pod), self.figures.total_bytes, others_bytes)
 
     def start(self) -> None:
         """Start every worker at once, on idle devices; returns when all listen."""

@@ -59,12 +59,13 @@ def tiny_profiles(
 
 @pytest.fixture
 def tiny_worker_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    """The tiny model's files and a one-word tokenizer in a folder named
-    `tiny-llama`, so `elasticfleet worker --model DIR` serves it under that
-    name (a worker reports its model folder's name)."""
+    """The tiny model's files and a tokenizer that names every id (`<7>`) in
+    a folder named `tiny-llama`, so `elasticfleet worker --model DIR` serves
+    it under that name (a worker reports its model folder's name)."""
     path = tmp_path / TINY_MODEL
     shutil.copytree(tiny_model_dir, path)
-    Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(path / TOKENIZER_FILE))
+    vocabulary = {f"<{i}>": i for i in range(tiny_config().vocab_size)}
+    Tokenizer(models.WordLevel(vocabulary, unk_token="<0>")).save(str(path / TOKENIZER_FILE))
     return path
 
 

@@ -6,16 +6,12 @@ the real one."""
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models
 
-from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile, profile_model
+from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import main
 from elasticfleet.operator.control import FleetEvent, TickReport
 from elasticfleet.operator.local_fleet import (
@@ -33,9 +29,7 @@ from elasticfleet.operator.local_fleet import (
     render_table,
     run_demo,
 )
-from elasticfleet.worker.generate import TOKENIZER_FILE
 from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import ElasticLlama
 from elasticfleet.worker.plan import PruningPlan
 
 MODEL = "tiny-llama"
@@ -45,30 +39,6 @@ MIB = 2**20
 @pytest.fixture(scope="module")
 def smollm2() -> ModelProfile:
     return ModelProfile.load(DEFAULT_PROFILE)
-
-
-@pytest.fixture
-def tiny_fleet_model(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Path]:
-    """The tiny model as a worker serves it (weights, config and a tokenizer
-    that names every id, in a folder named for the model), with its block
-    profile where the operator looks for profiles."""
-    model = tmp_path / MODEL
-    shutil.copytree(tiny_model_dir, model)
-    vocabulary = {f"<{i}>": i for i in range(256)}
-    Tokenizer(models.WordLevel(vocabulary, unk_token="<0>")).save(str(model / TOKENIZER_FILE))
-    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
-    profiles = tmp_path / "profiles"
-    profile_model(
-        ElasticLlama.from_pretrained(model, packed=False),
-        tokens,
-        out_path=profiles / f"{MODEL}.json",
-        progress=False,
-        model_name=MODEL,
-    )
-    monkeypatch.setenv("ELASTICFLEET_PROFILES", str(profiles))
-    yield model
 
 
 # -- figures ---------------------------------------------------------------------
@@ -227,13 +197,13 @@ def test_phase_spans_group_consecutive_ticks() -> None:
 
 
 def test_a_failed_phase_stops_the_workers_and_keeps_the_record(
-    tiny_fleet_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_worker_model: Path, tiny_profiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def fail(demo: FleetDemo) -> None:
         raise DemoError("squeeze: no new plan")
 
     monkeypatch.setattr(FleetDemo, "_squeeze", fail)
-    options = DemoOptions(tiny_fleet_model, tmp_path, policy="greedy", max_new_tokens=2)
+    options = DemoOptions(tiny_worker_model, tmp_path, policy="greedy", max_new_tokens=2)
     with pytest.raises(DemoError, match="squeeze: no new plan"):
         run_demo(options, say=lambda _line: None)
     # Both workers were stopped (SIGTERM: they drained) ...
@@ -257,10 +227,13 @@ def _last(ticks: list[dict[str, Any]], phase: str) -> dict[str, Any]:
 
 
 def test_the_demo_runs_every_phase_on_the_tiny_model(
-    tiny_fleet_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_worker_model: Path,
+    tiny_profiles: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    argv = ["fleet", "demo", "--model", str(tiny_fleet_model), "--out", str(out)]
+    argv = ["fleet", "demo", "--model", str(tiny_worker_model), "--out", str(out)]
     assert main([*argv, "--policy", "greedy", "--max-new-tokens", "6"]) == 0
     stdout = capsys.readouterr().out
     record = json.loads((out / RECORD_FILE).read_text())

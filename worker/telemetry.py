@@ -149,6 +149,12 @@ def host_memory(detail: str) -> DeviceMemory:
     return DeviceMemory(total, total - free, free, "host", detail)
 
 
+def write_simulated_device(path: Path, total_bytes: int, others_bytes: int) -> None:
+    """Set a simulated device (see simulated_memory): `total_bytes` of which
+    other processes hold `others_bytes`."""
+    path.write_text(json.dumps({"total_bytes": total_bytes, "others_bytes": others_bytes}))
+
+
 def simulated_memory(path: Path, own_bytes: int) -> DeviceMemory:
     """A simulated device, for demos and tests on machines without a GPU:
     `path` holds JSON `{"total_bytes": T, "others_bytes": O}`, read on every

@@ -7,7 +7,6 @@ the `tiny_worker_model` and `tiny_profiles` fixtures (tests/conftest.py).
 from __future__ import annotations
 
 import base64
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from conftest import TINY_MODEL
 
 from elasticfleet.operator.build import GRPC_PORT_NAME
 from elasticfleet.worker.process import WorkerProcess
+from elasticfleet.worker.telemetry import write_simulated_device
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
@@ -26,7 +26,7 @@ DEVICE_BYTES = 8 * 2**20
 
 def squeeze(device: Path, others_bytes: int) -> None:
     """Other processes now hold `others_bytes` of a simulated device."""
-    device.write_text(json.dumps({"total_bytes": DEVICE_BYTES, "others_bytes": others_bytes}))
+    write_simulated_device(device, DEVICE_BYTES, others_bytes)
 
 
 def _set_flag(args: list[str], flag: str, value: str) -> None:
