@@ -40,7 +40,8 @@ def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--squeeze",
         type=float,
         default=0.8,
-        help="the squeezed worker's budget as a share of the dense weights (default 0.8)",
+        help="the squeezed worker's budget as a share of the dense weights, between 0.5 "
+        "and 1 (default 0.8)",
     )
     demo.add_argument("--prompt", default="Why is the sky blue?", help="what the workers answer")
     demo.add_argument(
@@ -55,13 +56,14 @@ def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from elasticfleet.operator.control import profile_for_model
     from elasticfleet.operator.local_fleet import DemoError, DemoOptions, run_demo
-    from elasticfleet.worker.prepare import prepare_model
+    from elasticfleet.worker.prepare import model_dir, prepare_model
     from elasticfleet.worker.process import WorkerStartError
 
-    model = args.model or prepare_model(args.cache_dir, progress=False)
+    # The flags are checked before a first run spends minutes preparing the model.
     options = DemoOptions(
-        model_dir=model,
+        model_dir=args.model or model_dir(args.cache_dir),
         out=args.out,
         workers=args.workers,
         policy=args.policy,
@@ -69,9 +71,12 @@ def _demo(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
     )
+    profile_for_model(options.model_dir.name)  # SpecError (exit 2) when there is none
+    if args.model is None:
+        prepare_model(args.cache_dir, progress=False)
     try:
         run_demo(options, say=lambda line: print(line, flush=True))
-    except (DemoError, WorkerStartError) as error:
+    except (DemoError, WorkerStartError, ValueError) as error:
         print(f"elasticfleet: the demo failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -46,8 +46,8 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     crds.add_argument(
         "--namespace",
         action="append",
-        help="with --peering: a namespace the operator serves (repeatable; default: all, "
-        "one ClusterKopfPeering)",
+        help="with --peering: a namespace the operator serves (repeatable; default: "
+        "$ELASTICFLEET_NAMESPACES, as for `run`, else all: one ClusterKopfPeering)",
     )
     loop = group.add_parser(
         "loop", help="run the fleet control loop against workers by address (no Kubernetes)"
@@ -188,7 +188,7 @@ def _loop(args: argparse.Namespace) -> int:
 def _crds(args: argparse.Namespace) -> int:
     from elasticfleet.operator.crds import render_crds
 
-    sys.stdout.write(render_crds(args.peering, args.namespace))
+    sys.stdout.write(render_crds(args.peering, namespaces(args)))
     return 0
 
 

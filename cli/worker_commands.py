@@ -145,9 +145,12 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token, without surrounding whitespace wherever it comes
+    from (a Secret made from a file keeps its last newline; the operator
+    strips it too)."""
     if args.token_file is not None:
         return str(args.token_file.read_text().strip())
-    return os.environ.get("ELASTICFLEET_TOKEN") or None
+    return os.environ.get("ELASTICFLEET_TOKEN", "").strip() or None
 
 
 def _limit_heap_retention() -> bool:

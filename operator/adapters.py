@@ -24,6 +24,8 @@ from elasticfleet.worker.adapter_store import (
     AdapterManifest,
     AdapterNotFound,
     AdapterStore,
+    AdapterStoreError,
+    StoreAuthError,
     StoreUnavailable,
 )
 
@@ -80,12 +82,21 @@ def check_adapter_set(store: AdapterStore, name: str, spec: dict[str, Any]) -> A
         )
     except StoreUnavailable as error:
         return AdapterCheck(False, "StoreUnavailable", str(error))
+    except StoreAuthError as error:
+        return AdapterCheck(False, "StoreAuthFailed", str(error))
+    except AdapterStoreError as error:  # an unreadable manifest
+        return AdapterCheck(False, "StoreError", str(error))
     problems = mismatches(spec, manifest)
     if problems:
         return AdapterCheck(
             False, "SpecMismatch", f"version {manifest.version}: " + "; ".join(problems), manifest
         )
     return AdapterCheck(True, "Published", f"version {manifest.version} matches the spec", manifest)
+
+
+def labelled(where: str, check: AdapterCheck) -> AdapterCheck:
+    """`check` with a message that says which store it is about."""
+    return AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
 
 
 def first_failure(checks: list[AdapterCheck]) -> AdapterCheck:

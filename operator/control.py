@@ -348,9 +348,14 @@ class FleetController:
 
     async def close(self) -> None:
         """Close every worker connection and stop the decision thread."""
-        connections, self._connections = self._connections, {}
-        await asyncio.gather(*(c.close() for c in connections.values()))
+        await self._close_connections(list(self._connections))
         self._decider.shutdown(wait=False)
+
+    async def reconnect(self, connect: Connect) -> None:
+        """Reach the workers through `connect` from now on (new credentials,
+        a rotated token): the connections made the old way are closed."""
+        self.connect = connect
+        await self._close_connections(list(self._connections))
 
     async def tick(self, endpoints: Sequence[WorkerEndpoint]) -> TickReport:
         """One round over `endpoints` (the fleet's ready workers)."""
@@ -377,15 +382,17 @@ class FleetController:
 
     async def _forget_gone(self, endpoints: Sequence[WorkerEndpoint]) -> None:
         live = {e.address for e in endpoints}
-        gone = [address for address in self._connections if address not in live]
-        # A connection that fails to close is gone all the same.
-        await asyncio.gather(
-            *(self._connections.pop(a).close() for a in gone), return_exceptions=True
-        )
+        await self._close_connections([a for a in self._connections if a not in live])
         pods = {e.pod for e in endpoints}
         for pod in [p for p in self._workers if p not in pods]:
             del self._workers[pod]
             self._worker_errors.pop(pod, None)
+
+    async def _close_connections(self, addresses: list[str]) -> None:
+        # A connection that fails to close is gone all the same.
+        await asyncio.gather(
+            *(self._connections.pop(a).close() for a in addresses), return_exceptions=True
+        )
 
     def _connection(self, endpoint: WorkerEndpoint) -> WorkerConnection:
         if endpoint.address not in self._connections:
@@ -556,8 +563,9 @@ class FleetController:
             return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
         # What the worker holds now, not what it held when asked for stats.
         status["budgetBytes"] = budget
-        status["weightBytes"] = response.memory.weight_bytes
-        status["kvBytes"] = response.memory.kv_reserved_bytes
+        if response.HasField("memory"):  # a worker older than the field answers without it
+            status["weightBytes"] = response.memory.weight_bytes
+            status["kvBytes"] = response.memory.kv_reserved_bytes
         status["plan"] = plan_status(plan, response.plan_id or identifier)
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:

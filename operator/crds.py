@@ -299,7 +299,8 @@ def fleet_spec_schema() -> Schema:
         {
             "tokenSecretRef": _secret_key(
                 "A Secret key holding the token workers require on every RPC but health "
-                "checks; the operator sends it, and so must every client."
+                "checks; the operator sends it, and so must every client. Without spec.tls "
+                "it crosses the pod network in clear text."
             ),
         },
         required=("tokenSecretRef",),

@@ -30,7 +30,6 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +41,7 @@ from elasticfleet.operator.adapters import (
     adapter_status,
     check_adapter_set,
     first_failure,
+    labelled,
     store_name,
 )
 from elasticfleet.operator.conditions import Condition, set_condition
@@ -58,7 +58,7 @@ from elasticfleet.operator.control import (
     utc_now,
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
-from elasticfleet.operator.spec import FleetSpec, RedisSettings, SpecError
+from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey, SpecError
 from elasticfleet.worker.adapter_store import AdapterStore
 from elasticfleet.worker.client import AsyncWorkerClient
 
@@ -71,6 +71,10 @@ ADAPTER_CHECK_S = 60.0
 WAKE_S = 1.0
 LOOP_CONDITIONS = ("Available", "Degraded")
 RETRY_DELAY_S = 10
+NO_STORE = (
+    "no ElasticFleet serves it yet, and the operator has no store of its own "
+    "(ELASTICFLEET_REDIS_URL) to check it in"
+)
 WATCH_TIMEOUT_S = 600
 
 
@@ -142,10 +146,6 @@ class _Stores:
         for store in [*cls.opened.values(), *([cls.own] if cls.own else [])]:
             store.close()
         cls.opened, cls.own = {}, None
-
-
-async def _operators_store() -> AdapterStore | None:
-    return _Stores.operators()
 
 
 @kopf.on.cleanup()
@@ -253,17 +253,26 @@ def fleets_by_adapter(
 
 
 async def _fleet_store(namespace: str, redis: RedisSettings) -> AdapterStore:
-    """A fleet's store, its URL and password read from Secrets where it keeps them."""
-    url = redis.url
-    if redis.url_secret is not None:
-        ref = redis.url_secret
-        url = (await _secret_value(namespace, ref.name, (ref.key,))).decode().strip()
+    """A fleet's store, its URL and password read from Secrets where it
+    keeps them; ValueError for a malformed URL (naming its Secret, never the
+    URL, which may hold a password), kopf.TemporaryError for a missing Secret."""
     password = None
     if redis.password_secret is not None:
-        ref = redis.password_secret
-        password = (await _secret_value(namespace, ref.name, (ref.key,))).decode().strip()
-    assert url is not None  # the spec has a URL or its Secret
-    return _Stores.get(url, password, redis.prefix)
+        password = await _secret_text(namespace, redis.password_secret)
+    if redis.url_secret is None:
+        assert redis.url is not None  # the spec has a URL or its Secret
+        return _Stores.get(redis.url, password, redis.prefix)
+    ref = redis.url_secret
+    url = await _secret_text(namespace, ref)
+    try:
+        return _Stores.get(url, password, redis.prefix)
+    except ValueError as error:
+        raise ValueError(f"the URL in Secret {ref.name} (key {ref.key}): {error}") from None
+
+
+async def _check_in(where: str, store: AdapterStore, name: str, spec: kopf.Spec) -> AdapterCheck:
+    check = await asyncio.to_thread(check_adapter_set, store, name, dict(spec))
+    return labelled(where, check)
 
 
 @kopf.on.create(*ADAPTER_SETS)
@@ -284,29 +293,33 @@ async def check_adapters(
     fleet_index: kopf.Index[tuple[str | None, str], ServingFleet] = kwargs["fleets_by_adapter"]
     generation = int(meta.get("generation", 0))
     conditions = _conditions(status)
-    serving = {f.redis: f.name for f in fleet_index.get((namespace, name), [])}
-
-    async def check_in(where: str, store: Awaitable[AdapterStore | None]) -> AdapterCheck:
+    fleets_by_store: dict[RedisSettings, list[str]] = {}
+    for serving in fleet_index.get((namespace, name), []):
+        fleets_by_store.setdefault(serving.redis, []).append(serving.name)
+    checks = []
+    for redis, fleets in sorted(fleets_by_store.items(), key=lambda item: sorted(item[1])):
+        where = f"the store of fleet {', '.join(sorted(fleets))}"
         try:
-            opened = await store
-        except ValueError as error:  # a malformed URL, from a Secret or the environment
-            return AdapterCheck(False, "InvalidStore", f"{where}: {error}")
-        if opened is None:
-            return AdapterCheck(
-                False,
-                "NoStore",
-                "no ElasticFleet serves it yet, and the operator has no store of its own "
-                "(ELASTICFLEET_REDIS_URL) to check it in",
-            )
-        check = await asyncio.to_thread(check_adapter_set, opened, name, dict(spec))
-        return AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
-
-    checks = [
-        await check_in(f"fleet {fleet}'s store", _fleet_store(_namespace(namespace), redis))
-        for redis, fleet in sorted(serving.items(), key=lambda item: item[1])
-    ]
+            store = await _fleet_store(_namespace(namespace), redis)
+        except ValueError as error:
+            checks.append(labelled(where, AdapterCheck(False, "InvalidStore", str(error))))
+        except kopf.TemporaryError as error:  # a Secret not there (yet)
+            checks.append(labelled(where, AdapterCheck(False, "SecretUnavailable", str(error))))
+        else:
+            checks.append(await _check_in(where, store, name, spec))
     if not checks:
-        checks.append(await check_in("the operator's store", _operators_store()))
+        where = "the operator's store"
+        try:
+            own = _Stores.operators()
+        except ValueError as error:
+            message = f"ELASTICFLEET_REDIS_URL: {error}"
+            checks.append(labelled(where, AdapterCheck(False, "InvalidStore", message)))
+        else:
+            checks.append(
+                AdapterCheck(False, "NoStore", NO_STORE)
+                if own is None
+                else await _check_in(where, own, name, spec)
+            )
     patch.status.update(
         adapter_status(first_failure(checks), conditions, now=utc_now(), generation=generation)
     )
@@ -409,25 +422,46 @@ async def _secret_value(namespace: str, name: str, keys: tuple[str, ...]) -> byt
     return base64.b64decode(encoded)
 
 
-async def _connector(fleet: FleetSpec) -> Connect:
-    """How the loop reaches the fleet's workers: plaintext, or TLS verified
-    against the fleet's Secret (its ca.crt, else its tls.crt); with the
-    bearer token of spec.auth when the fleet has one."""
-    roots = token = None
+async def _secret_text(namespace: str, ref: SecretKey) -> str:
+    """A Secret key's text without surrounding whitespace (`kubectl create
+    secret --from-file` keeps the file's last newline); workers strip the
+    same way, so both sides agree on a token or password."""
+    return (await _secret_value(namespace, ref.name, (ref.key,))).decode().strip()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What reaching a fleet's workers takes: the roots their TLS
+    certificates are verified against, and the bearer token they require."""
+
+    roots: bytes | None = None
+    token: str | None = None
+
+    def connect(self) -> Connect:
+        if self.roots is None and self.token is None:
+            return plaintext_connect
+        tls, roots, token = self.roots is not None, self.roots, self.token
+
+        def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
+            return AsyncWorkerClient(
+                endpoint.address, token=token, tls=tls, root_certificates=roots
+            )
+
+        return connect
+
+
+async def _credentials(fleet: FleetSpec) -> Credentials:
+    """The fleet's credentials from its Secrets: spec.tls's CA (ca.crt, else
+    tls.crt) and spec.auth's token. Read every tick, so a rotated Secret
+    applies without a restart; kopf.TemporaryError while one is missing."""
+    credentials = Credentials()
     if fleet.tls_secret:
         roots = await _secret_value(fleet.namespace, fleet.tls_secret, ("ca.crt", "tls.crt"))
+        credentials = Credentials(roots=roots)
     if fleet.token_secret is not None:
-        ref = fleet.token_secret
-        token = (await _secret_value(fleet.namespace, ref.name, (ref.key,))).decode().strip()
-    if roots is None and token is None:
-        return plaintext_connect
-
-    def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
-        return AsyncWorkerClient(
-            endpoint.address, token=token, tls=roots is not None, root_certificates=roots
-        )
-
-    return connect
+        token = await _secret_text(fleet.namespace, fleet.token_secret)
+        credentials = Credentials(credentials.roots, token)
+    return credentials
 
 
 @kopf.timer(*FLEETS, interval=WAKE_S)
@@ -453,20 +487,37 @@ async def control(
     now = time.monotonic()
     if now < memo.get("next_tick", 0.0):
         return
-    memo["next_tick"] = now + fleet.memory.plan_interval_s
     generation = int(meta.get("generation", 0))
+    try:
+        credentials = await _credentials(fleet)
+    except kopf.TemporaryError as error:
+        memo["next_tick"] = now + min(RETRY_DELAY_S, fleet.memory.plan_interval_s)
+        message = f"{error}; no tick runs until the fleet's Secrets can be read"
+        patch.status["conditions"] = set_condition(
+            _conditions(status),
+            "Degraded",
+            True,
+            "SecretUnavailable",
+            message,
+            now=utc_now(),
+            generation=generation,
+        )
+        return
+    memo["next_tick"] = now + fleet.memory.plan_interval_s
     sink = KopfSink(body, patch)
     controller: FleetController | None = memo.get("controller")
     if controller is None:
         profile = profile_for_model(fleet.model_name)
-        connect = await _connector(fleet)
         controller = FleetController(
-            fleet, profile, connect, sink, generation=generation, status=dict(status)
+            fleet, profile, credentials.connect(), sink, generation=generation, status=dict(status)
         )
-        memo["controller"] = controller
-    elif controller.generation != generation:
-        controller.update(fleet, generation)
-        controller.connect = await _connector(fleet)
+        memo["controller"], memo["credentials"] = controller, credentials
+    else:
+        if controller.generation != generation:
+            controller.update(fleet, generation)
+        if memo["credentials"] != credentials:
+            await controller.reconnect(credentials.connect())
+            memo["credentials"] = credentials
     controller.sink = sink
     controller.adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     pods = list(pod_index.get((namespace, name), []))

@@ -30,6 +30,8 @@ checks that each did what it says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -93,16 +95,21 @@ class DemoFigures:
         return derive_budget(policy, DeviceFigures(self.total_bytes, others_bytes, 0))
 
 
-def demo_figures(profile: ModelProfile, squeeze_ratio: float = 0.8) -> DemoFigures:
-    """Figures for `profile`'s model: squeezed, a worker's budget is
-    `squeeze_ratio` of the dense weights (see the module docstring)."""
+def check_squeeze(squeeze_ratio: float) -> None:
+    """ValueError unless the squeeze can be played: below the budget
+    fraction, the other processes and the worker's own weights would not fit
+    on the device together; at 1 or more, nothing needs to go."""
     if not BUDGET_FRACTION < squeeze_ratio < 1:
-        # Below the fraction, the other processes and the worker's own
-        # weights would not fit on the device together.
         raise ValueError(
             f"the squeeze must leave between {BUDGET_FRACTION} and 1 times the dense "
             f"weights, got {squeeze_ratio}"
         )
+
+
+def demo_figures(profile: ModelProfile, squeeze_ratio: float = 0.8) -> DemoFigures:
+    """Figures for `profile`'s model: squeezed, a worker's budget is
+    `squeeze_ratio` of the dense weights (see the module docstring)."""
+    check_squeeze(squeeze_ratio)
     weights = predict_memory(profile.config, None, 0, 0, profile.dtype).weight_bytes
     total = DEVICE_TO_WEIGHTS * weights
     usable = math.ceil(squeeze_ratio * weights / BUDGET_FRACTION)
@@ -382,9 +389,11 @@ class LocalFleet:
         self.workers[pod].kill()
 
     def stop(self) -> None:
-        """Stop every worker (SIGTERM, then SIGKILL if it does not drain)."""
-        for worker in self.workers.values():
-            worker.stop(STOP_TIMEOUT_S)
+        """Stop every worker (SIGTERM, then SIGKILL if it does not drain);
+        one that fails to stop does not keep the others running."""
+        with contextlib.ExitStack() as stopping:
+            for worker in self.workers.values():
+                stopping.callback(worker.stop, STOP_TIMEOUT_S)
 
 
 class _EventPrinter:
@@ -421,6 +430,7 @@ class DemoOptions:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check_squeeze(self.squeeze_ratio)
 
 
 def expect(holds: bool, what: str) -> None:
@@ -672,7 +682,11 @@ def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
         fleet.stop()
         if demo.result.ticks:
             demo.result.write(options.out / RECORD_FILE)
-            title = f"{profile.model_name}, policy {options.policy}"
-            plot_timeline(demo.result.ticks, options.out / PLOT_FILE, title)
-            say(f"\nwrote {options.out / RECORD_FILE} and {options.out / PLOT_FILE}")
+            say(f"\nwrote {options.out / RECORD_FILE}")
+            if importlib.util.find_spec("matplotlib") is None:
+                say("no timeline plot: matplotlib is not installed (pip install matplotlib)")
+            else:
+                title = f"{profile.model_name}, policy {options.policy}"
+                plot_timeline(demo.result.ticks, options.out / PLOT_FILE, title)
+                say(f"wrote {options.out / PLOT_FILE}")
     return demo.result

@@ -68,6 +68,12 @@ MANIFEST_FORMAT = 1
 PIPELINE_CHUNK = 64
 
 
+def _environment(name: str) -> str:
+    """A variable without surrounding whitespace: from a Secret made from a
+    file it ends in a newline (the operator strips Secrets the same way)."""
+    return os.environ.get(name, "").strip()
+
+
 class AdapterStoreError(Exception):
     """Base class of every error the store raises."""
 
@@ -269,13 +275,13 @@ class AdapterStore:
         _PREFIX, describe (a worker pod, the operator and a shell share one
         configuration); None when neither gives a URL and there is no
         `default_url`. `options` go to from_url (TLS settings)."""
-        url = url or os.environ.get("ELASTICFLEET_REDIS_URL") or default_url
+        url = url or _environment("ELASTICFLEET_REDIS_URL") or default_url
         if not url:
             return None
         return cls.from_url(
             url,
-            password=password or os.environ.get("ELASTICFLEET_REDIS_PASSWORD") or None,
-            prefix=prefix or os.environ.get("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
+            password=password or _environment("ELASTICFLEET_REDIS_PASSWORD") or None,
+            prefix=prefix or _environment("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
             **options,
         )
 
@@ -304,7 +310,11 @@ class AdapterStore:
         """
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss"):
-            raise ValueError(f"Redis URL must start with redis:// or rediss://, got {url!r}")
+            # Never the URL itself: it may carry a password.
+            found = f"starts with {scheme}://" if "://" in url else "has no scheme"
+            raise ValueError(
+                f"a Redis URL must start with redis:// or rediss:// (this one {found})"
+            )
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout_s,
             "socket_timeout": timeout_s,

@@ -1,5 +1,5 @@
 """`elasticfleet worker` as a child process: started, awaited until it
-listens, stopped by its PID.
+listens, stopped by its PID (`stop_process` serves any child process).
 
 What runs worker processes outside Kubernetes uses this: the local fleet
 demo, and the integration tests that play kubelet for the operator. The
@@ -60,38 +60,48 @@ class WorkerProcess:
                 env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + timeout_s
-        while True:
-            found = LISTENING.search(log.read_text(errors="replace"))
-            if found:
-                return cls(process, f"{found.group(1)}:{found.group(2)}", log)
-            if process.poll() is not None:
-                raise WorkerStartError(
-                    f"worker exited with status {process.returncode}:\n{_tail(log)}"
-                )
-            if time.monotonic() > deadline:
+        try:
+            while True:
+                found = LISTENING.search(log.read_text(errors="replace"))
+                if found:
+                    return cls(process, f"{found.group(1)}:{found.group(2)}", log)
+                if process.poll() is not None:
+                    raise WorkerStartError(
+                        f"worker exited with status {process.returncode}:\n{_tail(log)}"
+                    )
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(
+                        f"worker did not listen within {timeout_s:.0f} s:\n{_tail(log)}"
+                    )
+                time.sleep(0.05)
+        except BaseException:  # timed out, or interrupted: no worker is left behind
+            if process.poll() is None:
                 process.kill()
                 process.wait()
-                raise WorkerStartError(
-                    f"worker did not listen within {timeout_s:.0f} s:\n{_tail(log)}"
-                )
-            time.sleep(0.05)
+            raise
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (the worker drains its requests), then SIGKILL after
         `timeout_s`; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return stop_process(self.process, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL: the worker dies as a crashed pod does, with no drain."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM, then SIGKILL if `process` has not exited after `timeout_s`;
+    its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 def _tail(log: Path, lines: int = 20) -> str:

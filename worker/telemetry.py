@@ -152,7 +152,10 @@ def host_memory(detail: str) -> DeviceMemory:
 def write_simulated_device(path: Path, total_bytes: int, others_bytes: int) -> None:
     """Set a simulated device (see simulated_memory): `total_bytes` of which
     other processes hold `others_bytes`."""
-    path.write_text(json.dumps({"total_bytes": total_bytes, "others_bytes": others_bytes}))
+    # Replaced whole, so a worker reading it meanwhile never sees half a file.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({"total_bytes": total_bytes, "others_bytes": others_bytes}))
+    partial.replace(path)
 
 
 def simulated_memory(path: Path, own_bytes: int) -> DeviceMemory:

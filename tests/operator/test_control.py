@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from fake_fleet import GIB, FakeFleet, FakeTime, RecordingSink, rpc_error
+from fake_fleet import GIB, FakeFleet, FakeTime, FakeWorker, RecordingSink, rpc_error
 
 from elasticfleet.agent.policy import GreedyPolicy, PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
@@ -21,6 +21,7 @@ from elasticfleet.operator.control import (
     FleetController,
     LoopSettings,
     TickReport,
+    WorkerEndpoint,
     plan_id,
     profile_for_model,
 )
@@ -323,6 +324,22 @@ def test_workers_that_leave_are_forgotten_and_closed() -> None:
     assert fleet.connected == ["w0", "w1"]  # one connection per worker, reused
     asyncio.run(harness.controller.close())
     assert fleet.workers["w0"].closed
+
+
+def test_new_credentials_close_the_old_connections() -> None:
+    fleet = FakeFleet(PROFILE, 2)
+    harness = Harness(fleet)
+    harness.tick()
+    reached: list[str] = []
+
+    def connect(endpoint: WorkerEndpoint) -> FakeWorker:
+        reached.append(endpoint.pod)
+        return fleet.connect(endpoint)
+
+    asyncio.run(harness.controller.reconnect(connect))
+    assert all(worker.closed for worker in fleet.workers.values())
+    harness.tick()
+    assert reached == ["w0", "w1"]  # every worker reached again, the new way
 
 
 def test_no_workers_yet() -> None:

@@ -28,6 +28,7 @@ from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import build_parser, main
 from elasticfleet.operator.crds import render_crds
 from elasticfleet.operator_commands import namespaces, peering_priority
+from elasticfleet.worker.process import stop_process
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
@@ -101,13 +102,7 @@ class OperatorProcess:
         return text in self.log.read_text()
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return stop_process(self.process)
 
 
 def test_one_replica_is_active_and_another_takes_over(

@@ -143,7 +143,7 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
 
             checked = wait_for("the AdapterSet checked", adapter_condition)
             assert (checked["status"], checked["reason"]) == ("False", "StoreUnavailable")
-            assert checked["message"].startswith("fleet smollm2's store: ")
+            assert checked["message"].startswith("the store of fleet smollm2: ")
             assert _condition(fleet_object(), "Available")["status"] == "True"
             events = wait_for(
                 "a PlanChanged Event",
@@ -260,12 +260,6 @@ def test_an_adapter_set_is_checked_in_its_fleets_store(
     fleet = yaml.safe_load(EXAMPLE.read_text())
     # The fleet keeps its Redis URL in a Secret, as a password-bearing one would be.
     fleet["spec"]["redis"] = {"urlSecretRef": {"name": "redis", "key": "url"}}
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "redis"},
-        "data": {"url": base64.b64encode(b"localhost:6379").decode()},  # no scheme
-    }
     adapter_set = {
         "apiVersion": "elasticfleet.io/v1alpha1",
         "kind": "AdapterSet",
@@ -277,33 +271,48 @@ def test_an_adapter_set_is_checked_in_its_fleets_store(
             "modules": list(manifest.spec.modules),
         },
     }
+    secret_url = "localhost:6379?password=s3cret"  # no scheme, and a secret to keep
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "redis"},
+        "data": {"url": base64.b64encode(secret_url.encode()).decode()},
+    }
+
+    def status() -> dict[str, Any]:
+        (found,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+        return dict(found.get("status", {}))
+
+    def ready_condition() -> dict[str, Any]:
+        return _condition({"status": status()}, "Ready")
+
+    def checked(reason: str, touch: dict[str, Any] | None = None) -> str:
+        """Touch the spec (a check runs at once), wait for `reason`, return the message."""
+        if touch is not None:
+            cluster.call("PATCH", f"{ADAPTER_SETS}/tasks", {"spec": touch})
+        wait_for(reason, lambda: ready_condition().get("reason") == reason)
+        return str(ready_condition()["message"])
+
     with operator() as runner:
-        cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
+        # No fleet serves it, and the operator has no store of its own.
+        cluster.call("POST", ADAPTER_SETS, adapter_set)
+        assert "no ElasticFleet serves it yet" in checked("NoStore")
+        # A fleet serves it, keeping its Redis URL in a Secret that is not there yet.
         cluster.call("POST", FLEETS, fleet)
         wait_for("the fleet's Deployment", lambda: cluster.objects("apps/v1/deployments"))
-        cluster.call("POST", ADAPTER_SETS, adapter_set)
-
-        def status() -> dict[str, Any]:
-            (found,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
-            return dict(found.get("status", {}))
-
-        def reason() -> str:
-            return str(_condition({"status": status()}, "Ready").get("reason", ""))
-
-        wait_for("the bad URL reported", lambda: reason() == "InvalidStore")
-        assert (
-            "fleet smollm2's store: Redis URL must start with redis://"
-            in (_condition({"status": status()}, "Ready")["message"])
-        )
-        # The URL fixed, and the spec touched so the set is checked at once.
+        message = checked("SecretUnavailable", {"alpha": 8})
+        assert message.startswith("the store of fleet smollm2: ") and "redis" in message
+        # The Secret's URL is malformed: said so, without repeating it.
+        cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
+        message = checked("InvalidStore", {"router": False})
+        assert message.startswith("the store of fleet smollm2: the URL in Secret redis (key url)")
+        assert "s3cret" not in message and "localhost" not in message
+        # Fixed: the set is found, in the fleet's store.
         fixed = {"data": {"url": base64.b64encode(redis_url.encode()).decode()}}
         cluster.call("PATCH", "/api/v1/namespaces/ns/secrets/redis", fixed)
-        cluster.call("PATCH", f"{ADAPTER_SETS}/tasks", {"spec": {"alpha": 8}})
-        ready = wait_for("a checked AdapterSet", lambda: status().get("ready") and status())
-        assert ready["version"] == str(manifest.version)
-        assert _condition({"status": ready}, "Ready")["message"] == (
-            f"fleet smollm2's store: version {manifest.version} matches the spec"
-        )
+        message = checked("Published", {"store": {"name": "tasks"}})
+        assert message == f"the store of fleet smollm2: version {manifest.version} matches the spec"
+        assert status()["ready"] is True and status()["version"] == str(manifest.version)
     assert runner.exit_code == 0, runner.output
 
 

@@ -6,7 +6,8 @@ The test plays kubelet (tiny_fleet.Kubelet): when the operator has created
 the worker Deployment, it starts one worker process per replica from the
 Deployment's own command and environment and marks its pod ready at the
 worker's address. The workers require the bearer token of the fleet's
-Secret, which the operator reads and sends. Then: both workers load the
+Secret, which the operator reads and sends (the fleet is Degraded until the
+Secret exists; its value ends in a newline, as from a file). Then: both workers load the
 AdapterSet from Redis and serve a request with it; other processes squeeze one worker's device and
 the operator pushes it a smaller plan, writes status and posts an Event,
 while the other worker keeps every block; relaxed, the blocks come back; a
@@ -96,7 +97,8 @@ def test_the_operator_runs_a_fleet_of_real_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     version = publish_adapter(redis_url)
-    monkeypatch.setenv("ELASTICFLEET_REDIS_URL", redis_url)  # where AdapterSets are checked
+    # The operator has no store of its own: the AdapterSet is checked in the fleet's.
+    monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)
     adapter_set = {
         "apiVersion": "elasticfleet.io/v1alpha1",
         "kind": "AdapterSet",
@@ -124,13 +126,20 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             return client.get_stats(timeout=10)
 
     with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
-        cluster.call("POST", ADAPTER_SETS, adapter_set)
-        token = {"token": base64.b64encode(TOKEN.encode()).decode()}
+        cluster.call("POST", FLEETS, fleet_body(tiny_worker_model, redis_url))
+        (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
+        # Until its token's Secret exists the fleet is Degraded, saying so.
+        wait_for(
+            "the missing Secret reported",
+            lambda: _condition(fleet(), "Degraded").get("reason") == "SecretUnavailable",
+        )
+        assert "Secret workers-token" in _condition(fleet(), "Degraded")["message"]
+        # As `kubectl create secret --from-file` makes it: with the file's last newline.
+        token = {"token": base64.b64encode(f"{TOKEN}\n".encode()).decode()}
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "workers-token"},
                   "type": "Opaque", "data": token}  # fmt: skip
         cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
-        cluster.call("POST", FLEETS, fleet_body(tiny_worker_model, redis_url))
-        (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
+        cluster.call("POST", ADAPTER_SETS, adapter_set)
         first, second = kubelet.sync(deployment)
         addresses = {pod: kubelet.workers[pod].address for pod in (first, second)}
 
@@ -145,8 +154,14 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             assert entry["device"]["source"] == "simulated"
             assert entry["device"]["totalBytes"] == DEVICE_BYTES
             assert entry["budgetBytes"] == DEVICE_BYTES // 2  # half the simulated device
-        (adapters,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
-        assert _condition(adapters, "Ready")["status"] == "True"
+
+        def adapter_set_ready() -> dict[str, Any]:
+            (found,) = cluster.objects("elasticfleet.io/v1alpha1/adaptersets")
+            condition = _condition(found, "Ready")
+            return condition if condition.get("status") == "True" else {}
+
+        ready = wait_for("the AdapterSet checked in the fleet's store", adapter_set_ready)
+        assert ready["message"] == f"the store of fleet tiny: version {version} matches the spec"
         # The workers require the fleet's token (which the operator sends).
         with WorkerClient(addresses[first]) as anonymous, pytest.raises(grpc.RpcError) as refused:
             anonymous.get_stats(timeout=10)

@@ -7,6 +7,7 @@ the `tiny_worker_model` and `tiny_profiles` fixtures (tests/conftest.py).
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +68,9 @@ class Kubelet:
         return self
 
     def __exit__(self, *_: object) -> None:
-        for worker in self.workers.values():
-            worker.kill()
+        with contextlib.ExitStack() as killing:
+            for worker in self.workers.values():
+                killing.callback(worker.kill)
 
     def device(self, pod: str) -> Path:
         return self.folder / f"{pod}.device.json"

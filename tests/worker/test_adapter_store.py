@@ -288,8 +288,12 @@ def test_unreachable_redis_is_a_quick_retryable_error() -> None:
 
 
 def test_url_and_tls_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="must start with redis:// or rediss://"):
+    with pytest.raises(ValueError, match=r"rediss:// \(this one starts with http://\)"):
         AdapterStore.from_url("http://127.0.0.1:6379")
+    # A URL without a scheme is not repeated: it may hold a password.
+    with pytest.raises(ValueError, match=r"\(this one has no scheme\)$") as raised:
+        AdapterStore.from_url("user:s3cret@127.0.0.1:6379")
+    assert "s3cret" not in str(raised.value)
     with pytest.raises(ValueError, match="TLS options need a rediss:// URL"):
         AdapterStore.from_url("redis://127.0.0.1:6379/0", tls_ca="/etc/ssl/ca.pem")
 
