@@ -66,6 +66,7 @@ FINALIZER = f"{crds.GROUP}/finalizer"
 FLEETS = (crds.GROUP, crds.VERSION, crds.FLEET_PLURAL)
 ADAPTER_SETS = (crds.GROUP, crds.VERSION, crds.ADAPTER_PLURAL)
 ADAPTER_CHECK_S = 60.0
+IDLE_STORE_S = 10 * ADAPTER_CHECK_S
 # The timer wakes this often and ticks when the fleet's interval has passed,
 # so a changed planIntervalSeconds applies without a restart.
 WAKE_S = 1.0
@@ -123,17 +124,26 @@ async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 class _Stores:
     """The adapter stores AdapterSets are checked in, each opened once: the
-    fleets' (by URL, password and prefix) and the operator's own."""
+    fleets' (by URL, password and prefix) and the operator's own. Every
+    AdapterSet is checked each minute, so a fleet's store not asked for in
+    IDLE_STORE_S (its fleet gone, its password rotated) is closed."""
 
-    opened: ClassVar[dict[tuple[str, str | None, str], AdapterStore]] = {}
+    opened: ClassVar[dict[tuple[str, str | None, str], tuple[AdapterStore, float]]] = {}
     own: ClassVar[AdapterStore | None] = None
 
     @classmethod
     def get(cls, url: str, password: str | None, prefix: str) -> AdapterStore:
+        now = time.monotonic()
+        for key, (idle, used) in list(cls.opened.items()):
+            if now - used > IDLE_STORE_S:
+                idle.close()
+                del cls.opened[key]
         key = (url, password, prefix)
-        if key not in cls.opened:
-            cls.opened[key] = AdapterStore.from_url(url, password=password, prefix=prefix)
-        return cls.opened[key]
+        store = cls.opened[key][0] if key in cls.opened else None
+        if store is None:
+            store = AdapterStore.from_url(url, password=password, prefix=prefix)
+        cls.opened[key] = (store, now)
+        return store
 
     @classmethod
     def operators(cls) -> AdapterStore | None:
@@ -143,7 +153,7 @@ class _Stores:
 
     @classmethod
     def close(cls) -> None:
-        for store in [*cls.opened.values(), *([cls.own] if cls.own else [])]:
+        for store in [*(s for s, _ in cls.opened.values()), *([cls.own] if cls.own else [])]:
             store.close()
         cls.opened, cls.own = {}, None
 

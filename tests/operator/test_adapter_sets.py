@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from elasticfleet.operator import handlers
 from elasticfleet.operator.adapters import (
     AdapterCheck,
     adapter_status,
@@ -107,3 +108,15 @@ def test_the_verdict_over_several_stores_is_the_first_failure() -> None:
     bad = AdapterCheck(False, "NotFound", "fleet b's store: adapter 'demo' not found")
     assert first_failure([good, bad]) is bad
     assert first_failure([good]) is good
+
+
+def test_the_operator_reuses_a_store_and_closes_idle_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[AdapterStore] = []
+    monkeypatch.setattr(AdapterStore, "close", lambda store: closed.append(store))
+    monkeypatch.setattr(handlers._Stores, "opened", {})
+    first = handlers._Stores.get("redis://127.0.0.1:1/0", None, "a:")
+    assert handlers._Stores.get("redis://127.0.0.1:1/0", None, "a:") is first
+    # A rotated password is another store; the old one goes once idle.
+    monkeypatch.setattr(handlers, "IDLE_STORE_S", -1.0)
+    second = handlers._Stores.get("redis://127.0.0.1:1/0", "new", "a:")
+    assert second is not first and closed == [first]
