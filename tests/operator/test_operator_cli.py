@@ -97,9 +97,10 @@ class OperatorProcess:
                 stderr=subprocess.STDOUT,
             )
 
-    def logged(self, text: str) -> bool:
+    def logged(self, text: str) -> int:
+        """How often `text` is in the log so far."""
         assert self.process.poll() is None, self.log.read_text()
-        return text in self.log.read_text()
+        return self.log.read_text().count(text)
 
     def stop(self) -> int:
         return stop_process(self.process)
@@ -137,23 +138,26 @@ def test_one_replica_is_active_and_another_takes_over(
         )
 
     peering = ("--peering", "elasticfleet")
+    created = "Creation is processed"  # kopf's line for each fleet a replica handled
     low = OperatorProcess(tmp_path / "low.log", *peering, "--priority", "10")
     high: OperatorProcess | None = None
     try:
         wait_for("the first replica among the peers", lambda: len(peers()) == 1, 60)
         assert served("first")
-        high = OperatorProcess(
-            tmp_path / "high.log", "--peering", "elasticfleet", "--priority", "20"
-        )
+        wait_for("the first replica's handling", lambda: low.logged(created) == 1)
+        high = OperatorProcess(tmp_path / "high.log", *peering, "--priority", "20")
         wait_for("the second replica among the peers", lambda: len(peers()) == 2, 60)
         assert sorted(p["priority"] for p in peers().values()) == [10, 20]
         wait_for("the first to pause", lambda: low.logged("Pausing operations in favour of"))
+        # The second replica handles the new fleet; the paused one leaves it alone.
         assert served("second")
-        assert not high.logged("Pausing operations")
+        wait_for("the second replica's handling", lambda: high.logged(created) == 1)
+        assert low.logged(created) == 1 and not high.logged("Pausing operations")
         assert high.stop() == 0
         wait_for("the first to resume", lambda: low.logged("Resuming operations"), 30)
         assert len(peers()) == 1
         assert served("third")
+        wait_for("the first replica's handling again", lambda: low.logged(created) == 2)
     finally:
         for replica in (high, low):
             if replica is not None:
