@@ -6,6 +6,9 @@ the real one."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +304,29 @@ def test_the_demo_runs_on_the_real_model(
     squeezed = _pods(_last(record["ticks"], "squeeze"))["worker-0"]
     assert squeezed["kept_attention"] + squeezed["kept_ffn"] < 60
     assert "Recovered" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_the_demo_and_every_worker(
+    tiny_worker_model: Path, tiny_profiles: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "elasticfleet", "fleet", "demo", "--model", str(tiny_worker_model),
+        "--out", str(out), "--policy", "greedy",
+    ]  # fmt: skip
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # interrupted once both workers listen
+            if "worker-1 listens on" in line:
+                break
+        demo.send_signal(signal.SIGINT)
+        _, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 130, err
+    assert "interrupted; the workers are stopped" in err
+    for pod in ("worker-0", "worker-1"):  # each was told to stop and drained
+        assert "draining" in (out / f"{pod}.log").read_text()
