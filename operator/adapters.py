@@ -3,7 +3,7 @@
 An AdapterSet object only describes an adapter; the weights live in Redis,
 published by `elasticfleet adapters push`: in the store of every fleet that
 serves it (spec.redis), or, for one no fleet serves yet, the operator's own
-store when it has one. Workers fetch what a fleet
+store when it has one (`check_in_stores` gives the verdict over them). Workers fetch what a fleet
 names, so a typo or a stale spec would surface as load failures on every
 worker. This check reads the version's manifest (no blobs) and compares it
 with the spec: base model, rank, modules, router, and that every task the
@@ -13,13 +13,15 @@ version, its manifest's sha256 digest and its size.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from elasticfleet.operator.conditions import Condition, set_condition
+from elasticfleet.operator.fleet_access import SecretUnavailable
 from elasticfleet.worker.adapter_store import (
     AdapterManifest,
     AdapterNotFound,
@@ -27,6 +29,13 @@ from elasticfleet.worker.adapter_store import (
     AdapterStoreError,
     StoreAuthError,
     StoreUnavailable,
+)
+
+# Opens a store to check in; None when there is none to open.
+StoreOpener = Callable[[], Awaitable[AdapterStore | None]]
+NO_STORE = (
+    "no ElasticFleet serves it yet, and the operator has no store of its own "
+    "(ELASTICFLEET_REDIS_URL) to check it in"
 )
 
 
@@ -94,14 +103,30 @@ def check_adapter_set(store: AdapterStore, name: str, spec: dict[str, Any]) -> A
     return AdapterCheck(True, "Published", f"version {manifest.version} matches the spec", manifest)
 
 
-def labelled(where: str, check: AdapterCheck) -> AdapterCheck:
-    """`check` with a message that says which store it is about."""
-    return AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
-
-
-def first_failure(checks: list[AdapterCheck]) -> AdapterCheck:
-    """One verdict over the stores an AdapterSet is checked in (one per
-    Redis its fleets use): the first failure, else the first success."""
+async def check_in_stores(
+    name: str, spec: dict[str, Any], stores: Sequence[tuple[str, StoreOpener]]
+) -> AdapterCheck:
+    """One verdict over the stores AdapterSet `name` is checked in (one per
+    Redis its fleets use, else the operator's own), each named by its label:
+    the first failure, else the first success. A store that cannot even be
+    opened (a malformed URL, its Secret missing, none configured) is a
+    failure that says so."""
+    checks = []
+    for where, open_store in stores:
+        try:
+            store = await open_store()
+        except ValueError as error:
+            check = AdapterCheck(False, "InvalidStore", str(error))
+        except SecretUnavailable as error:
+            check = AdapterCheck(False, "SecretUnavailable", str(error))
+        else:
+            if store is None:
+                check = AdapterCheck(False, "NoStore", NO_STORE)
+            else:
+                check = await asyncio.to_thread(check_adapter_set, store, name, spec)
+        checks.append(
+            AdapterCheck(check.ready, check.reason, f"{where}: {check.message}", check.manifest)
+        )
     return next((check for check in checks if not check.ready), checks[0])
 
 

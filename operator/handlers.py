@@ -26,41 +26,40 @@ creates children (kube.py).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import kopf
 
 from elasticfleet.operator import build, crds
 from elasticfleet.operator.adapters import (
-    AdapterCheck,
+    StoreOpener,
     adapter_status,
-    check_adapter_set,
-    first_failure,
-    labelled,
+    check_in_stores,
     store_name,
 )
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.control import (
     AdapterWant,
-    Connect,
     FleetController,
     FleetEvent,
     Status,
-    WorkerConnection,
     WorkerEndpoint,
-    plaintext_connect,
     profile_for_model,
     utc_now,
 )
+from elasticfleet.operator.fleet_access import (
+    SecretUnavailable,
+    fleet_credentials,
+    store_address,
+)
 from elasticfleet.operator.kube import KubeApi, KubeError
-from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey, SpecError
+from elasticfleet.operator.spec import FleetSpec, RedisSettings, SpecError
 from elasticfleet.worker.adapter_store import AdapterStore
-from elasticfleet.worker.client import AsyncWorkerClient
 
 FINALIZER = f"{crds.GROUP}/finalizer"
 FLEETS = (crds.GROUP, crds.VERSION, crds.FLEET_PLURAL)
@@ -72,10 +71,6 @@ IDLE_STORE_S = 10 * ADAPTER_CHECK_S
 WAKE_S = 1.0
 LOOP_CONDITIONS = ("Available", "Degraded")
 RETRY_DELAY_S = 10
-NO_STORE = (
-    "no ElasticFleet serves it yet, and the operator has no store of its own "
-    "(ELASTICFLEET_REDIS_URL) to check it in"
-)
 WATCH_TIMEOUT_S = 600
 
 
@@ -263,26 +258,22 @@ def fleets_by_adapter(
 
 
 async def _fleet_store(namespace: str, redis: RedisSettings) -> AdapterStore:
-    """A fleet's store, its URL and password read from Secrets where it
-    keeps them; ValueError for a malformed URL (naming its Secret, never the
-    URL, which may hold a password), kopf.TemporaryError for a missing Secret."""
-    password = None
-    if redis.password_secret is not None:
-        password = await _secret_text(namespace, redis.password_secret)
-    if redis.url_secret is None:
-        assert redis.url is not None  # the spec has a URL or its Secret
-        return _Stores.get(redis.url, password, redis.prefix)
-    ref = redis.url_secret
-    url = await _secret_text(namespace, ref)
+    """A fleet's store; ValueError for a malformed URL, naming the Secret it
+    came from and never the URL (it may hold a password)."""
+    address = await store_address(_read_secret, namespace, redis)
     try:
-        return _Stores.get(url, password, redis.prefix)
+        return _Stores.get(address.url, address.password, address.prefix)
     except ValueError as error:
-        raise ValueError(f"the URL in Secret {ref.name} (key {ref.key}): {error}") from None
+        ref = address.url_secret
+        where = "spec.redis.url" if ref is None else f"the URL in Secret {ref.name} (key {ref.key})"
+        raise ValueError(f"{where}: {error}") from None
 
 
-async def _check_in(where: str, store: AdapterStore, name: str, spec: kopf.Spec) -> AdapterCheck:
-    check = await asyncio.to_thread(check_adapter_set, store, name, dict(spec))
-    return labelled(where, check)
+async def _operators_store() -> AdapterStore | None:
+    try:
+        return _Stores.operators()
+    except ValueError as error:
+        raise ValueError(f"ELASTICFLEET_REDIS_URL: {error}") from None
 
 
 @kopf.on.create(*ADAPTER_SETS)
@@ -306,33 +297,13 @@ async def check_adapters(
     fleets_by_store: dict[RedisSettings, list[str]] = {}
     for serving in fleet_index.get((namespace, name), []):
         fleets_by_store.setdefault(serving.redis, []).append(serving.name)
-    checks = []
-    for redis, fleets in sorted(fleets_by_store.items(), key=lambda item: sorted(item[1])):
-        where = f"the store of fleet {', '.join(sorted(fleets))}"
-        try:
-            store = await _fleet_store(_namespace(namespace), redis)
-        except ValueError as error:
-            checks.append(labelled(where, AdapterCheck(False, "InvalidStore", str(error))))
-        except kopf.TemporaryError as error:  # a Secret not there (yet)
-            checks.append(labelled(where, AdapterCheck(False, "SecretUnavailable", str(error))))
-        else:
-            checks.append(await _check_in(where, store, name, spec))
-    if not checks:
-        where = "the operator's store"
-        try:
-            own = _Stores.operators()
-        except ValueError as error:
-            message = f"ELASTICFLEET_REDIS_URL: {error}"
-            checks.append(labelled(where, AdapterCheck(False, "InvalidStore", message)))
-        else:
-            checks.append(
-                AdapterCheck(False, "NoStore", NO_STORE)
-                if own is None
-                else await _check_in(where, own, name, spec)
-            )
-    patch.status.update(
-        adapter_status(first_failure(checks), conditions, now=utc_now(), generation=generation)
-    )
+    ns = _namespace(namespace)
+    stores: list[tuple[str, StoreOpener]] = [
+        (f"the store of fleet {', '.join(sorted(fleets))}", partial(_fleet_store, ns, redis))
+        for redis, fleets in sorted(fleets_by_store.items(), key=lambda item: sorted(item[1]))
+    ] or [("the operator's store", _operators_store)]
+    verdict = await check_in_stores(name, dict(spec), stores)
+    patch.status.update(adapter_status(verdict, conditions, now=utc_now(), generation=generation))
 
 
 @dataclass(frozen=True)
@@ -415,63 +386,18 @@ class KopfSink:
         kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
 
 
-async def _secret_value(namespace: str, name: str, keys: tuple[str, ...]) -> bytes:
-    """The first of `keys` a Secret holds, decoded; a TemporaryError (the
-    tick is retried) while the Secret or the key is missing."""
+async def _read_secret(namespace: str, name: str, keys: tuple[str, ...]) -> bytes:
+    """fleet_access.ReadSecret over the operator's API client."""
     path = f"/api/v1/namespaces/{namespace}/secrets/{name}"
     try:
         secret = await _Connection.client().get(path)
     except KubeError as error:
-        raise kopf.TemporaryError(f"reading Secret {name}: {error}", delay=RETRY_DELAY_S) from error
+        raise SecretUnavailable(f"reading Secret {name}: {error}") from error
     data = (secret or {}).get("data", {})
     encoded = next((data[key] for key in keys if data.get(key)), None)
     if encoded is None:
-        raise kopf.TemporaryError(
-            f"Secret {name} has no {' or '.join(keys)} yet", delay=RETRY_DELAY_S
-        )
+        raise SecretUnavailable(f"Secret {name} has no {' or '.join(keys)} yet")
     return base64.b64decode(encoded)
-
-
-async def _secret_text(namespace: str, ref: SecretKey) -> str:
-    """A Secret key's text without surrounding whitespace (`kubectl create
-    secret --from-file` keeps the file's last newline); workers strip the
-    same way, so both sides agree on a token or password."""
-    return (await _secret_value(namespace, ref.name, (ref.key,))).decode().strip()
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What reaching a fleet's workers takes: the roots their TLS
-    certificates are verified against, and the bearer token they require."""
-
-    roots: bytes | None = None
-    token: str | None = None
-
-    def connect(self) -> Connect:
-        if self.roots is None and self.token is None:
-            return plaintext_connect
-        tls, roots, token = self.roots is not None, self.roots, self.token
-
-        def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
-            return AsyncWorkerClient(
-                endpoint.address, token=token, tls=tls, root_certificates=roots
-            )
-
-        return connect
-
-
-async def _credentials(fleet: FleetSpec) -> Credentials:
-    """The fleet's credentials from its Secrets: spec.tls's CA (ca.crt, else
-    tls.crt) and spec.auth's token. Read every tick, so a rotated Secret
-    applies without a restart; kopf.TemporaryError while one is missing."""
-    credentials = Credentials()
-    if fleet.tls_secret:
-        roots = await _secret_value(fleet.namespace, fleet.tls_secret, ("ca.crt", "tls.crt"))
-        credentials = Credentials(roots=roots)
-    if fleet.token_secret is not None:
-        token = await _secret_text(fleet.namespace, fleet.token_secret)
-        credentials = Credentials(credentials.roots, token)
-    return credentials
 
 
 @kopf.timer(*FLEETS, interval=WAKE_S)
@@ -499,8 +425,8 @@ async def control(
         return
     generation = int(meta.get("generation", 0))
     try:
-        credentials = await _credentials(fleet)
-    except kopf.TemporaryError as error:
+        credentials = await fleet_credentials(_read_secret, fleet)
+    except SecretUnavailable as error:
         memo["next_tick"] = now + min(RETRY_DELAY_S, fleet.memory.plan_interval_s)
         message = f"{error}; no tick runs until the fleet's Secrets can be read"
         patch.status["conditions"] = set_condition(

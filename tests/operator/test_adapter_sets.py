@@ -3,7 +3,8 @@ session's, from tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,23 +13,18 @@ import pytest
 from elasticfleet.operator import handlers
 from elasticfleet.operator.adapters import (
     AdapterCheck,
+    StoreOpener,
     adapter_status,
     check_adapter_set,
-    first_failure,
+    check_in_stores,
     store_name,
 )
+from elasticfleet.operator.fleet_access import SecretUnavailable
 from elasticfleet.worker.adapter_format import AdapterWeights
 from elasticfleet.worker.adapter_store import AdapterStore
 
 MakeAdapter = Callable[..., AdapterWeights]
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(redis_url: str) -> Iterator[AdapterStore]:
-    opened = AdapterStore.from_url(redis_url)
-    yield opened
-    opened.close()
 
 
 def _spec(**changes: Any) -> dict[str, Any]:
@@ -103,11 +99,37 @@ def test_a_store_outage_is_a_failed_check() -> None:
     assert "127.0.0.1:1" in check.message
 
 
-def test_the_verdict_over_several_stores_is_the_first_failure() -> None:
-    good = AdapterCheck(True, "Published", "fleet a's store: version 2 matches the spec")
-    bad = AdapterCheck(False, "NotFound", "fleet b's store: adapter 'demo' not found")
-    assert first_failure([good, bad]) is bad
-    assert first_failure([good]) is good
+def test_the_verdict_over_several_stores_names_the_first_failure(
+    store: AdapterStore, make_adapter: MakeAdapter
+) -> None:
+    published = store.publish(make_adapter(name="demo"))
+
+    async def found() -> AdapterStore:
+        return store
+
+    async def secret_missing() -> AdapterStore:
+        raise SecretUnavailable("Secret redis has no url yet")
+
+    async def malformed() -> AdapterStore:
+        raise ValueError("the URL in Secret redis (key url): it has no scheme")
+
+    async def none() -> None:
+        return None
+
+    def verdict(*stores: tuple[str, StoreOpener]) -> AdapterCheck:
+        return asyncio.run(check_in_stores("demo", _spec(), stores))
+
+    ready = verdict(("the store of fleet a", found))
+    assert ready.ready and ready.manifest == published
+    assert ready.message == f"the store of fleet a: version {published.version} matches the spec"
+    failed = verdict(("the store of fleet a", found), ("the store of fleet b", secret_missing))
+    assert (failed.ready, failed.reason) == (False, "SecretUnavailable")
+    assert failed.message == "the store of fleet b: Secret redis has no url yet"
+    assert verdict(("x", malformed)).reason == "InvalidStore"
+    unconfigured = verdict(("the operator's store", none))
+    assert unconfigured.reason == "NoStore" and "no ElasticFleet serves it yet" in (
+        unconfigured.message
+    )
 
 
 def test_the_operator_reuses_a_store_and_closes_idle_ones(monkeypatch: pytest.MonkeyPatch) -> None:

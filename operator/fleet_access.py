@@ -1,0 +1,96 @@
+"""How the operator reaches what a fleet names: its workers (TLS roots and
+a bearer token) and its adapter store (URL and password), read from the
+fleet's Secrets.
+
+No kopf and no Kubernetes client here: Secrets come through an injected
+`ReadSecret`, so the rules (which keys, whitespace, what a missing Secret
+means) are tested without a cluster and the handlers stay thin. Values are
+read each time they are needed, so a rotated Secret applies without a
+restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from elasticfleet.operator.control import (
+    Connect,
+    WorkerConnection,
+    WorkerEndpoint,
+    plaintext_connect,
+)
+from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey
+from elasticfleet.worker.client import AsyncWorkerClient
+
+# (namespace, Secret name, keys) -> the first of the keys the Secret holds,
+# decoded; raises SecretUnavailable when the Secret or every key is missing.
+ReadSecret = Callable[[str, str, tuple[str, ...]], Awaitable[bytes]]
+TLS_ROOT_KEYS = ("ca.crt", "tls.crt")
+
+
+class SecretUnavailable(Exception):
+    """A Secret (or key) the fleet names cannot be read yet; the message names it."""
+
+
+async def secret_text(read: ReadSecret, namespace: str, ref: SecretKey) -> str:
+    """A Secret key's text without surrounding whitespace: `kubectl create
+    secret --from-file` keeps the file's last newline, and the workers strip
+    their environment the same way, so both sides agree on a token or
+    password."""
+    return (await read(namespace, ref.name, (ref.key,))).decode().strip()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What reaching a fleet's workers takes: the roots their TLS
+    certificates are verified against, and the bearer token they require."""
+
+    roots: bytes | None = None
+    token: str | None = None
+
+    def connect(self) -> Connect:
+        """The control loop's `connect` for these credentials."""
+        if self.roots is None and self.token is None:
+            return plaintext_connect
+        tls, roots, token = self.roots is not None, self.roots, self.token
+
+        def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
+            return AsyncWorkerClient(
+                endpoint.address, token=token, tls=tls, root_certificates=roots
+            )
+
+        return connect
+
+
+async def fleet_credentials(read: ReadSecret, fleet: FleetSpec) -> Credentials:
+    """spec.tls's CA (its Secret's ca.crt, else tls.crt) and spec.auth's token."""
+    roots = token = None
+    if fleet.tls_secret:
+        roots = await read(fleet.namespace, fleet.tls_secret, TLS_ROOT_KEYS)
+    if fleet.token_secret is not None:
+        token = await secret_text(read, fleet.namespace, fleet.token_secret)
+    return Credentials(roots, token)
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where a fleet's adapter store is, with what its workers log in with."""
+
+    url: str
+    password: str | None
+    prefix: str
+    url_secret: SecretKey | None  # where the URL came from, to name in errors
+
+
+async def store_address(read: ReadSecret, namespace: str, redis: RedisSettings) -> StoreAddress:
+    """spec.redis with its URL and password read from the Secrets that hold them."""
+    password = None
+    if redis.password_secret is not None:
+        password = await secret_text(read, namespace, redis.password_secret)
+    if redis.url_secret is not None:
+        url = await secret_text(read, namespace, redis.url_secret)
+    else:
+        assert redis.url is not None  # the spec has a URL or its Secret
+        url = redis.url
+    return StoreAddress(url, password, redis.prefix, redis.url_secret)
