@@ -44,17 +44,23 @@ def worker_name(spec: FleetSpec) -> str:
 
 
 def worker_address(spec: FleetSpec, pod_ip: str, pod_port: int | None = None) -> str:
-    """Where the operator reaches a worker pod. In plaintext, its IP; with TLS,
-    the pod's DNS name under the headless Service (the dashed IP,
+    """Where the operator reaches a worker pod: its IP, at the port the pod
+    declares, else the spec's."""
+    return f"{pod_ip}:{pod_port or spec.worker.port}"
+
+
+def worker_server_name(spec: FleetSpec, pod_ip: str) -> str:
+    """The name a TLS worker's certificate is verified against: the pod's
+    DNS name under the headless Service (the dashed IP,
     `10-1-2-3.<fleet>-worker.<namespace>.svc`), which a certificate for
     `*.<fleet>-worker.<namespace>.svc` covers, as no certificate covers a
-    pod IP known only at run time. The port is the one the pod declares,
-    else the spec's."""
-    port = pod_port or spec.worker.port
+    pod IP known only at run time. The operator still connects to the IP,
+    so it needs no DNS and reaches a pod before its record exists. Empty
+    without TLS."""
     if not spec.tls_secret:
-        return f"{pod_ip}:{port}"
+        return ""
     host = pod_ip.replace(".", "-").replace(":", "-")
-    return f"{host}.{worker_name(spec)}.{spec.namespace}.svc:{port}"
+    return f"{host}.{worker_name(spec)}.{spec.namespace}.svc"
 
 
 def selector_labels(spec: FleetSpec) -> dict[str, str]:

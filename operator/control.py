@@ -149,11 +149,13 @@ class WorkerConnection(Protocol):
 
 @dataclass(frozen=True)
 class WorkerEndpoint:
-    """A ready worker: its pod, where to reach it, and its node."""
+    """A ready worker: its pod, where to reach it, its node, and the name
+    its TLS certificate is verified against (empty: the address's host)."""
 
     pod: str
     address: str
     node: str = ""
+    server_name: str = ""
 
 
 @dataclass(frozen=True)

@@ -285,9 +285,9 @@ def fleet_spec_schema() -> Schema:
         {
             "secretName": _str(
                 "A kubernetes.io/tls Secret: workers serve tls.crt and tls.key, which must "
-                "cover *.<fleet>-worker.<namespace>.svc (the operator reaches each worker by "
-                "its pod name under the headless Service) and are verified against ca.crt "
-                "(else tls.crt).",
+                "cover *.<fleet>-worker.<namespace>.svc (the operator verifies each worker, "
+                "reached by IP, as its pod's name under the headless Service) and are "
+                "verified against ca.crt (else tls.crt).",
                 minLength=1,
                 maxLength=253,
             ),

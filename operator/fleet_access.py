@@ -57,7 +57,11 @@ class Credentials:
 
         def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
             return AsyncWorkerClient(
-                endpoint.address, token=token, tls=tls, root_certificates=roots
+                endpoint.address,
+                token=token,
+                tls=tls,
+                root_certificates=roots,
+                server_name=endpoint.server_name or None,
             )
 
         return connect

@@ -458,7 +458,12 @@ async def control(
     controller.adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     pods = list(pod_index.get((namespace, name), []))
     endpoints = [
-        WorkerEndpoint(p.name, build.worker_address(fleet, p.ip, p.port), p.node)
+        WorkerEndpoint(
+            p.name,
+            build.worker_address(fleet, p.ip, p.port),
+            p.node,
+            build.worker_server_name(fleet, p.ip),
+        )
         for p in pods
         if p.ready
     ]

@@ -90,16 +90,18 @@ class TestRedisServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def self_signed_certificate(directory: Path) -> tuple[Path, Path] | None:
-    """(certificate, key) for 127.0.0.1 and localhost made with the openssl
-    command, or None where it is not installed."""
+def self_signed_certificate(
+    directory: Path, names: str = "IP:127.0.0.1,DNS:localhost"
+) -> tuple[Path, Path] | None:
+    """(certificate, key) for the subject alternative `names` made with the
+    openssl command, or None where it is not installed."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     try:
         subprocess.run(
             [
                 *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
-                *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=elasticfleet-test"),
+                *("-addext", f"subjectAltName={names}"),
             ],
             check=True,
             capture_output=True,

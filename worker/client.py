@@ -99,11 +99,15 @@ class CompletionResult:
         self.messages.append(message)
 
 
-def _options() -> list[tuple[str, int]]:
-    return [
+def _options(server_name: str | None = None) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
+    if server_name:
+        # Verify the certificate against this name, not the target's host.
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
 
 
 def _credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
@@ -116,7 +120,9 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 class WorkerClient:
     """A blocking client. `tls=True` verifies the server against
-    `root_certificates` (PEM; None means the system's roots)."""
+    `root_certificates` (PEM; None means the system's roots) and the name in
+    `target`, or `server_name` when given (a pod reached by IP whose
+    certificate names its DNS name)."""
 
     def __init__(
         self,
@@ -125,10 +131,12 @@ class WorkerClient:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         if tls:
             credentials = _credentials(root_certificates)
-            self.channel = grpc.secure_channel(target, credentials, options=_options())
+            options = _options(server_name)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=_options())
         self.stub = pb_grpc.WorkerStub(self.channel)
@@ -226,10 +234,12 @@ class AsyncWorkerClient:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         if tls:
             credentials = _credentials(root_certificates)
-            self.channel = grpc.aio.secure_channel(target, credentials, options=_options())
+            options = _options(server_name)
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=_options())
         self.stub = pb_grpc.WorkerStub(self.channel)

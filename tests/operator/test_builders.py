@@ -21,6 +21,7 @@ from elasticfleet.operator.build import (
     owner_reference,
     worker_address,
     worker_command,
+    worker_server_name,
 )
 from elasticfleet.operator.spec import FleetSpec, SpecError
 
@@ -186,11 +187,13 @@ def test_worker_command_parses_with_the_real_cli(example: str) -> None:
         assert args.model is None and args.tls_cert is None
 
 
-def test_worker_address() -> None:
-    # Plaintext: the pod IP. TLS: the pod's name under the headless Service,
-    # which a certificate for *.smollm2-gpu-worker.ml.svc covers.
+def test_worker_address_and_tls_name() -> None:
+    # Reached by IP, at the port the pod declares, else the spec's.
     assert worker_address(_spec(), "10.1.2.3") == "10.1.2.3:50051"
-    tls = _spec("elasticfleet-gpu.yaml")
-    assert worker_address(tls, "10.1.2.3") == "10-1-2-3.smollm2-gpu-worker.ml.svc:50051"
-    # A pod that declares its own gRPC port (made from an older template) is reached there.
     assert worker_address(_spec(), "10.1.2.3", 50077) == "10.1.2.3:50077"
+    # TLS: verified as the pod's name under the headless Service, which a
+    # certificate for *.smollm2-gpu-worker.ml.svc covers.
+    tls = _spec("elasticfleet-gpu.yaml")
+    assert worker_address(tls, "10.1.2.3") == "10.1.2.3:50051"
+    assert worker_server_name(tls, "10.1.2.3") == "10-1-2-3.smollm2-gpu-worker.ml.svc"
+    assert worker_server_name(_spec(), "10.1.2.3") == ""

@@ -25,6 +25,7 @@ import grpc
 import pytest
 from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator, wait_for
 from tiny_fleet import DEVICE_BYTES, MODEL, Kubelet, squeeze
+from valkey_server import self_signed_certificate
 
 from elasticfleet.worker.adapter_format import AdapterSpec
 from elasticfleet.worker.adapter_store import AdapterStore
@@ -64,16 +65,16 @@ def publish_adapter(redis_url: str) -> int:
         store.close()
 
 
-def fleet_body(model: Path, redis_url: str) -> dict[str, Any]:
+def fleet_body(model: Path, name: str, replicas: int, **spec: Any) -> dict[str, Any]:
     """An ElasticFleet as a user would write it (the API server adds the
-    defaults; the operator applies them itself)."""
+    defaults; the operator applies them itself), with `spec` added."""
     return {
         "apiVersion": "elasticfleet.io/v1alpha1",
         "kind": "ElasticFleet",
-        "metadata": {"name": "tiny"},
+        "metadata": {"name": name},
         "spec": {
             "model": {"name": MODEL, "path": str(model)},
-            "replicas": 2,
+            "replicas": replicas,
             "worker": {"image": "ghcr.io/example/elasticfleet:test"},
             "memoryPolicy": {
                 "policy": "greedy",
@@ -81,11 +82,30 @@ def fleet_body(model: Path, redis_url: str) -> dict[str, Any]:
                 "headroomBytes": 0,
                 "planIntervalSeconds": 1,
             },
-            "adapters": [{"name": "tasks"}],
-            "redis": {"url": redis_url},
-            "auth": {"tokenSecretRef": {"name": "workers-token", "key": "token"}},
+            **spec,
         },
     }
+
+
+def secret(name: str, data: dict[str, bytes], kind: str = "Opaque") -> dict[str, Any]:
+    encoded = {key: base64.b64encode(value).decode() for key, value in data.items()}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "type": kind,
+        "data": encoded,
+    }
+
+
+def fleet_object(cluster: EmulatedCluster) -> dict[str, Any]:
+    (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
+    return found
+
+
+def worker_status(cluster: EmulatedCluster, pod: str) -> dict[str, Any]:
+    entries = fleet_object(cluster).get("status", {}).get("workers", [])
+    return next((dict(e) for e in entries if e["pod"] == pod), {})
 
 
 def test_the_operator_runs_a_fleet_of_real_workers(
@@ -108,17 +128,12 @@ def test_the_operator_runs_a_fleet_of_real_workers(
     }  # fmt: skip
 
     def fleet() -> dict[str, Any]:
-        (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
-        return found
-
-    def worker_status(pod: str) -> dict[str, Any]:
-        entries = fleet().get("status", {}).get("workers", [])
-        return next((dict(e) for e in entries if e["pod"] == pod), {})
+        return fleet_object(cluster)
 
     def loaded(pod: str) -> bool:
         return any(
             a["name"] == "tasks" and a["version"] == str(version) and a["bytes"] > 0
-            for a in worker_status(pod).get("adapters", [])
+            for a in worker_status(cluster, pod).get("adapters", [])
         )
 
     def stats(address: str) -> pb.GetStatsResponse:
@@ -126,7 +141,16 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             return client.get_stats(timeout=10)
 
     with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
-        cluster.call("POST", FLEETS, fleet_body(tiny_worker_model, redis_url))
+        token_ref = {"name": "workers-token", "key": "token"}
+        body = fleet_body(
+            tiny_worker_model,
+            "tiny",
+            2,
+            adapters=[{"name": "tasks"}],
+            redis={"url": redis_url},
+            auth={"tokenSecretRef": token_ref},
+        )
+        cluster.call("POST", FLEETS, body)
         (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
         # Until its token's Secret exists the fleet is Degraded, saying so.
         wait_for(
@@ -135,10 +159,8 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         )
         assert "Secret workers-token" in _condition(fleet(), "Degraded")["message"]
         # As `kubectl create secret --from-file` makes it: with the file's last newline.
-        token = {"token": base64.b64encode(f"{TOKEN}\n".encode()).decode()}
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "workers-token"},
-                  "type": "Opaque", "data": token}  # fmt: skip
-        cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
+        token = secret("workers-token", {"token": f"{TOKEN}\n".encode()})
+        cluster.call("POST", "/api/v1/namespaces/ns/secrets", token)
         cluster.call("POST", ADAPTER_SETS, adapter_set)
         first, second = kubelet.sync(deployment)
         addresses = {pod: kubelet.workers[pod].address for pod in (first, second)}
@@ -149,7 +171,7 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         assert status["readyReplicas"] == 2
         assert _condition(fleet(), "Available")["status"] == "True"
         for pod in (first, second):
-            entry = worker_status(pod)
+            entry = worker_status(cluster, pod)
             assert entry["address"] == addresses[pod] and entry["reachable"] is True
             assert entry["device"]["source"] == "simulated"
             assert entry["device"]["totalBytes"] == DEVICE_BYTES
@@ -185,8 +207,8 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         entry = wait_for(
             "the smaller plan in status",
             lambda: (
-                worker_status(first).get("plan", {}).get("id") == smaller.plan_id
-                and worker_status(first)
+                worker_status(cluster, first).get("plan", {}).get("id") == smaller.plan_id
+                and worker_status(cluster, first)
             ),
         )
         assert entry["weightBytes"] == smaller.memory.weight_bytes
@@ -212,7 +234,7 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             ),
         )
         assert second in degraded["message"] and first not in degraded["message"]
-        assert worker_status(first)["reachable"] is True
+        assert worker_status(cluster, first)["reachable"] is True
         kubelet.restart(second)
         wait_for("recovery", lambda: _condition(fleet(), "Degraded").get("status") == "False", 30)
         wait_for("the restarted worker's adapter", lambda: loaded(second), 30)
@@ -220,4 +242,42 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         # Deletion: the finalizer is released.
         cluster.call("DELETE", f"{FLEETS}/tiny")
         wait_for("the fleet to go", lambda: not fleet())
+    assert runner.exit_code == 0, runner.output
+
+
+def test_the_operator_verifies_tls_workers_by_their_dns_name(
+    cluster: EmulatedCluster, tiny_profiles: Path, tiny_worker_model: Path, tmp_path: Path
+) -> None:
+    """A TLS fleet: the worker serves the certificate of the fleet's Secret
+    (mounted by the kubelet the test plays), one for
+    `*.secure-worker.ns.svc`; the operator reaches it by IP and verifies it
+    as the pod's name under the headless Service."""
+    pem = self_signed_certificate(tmp_path, "DNS:*.secure-worker.ns.svc")
+    if pem is None:
+        pytest.skip("needs the openssl command")
+    cert, key = (path.read_bytes() for path in pem)
+    tls = secret("workers-tls", {"tls.crt": cert, "tls.key": key}, "kubernetes.io/tls")
+    body = fleet_body(tiny_worker_model, "secure", 1, tls={"secretName": "workers-tls"})
+    with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
+        cluster.call("POST", "/api/v1/namespaces/ns/secrets", tls)
+        cluster.call("POST", FLEETS, body)
+        (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
+        (pod,) = kubelet.sync(deployment)
+        address = kubelet.workers[pod].address
+        entry = wait_for(
+            "the worker planned over TLS",
+            lambda: worker_status(cluster, pod).get("plan") and worker_status(cluster, pod),
+        )
+        assert entry["reachable"] is True and entry["address"] == address
+        name = "127-0-0-1.secure-worker.ns.svc"
+        with WorkerClient(address, tls=True, root_certificates=cert, server_name=name) as client:
+            assert client.get_stats(timeout=10).model == MODEL
+        # TLS is really on, and the name is really checked.
+        for refused in (
+            WorkerClient(address),
+            WorkerClient(address, tls=True, root_certificates=cert, server_name="other.svc"),
+        ):
+            with refused, pytest.raises(grpc.RpcError) as raised:
+                refused.get_stats(timeout=5)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert runner.exit_code == 0, runner.output

@@ -48,8 +48,10 @@ class Kubelet:
       reaches a pod at the port it declares); metrics go to free ports too;
     - the device is simulated: each worker reads its memory from a file of
       its own (`--simulated-device`), which `squeeze` rewrites;
-    - `elasticfleet` is this Python's, the model cache a temporary folder,
-      and Secret-backed variables are read from the emulated cluster.
+    - `elasticfleet` is this Python's, the model cache a temporary folder;
+      Secret-backed variables and Secret volumes are read from the emulated
+      cluster (a volume as a folder of the pod's, its mount path rewritten
+      in the arguments).
 
     `kill` ends a worker with SIGKILL, as a crash does; its pod stays Ready
     (the window before a readiness probe notices) until `restart` brings the
@@ -113,6 +115,7 @@ class Kubelet:
         # Only what the container declares: nothing of the test's own settings.
         env = {name: "" for name in os.environ if name.startswith("ELASTICFLEET_")}
         env.update({item["name"]: self._env_value(item) for item in container.get("env", [])})
+        self._mount_secrets(pod, template["spec"], container, args)
         env["ELASTICFLEET_CACHE"] = str(self.folder / "cache")
         squeeze(self.device(pod), 0)
         worker = self._start(pod, args, env)
@@ -140,13 +143,32 @@ class Kubelet:
     def _start(self, pod: str, args: list[str], env: dict[str, str]) -> WorkerProcess:
         return WorkerProcess.start(args, self.folder / f"{pod}.log", env=env)
 
+    def _secret(self, name: str) -> dict[str, bytes]:
+        (secret,) = [
+            s
+            for s in self.cluster.objects("v1/secrets", self.namespace)
+            if s["metadata"]["name"] == name
+        ]
+        return {key: base64.b64decode(value) for key, value in secret["data"].items()}
+
     def _env_value(self, item: dict[str, Any]) -> str:
         if "value" in item:
             return str(item["value"])
         ref = item["valueFrom"]["secretKeyRef"]
-        (secret,) = [
-            s
-            for s in self.cluster.objects("v1/secrets", self.namespace)
-            if s["metadata"]["name"] == ref["name"]
-        ]
-        return base64.b64decode(secret["data"][ref["key"]]).decode()
+        return self._secret(ref["name"])[ref["key"]].decode()
+
+    def _mount_secrets(
+        self, pod: str, spec: dict[str, Any], container: dict[str, Any], args: list[str]
+    ) -> None:
+        """Write each Secret volume the container mounts into a folder of the
+        pod's, and point the arguments under its mount path there."""
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+        for volume in spec.get("volumes", []):
+            if "secret" not in volume or volume["name"] not in mounts:
+                continue
+            folder = self.folder / pod / volume["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for key, value in self._secret(volume["secret"]["secretName"]).items():
+                (folder / key).write_bytes(value)
+            mount = mounts[volume["name"]]
+            args[:] = [f"{folder}{a[len(mount) :]}" if a.startswith(mount) else a for a in args]
