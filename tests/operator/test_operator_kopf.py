@@ -28,7 +28,7 @@ from kopf.testing import KopfRunner
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.worker.adapter_format import AdapterWeights
-from elasticfleet.worker.adapter_store import AdapterStore
+from elasticfleet.worker.adapter_store import AdapterManifest, AdapterStore
 from elasticfleet.worker.plan import PruningPlan
 
 if TYPE_CHECKING:
@@ -213,27 +213,34 @@ def test_a_bad_spec_is_reported(cluster: EmulatedCluster) -> None:
     assert runner.exit_code == 0, runner.output
 
 
+def published(redis_url: str, weights: AdapterWeights) -> tuple[AdapterManifest, dict[str, Any]]:
+    """`weights` published to the store, and an AdapterSet that describes them."""
+    store = AdapterStore.from_url(redis_url)
+    manifest = store.publish(weights)
+    store.close()
+    spec = manifest.spec
+    adapter_set = {
+        "apiVersion": "elasticfleet.io/v1alpha1",
+        "kind": "AdapterSet",
+        "metadata": {"name": spec.name},
+        "spec": {
+            "baseModel": spec.base_model,
+            "tasks": list(spec.tasks),
+            "rank": spec.rank,
+            "modules": list(spec.modules),
+        },
+    }
+    return manifest, adapter_set
+
+
 def test_adapter_set_status_comes_from_the_store(
     cluster: EmulatedCluster,
     redis_url: str,
     make_adapter: Callable[..., AdapterWeights],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = AdapterStore.from_url(redis_url)
-    manifest = store.publish(make_adapter(name="demo", router=False))
-    store.close()
+    manifest, adapter_set = published(redis_url, make_adapter("demo", ("code", "qa"), router=False))
     monkeypatch.setenv("ELASTICFLEET_REDIS_URL", redis_url)
-    adapter_set = {
-        "apiVersion": "elasticfleet.io/v1alpha1",
-        "kind": "AdapterSet",
-        "metadata": {"name": "demo"},
-        "spec": {
-            "baseModel": "tiny-llama",
-            "tasks": ["code", "qa"],
-            "rank": 4,
-            "modules": list(manifest.spec.modules),
-        },
-    }
     with operator() as runner:
         cluster.call("POST", ADAPTER_SETS, adapter_set)
 
@@ -253,24 +260,13 @@ def test_an_adapter_set_is_checked_in_its_fleets_store(
     make_adapter: Callable[..., AdapterWeights],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = AdapterStore.from_url(redis_url)
-    manifest = store.publish(make_adapter(name="tasks", tasks=("code", "qa"), router=False))
-    store.close()
+    manifest, adapter_set = published(
+        redis_url, make_adapter("tasks", ("code", "qa"), router=False)
+    )
     monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)  # the operator has no store
     fleet = yaml.safe_load(EXAMPLE.read_text())
     # The fleet keeps its Redis URL in a Secret, as a password-bearing one would be.
     fleet["spec"]["redis"] = {"urlSecretRef": {"name": "redis", "key": "url"}}
-    adapter_set = {
-        "apiVersion": "elasticfleet.io/v1alpha1",
-        "kind": "AdapterSet",
-        "metadata": {"name": "tasks"},
-        "spec": {
-            "baseModel": "tiny-llama",
-            "tasks": ["code", "qa"],
-            "rank": 4,
-            "modules": list(manifest.spec.modules),
-        },
-    }
     secret_url = "localhost:6379?password=s3cret"  # no scheme, and a secret to keep
     secret = {
         "apiVersion": "v1",
