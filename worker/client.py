@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
+from types import ModuleType, TracebackType
+from typing import Any, Self
 
 import grpc
 import grpc.aio
@@ -110,8 +110,18 @@ def _options(server_name: str | None = None) -> list[tuple[str, int | str]]:
     return options
 
 
-def _credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+def _channel(
+    channels: ModuleType,
+    target: str,
+    tls: bool,
+    root_certificates: bytes | None,
+    server_name: str | None,
+) -> Any:
+    """A channel from `channels` (grpc, or grpc.aio: the same factories)."""
+    if not tls:
+        return channels.insecure_channel(target, options=_options())
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return channels.secure_channel(target, credentials, options=_options(server_name))
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -133,12 +143,7 @@ class WorkerClient:
         root_certificates: bytes | None = None,
         server_name: str | None = None,
     ) -> None:
-        if tls:
-            credentials = _credentials(root_certificates)
-            options = _options(server_name)
-            self.channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=_options())
+        self.channel: grpc.Channel = _channel(grpc, target, tls, root_certificates, server_name)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = _metadata(token)
 
@@ -236,12 +241,9 @@ class AsyncWorkerClient:
         root_certificates: bytes | None = None,
         server_name: str | None = None,
     ) -> None:
-        if tls:
-            credentials = _credentials(root_certificates)
-            options = _options(server_name)
-            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=_options())
+        self.channel: grpc.aio.Channel = _channel(
+            grpc.aio, target, tls, root_certificates, server_name
+        )
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = _metadata(token)
 
