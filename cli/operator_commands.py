@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from elasticfleet.worker_commands import bearer_token, token_options
+
 if TYPE_CHECKING:
     from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
 
@@ -63,6 +65,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     loop.add_argument("--ticks", type=int, default=1, help="ticks to run (default 1)")
     loop.add_argument("--interval", type=float, help="seconds between ticks (default: the spec's)")
+    token_options(loop)
     run = group.add_parser("run", help="run the operator (kopf) against the current cluster")
     run.add_argument(
         "--namespace",
@@ -147,12 +150,8 @@ class _PrintingSink:
 def _loop(args: argparse.Namespace) -> int:
     import yaml
 
-    from elasticfleet.operator.control import (
-        AdapterWant,
-        FleetController,
-        plaintext_connect,
-        profile_for_model,
-    )
+    from elasticfleet.operator.control import AdapterWant, FleetController, profile_for_model
+    from elasticfleet.operator.fleet_access import Credentials
     from elasticfleet.operator.spec import FleetSpec
 
     body = yaml.safe_load(args.fleet.read_text())
@@ -167,7 +166,7 @@ def _loop(args: argparse.Namespace) -> int:
         controller = FleetController(
             spec,
             profile_for_model(spec.model_name),
-            plaintext_connect,
+            Credentials(token=bearer_token(args)).connect(),
             sink,
         )
         # Without AdapterSet objects, each adapter set is loaded by its name.

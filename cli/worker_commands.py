@@ -48,7 +48,7 @@ def layer_list(text: str) -> list[int]:
         ) from None
 
 
-def _token_options(parser: argparse.ArgumentParser) -> None:
+def token_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
         type=Path,
@@ -122,7 +122,7 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=256 << 20,
         help="bound of the local adapter cache (default: 256 MiB)",
     )
-    _token_options(worker)
+    token_options(worker)
 
     generate = commands.add_parser("generate", help="stream a completion from a running worker")
     generate.set_defaults(generate_command="")
@@ -141,10 +141,10 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     generate.add_argument("--timeout", type=float, help="deadline in seconds")
     generate.add_argument("--tls", action="store_true", help="connect with TLS")
     generate.add_argument("--tls-ca", type=Path, help="PEM roots to verify the worker with")
-    _token_options(generate)
+    token_options(generate)
 
 
-def _token(args: argparse.Namespace) -> str | None:
+def bearer_token(args: argparse.Namespace) -> str | None:
     """The bearer token, without surrounding whitespace wherever it comes
     from (a Secret made from a file keeps its last newline; the operator
     strips it too)."""
@@ -213,7 +213,7 @@ def _worker(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_port=args.metrics_port,
         model_name=args.model.name if args.model else MODEL_NAME,
-        token=_token(args),
+        token=bearer_token(args),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         default_max_new_tokens=args.default_max_new_tokens,
@@ -276,7 +276,8 @@ def _generate(args: argparse.Namespace) -> int:
     )
     roots = args.tls_ca.read_bytes() if args.tls_ca else None
     tls = args.tls or roots is not None
-    with WorkerClient(args.target, token=_token(args), tls=tls, root_certificates=roots) as client:
+    token = bearer_token(args)
+    with WorkerClient(args.target, token=token, tls=tls, root_certificates=roots) as client:
         tokens, finish, plans = 0, "", set()
         try:
             for message in client.generate(request, timeout=args.timeout):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+import yaml
 from fake_fleet import RecordingSink
 from tiny_fleet import DEVICE_BYTES, MODEL, squeeze
 from tokenizers import Tokenizer, models
 
+from elasticfleet.cli import main
 from elasticfleet.operator.control import (
     FleetController,
     WorkerEndpoint,
@@ -90,5 +93,39 @@ def test_loop_plans_a_real_worker(
 
     try:
         asyncio.run(run())
+    finally:
+        running.stop()
+
+
+def test_the_loop_command_sends_the_token(
+    tiny_model_dir: Path,
+    tiny_profiles: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`elasticfleet operator loop` against a worker that requires a token:
+    refused without it, planned with it (from $ELASTICFLEET_TOKEN)."""
+    model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    options = ServerOptions(model_name=MODEL, token="loop-token")
+    running = BackgroundServer(Engine(model, tokenizer, budget_bytes=2**20), options)
+    fleet = tmp_path / "fleet.yaml"
+    spec = {
+        "model": {"name": MODEL},
+        "worker": {"image": "img"},
+        "memoryPolicy": {"policy": "greedy", "budget": {"fraction": 0.5}},
+    }
+    fleet.write_text(yaml.safe_dump({"metadata": {"name": "tiny"}, "spec": spec}))
+    command = ["operator", "loop", str(fleet), "--worker", f"w0=127.0.0.1:{running.port}"]
+    try:
+        monkeypatch.delenv("ELASTICFLEET_TOKEN", raising=False)
+        assert main(command) == 0
+        (refused,) = yaml.safe_load(capsys.readouterr().out)["status"]["workers"]
+        assert refused["reachable"] is False and "UNAUTHENTICATED" in refused["message"]
+        monkeypatch.setenv("ELASTICFLEET_TOKEN", "loop-token")
+        assert main(command) == 0
+        (planned,) = yaml.safe_load(capsys.readouterr().out)["status"]["workers"]
+        assert planned["reachable"] is True and planned["plan"]["keptAttention"] == 4
     finally:
         running.stop()
