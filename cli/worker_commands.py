@@ -6,7 +6,7 @@ Kept apart from `cli.py` so the serving commands grow in one place:
 functions. Secrets come from files or the environment, never from flags
 that `ps` would show:
 
-    ELASTICFLEET_TOKEN   bearer token (else --token-file)
+    --token-file FILE    bearer token (else $ELASTICFLEET_TOKEN)
 
 Exit codes: 0 success, 1 the worker refused the request, 2 a problem with
 the arguments or the model, 75 (EX_TEMPFAIL) the worker is unavailable or
@@ -149,7 +149,10 @@ def bearer_token(args: argparse.Namespace) -> str | None:
     from (a Secret made from a file keeps its last newline; the operator
     strips it too)."""
     if args.token_file is not None:
-        return str(args.token_file.read_text().strip())
+        try:
+            return str(args.token_file.read_text().strip())
+        except OSError as error:
+            raise ValueError(f"--token-file {args.token_file}: {error.strerror}") from None
     return os.environ.get("ELASTICFLEET_TOKEN", "").strip() or None
 
 

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from elasticfleet.operator.conditions import Condition, set_condition
-from elasticfleet.operator.fleet_access import SecretUnavailable
+from elasticfleet.operator.spec import SecretUnavailable
 from elasticfleet.worker.adapter_store import (
     AdapterManifest,
     AdapterNotFound,
@@ -111,6 +111,8 @@ async def check_in_stores(
     the first failure, else the first success. A store that cannot even be
     opened (a malformed URL, its Secret missing, none configured) is a
     failure that says so."""
+    if not stores:
+        return AdapterCheck(False, "NoStore", NO_STORE)
     checks = []
     for where, open_store in stores:
         try:

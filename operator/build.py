@@ -44,9 +44,10 @@ def worker_name(spec: FleetSpec) -> str:
 
 
 def worker_address(spec: FleetSpec, pod_ip: str, pod_port: int | None = None) -> str:
-    """Where the operator reaches a worker pod: its IP, at the port the pod
-    declares, else the spec's."""
-    return f"{pod_ip}:{pod_port or spec.worker.port}"
+    """Where the operator reaches a worker pod: its IP (an IPv6 one in
+    brackets), at the port the pod declares, else the spec's."""
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"{host}:{pod_port or spec.worker.port}"
 
 
 def worker_server_name(spec: FleetSpec, pod_ip: str) -> str:

@@ -12,7 +12,7 @@ restart.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elasticfleet.operator.control import (
     Connect,
@@ -20,7 +20,7 @@ from elasticfleet.operator.control import (
     WorkerEndpoint,
     plaintext_connect,
 )
-from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey
+from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey, SecretUnavailable
 from elasticfleet.worker.client import AsyncWorkerClient
 
 # (namespace, Secret name, keys) -> the first of the keys the Secret holds,
@@ -29,16 +29,16 @@ ReadSecret = Callable[[str, str, tuple[str, ...]], Awaitable[bytes]]
 TLS_ROOT_KEYS = ("ca.crt", "tls.crt")
 
 
-class SecretUnavailable(Exception):
-    """A Secret (or key) the fleet names cannot be read yet; the message names it."""
-
-
 async def secret_text(read: ReadSecret, namespace: str, ref: SecretKey) -> str:
     """A Secret key's text without surrounding whitespace: `kubectl create
     secret --from-file` keeps the file's last newline, and the workers strip
     their environment the same way, so both sides agree on a token or
     password."""
-    return (await read(namespace, ref.name, (ref.key,))).decode().strip()
+    value = await read(namespace, ref.name, (ref.key,))
+    try:
+        return value.decode().strip()
+    except UnicodeDecodeError:  # never repeat any of it
+        raise SecretUnavailable(f"Secret {ref.name} key {ref.key} is not UTF-8 text") from None
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class Credentials:
     """What reaching a fleet's workers takes: the roots their TLS
     certificates are verified against, and the bearer token they require."""
 
-    roots: bytes | None = None
-    token: str | None = None
+    roots: bytes | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
 
     def connect(self) -> Connect:
         """The control loop's `connect` for these credentials."""
@@ -81,8 +81,8 @@ async def fleet_credentials(read: ReadSecret, fleet: FleetSpec) -> Credentials:
 class StoreAddress:
     """Where a fleet's adapter store is, with what its workers log in with."""
 
-    url: str
-    password: str | None
+    url: str = field(repr=False)  # it may hold a password
+    password: str | None = field(repr=False)
     prefix: str
     url_secret: SecretKey | None  # where the URL came from, to name in errors
 

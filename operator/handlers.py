@@ -53,13 +53,14 @@ from elasticfleet.operator.control import (
     utc_now,
 )
 from elasticfleet.operator.fleet_access import (
-    SecretUnavailable,
     fleet_credentials,
     store_address,
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
-from elasticfleet.operator.spec import FleetSpec, RedisSettings, SpecError
+from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretUnavailable, SpecError
 from elasticfleet.worker.adapter_store import AdapterStore
+
+log = logging.getLogger(__name__)
 
 FINALIZER = f"{crds.GROUP}/finalizer"
 FLEETS = (crds.GROUP, crds.VERSION, crds.FLEET_PLURAL)
@@ -120,25 +121,29 @@ async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 class _Stores:
     """The adapter stores AdapterSets are checked in, each opened once: the
     fleets' (by URL, password and prefix) and the operator's own. Every
-    AdapterSet is checked each minute, so a fleet's store not asked for in
-    IDLE_STORE_S (its fleet gone, its password rotated) is closed."""
+    AdapterSet is checked each minute, and each check sweeps first: a
+    fleet's store not asked for in IDLE_STORE_S (its fleet gone, its
+    password rotated) is closed."""
 
     opened: ClassVar[dict[tuple[str, str | None, str], tuple[AdapterStore, float]]] = {}
     own: ClassVar[AdapterStore | None] = None
 
     @classmethod
     def get(cls, url: str, password: str | None, prefix: str) -> AdapterStore:
-        now = time.monotonic()
-        for key, (idle, used) in list(cls.opened.items()):
-            if now - used > IDLE_STORE_S:
-                idle.close()
-                del cls.opened[key]
         key = (url, password, prefix)
         store = cls.opened[key][0] if key in cls.opened else None
         if store is None:
             store = AdapterStore.from_url(url, password=password, prefix=prefix)
-        cls.opened[key] = (store, now)
+        cls.opened[key] = (store, time.monotonic())
         return store
+
+    @classmethod
+    def sweep(cls) -> None:
+        now = time.monotonic()
+        for key, (idle, used) in list(cls.opened.items()):
+            if now - used > IDLE_STORE_S:
+                del cls.opened[key]
+                _close_quietly(idle)
 
     @classmethod
     def operators(cls) -> AdapterStore | None:
@@ -149,8 +154,15 @@ class _Stores:
     @classmethod
     def close(cls) -> None:
         for store in [*(s for s, _ in cls.opened.values()), *([cls.own] if cls.own else [])]:
-            store.close()
+            _close_quietly(store)
         cls.opened, cls.own = {}, None
+
+
+def _close_quietly(store: AdapterStore) -> None:
+    try:
+        store.close()
+    except Exception:  # a pool that fails to close is dropped all the same
+        log.warning("closing an adapter store failed", exc_info=True)
 
 
 @kopf.on.cleanup()
@@ -294,6 +306,7 @@ async def check_adapters(
     fleet_index: kopf.Index[tuple[str | None, str], ServingFleet] = kwargs["fleets_by_adapter"]
     generation = int(meta.get("generation", 0))
     conditions = _conditions(status)
+    _Stores.sweep()
     fleets_by_store: dict[RedisSettings, list[str]] = {}
     for serving in fleet_index.get((namespace, name), []):
         fleets_by_store.setdefault(serving.redis, []).append(serving.name)

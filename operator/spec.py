@@ -22,6 +22,10 @@ WORKER_SUFFIX = "-worker"
 MAX_FLEET_NAME = 63 - len(WORKER_SUFFIX)
 
 
+class SecretUnavailable(Exception):
+    """A Secret (or key) a fleet names cannot be read yet; the message names it."""
+
+
 class SpecError(ValueError):
     """A spec the controller cannot act on; the message says what to fix."""
 

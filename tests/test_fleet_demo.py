@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import main
@@ -314,18 +315,19 @@ def test_ctrl_c_stops_the_demo_and_every_worker(
         sys.executable, "-m", "elasticfleet", "fleet", "demo", "--model", str(tiny_worker_model),
         "--out", str(out), "--policy", "greedy",
     ]  # fmt: skip
-    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("w") as printed, stderr.open("w") as errors:
+        demo = subprocess.Popen(command, stdout=printed, stderr=errors)
     try:
-        assert demo.stdout is not None
-        for line in demo.stdout:  # interrupted once both workers listen
-            if "worker-1 listens on" in line:
-                break
+        # Interrupted once both workers listen.
+        wait_for("both workers", lambda: "worker-1 listens on" in stdout.read_text(), 120)
         demo.send_signal(signal.SIGINT)
-        _, err = demo.communicate(timeout=60)
+        demo.wait(60)
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+    err = stderr.read_text()
     assert demo.returncode == 130, err
     assert "interrupted; the workers are stopped" in err
     for pod in ("worker-0", "worker-1"):  # each was told to stop and drained

@@ -119,6 +119,8 @@ def _channel(
 ) -> Any:
     """A channel from `channels` (grpc, or grpc.aio: the same factories)."""
     if not tls:
+        if root_certificates is not None or server_name:
+            raise ValueError("root_certificates and server_name need tls=True")
         return channels.insecure_channel(target, options=_options())
     credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
     return channels.secure_channel(target, credentials, options=_options(server_name))

@@ -19,7 +19,7 @@ from elasticfleet.operator.adapters import (
     check_in_stores,
     store_name,
 )
-from elasticfleet.operator.fleet_access import SecretUnavailable
+from elasticfleet.operator.spec import SecretUnavailable
 from elasticfleet.worker.adapter_format import AdapterWeights
 from elasticfleet.worker.adapter_store import AdapterStore
 
@@ -139,6 +139,10 @@ def test_the_operator_reuses_a_store_and_closes_idle_ones(monkeypatch: pytest.Mo
     first = handlers._Stores.get("redis://127.0.0.1:1/0", None, "a:")
     assert handlers._Stores.get("redis://127.0.0.1:1/0", None, "a:") is first
     # A rotated password is another store; the old one goes once idle.
-    monkeypatch.setattr(handlers, "IDLE_STORE_S", -1.0)
     second = handlers._Stores.get("redis://127.0.0.1:1/0", "new", "a:")
-    assert second is not first and closed == [first]
+    assert second is not first
+    handlers._Stores.sweep()
+    assert closed == []  # both used just now
+    monkeypatch.setattr(handlers, "IDLE_STORE_S", -1.0)
+    handlers._Stores.sweep()
+    assert closed == [first, second] and handlers._Stores.opened == {}

@@ -191,9 +191,11 @@ def test_worker_address_and_tls_name() -> None:
     # Reached by IP, at the port the pod declares, else the spec's.
     assert worker_address(_spec(), "10.1.2.3") == "10.1.2.3:50051"
     assert worker_address(_spec(), "10.1.2.3", 50077) == "10.1.2.3:50077"
+    assert worker_address(_spec(), "fd00::5") == "[fd00::5]:50051"
     # TLS: verified as the pod's name under the headless Service, which a
     # certificate for *.smollm2-gpu-worker.ml.svc covers.
     tls = _spec("elasticfleet-gpu.yaml")
     assert worker_address(tls, "10.1.2.3") == "10.1.2.3:50051"
     assert worker_server_name(tls, "10.1.2.3") == "10-1-2-3.smollm2-gpu-worker.ml.svc"
+    assert worker_server_name(tls, "fd00::5") == "fd00--5.smollm2-gpu-worker.ml.svc"
     assert worker_server_name(_spec(), "10.1.2.3") == ""

@@ -1,6 +1,6 @@
 """What the operator reads from a fleet's Secrets (fleet_access.py), with a
-Secret reader that behaves as the handlers' does: the first key present,
-decoded, or SecretUnavailable."""
+Secret reader that behaves as the handlers' does: the first key present
+with a non-empty value, decoded, or SecretUnavailable."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ from typing import Any
 
 import pytest
 
-from elasticfleet.operator.control import plaintext_connect
+from elasticfleet.operator import fleet_access
+from elasticfleet.operator.control import WorkerEndpoint, plaintext_connect
 from elasticfleet.operator.fleet_access import (
     Credentials,
-    SecretUnavailable,
     fleet_credentials,
     store_address,
 )
-from elasticfleet.operator.spec import FleetSpec
+from elasticfleet.operator.spec import FleetSpec, SecretUnavailable
 
 SECRETS = {
     ("ns", "workers-tls"): {"tls.crt": b"PEM"},  # no ca.crt: the certificate is its own root
     ("ns", "workers-token"): {"token": b"t0ken\n"},  # as --from-file leaves it
     ("ns", "redis"): {"url": b" redis://redis:6379/0\n", "password": b"pw\n"},
+    ("ns", "binary"): {"token": b"\xff\xfe"},
 }
 
 
@@ -30,7 +31,7 @@ async def read(namespace: str, name: str, keys: tuple[str, ...]) -> bytes:
     if data is None:
         raise SecretUnavailable(f"reading Secret {name}: HTTP 404")
     for key in keys:
-        if key in data:
+        if data.get(key):
             return data[key]
     raise SecretUnavailable(f"Secret {name} has no {' or '.join(keys)} yet")
 
@@ -50,14 +51,24 @@ def test_a_fleet_without_tls_or_token_is_reached_in_plaintext() -> None:
     assert credentials == Credentials() and credentials.connect() is plaintext_connect
 
 
-def test_tls_roots_and_the_token_come_from_their_secrets() -> None:
+def test_tls_roots_and_the_token_come_from_their_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     spec = fleet(
         tls={"secretName": "workers-tls"},
         auth={"tokenSecretRef": {"name": "workers-token", "key": "token"}},
     )
     credentials = asyncio.run(fleet_credentials(read, spec))
     assert credentials == Credentials(roots=b"PEM", token="t0ken")  # newline stripped
-    assert credentials.connect() is not plaintext_connect
+    assert "t0ken" not in repr(credentials)
+    # The client is made with TLS, the roots, the token and the pod's DNS name.
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(fleet_access, "AsyncWorkerClient", lambda *a, **kw: made.append(kw))
+    credentials.connect()(WorkerEndpoint("p", "10.0.0.1:50051", server_name="10-0-0-1.f.ns.svc"))
+    assert made == [
+        {"token": "t0ken", "tls": True, "root_certificates": b"PEM",
+         "server_name": "10-0-0-1.f.ns.svc"}
+    ]  # fmt: skip
 
 
 def test_a_missing_secret_says_which() -> None:
@@ -66,6 +77,9 @@ def test_a_missing_secret_says_which() -> None:
         asyncio.run(fleet_credentials(read, spec))
     spec = fleet(auth={"tokenSecretRef": {"name": "workers-token", "key": "other"}})
     with pytest.raises(SecretUnavailable, match="Secret workers-token has no other yet"):
+        asyncio.run(fleet_credentials(read, spec))
+    spec = fleet(auth={"tokenSecretRef": {"name": "binary", "key": "token"}})
+    with pytest.raises(SecretUnavailable, match=r"Secret binary key token is not UTF-8 text$"):
         asyncio.run(fleet_credentials(read, spec))
 
 

@@ -22,7 +22,7 @@ import grpc.aio
 import pytest
 import yaml
 from fake_fleet import GIB, FakeWorker, fake_worker_service
-from test_operator_kopf import wait_for
+from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import build_parser, main

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import base64
 import copy
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc.aio
 import pytest
 import yaml
 from fake_fleet import GIB, FakeWorker, fake_worker_service
 from kopf.testing import KopfRunner
+from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.worker.adapter_format import AdapterWeights
@@ -34,7 +34,6 @@ from elasticfleet.worker.plan import PruningPlan
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
 
-T = TypeVar("T")
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 EXAMPLE = Path(__file__).resolve().parents[2] / "operator" / "examples" / "elasticfleet.yaml"
 FLEETS = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets"
@@ -42,18 +41,6 @@ ADAPTER_SETS = "/apis/elasticfleet.io/v1alpha1/namespaces/ns/adaptersets"
 
 # Fixture: cluster (the emulated API, $KUBECONFIG pointing at it).
 pytest_plugins = ["kube_emulator"]
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 15.0) -> T:
-    """Poll `probe` until it returns something truthy (real time: the
-    operator runs in its own thread)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _condition(fleet: dict[str, Any], kind: str) -> dict[str, Any]:

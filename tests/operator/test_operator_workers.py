@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator, wait_for
+from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator
 from tiny_fleet import DEVICE_BYTES, MODEL, Kubelet, squeeze
 from valkey_server import self_signed_certificate
+from waiting import wait_for
 
 from elasticfleet.worker.adapter_format import AdapterSpec
 from elasticfleet.worker.adapter_store import AdapterStore
@@ -153,11 +154,15 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         cluster.call("POST", FLEETS, body)
         (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
         # Until its token's Secret exists the fleet is Degraded, saying so.
-        wait_for(
+        # (Read once: another handler's status patch may briefly replace the
+        # conditions until the next tick writes them again.)
+        missing = wait_for(
             "the missing Secret reported",
-            lambda: _condition(fleet(), "Degraded").get("reason") == "SecretUnavailable",
+            lambda: (
+                (c := _condition(fleet(), "Degraded")).get("reason") == "SecretUnavailable" and c
+            ),
         )
-        assert "Secret workers-token" in _condition(fleet(), "Degraded")["message"]
+        assert "Secret workers-token" in missing["message"]
         # As `kubectl create secret --from-file` makes it: with the file's last newline.
         token = secret("workers-token", {"token": f"{TOKEN}\n".encode()})
         cluster.call("POST", "/api/v1/namespaces/ns/secrets", token)
@@ -169,7 +174,7 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         wait_for("both workers with the adapter", lambda: loaded(first) and loaded(second), 60)
         status = fleet()["status"]
         assert status["readyReplicas"] == 2
-        assert _condition(fleet(), "Available")["status"] == "True"
+        wait_for("Available", lambda: _condition(fleet(), "Available").get("status") == "True")
         for pod in (first, second):
             entry = worker_status(cluster, pod)
             assert entry["address"] == addresses[pod] and entry["reachable"] is True
@@ -267,6 +272,7 @@ def test_the_operator_verifies_tls_workers_by_their_dns_name(
         entry = wait_for(
             "the worker planned over TLS",
             lambda: worker_status(cluster, pod).get("plan") and worker_status(cluster, pod),
+            60,
         )
         assert entry["reachable"] is True and entry["address"] == address
         name = "127-0-0-1.secure-worker.ns.svc"

@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenizers import Tokenizer
+from waiting import wait_for
 
 from elasticfleet.worker.accounting import account
 from elasticfleet.worker.client import AsyncWorkerClient, WorkerClient, generate_request
@@ -218,7 +219,7 @@ def test_a_deadline_cancels_the_request_in_the_engine(
     assert code_of(lambda: client.complete(request, timeout=0.3)) == (
         grpc.StatusCode.DEADLINE_EXCEEDED
     )
-    wait_for(lambda: engine.idle())
+    wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled == 1
     assert engine.stats().picture.kv_reserved_bytes == 0
     slow.undo()
@@ -230,7 +231,7 @@ def test_a_client_cancel_frees_the_request(server: BackgroundServer, client: Wor
     call: Any = client.generate(generate_request("abc", max_new_tokens=200, ignore_eos=True))
     next(call)
     call.cancel()
-    wait_for(lambda: engine.idle())
+    wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled == 1
     slow.undo()
 
@@ -251,13 +252,6 @@ class SlowSteps:
 
     def undo(self) -> None:
         self.engine.step = self.step  # type: ignore[method-assign]
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_health_and_reflection(server: BackgroundServer) -> None:
@@ -384,7 +378,7 @@ def test_a_full_queue_is_resource_exhausted(served_model_dir: Path, one_thread: 
             first: Any = client.generate(request)
             next(first)  # running: the one row the budget allows
             second: Any = client.generate(request)
-            wait_for(lambda: engine.stats().queue_depth == 1)
+            wait_for("a queued request", lambda: engine.stats().queue_depth == 1, 10, interval=0.01)
             with pytest.raises(grpc.RpcError) as caught:
                 client.complete(request)
             error: Any = caught.value
@@ -405,7 +399,7 @@ def test_shutdown_drains_running_requests(served_model_dir: Path, one_thread: No
         next(call)
         stopper = threading.Thread(target=running.stop)
         stopper.start()
-        wait_for(lambda: engine._closing)
+        wait_for("the engine closing", lambda: engine._closing, 10, interval=0.01)
         with pytest.raises(grpc.RpcError) as caught:
             client.complete(generate_request("more", max_new_tokens=2))
         error: Any = caught.value
@@ -433,7 +427,7 @@ def test_async_client_streams_concurrently(server: BackgroundServer) -> None:
     results = asyncio.run(run())
     assert [len(r.token_ids) for r in results] == [6] * 4
     engine = server.server.engine
-    wait_for(engine.idle)
+    wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled + engine.counters.requests_finished == 5
 
 

@@ -73,3 +73,16 @@ def test_a_worker_that_cannot_start_says_why(served_model_dir: Path, tmp_path: P
     with pytest.raises(WorkerStartError, match="exited with status 2") as raised:
         WorkerProcess.start(args, tmp_path / "worker.log")
     assert "simulated device" in str(raised.value) and "No such file" in str(raised.value)
+
+
+def test_a_missing_token_file_is_an_argument_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "absent"
+    assert main(["generate", "--target", "127.0.0.1:1", "hi", "--token-file", str(missing)]) == 2
+    assert f"--token-file {missing}: No such file or directory" in capsys.readouterr().err
+
+
+def test_tls_settings_without_tls_are_refused() -> None:
+    with pytest.raises(ValueError, match="root_certificates and server_name need tls=True"):
+        WorkerClient("127.0.0.1:1", server_name="w.svc")
