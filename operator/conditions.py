@@ -1,8 +1,8 @@
 """Status conditions (the metav1.Condition shape) kept the Kubernetes way.
 
-Both the handlers (rollout: Progressing) and the control loop (Available,
-Degraded) write conditions, so the one rule that makes conditions useful
-lives here: `lastTransitionTime` moves only when a condition's status
+The control timer writes Available, Progressing and Degraded (the spec
+handler only a spec's Degraded), so the one rule that makes conditions
+useful lives here: `lastTransitionTime` moves only when a condition's status
 changes, not every time its message is refreshed, so `kubectl describe`
 shows how long a fleet has been Degraded.
 """

@@ -220,12 +220,11 @@ async def reconcile(
             await api.apply(child)
     except KubeError as error:
         raise kopf.TemporaryError(f"creating children: {error}", delay=RETRY_DELAY_S) from error
-    message = f"{fleet.workload} {build.worker_name(fleet)} at generation {generation}"
-    conditions = set_condition(
-        conditions, "Progressing", True, "RollingOut", message, now=utc_now(), generation=generation
-    )
+    # Conditions are otherwise the control timer's: a list written from two
+    # handlers' views would drop whatever the other wrote meanwhile (a merge
+    # patch replaces lists), so this writes them only to clear its own.
     if any(c["type"] == "Degraded" and c["reason"] == "InvalidSpec" for c in conditions):
-        conditions = set_condition(
+        patch.status["conditions"] = set_condition(
             conditions,
             "Degraded",
             False,
@@ -234,7 +233,6 @@ async def reconcile(
             now=utc_now(),
             generation=generation,
         )
-    patch.status["conditions"] = conditions
     patch.status["observedGeneration"] = generation
 
 
