@@ -12,7 +12,12 @@ from elasticfleet import __version__
 from elasticfleet.adapter_commands import ADAPTER_HANDLERS, add_adapter_commands
 from elasticfleet.fleet_commands import FLEET_HANDLERS, add_fleet_commands
 from elasticfleet.operator_commands import OPERATOR_HANDLERS, add_operator_commands
-from elasticfleet.worker_commands import WORKER_HANDLERS, add_worker_commands, layer_list
+from elasticfleet.worker_commands import (
+    WORKER_HANDLERS,
+    add_worker_commands,
+    layer_list,
+    sampling_options,
+)
 
 
 def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -56,15 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I,J",
         help="layer indices whose FFN block is dropped",
     )
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument(
-        "--raw", action="store_true", help="send the prompt without chat template"
-    )
+    sampling_options(generate)
 
     corpus = commands.add_parser("corpus", help="the offline calibration and evaluation corpus")
     corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)

@@ -71,11 +71,11 @@ def _demo(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
     )
-    profile_for_model(options.model_dir.name)  # SpecError (exit 2) when there is none
+    profile = profile_for_model(options.model_dir.name)  # SpecError (exit 2) if none
     if args.model is None:
         prepare_model(args.cache_dir, progress=False)
     try:
-        run_demo(options, say=lambda line: print(line, flush=True))
+        run_demo(options, profile, say=lambda line: print(line, flush=True))
     except (DemoError, WorkerStartError, ValueError) as error:
         print(f"elasticfleet: the demo failed: {error}", file=sys.stderr)
         return 1

@@ -48,6 +48,17 @@ def layer_list(text: str) -> list[int]:
         ) from None
 
 
+def sampling_options(parser: argparse.ArgumentParser) -> None:
+    """How a completion is sampled: the flags of both `generate` commands."""
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt without chat template")
+
+
 def token_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
@@ -128,13 +139,7 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     generate.set_defaults(generate_command="")
     generate.add_argument("prompt", help="the user message (wrapped in the chat template)")
     generate.add_argument("--target", required=True, help="the worker, HOST:PORT")
-    generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument("--raw", action="store_true", help="send the prompt without template")
+    sampling_options(generate)
     generate.add_argument("--adapter", help="adapter set to run with")
     generate.add_argument("--task", help="the adapter's task head (default: router mixing)")
     generate.add_argument("--request-id", default="", help="identifier for the worker's logs")
@@ -181,16 +186,13 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.plan import PruningPlan
     from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
     from elasticfleet.worker.server import ServerOptions, WorkerServer
-    from elasticfleet.worker.telemetry import device_memory, simulated_memory
+    from elasticfleet.worker.telemetry import read_device
 
-    if args.simulated_device is not None:
-        try:
-            device = simulated_memory(args.simulated_device, own_bytes=0)
-        except ValueError as error:
-            print(f"elasticfleet: error: {error}", file=sys.stderr)
-            return 2
-    else:
-        device = device_memory()
+    try:
+        device = read_device(args.simulated_device, own_bytes=0)
+    except ValueError as error:
+        print(f"elasticfleet: error: {error}", file=sys.stderr)
+        return 2
     _limit_heap_retention()
     if args.threads:
         torch.set_num_threads(args.threads)

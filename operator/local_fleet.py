@@ -51,7 +51,6 @@ from elasticfleet.operator.control import (
     WorkerEndpoint,
     plaintext_connect,
     plan_id,
-    profile_for_model,
     utc_now,
 )
 from elasticfleet.operator.spec import FleetSpec, MemoryPolicy
@@ -658,11 +657,11 @@ class FleetDemo:
         self.say(f"Recovered: {record.conditions['Degraded']['message']}.")
 
 
-def run_demo(options: DemoOptions, say: Say = print) -> DemoResult:
+def run_demo(options: DemoOptions, profile: ModelProfile, say: Say = print) -> DemoResult:
     """Start the workers, run the phases, stop the workers; the JSON record
     (`fleet-demo.json`) and the plot (`timeline.png`) go to `options.out`
-    with the workers' logs, also when a phase fails or Ctrl-C stops it."""
-    profile = profile_for_model(options.model_dir.name)
+    with the workers' logs, also when a phase fails or Ctrl-C stops it.
+    `profile` is the served model's (`profile_for_model`)."""
     figures = demo_figures(profile, options.squeeze_ratio)
     options.out.mkdir(parents=True, exist_ok=True)
     dense = plan_id(PruningPlan.dense(profile.config.num_hidden_layers))

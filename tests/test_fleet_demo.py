@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TINY_MODEL
 from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import main
-from elasticfleet.operator.control import FleetEvent, TickReport
+from elasticfleet.operator.control import FleetEvent, TickReport, profile_for_model
 from elasticfleet.operator.local_fleet import (
     PLOT_FILE,
     RECORD_FILE,
@@ -36,7 +37,6 @@ from elasticfleet.operator.local_fleet import (
 from elasticfleet.worker.memory import predict_memory
 from elasticfleet.worker.plan import PruningPlan
 
-MODEL = "tiny-llama"
 MIB = 2**20
 
 
@@ -167,11 +167,11 @@ def test_the_table_shows_every_worker_and_the_conditions() -> None:
 
 
 def test_the_record_is_json_of_every_tick_and_answer(tmp_path: Path) -> None:
-    result = DemoResult(settings={"model": MODEL})
+    result = DemoResult(settings={"model": TINY_MODEL})
     result.ticks.append(TickRecord.from_report(0, "crash", "t", _report()))
     result.write(tmp_path / "record.json")
     written = json.loads((tmp_path / "record.json").read_text())
-    assert written["settings"] == {"model": MODEL}
+    assert written["settings"] == {"model": TINY_MODEL}
     assert written["answers"] == []
     (tick,) = written["ticks"]
     assert tick["phase"] == "crash" and tick["workers"][0]["kept_ffn"] == 24
@@ -209,7 +209,7 @@ def test_a_failed_phase_stops_the_workers_and_keeps_the_record(
     monkeypatch.setattr(FleetDemo, "_squeeze", fail)
     options = DemoOptions(tiny_worker_model, tmp_path, policy="greedy", max_new_tokens=2)
     with pytest.raises(DemoError, match="squeeze: no new plan"):
-        run_demo(options, say=lambda _line: None)
+        run_demo(options, profile_for_model(TINY_MODEL), say=lambda _line: None)
     # Both workers were stopped (SIGTERM: they drained) ...
     assert all("draining" in (tmp_path / f"worker-{i}.log").read_text() for i in (0, 1))
     # ... and what ran is on record.

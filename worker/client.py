@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType, TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import grpc
 import grpc.aio
@@ -130,11 +130,14 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return () if token is None else (("authorization", f"Bearer {token}"),)
 
 
-class WorkerClient:
-    """A blocking client. `tls=True` verifies the server against
-    `root_certificates` (PEM; None means the system's roots) and the name in
-    `target`, or `server_name` when given (a pod reached by IP whose
-    certificate names its DNS name)."""
+class _ClientBase:
+    """What both clients hold: a channel from `CHANNELS` (grpc or grpc.aio,
+    whose factories match), the stub over it and the call metadata. `tls=True`
+    verifies the server against `root_certificates` (PEM; None means the
+    system's roots) and the name in `target`, or `server_name` when given (a
+    pod reached by IP whose certificate names its DNS name)."""
+
+    CHANNELS: ClassVar[ModuleType]
 
     def __init__(
         self,
@@ -145,9 +148,16 @@ class WorkerClient:
         root_certificates: bytes | None = None,
         server_name: str | None = None,
     ) -> None:
-        self.channel: grpc.Channel = _channel(grpc, target, tls, root_certificates, server_name)
+        self.channel = _channel(self.CHANNELS, target, tls, root_certificates, server_name)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = _metadata(token)
+
+
+class WorkerClient(_ClientBase):
+    """A blocking client (arguments: see _ClientBase)."""
+
+    CHANNELS: ClassVar[ModuleType] = grpc
+    channel: grpc.Channel
 
     def generate(
         self, request: pb.GenerateRequest, *, timeout: float | None = None
@@ -231,23 +241,11 @@ class WorkerClient:
         self.close()
 
 
-class AsyncWorkerClient:
+class AsyncWorkerClient(_ClientBase):
     """The asyncio client; same arguments and methods as WorkerClient."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        server_name: str | None = None,
-    ) -> None:
-        self.channel: grpc.aio.Channel = _channel(
-            grpc.aio, target, tls, root_certificates, server_name
-        )
-        self.stub = pb_grpc.WorkerStub(self.channel)
-        self.metadata = _metadata(token)
+    CHANNELS: ClassVar[ModuleType] = grpc.aio
+    channel: grpc.aio.Channel
 
     async def generate(
         self, request: pb.GenerateRequest, *, timeout: float | None = None

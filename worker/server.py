@@ -48,10 +48,8 @@ from elasticfleet.worker.plan import PruningPlan
 from elasticfleet.worker.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.proto_gen import worker_pb2_grpc as pb_grpc
 from elasticfleet.worker.telemetry import (
-    DeviceMemory,
     Histogram,
-    device_memory,
-    simulated_memory,
+    read_device,
 )
 
 log = logging.getLogger(__name__)
@@ -323,19 +321,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             memory=worker_memory(switch.after),
         )
 
-    def _device(self, picture: EnginePicture) -> DeviceMemory:
-        simulated = self.simulated_device
-        if simulated is None:
-            return device_memory()
-        return simulated_memory(simulated, picture.total_bytes)
-
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatsResponse:
         stats = self.engine.stats()
         picture, mix = stats.picture, stats.mix
         try:
-            device = await asyncio.to_thread(self._device, picture)
+            device = await asyncio.to_thread(
+                read_device, self.simulated_device, picture.total_bytes
+            )
         except ValueError as error:  # a broken simulated device file
             raise FailedPrecondition(str(error)) from None
         source = MEMORY_SOURCES[device.source]

@@ -149,6 +149,12 @@ def host_memory(detail: str) -> DeviceMemory:
     return DeviceMemory(total, total - free, free, "host", detail)
 
 
+def read_device(simulated: Path | None, own_bytes: int) -> DeviceMemory:
+    """The device a worker reports: the simulated one when it was given one
+    (ValueError if its file is broken), else the GPU's, else the host's."""
+    return device_memory() if simulated is None else simulated_memory(simulated, own_bytes)
+
+
 def write_simulated_device(path: Path, total_bytes: int, others_bytes: int) -> None:
     """Set a simulated device (see simulated_memory): `total_bytes` of which
     other processes hold `others_bytes`."""

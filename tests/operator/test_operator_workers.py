@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from conftest import TINY_MODEL
 from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator
-from tiny_fleet import DEVICE_BYTES, MODEL, Kubelet, squeeze
+from tiny_fleet import DEVICE_BYTES, Kubelet, squeeze
 from valkey_server import self_signed_certificate
 from waiting import wait_for
 
@@ -51,7 +52,7 @@ def publish_adapter(redis_url: str) -> int:
     the store; returns its version."""
     spec = AdapterSpec(
         name="tasks",
-        base_model=MODEL,
+        base_model=TINY_MODEL,
         num_layers=tiny_config().num_hidden_layers,
         rank=4,
         alpha=8.0,
@@ -74,7 +75,7 @@ def fleet_body(model: Path, name: str, replicas: int, **spec: Any) -> dict[str, 
         "kind": "ElasticFleet",
         "metadata": {"name": name},
         "spec": {
-            "model": {"name": MODEL, "path": str(model)},
+            "model": {"name": TINY_MODEL, "path": str(model)},
             "replicas": replicas,
             "worker": {"image": "ghcr.io/example/elasticfleet:test"},
             "memoryPolicy": {
@@ -124,7 +125,7 @@ def test_the_operator_runs_a_fleet_of_real_workers(
         "apiVersion": "elasticfleet.io/v1alpha1",
         "kind": "AdapterSet",
         "metadata": {"name": "tasks"},
-        "spec": {"baseModel": MODEL, "tasks": list(TASKS), "rank": 4, "alpha": 8,
+        "spec": {"baseModel": TINY_MODEL, "tasks": list(TASKS), "rank": 4, "alpha": 8,
                  "modules": ["q_proj", "v_proj"]},
     }  # fmt: skip
 
@@ -277,7 +278,7 @@ def test_the_operator_verifies_tls_workers_by_their_dns_name(
         assert entry["reachable"] is True and entry["address"] == address
         name = "127-0-0-1.secure-worker.ns.svc"
         with WorkerClient(address, tls=True, root_certificates=cert, server_name=name) as client:
-            assert client.get_stats(timeout=10).model == MODEL
+            assert client.get_stats(timeout=10).model == TINY_MODEL
         # TLS is really on, and the name is really checked.
         for refused in (
             WorkerClient(address),

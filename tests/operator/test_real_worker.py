@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_MODEL
 from fake_fleet import RecordingSink
-from tiny_fleet import DEVICE_BYTES, MODEL, squeeze
+from tiny_fleet import DEVICE_BYTES, squeeze
 from tokenizers import Tokenizer, models
 
 from elasticfleet.cli import main
@@ -42,18 +43,18 @@ def test_loop_plans_a_real_worker(
     engine = Engine(model, tokenizer, budget_bytes=2**20)
     device = tmp_path / "device.json"
     squeeze(device, 0)
-    options = ServerOptions(model_name=MODEL, simulated_device=device)
+    options = ServerOptions(model_name=TINY_MODEL, simulated_device=device)
     running = BackgroundServer(engine, options)
     spec = FleetSpec.parse(
         "tiny",
         "ns",
         {
-            "model": {"name": MODEL},
+            "model": {"name": TINY_MODEL},
             "worker": {"image": "img"},
             "memoryPolicy": {"policy": "greedy", "budget": {"fraction": 0.5}},
         },
     )
-    profile = profile_for_model(MODEL)
+    profile = profile_for_model(TINY_MODEL)
     dense = PruningPlan.dense(profile.config.num_hidden_layers)
     weights = engine.stats().picture.weight_bytes
 
@@ -108,11 +109,11 @@ def test_the_loop_command_sends_the_token(
     refused without it, planned with it (from $ELASTICFLEET_TOKEN)."""
     model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
-    options = ServerOptions(model_name=MODEL, token="loop-token")
+    options = ServerOptions(model_name=TINY_MODEL, token="loop-token")
     running = BackgroundServer(Engine(model, tokenizer, budget_bytes=2**20), options)
     fleet = tmp_path / "fleet.yaml"
     spec = {
-        "model": {"name": MODEL},
+        "model": {"name": TINY_MODEL},
         "worker": {"image": "img"},
         "memoryPolicy": {"policy": "greedy", "budget": {"fraction": 0.5}},
     }

@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conftest import TINY_MODEL
-
 from elasticfleet.operator.build import GRPC_PORT_NAME
 from elasticfleet.worker.process import WorkerProcess
 from elasticfleet.worker.telemetry import write_simulated_device
@@ -21,7 +19,6 @@ from elasticfleet.worker.telemetry import write_simulated_device
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
 
-MODEL = TINY_MODEL
 DEVICE_BYTES = 8 * 2**20
 
 
