@@ -63,14 +63,14 @@ from elasticfleet.agent.corpus_sources import (
     fortune_documents,
     python_documents,
 )
-from elasticfleet.worker.cachedir import (
+from elasticfleet.worker.model.cachedir import (
     MANIFEST,
     default_cache_root,
     rebuild,
     sha256_file,
     verify_files,
 )
-from elasticfleet.worker.cachedir import read_manifest as _read_manifest
+from elasticfleet.worker.model.cachedir import read_manifest as _read_manifest
 
 #: Bump when a change to extraction, cleaning or splitting changes the files.
 FORMAT_VERSION = 1

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
 
 # Called after each batch with (windows done, windows in total).
 ProgressCallback = Callable[[int, int], None]

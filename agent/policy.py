@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 from elasticfleet.agent.profile import ModelProfile
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 
 class NoFeasiblePlan(Exception):

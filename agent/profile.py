@@ -23,7 +23,7 @@ The cost is ranked two ways:
   tokens of the dense model. Cheap and complete, it ranks the blocks GSI has
   not reached yet (`ModelProfile.importance_rank`).
 
-The byte figures come from worker/memory.py, the one memory model the
+The byte figures come from worker/model/memory.py, the one memory model the
 system uses, and a loaded profile must agree with it.
 """
 
@@ -47,15 +47,15 @@ from torch import nn
 from tqdm import tqdm
 
 from elasticfleet.agent.perplexity import PerplexityEvaluator, check_tokens, tokens_digest
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.memory import (
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import (
     attention_block_params,
     dtype_bytes,
     ffn_block_params,
     kv_bytes_per_token,
 )
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 log = logging.getLogger(__name__)
 

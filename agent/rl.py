@@ -54,8 +54,8 @@ from tqdm import tqdm
 
 from elasticfleet.agent.policy import PolicyState, block_importance
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 #: The committed agent for the shipped model, next to its profile.
 DEFAULT_AGENT = DEFAULT_PROFILE.with_suffix(".agent.safetensors")

@@ -38,17 +38,22 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from elasticfleet.adapter_train import corpus_tasks
-from elasticfleet.worker.adapter_format import ALL_MODULES, AdapterSpec
-from elasticfleet.worker.adapter_training import (
+from elasticfleet.worker.adapters.format import ALL_MODULES, AdapterSpec
+from elasticfleet.worker.adapters.layer import (
+    AdapterBatch,
+    AdapterChoice,
+    AdapterSet,
+    tensor_prefix,
+)
+from elasticfleet.worker.adapters.training import (
     LAYOUTS,
     AdapterTrainingConfig,
     TaskData,
     evaluate,
     train_adapters,
 )
-from elasticfleet.worker.lora import AdapterBatch, AdapterChoice, AdapterSet, tensor_prefix
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
 
 TASKS = ("code", "qa", "definitions")
 RESULTS = Path(__file__).parent / "results"

@@ -27,11 +27,16 @@ import torch
 from chat_workload import QUESTIONS, hf_greedy
 from transformers import LlamaForCausalLM
 
-from elasticfleet.worker.generate import SamplingParams, TextGenerator, chat_prompt, load_tokenizer
-from elasticfleet.worker.memory import decode_flops
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.prepare import prepare_model
+from elasticfleet.worker.model.generation import (
+    SamplingParams,
+    TextGenerator,
+    chat_prompt,
+    load_tokenizer,
+)
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import decode_flops
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.prepare import prepare_model
 
 NEW_TOKENS = 64
 # Deep-first drops that keep about 75% and 50% of the dense decode FLOPs.

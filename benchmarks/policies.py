@@ -45,11 +45,11 @@ from elasticfleet.agent.policy import (
 )
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.agent.rl import DEFAULT_AGENT, RAP_SCENARIOS, ProfileQuality, RLPolicy
-from elasticfleet.worker.generate import load_tokenizer
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.prepare import prepare_model
+from elasticfleet.worker.model.generation import load_tokenizer
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.prepare import prepare_model
 
 SCENARIOS = RAP_SCENARIOS
 BUDGETS = (0.8, 0.6)

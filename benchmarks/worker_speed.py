@@ -40,16 +40,16 @@ from typing import TYPE_CHECKING, Any
 
 from chat_workload import QUESTIONS, hf_greedy
 
-from elasticfleet.worker.client import AsyncWorkerClient, generate_request
-from elasticfleet.worker.telemetry import percentile
+from elasticfleet.worker.serving.client import AsyncWorkerClient, generate_request
+from elasticfleet.worker.serving.telemetry import percentile
 
 if TYPE_CHECKING:
     # The client process imports this module too: it needs neither torch
     # nor transformers, so the worker and peer code import them lazily.
     from transformers import LlamaForCausalLM
 
-    from elasticfleet.worker.engine import Engine
-    from elasticfleet.worker.plan import PruningPlan
+    from elasticfleet.worker.model.plan import PruningPlan
+    from elasticfleet.worker.serving.engine import Engine
 
 STREAMS = (1, 8, 32)
 REQUESTS_PER_STREAM = 2
@@ -229,7 +229,7 @@ def switching(
     engine: Engine, target: str, seconds_per_run: float, client: ProcessPoolExecutor
 ) -> dict[str, Any]:
     """p50/p99 iteration time with 16 streams, without and with plan switches."""
-    from elasticfleet.worker.plan import PruningPlan
+    from elasticfleet.worker.model.plan import PruningPlan
 
     layers = engine.model.config.num_hidden_layers
     dense = PruningPlan.dense(layers)
@@ -329,12 +329,12 @@ def main() -> None:
 
     import torch
 
-    from elasticfleet.worker.engine import Engine
-    from elasticfleet.worker.generate import chat_prompt, load_tokenizer
-    from elasticfleet.worker.memory import predict_memory
-    from elasticfleet.worker.model import ElasticLlama
-    from elasticfleet.worker.prepare import prepare_model
-    from elasticfleet.worker.server import BackgroundServer, ServerOptions
+    from elasticfleet.worker.model.generation import chat_prompt, load_tokenizer
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.memory import predict_memory
+    from elasticfleet.worker.model.prepare import prepare_model
+    from elasticfleet.worker.serving.engine import Engine
+    from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
 
     model_dir = prepare_model(progress=False)
     model = ElasticLlama.from_pretrained(model_dir)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from elasticfleet.adapter_train import add_train_command, run_train
 
 if TYPE_CHECKING:
-    from elasticfleet.worker.adapter_store import AdapterStore
+    from elasticfleet.worker.adapters.store import AdapterStore
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 EXIT_TEMPFAIL = 75
@@ -97,7 +97,7 @@ def add_adapter_commands(
 
 def open_store(args: argparse.Namespace) -> AdapterStore:
     """The store the connection flags (or environment) describe."""
-    from elasticfleet.worker.adapter_store import AdapterStore
+    from elasticfleet.worker.adapters.store import AdapterStore
 
     store = AdapterStore.from_environment(
         args.redis_url,
@@ -119,7 +119,7 @@ def _reports_store_errors(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
-        from elasticfleet.worker.adapter_store import AdapterStoreError, StoreUnavailable
+        from elasticfleet.worker.adapters.store import AdapterStoreError, StoreUnavailable
 
         try:
             return handler(args)
@@ -136,7 +136,7 @@ def _mib(nbytes: int) -> str:
 
 @_reports_store_errors
 def _push(args: argparse.Namespace) -> int:
-    from elasticfleet.worker.adapter_format import AdapterWeights
+    from elasticfleet.worker.adapters.format import AdapterWeights
 
     weights = AdapterWeights.load(args.directory)
     store = open_store(args)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch stays out of the command line's start-up
-    from elasticfleet.worker.adapter_training import TaskData
+    from elasticfleet.worker.adapters.training import TaskData
 
 DEFAULT_TASKS = ("code", "qa", "definitions")
 TRAINING_REPORT = "training.json"
@@ -96,8 +96,8 @@ def corpus_tasks(
     `held_out` evaluation windows of window + 1 tokens (the inputs plus
     their next-token targets). Builds the corpus if it is missing."""
     from elasticfleet.agent.corpus import ALL_SOURCES, build_corpus, token_windows
-    from elasticfleet.worker.adapter_training import TaskData
-    from elasticfleet.worker.generate import load_tokenizer
+    from elasticfleet.worker.adapters.training import TaskData
+    from elasticfleet.worker.model.generation import load_tokenizer
 
     chosen = tuple(sources or ALL_SOURCES)
     build_corpus(cache_root, sources=chosen, progress=progress)
@@ -120,14 +120,14 @@ def corpus_tasks(
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `adapters train`."""
-    from elasticfleet.worker.adapter_format import ALL_MODULES
-    from elasticfleet.worker.adapter_training import (
+    from elasticfleet.worker.adapters.format import ALL_MODULES
+    from elasticfleet.worker.adapters.training import (
         AdapterTrainingConfig,
         evaluate,
         train_adapters,
     )
-    from elasticfleet.worker.model import ElasticLlama
-    from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
 
     config = AdapterTrainingConfig(
         layout="router" if args.router else "asym",

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from elasticfleet.worker.prepare import prepare_model
+    from elasticfleet.worker.model.prepare import prepare_model
 
     path = prepare_model(args.cache_dir, force=args.force, progress=not args.no_progress)
     print(path)
@@ -141,10 +141,10 @@ def _build_corpus(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from elasticfleet.agent.corpus import build_corpus, token_windows
     from elasticfleet.agent.profile import DEFAULT_PROFILE, profile_model
-    from elasticfleet.worker.cachedir import MANIFEST, sha256_file
-    from elasticfleet.worker.generate import load_tokenizer
-    from elasticfleet.worker.model import ElasticLlama
-    from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
+    from elasticfleet.worker.model.cachedir import MANIFEST, sha256_file
+    from elasticfleet.worker.model.generation import load_tokenizer
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
 
     progress = not args.no_progress
     out = args.out or DEFAULT_PROFILE
@@ -175,16 +175,16 @@ def _train(args: argparse.Namespace) -> int:
 
     from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
     from elasticfleet.agent.rl import DEFAULT_AGENT, ProfileQuality, TrainingConfig, train_agent
-    from elasticfleet.worker.plan import PruningPlan
+    from elasticfleet.worker.model.plan import PruningPlan
 
     profile = ModelProfile.load(args.profile or DEFAULT_PROFILE)
     quality: Callable[[PruningPlan], float] = ProfileQuality(profile)
     if args.quality == "perplexity":
         from elasticfleet.agent.corpus import build_corpus, token_windows
         from elasticfleet.agent.perplexity import PerplexityEvaluator
-        from elasticfleet.worker.generate import load_tokenizer
-        from elasticfleet.worker.model import ElasticLlama
-        from elasticfleet.worker.prepare import prepare_model
+        from elasticfleet.worker.model.generation import load_tokenizer
+        from elasticfleet.worker.model.llama import ElasticLlama
+        from elasticfleet.worker.model.prepare import prepare_model
 
         path = prepare_model(args.cache_dir)
         build_corpus(args.cache_dir)
@@ -203,17 +203,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from elasticfleet.worker.accounting import account
-    from elasticfleet.worker.generate import (
+    from elasticfleet.worker.model.accounting import account
+    from elasticfleet.worker.model.generation import (
         SamplingParams,
         TextGenerator,
         TextStream,
         chat_prompt,
         load_tokenizer,
     )
-    from elasticfleet.worker.model import ElasticLlama
-    from elasticfleet.worker.plan import PruningPlan
-    from elasticfleet.worker.prepare import prepare_model
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.plan import PruningPlan
+    from elasticfleet.worker.model.prepare import prepare_model
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -250,7 +250,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from elasticfleet.agent.corpus import CorpusError
-    from elasticfleet.worker.prepare import ModelPrepareError
+    from elasticfleet.worker.model.prepare import ModelPrepareError
 
     args = build_parser().parse_args(argv)
     handlers = {

@@ -58,8 +58,8 @@ def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _demo(args: argparse.Namespace) -> int:
     from elasticfleet.operator.control import profile_for_model
     from elasticfleet.operator.local_fleet import DemoError, DemoOptions, run_demo
-    from elasticfleet.worker.prepare import model_dir, prepare_model
-    from elasticfleet.worker.process import WorkerStartError
+    from elasticfleet.worker.model.prepare import model_dir, prepare_model
+    from elasticfleet.worker.serving.process import WorkerStartError
 
     # The flags are checked before a first run spends minutes preparing the model.
     options = DemoOptions(

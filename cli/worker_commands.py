@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from elasticfleet.worker.adapter_cache import AdapterCache
-    from elasticfleet.worker.server import WorkerServer
+    from elasticfleet.worker.adapters.cache import AdapterCache
+    from elasticfleet.worker.serving.server import WorkerServer
 
 EXIT_TEMPFAIL = 75
 # glibc's mallopt parameter for the mmap threshold (malloc.h's M_MMAP_THRESHOLD).
@@ -179,14 +179,14 @@ def _limit_heap_retention() -> bool:
 def _worker(args: argparse.Namespace) -> int:
     import torch
 
-    from elasticfleet.worker.adapter_host import CachedAdapterHost
-    from elasticfleet.worker.engine import Engine
-    from elasticfleet.worker.generate import load_tokenizer
-    from elasticfleet.worker.model import ElasticLlama
-    from elasticfleet.worker.plan import PruningPlan
-    from elasticfleet.worker.prepare import MODEL_NAME, prepare_model
-    from elasticfleet.worker.server import ServerOptions, WorkerServer
-    from elasticfleet.worker.telemetry import read_device
+    from elasticfleet.worker.adapters.host import CachedAdapterHost
+    from elasticfleet.worker.model.generation import load_tokenizer
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.plan import PruningPlan
+    from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
+    from elasticfleet.worker.serving.engine import Engine
+    from elasticfleet.worker.serving.server import ServerOptions, WorkerServer
+    from elasticfleet.worker.serving.telemetry import read_device
 
     try:
         device = read_device(args.simulated_device, own_bytes=0)
@@ -231,8 +231,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _adapter_cache(args: argparse.Namespace) -> AdapterCache | None:
     """The local cache over the Redis store the flags or environment name;
     None when no store is configured (the worker then serves no adapters)."""
-    from elasticfleet.worker.adapter_cache import AdapterCache
-    from elasticfleet.worker.adapter_store import AdapterStore
+    from elasticfleet.worker.adapters.cache import AdapterCache
+    from elasticfleet.worker.adapters.store import AdapterStore
 
     tls_ca = str(args.redis_tls_ca) if args.redis_tls_ca else None
     store = AdapterStore.from_environment(args.redis_url, tls_ca=tls_ca)
@@ -264,7 +264,7 @@ async def _serve(server: WorkerServer, budget: int, device: str) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from elasticfleet.worker.client import FINISH_NAMES, WorkerClient, generate_request
+    from elasticfleet.worker.serving.client import FINISH_NAMES, WorkerClient, generate_request
 
     request = generate_request(
         args.prompt,

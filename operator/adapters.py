@@ -22,7 +22,7 @@ from typing import Any
 
 from elasticfleet.operator.conditions import Condition, set_condition
 from elasticfleet.operator.spec import SecretUnavailable
-from elasticfleet.worker.adapter_store import (
+from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
     AdapterStore,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from elasticfleet.agent.profile import ModelProfile
 from elasticfleet.agent.rl import ProfileQuality
 from elasticfleet.operator.spec import MemoryPolicy
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 
 class BudgetError(ValueError):

@@ -17,7 +17,7 @@ tick:
    the injected `FleetSink`.
 
 Workers are reached through an injected `connect`; the asyncio gRPC client
-(`elasticfleet.worker.client.AsyncWorkerClient`) fits it as it is. A worker
+(`elasticfleet.worker.serving.client.AsyncWorkerClient`) fits it as it is. A worker
 that cannot be reached, or whose plan cannot be applied, marks the fleet
 Degraded with a reason and a message naming it, and never holds up the
 others: each worker's exchange runs on its own with its own deadlines.
@@ -63,10 +63,10 @@ from elasticfleet.operator.budget import (
 from elasticfleet.operator.conditions import Condition, set_condition, timestamp
 from elasticfleet.operator.crds import MAX_PLAN_HISTORY
 from elasticfleet.operator.spec import FleetSpec, SpecError
-from elasticfleet.worker.client import AsyncWorkerClient
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import AsyncWorkerClient
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from elasticfleet.operator.control import (
     plaintext_connect,
 )
 from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey, SecretUnavailable
-from elasticfleet.worker.client import AsyncWorkerClient
+from elasticfleet.worker.serving.client import AsyncWorkerClient
 
 # (namespace, Secret name, keys) -> the first of the keys the Secret holds,
 # decoded; raises SecretUnavailable when the Secret or every key is missing.

@@ -58,7 +58,7 @@ from elasticfleet.operator.fleet_access import (
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
 from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretUnavailable, SpecError
-from elasticfleet.worker.adapter_store import AdapterStore
+from elasticfleet.worker.adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)
 

@@ -54,11 +54,11 @@ from elasticfleet.operator.control import (
     utc_now,
 )
 from elasticfleet.operator.spec import FleetSpec, MemoryPolicy
-from elasticfleet.worker.client import AsyncWorkerClient, generate_request
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.process import WorkerProcess
-from elasticfleet.worker.telemetry import write_simulated_device
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import AsyncWorkerClient, generate_request
+from elasticfleet.worker.serving.process import WorkerProcess
+from elasticfleet.worker.serving.telemetry import write_simulated_device
 
 # The simulated device holds this many times the dense weights.
 DEVICE_TO_WEIGHTS = 4

@@ -13,11 +13,11 @@ from tokenizers import Tokenizer, models
 from valkey_server import TestRedisServer, TlsFront, self_signed_certificate
 
 from elasticfleet.agent.profile import profile_model
-from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights
-from elasticfleet.worker.adapter_store import AdapterStore
-from elasticfleet.worker.config import tiny_config
-from elasticfleet.worker.generate import TOKENIZER_FILE
-from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.adapters.format import AdapterSpec, AdapterWeights
+from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.model.config import tiny_config
+from elasticfleet.worker.model.generation import TOKENIZER_FILE
+from elasticfleet.worker.model.llama import ElasticLlama
 
 # The name the tiny model is served and profiled under.
 TINY_MODEL = "tiny-llama"
@@ -93,7 +93,7 @@ def tiny_windows() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """The prepared SmolLM2-135M-Instruct cache (prepared if missing)."""
-    from elasticfleet.worker.prepare import prepare_model
+    from elasticfleet.worker.model.prepare import prepare_model
 
     return prepare_model(progress=False)
 

@@ -10,7 +10,7 @@ import torch
 from valkey_server import TestRedisServer, free_port
 
 from elasticfleet.cli import main
-from elasticfleet.worker.adapter_format import TENSORS_FILE, AdapterWeights
+from elasticfleet.worker.adapters.format import TENSORS_FILE, AdapterWeights
 
 MakeAdapter = Callable[..., AdapterWeights]
 

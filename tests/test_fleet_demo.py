@@ -34,8 +34,8 @@ from elasticfleet.operator.local_fleet import (
     render_table,
     run_demo,
 )
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 MIB = 2**20
 

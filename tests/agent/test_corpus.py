@@ -340,7 +340,7 @@ def test_full_corpus_from_debian_packages(full_root: Path) -> None:
 
 @pytest.mark.real_model
 def test_real_tokenizer_windows(full_root: Path, real_model_dir: Path) -> None:
-    from elasticfleet.worker.generate import load_tokenizer
+    from elasticfleet.worker.model.generation import load_tokenizer
 
     tokenizer = load_tokenizer(real_model_dir)
     windows = token_windows("evaluation", tokenizer, 256, 64, cache_root=full_root)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from elasticfleet.agent.perplexity import PerplexityEvaluator, tokens_digest
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
 
 PRUNED = PruningPlan.from_dropped(4, attention=[1, 3], ffn=[2])
 
@@ -174,7 +174,7 @@ def pydoc_windows(model_dir: Path, windows: int, length: int) -> torch.Tensor:
     """Fixed windows of English reference prose from Python's own docs."""
     from pydoc_data.topics import topics
 
-    from elasticfleet.worker.generate import load_tokenizer
+    from elasticfleet.worker.model.generation import load_tokenizer
 
     text = "\n\n".join(topics[key] for key in sorted(topics))
     ids = load_tokenizer(model_dir).encode(text).ids

@@ -19,9 +19,9 @@ from elasticfleet.agent.policy import (
     make_policy,
 )
 from elasticfleet.agent.profile import ModelProfile, block_bytes
-from elasticfleet.worker.config import tiny_config
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import tiny_config
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 CONFIG = tiny_config()  # 4 layers, 8 blocks
 

@@ -22,10 +22,10 @@ from elasticfleet.agent.profile import (
     checkpoint_path,
     profile_model,
 )
-from elasticfleet.worker.config import ModelConfig, llama2_7b_config, tiny_config
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import DecoderLayer, ElasticLlama, ForwardContext
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import ModelConfig, llama2_7b_config, tiny_config
+from elasticfleet.worker.model.llama import DecoderLayer, ElasticLlama, ForwardContext
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 BLOCKS = 8  # the tiny model's 4 layers
 
@@ -421,7 +421,7 @@ def test_real_proxy_profile(real_model_dir: Path, tmp_path: Path) -> None:
     memory figures are SmolLM2's and the proxy ranks all 60 blocks."""
     from pydoc_data.topics import topics
 
-    from elasticfleet.worker.generate import load_tokenizer
+    from elasticfleet.worker.model.generation import load_tokenizer
 
     ids = load_tokenizer(real_model_dir).encode(topics["exprlists"] + topics["lambda"]).ids
     tokens = torch.tensor([ids[:48], ids[48:96]])

@@ -33,7 +33,7 @@ from elasticfleet.agent.rl import (
     one_thread,
     train_agent,
 )
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 QUALITY = ProfileQuality(PROFILE)
 

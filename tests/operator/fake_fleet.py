@@ -17,9 +17,9 @@ import grpc.aio
 
 from elasticfleet.agent.profile import ModelProfile
 from elasticfleet.operator.control import FleetEvent, Status, WorkerEndpoint
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 GIB = 2**30
 

@@ -14,7 +14,7 @@ from elasticfleet.operator.budget import (
     planned_load,
 )
 from elasticfleet.operator.spec import Budget, MemoryPolicy
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 GIB = 2**30
 

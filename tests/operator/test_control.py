@@ -26,9 +26,9 @@ from elasticfleet.operator.control import (
     profile_for_model,
 )
 from elasticfleet.operator.spec import FleetSpec, SpecError
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 LAYERS = PROFILE.config.num_hidden_layers

@@ -28,7 +28,7 @@ from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import build_parser, main
 from elasticfleet.operator.crds import render_crds
 from elasticfleet.operator_commands import namespaces, peering_priority
-from elasticfleet.worker.process import stop_process
+from elasticfleet.worker.serving.process import stop_process
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster

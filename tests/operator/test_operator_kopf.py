@@ -27,9 +27,9 @@ from kopf.testing import KopfRunner
 from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
-from elasticfleet.worker.adapter_format import AdapterWeights
-from elasticfleet.worker.adapter_store import AdapterManifest, AdapterStore
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.adapters.format import AdapterWeights
+from elasticfleet.worker.adapters.store import AdapterManifest, AdapterStore
+from elasticfleet.worker.model.plan import PruningPlan
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster

@@ -29,12 +29,12 @@ from tiny_fleet import DEVICE_BYTES, Kubelet, squeeze
 from valkey_server import self_signed_certificate
 from waiting import wait_for
 
-from elasticfleet.worker.adapter_format import AdapterSpec
-from elasticfleet.worker.adapter_store import AdapterStore
-from elasticfleet.worker.client import WorkerClient, generate_request
-from elasticfleet.worker.config import tiny_config
-from elasticfleet.worker.lora import AdapterSet
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.adapters.format import AdapterSpec
+from elasticfleet.worker.adapters.layer import AdapterSet
+from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.model.config import tiny_config
+from elasticfleet.worker.serving.client import WorkerClient, generate_request
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster

@@ -27,12 +27,12 @@ from elasticfleet.operator.control import (
     profile_for_model,
 )
 from elasticfleet.operator.spec import FleetSpec
-from elasticfleet.worker.client import AsyncWorkerClient
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
-from elasticfleet.worker.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import AsyncWorkerClient
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
 
 
 def test_loop_plans_a_real_worker(

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elasticfleet.operator.build import GRPC_PORT_NAME
-from elasticfleet.worker.process import WorkerProcess
-from elasticfleet.worker.telemetry import write_simulated_device
+from elasticfleet.worker.serving.process import WorkerProcess
+from elasticfleet.worker.serving.telemetry import write_simulated_device
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster

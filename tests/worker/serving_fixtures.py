@@ -16,10 +16,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.generate import TOKENIZER_FILE
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.generation import TOKENIZER_FILE
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.engine import Engine
 
 
 def char_tokenizer() -> Tokenizer:

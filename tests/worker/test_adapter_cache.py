@@ -11,15 +11,15 @@ import redis
 import torch
 from valkey_server import TestRedisServer
 
-from elasticfleet.worker.adapter_cache import AdapterCache
-from elasticfleet.worker.adapter_format import AdapterWeights, encode_part
-from elasticfleet.worker.adapter_store import (
+from elasticfleet.worker.adapters.cache import AdapterCache
+from elasticfleet.worker.adapters.format import AdapterWeights, encode_part
+from elasticfleet.worker.adapters.store import (
     AdapterNotFound,
     AdapterStore,
     DigestMismatch,
     StoreUnavailable,
 )
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 MakeAdapter = Callable[..., AdapterWeights]
 MiB = 2**20

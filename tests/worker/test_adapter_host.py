@@ -9,11 +9,12 @@ import torch
 from test_lora import make_spec, trained
 from valkey_server import TestRedisServer
 
-from elasticfleet.worker.adapter_cache import AdapterCache
-from elasticfleet.worker.adapter_host import CachedAdapterHost
-from elasticfleet.worker.adapter_store import AdapterStore
-from elasticfleet.worker.engine_adapters import AdapterRequest
-from elasticfleet.worker.engine_errors import (
+from elasticfleet.worker.adapters.cache import AdapterCache
+from elasticfleet.worker.adapters.host import CachedAdapterHost
+from elasticfleet.worker.adapters.interface import AdapterRequest
+from elasticfleet.worker.adapters.layer import AdapterBatch, AdapterChoice, AdapterSet
+from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -21,9 +22,8 @@ from elasticfleet.worker.engine_errors import (
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.lora import AdapterBatch, AdapterChoice, AdapterSet
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
 
 ROOM = 64 << 20  # what the budget leaves for adapters
 DENSE = PruningPlan.dense(4)

@@ -14,8 +14,8 @@ import redis
 import torch
 from valkey_server import TestRedisServer, free_port
 
-from elasticfleet.worker.adapter_format import TENSORS_FILE, AdapterWeights, decode_part
-from elasticfleet.worker.adapter_store import (
+from elasticfleet.worker.adapters.format import TENSORS_FILE, AdapterWeights, decode_part
+from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
     AdapterStore,

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.adapter_training import (
+from elasticfleet.worker.adapters.training import (
     AdapterTrainingConfig,
     TaskData,
     evaluate,
     shared_rank,
     train_adapters,
 )
-from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.model.llama import ElasticLlama
 
 
 def pattern_task(name: str, step: int, seed: int) -> TaskData:

@@ -13,21 +13,21 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.admission import Layout
-from elasticfleet.worker.engine import Engine, TokenEvent
-from elasticfleet.worker.engine_adapters import AdapterRequest
-from elasticfleet.worker.engine_errors import (
+from elasticfleet.worker.adapters.interface import AdapterRequest
+from elasticfleet.worker.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.generate import TOKENIZER_FILE, SamplingParams, TextGenerator
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.generation import TOKENIZER_FILE, SamplingParams, TextGenerator
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.admission import Layout
+from elasticfleet.worker.serving.engine import Engine, TokenEvent
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]

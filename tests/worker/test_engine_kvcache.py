@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elasticfleet.worker.config import tiny_config
-from elasticfleet.worker.kvcache import KVCache
+from elasticfleet.worker.model.config import tiny_config
+from elasticfleet.worker.model.kvcache import KVCache
 
 
 def filled_cache() -> KVCache:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from elasticfleet.worker.telemetry import (
+from elasticfleet.worker.serving.telemetry import (
     RequestMix,
     device_memory,
     histogram,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from elasticfleet.worker.generate import (
+from elasticfleet.worker.model.generation import (
     Completion,
     SamplingParams,
     TextGenerator,
@@ -16,7 +16,7 @@ from elasticfleet.worker.generate import (
     filter_logits,
     load_tokenizer,
 )
-from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.model.llama import ElasticLlama
 
 CHARS = [chr(c) for c in range(32, 127)]
 

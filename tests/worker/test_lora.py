@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.adapter_format import ALL_MODULES, AdapterSpec, AdapterWeights
-from elasticfleet.worker.config import tiny_config
-from elasticfleet.worker.lora import (
+from elasticfleet.worker.adapters.format import ALL_MODULES, AdapterSpec, AdapterWeights
+from elasticfleet.worker.adapters.layer import (
     AdapterBatch,
     AdapterChoice,
     AdapterSet,
     AsymLoRA,
     RowRoute,
 )
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.config import tiny_config
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
 
 TASKS = ("code", "qa", "defs")
 

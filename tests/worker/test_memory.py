@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.config import llama2_7b_config, tiny_config
-from elasticfleet.worker.memory import (
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.config import llama2_7b_config, tiny_config
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import (
     decode_flops,
     dtype_bytes,
     kv_bytes_per_token,
     predict_memory,
 )
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 GB = 1e9
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.config import tiny_config
-from elasticfleet.worker.model import Attention, ElasticLlama, FeedForward, dense
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import tiny_config
+from elasticfleet.worker.model.llama import Attention, ElasticLlama, FeedForward, dense
+from elasticfleet.worker.model.plan import PruningPlan
 
 torch.manual_seed(0)
 TOKENS = torch.randint(0, 256, (3, 12))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 
 def test_mask_round_trip_follows_forward_order() -> None:

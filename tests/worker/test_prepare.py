@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from elasticfleet.worker import prepare
-from elasticfleet.worker.cachedir import default_cache_root
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.prepare import (
+from elasticfleet.worker.model import prepare
+from elasticfleet.worker.model.cachedir import default_cache_root
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.prepare import (
     CACHE_FILES,
     MODEL_NAME,
     CorruptModelError,

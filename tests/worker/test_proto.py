@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = ROOT / "proto" / "elasticfleet" / "v1" / "worker.proto"
-STUBS = ROOT / "worker" / "proto_gen"
+STUBS = ROOT / "worker" / "serving" / "proto_gen"
 
 
 def test_checked_in_stubs_match_the_proto(tmp_path: Path) -> None:
@@ -18,7 +18,7 @@ def test_checked_in_stubs_match_the_proto(tmp_path: Path) -> None:
     assert generated == sorted(p.name for p in STUBS.iterdir() if p.is_file())
     for name in generated:
         assert (tmp_path / name).read_text() == (STUBS / name).read_text(), (
-            f"worker/proto_gen/{name} is out of date: run bash scripts/gen-proto"
+            f"worker/serving/proto_gen/{name} is out of date: run bash scripts/gen-proto"
         )
 
 

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.generate import SamplingParams, TextGenerator, chat_prompt, load_tokenizer
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.generation import (
+    SamplingParams,
+    TextGenerator,
+    chat_prompt,
+    load_tokenizer,
+)
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 pytestmark = pytest.mark.real_model
 
@@ -126,8 +131,8 @@ def test_drop_and_restore_real_blocks(real_model: ElasticLlama) -> None:
 MEASURE = textwrap.dedent(
     """
     import gc, json, os, sys
-    from elasticfleet.worker.model import ElasticLlama
-    from elasticfleet.worker.plan import PruningPlan
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.plan import PruningPlan
 
     def rss():
         with open("/proc/self/statm") as f:

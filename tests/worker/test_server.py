@@ -22,11 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenizers import Tokenizer
 from waiting import wait_for
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.client import AsyncWorkerClient, WorkerClient, generate_request
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.engine_adapters import AdapterInfo, AdapterListing, AdapterRequest
-from elasticfleet.worker.engine_errors import (
+from elasticfleet.worker.adapters.interface import AdapterInfo, AdapterListing, AdapterRequest
+from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -34,12 +31,15 @@ from elasticfleet.worker.engine_errors import (
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.generate import TOKENIZER_FILE, SamplingParams, TextGenerator
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
-from elasticfleet.worker.server import BackgroundServer, ServerOptions, status_code
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.generation import TOKENIZER_FILE, SamplingParams, TextGenerator
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import AsyncWorkerClient, WorkerClient, generate_request
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, status_code
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]

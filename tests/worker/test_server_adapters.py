@@ -13,15 +13,15 @@ import torch
 from test_lora import make_spec, trained
 from tokenizers import Tokenizer
 
-from elasticfleet.worker.adapter_cache import AdapterCache
-from elasticfleet.worker.adapter_host import CachedAdapterHost
-from elasticfleet.worker.adapter_store import AdapterStore
-from elasticfleet.worker.client import WorkerClient, generate_request
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.generate import TOKENIZER_FILE
-from elasticfleet.worker.lora import AdapterBatch
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.adapters.cache import AdapterCache
+from elasticfleet.worker.adapters.host import CachedAdapterHost
+from elasticfleet.worker.adapters.layer import AdapterBatch
+from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.model.generation import TOKENIZER_FILE
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.serving.client import WorkerClient, generate_request
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
 
 pytest_plugins = ["serving_fixtures"]
 

@@ -11,12 +11,12 @@ import pytest
 from tokenizers import Tokenizer
 
 from elasticfleet.cli import main
-from elasticfleet.worker.client import WorkerClient, generate_request
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.generate import TOKENIZER_FILE
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.process import WorkerProcess, WorkerStartError
-from elasticfleet.worker.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.model.generation import TOKENIZER_FILE
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.serving.client import WorkerClient, generate_request
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.process import WorkerProcess, WorkerStartError
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]

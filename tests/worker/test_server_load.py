@@ -16,16 +16,16 @@ from pathlib import Path
 import grpc
 from tokenizers import Tokenizer
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.client import AsyncWorkerClient, CompletionResult, WorkerClient
-from elasticfleet.worker.client import generate_request as make_request
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.generate import TOKENIZER_FILE
-from elasticfleet.worker.memory import kv_bytes_per_token, predict_memory
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
-from elasticfleet.worker.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.generation import TOKENIZER_FILE
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import kv_bytes_per_token, predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import AsyncWorkerClient, CompletionResult, WorkerClient
+from elasticfleet.worker.serving.client import generate_request as make_request
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]

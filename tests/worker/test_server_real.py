@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from elasticfleet.worker.client import WorkerClient, generate_request
-from elasticfleet.worker.engine import Engine
-from elasticfleet.worker.generate import SamplingParams, TextGenerator, chat_prompt, load_tokenizer
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.model.generation import (
+    SamplingParams,
+    TextGenerator,
+    chat_prompt,
+    load_tokenizer,
+)
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import WorkerClient, generate_request
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]

@@ -11,7 +11,7 @@ that the checked-in stubs match this file.
 """
 
 from collections import abc as _abc
-from elasticfleet.worker.proto_gen import worker_pb2 as _worker_pb2
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as _worker_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

@@ -9,7 +9,7 @@ One thread owns the model and its KV cache and runs iterations. Each one:
    new request is admitted meanwhile; a newer plan supersedes it;
 2. drops cancelled requests, freeing their KV rows;
 3. admits waiting requests, first come first served, while the cache laid
-   out for them still fits the memory budget (worker/admission.py); while
+   out for them still fits the memory budget (worker/serving/admission.py); while
    sequences run, a few newcomers are gathered first so that they share
    one prefill (at most `max_admit_delay` iterations);
 4. prefills the newcomers (one forward over their prompts) and samples each
@@ -37,7 +37,7 @@ Events carry the step counter and plan id, so a client can tell which plan
 produced each token (tokens with decode_step >= a switch's effective_step
 came from the new plan).
 
-Adapters plug in through `AdapterHost` (worker/engine_adapters.py).
+Adapters plug in through `AdapterHost` (worker/adapters/interface.py).
 """
 
 from __future__ import annotations
@@ -54,32 +54,32 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer
 
-from elasticfleet.worker.accounting import account
-from elasticfleet.worker.admission import Admission, Layout
-from elasticfleet.worker.engine_adapters import (
+from elasticfleet.worker.adapters.interface import (
     AdapterHost,
     AdapterInfo,
     AdapterListing,
     AdapterRequest,
 )
-from elasticfleet.worker.engine_errors import (
+from elasticfleet.worker.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.generate import (
+from elasticfleet.worker.model.accounting import account
+from elasticfleet.worker.model.generation import (
     Completion,
     SamplingParams,
     TextStream,
     cut_at_stop,
     sample_next,
 )
-from elasticfleet.worker.kvcache import KVCache
-from elasticfleet.worker.model import ElasticLlama
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.telemetry import MixSnapshot, RequestMix
+from elasticfleet.worker.model.kvcache import KVCache
+from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.admission import Admission, Layout
+from elasticfleet.worker.serving.telemetry import MixSnapshot, RequestMix
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from elasticfleet.worker.kvcache import KVCache
-from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.model.kvcache import KVCache
+from elasticfleet.worker.model.llama import ElasticLlama
 
 
 @dataclass(frozen=True)

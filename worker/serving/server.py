@@ -1,7 +1,7 @@
 """The worker's gRPC server: a thin asyncio servicer over the engine.
 
 The servicer only converts between protobuf messages and engine calls; all
-model logic is in worker/engine.py. One interceptor maps the engine's
+model logic is in worker/serving/engine.py. One interceptor maps the engine's
 exceptions to status codes (INVALID_ARGUMENT, NOT_FOUND,
 RESOURCE_EXHAUSTED, FAILED_PRECONDITION, UNAVAILABLE, DATA_LOSS, and
 INTERNAL for anything else, whose details stay in the worker's log);
@@ -31,10 +31,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from elasticfleet.worker.client import FINISH_NAMES, MAX_MESSAGE_BYTES
-from elasticfleet.worker.engine import Engine, EnginePicture, TokenEvent
-from elasticfleet.worker.engine_adapters import AdapterInfo, AdapterRequest
-from elasticfleet.worker.engine_errors import (
+from elasticfleet.worker.adapters.interface import AdapterInfo, AdapterRequest
+from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -42,12 +40,14 @@ from elasticfleet.worker.engine_errors import (
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.generate import SamplingParams, chat_prompt
-from elasticfleet.worker.metrics import MetricsServer
-from elasticfleet.worker.plan import PruningPlan
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
-from elasticfleet.worker.proto_gen import worker_pb2_grpc as pb_grpc
-from elasticfleet.worker.telemetry import (
+from elasticfleet.worker.model.generation import SamplingParams, chat_prompt
+from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.client import FINISH_NAMES, MAX_MESSAGE_BYTES
+from elasticfleet.worker.serving.engine import Engine, EnginePicture, TokenEvent
+from elasticfleet.worker.serving.metrics import MetricsServer
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.serving.proto_gen import worker_pb2_grpc as pb_grpc
+from elasticfleet.worker.serving.telemetry import (
     Histogram,
     read_device,
 )

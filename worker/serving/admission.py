@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.memory import predict_memory
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.plan import PruningPlan
 
 # Layouts grow in these steps so that requests joining one at a time do not
 # reallocate (and copy) the cache at every join.

@@ -6,7 +6,7 @@ the memory budget, tells the host about plan switches (so adapter modules on
 dropped blocks are released), and for every forward asks it for the
 `adapters=` argument of `ElasticLlama.forward`, built from each row's
 choice (a row without an adapter is None). Methods raise the engine's errors
-(worker/engine_errors.py): NotFound for an adapter that is not loaded,
+(worker/errors.py): NotFound for an adapter that is not loaded,
 InvalidArgument for an unknown task, Unavailable when the store cannot be
 reached, DataLoss for a blob failing its digest; the server maps each to its
 status code.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from elasticfleet.worker.adapter_cache import AdapterCache
-from elasticfleet.worker.adapter_store import (
+from elasticfleet.worker.adapters.cache import AdapterCache
+from elasticfleet.worker.adapters.interface import (
+    AdapterInfo,
+    AdapterListing,
+    AdapterRequest,
+)
+from elasticfleet.worker.adapters.layer import AdapterBatch, AdapterChoice, AdapterSet, AsymLoRA
+from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
     AdapterStoreError,
@@ -32,13 +38,7 @@ from elasticfleet.worker.adapter_store import (
     StoreAuthError,
     StoreUnavailable,
 )
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.engine_adapters import (
-    AdapterInfo,
-    AdapterListing,
-    AdapterRequest,
-)
-from elasticfleet.worker.engine_errors import (
+from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
@@ -46,8 +46,8 @@ from elasticfleet.worker.engine_errors import (
     ResourceExhausted,
     Unavailable,
 )
-from elasticfleet.worker.lora import AdapterBatch, AdapterChoice, AdapterSet, AsymLoRA
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.plan import PruningPlan
 
 
 @contextmanager

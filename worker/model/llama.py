@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.kvcache import KVCache
-from elasticfleet.worker.lora import AdapterBatch
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.kvcache import KVCache
+from elasticfleet.worker.model.plan import PruningPlan
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -36,6 +36,17 @@ CONFIG_FILE = "config.json"
 # Module attributes of a decoder layer that make up each prunable block.
 ATTENTION_PARTS = ("input_layernorm", "self_attn")
 FFN_PARTS = ("post_attention_layernorm", "mlp")
+
+
+class ProjectionAdapters(Protocol):
+    """Per-row additions to the projections of one forward pass (an
+    `elasticfleet.worker.adapters.layer.AdapterBatch`). The model knows
+    adapters only through this, so the model layer never imports adapters."""
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out`, the base projection `module` of `layer` applied to x, plus
+        each row's delta."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +78,7 @@ class ForwardContext:
     sin: torch.Tensor  # [B, 1, T, D]
     cache: KVCache | None
     kv_len: int = 0
-    adapters: AdapterBatch | None = None
+    adapters: ProjectionAdapters | None = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def project(self, linear: Linear, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
@@ -356,7 +367,7 @@ class ElasticLlama(nn.Module):
         *,
         input_lengths: torch.Tensor | None = None,
         last_only: bool = False,
-        adapters: AdapterBatch | None = None,
+        adapters: ProjectionAdapters | None = None,
     ) -> torch.Tensor:
         """Logits for input_ids [B, T] (right-padded; row b's real tokens are
         the first input_lengths[b]), each row through its own adapter if

@@ -51,7 +51,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from elasticfleet.worker.adapter_format import (
+from elasticfleet.worker.adapters.format import (
     AdapterSpec,
     AdapterWeights,
     check_name,

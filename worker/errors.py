@@ -1,6 +1,6 @@
 """The errors the serving engine raises, one class per way a caller should
 react. The gRPC server maps each class to one status code in a single
-interceptor (worker/server.py), so the engine and the adapter code never
+interceptor (worker/serving/server.py), so the engine and the adapter code never
 import gRPC, and a client can tell "fix your request" from "retry later"
 from "this worker is broken".
 

@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Self
 import grpc
 import grpc.aio
 
-from elasticfleet.worker.proto_gen import worker_pb2 as pb
-from elasticfleet.worker.proto_gen import worker_pb2_grpc as pb_grpc
+from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
+from elasticfleet.worker.serving.proto_gen import worker_pb2_grpc as pb_grpc
 
 # A prompt at the model's 8k context is ~32 KB; 4 MiB leaves room for any
 # sane request and bounds what one message can make a worker buffer. The

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from elasticfleet.worker.adapter_format import AdapterWeights, decode_part
-from elasticfleet.worker.adapter_store import (
+from elasticfleet.worker.adapters.format import AdapterWeights, decode_part
+from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
     AdapterStore,
     StoreUnavailable,
 )
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 PartKey = tuple[str, int, str]  # (adapter, version, part)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from elasticfleet.worker.adapter_format import AdapterSpec, AdapterWeights, module_block
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.adapters.format import AdapterSpec, AdapterWeights, module_block
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.plan import PruningPlan
 
 
 def projection_shape(config: ModelConfig, module: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from elasticfleet.worker.model import ElasticLlama
+from elasticfleet.worker.model.llama import ElasticLlama
 
 TOKENIZER_FILE = "tokenizer.json"
 

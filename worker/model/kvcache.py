@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.memory import kv_bytes_per_token
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.memory import kv_bytes_per_token
 
 
 class KVCache:

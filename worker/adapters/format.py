@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.plan import PruningPlan
 
 SPEC_FILE = "adapter.json"
 TENSORS_FILE = "adapter.safetensors"

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from elasticfleet.worker.engine import RECENT_STEPS, Engine
-from elasticfleet.worker.telemetry import percentile
+from elasticfleet.worker.serving.engine import RECENT_STEPS, Engine
+from elasticfleet.worker.serving.telemetry import percentile
 
 PREFIX = "elasticfleet_"
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elasticfleet.worker.config import ModelConfig
-from elasticfleet.worker.plan import PruningPlan
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.plan import PruningPlan
 
 _DTYPE_BYTES = {
     "float64": 8,

@@ -1,0 +1,3 @@
+"""AsymLoRA adapters: the layer maths, the on-disk format, the versioned Redis
+store, the worker's byte-bounded cache, the host the serving engine talks to,
+and training. Builds on the model package; never imports serving."""

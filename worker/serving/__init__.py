@@ -1,0 +1,3 @@
+"""Serving: the continuous-batching engine, memory-safe admission, the gRPC
+server and its clients (proto_gen/: generated stubs), metrics, device
+telemetry, and worker processes for launchers outside Kubernetes."""
