@@ -11,13 +11,12 @@ the operator and the benchmarks all call them the same way.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from elasticfleet.agent.profile import ModelProfile
+from elasticfleet.agent.quality import block_importance
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 
@@ -75,28 +74,6 @@ class Policy(Protocol):
     def name(self) -> str: ...
 
     def decide(self, state: PolicyState) -> PruningPlan: ...
-
-
-def block_importance(profile: ModelProfile) -> list[float]:
-    """A measured importance per block (block order), for ranking by value per byte.
-
-    Blocks in the Greedy Sequential Importance prefix score the log-perplexity
-    their removal added at that step (floored just above zero, so a block
-    whose removal helped still costs something). Blocks GSI did not reach
-    rank after all of them, ordered by the cheap proxy."""
-    scores = [0.0] * len(profile.block_weight_bytes)
-    previous = math.log(profile.dense_perplexity)
-    ceiling = 0.0
-    for block, perplexity in zip(profile.gsi_order, profile.gsi_perplexity, strict=True):
-        current = math.log(perplexity)
-        scores[block] = max(current - previous, 1e-6)
-        ceiling = max(ceiling, scores[block])
-        previous = current
-    reached = set(profile.gsi_order)
-    for block, proxy in enumerate(profile.proxy_scores):
-        if block not in reached:
-            scores[block] = ceiling + 1e-3 + proxy
-    return scores
 
 
 @dataclass(frozen=True)
@@ -216,29 +193,3 @@ class SearchPolicy:
         raise state.infeasible(
             self.name, PruningPlan.without_blocks(layers, sorted(beams[0])), "no plan fits"
         )
-
-
-def make_policy(
-    name: str,
-    *,
-    static_ratio: float = 0.25,
-    score: Callable[[PruningPlan], float] | None = None,
-    agent_path: Path | None = None,
-) -> Policy:
-    """A policy by name: none, static, greedy, search (which needs `score`) or
-    rl (the trained agent at `agent_path`, default: the committed one)."""
-    if name == "none":
-        return NonePolicy()
-    if name == "static":
-        return StaticPolicy(static_ratio)
-    if name == "greedy":
-        return GreedyPolicy()
-    if name == "search":
-        if score is None:
-            raise ValueError("the search policy needs a score function (e.g. perplexity)")
-        return SearchPolicy(score)
-    if name == "rl":
-        from elasticfleet.agent.rl import DEFAULT_AGENT, RLPolicy  # rl builds on this module
-
-        return RLPolicy.load(agent_path or DEFAULT_AGENT)
-    raise ValueError(f"unknown policy {name!r}; choose one of none, static, greedy, search, rl")

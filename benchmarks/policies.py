@@ -34,17 +34,12 @@ import matplotlib.pyplot as plt
 
 from elasticfleet.agent.corpus import build_corpus, token_windows
 from elasticfleet.agent.perplexity import PerplexityEvaluator
-from elasticfleet.agent.policy import (
-    GreedyPolicy,
-    NoFeasiblePlan,
-    NonePolicy,
-    Policy,
-    PolicyState,
-    SearchPolicy,
-    StaticPolicy,
-)
+from elasticfleet.agent.policy import NoFeasiblePlan, Policy, PolicyState, StaticPolicy
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
-from elasticfleet.agent.rl import DEFAULT_AGENT, RAP_SCENARIOS, ProfileQuality, RLPolicy
+from elasticfleet.agent.quality import ProfileQuality
+from elasticfleet.agent.registry import POLICIES, make_policy
+from elasticfleet.agent.rl.policy import DEFAULT_AGENT
+from elasticfleet.agent.rl.training import RAP_SCENARIOS
 from elasticfleet.worker.model.generation import load_tokenizer
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
@@ -53,7 +48,6 @@ from elasticfleet.worker.model.prepare import prepare_model
 
 SCENARIOS = RAP_SCENARIOS
 BUDGETS = (0.8, 0.6)
-POLICIES = ("none", "static", "greedy", "search", "rl")
 
 
 def states(profile: ModelProfile) -> list[tuple[float, PolicyState]]:
@@ -135,11 +129,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cells = states(profile)
     ratio = offline_static_ratio(profile, [cell for _, cell in cells])
     policies: dict[str, Policy] = {
-        "none": NonePolicy(),
-        "static": StaticPolicy(ratio),
-        "greedy": GreedyPolicy(),
-        "search": SearchPolicy(search_score, beam_width=args.beam_width),
-        "rl": RLPolicy.load(args.agent),
+        name: make_policy(
+            name,
+            static_ratio=ratio,
+            score=search_score,
+            beam_width=args.beam_width,
+            agent_path=args.agent,
+        )
+        for name in POLICIES
     }
     dense_ppl = held_out.evaluate(PruningPlan.dense(profile.config.num_hidden_layers))
     rows = []

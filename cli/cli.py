@@ -140,7 +140,8 @@ def _build_corpus(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from elasticfleet.agent.corpus import build_corpus, token_windows
-    from elasticfleet.agent.profile import DEFAULT_PROFILE, profile_model
+    from elasticfleet.agent.profile import DEFAULT_PROFILE
+    from elasticfleet.agent.profiling import profile_model
     from elasticfleet.worker.model.cachedir import MANIFEST, sha256_file
     from elasticfleet.worker.model.generation import load_tokenizer
     from elasticfleet.worker.model.llama import ElasticLlama
@@ -174,7 +175,9 @@ def _train(args: argparse.Namespace) -> int:
     from collections.abc import Callable
 
     from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
-    from elasticfleet.agent.rl import DEFAULT_AGENT, ProfileQuality, TrainingConfig, train_agent
+    from elasticfleet.agent.quality import ProfileQuality
+    from elasticfleet.agent.rl.policy import DEFAULT_AGENT
+    from elasticfleet.agent.rl.training import TrainingConfig, train_agent
     from elasticfleet.worker.model.plan import PruningPlan
 
     profile = ModelProfile.load(args.profile or DEFAULT_PROFILE)

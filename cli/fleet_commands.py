@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from elasticfleet.agent.registry import ADAPTIVE_POLICIES
+
 Handler = Callable[[argparse.Namespace], int]
 # What a shell reports for a command that SIGINT ended.
 EXIT_INTERRUPTED = 130
@@ -35,7 +37,11 @@ def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     demo.add_argument("--cache-dir", type=Path, help="cache root for the default model")
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    demo.add_argument("--policy", default="rl", help="the fleet's policy: rl (default) or greedy")
+    demo.add_argument(
+        "--policy",
+        default="rl",
+        help=f"the fleet's policy: {' or '.join(ADAPTIVE_POLICIES)} (default: rl)",
+    )
     demo.add_argument(
         "--squeeze",
         type=float,

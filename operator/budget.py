@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 from elasticfleet.agent.profile import ModelProfile
-from elasticfleet.agent.rl import ProfileQuality
+from elasticfleet.agent.quality import ProfileQuality
 from elasticfleet.operator.spec import MemoryPolicy
 from elasticfleet.worker.model.plan import PruningPlan
 

@@ -49,8 +49,9 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from elasticfleet.agent.policy import NoFeasiblePlan, Policy, PolicyState, make_policy
+from elasticfleet.agent.policy import NoFeasiblePlan, Policy, PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.agent.registry import make_policy
 from elasticfleet.operator.budget import (
     BudgetError,
     DeviceFigures,

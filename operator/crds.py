@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from elasticfleet.agent.registry import SERVING_POLICIES
+
 GROUP = "elasticfleet.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -25,7 +27,6 @@ ADAPTER_KIND = "AdapterSet"
 ADAPTER_PLURAL = "adaptersets"
 PEERING_GROUP = "kopf.dev"
 
-POLICIES = ("rl", "greedy", "static", "none")
 WORKLOADS = ("Deployment", "StatefulSet")
 ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -233,7 +234,7 @@ def fleet_spec_schema() -> Schema:
                 "Which policy chooses the blocks to keep: rl (the trained DQN agent), greedy "
                 "(least importance per byte first), static (one fixed ratio) or none (never "
                 "prune).",
-                enum=list(POLICIES),
+                enum=list(SERVING_POLICIES),
                 default="rl",
             ),
             "staticRatio": _num(

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from elasticfleet.agent.profile import ModelProfile
+from elasticfleet.agent.registry import ADAPTIVE_POLICIES
 from elasticfleet.operator.budget import DeviceFigures, derive_budget
 from elasticfleet.operator.conditions import timestamp
 from elasticfleet.operator.control import (
@@ -68,7 +69,6 @@ BUDGET_FRACTION = 0.5
 MAX_SETTLE_TICKS = 4
 ANSWER_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 15.0
-POLICIES = ("rl", "greedy")
 RECORD_FILE = "fleet-demo.json"
 PLOT_FILE = "timeline.png"
 
@@ -425,8 +425,10 @@ class DemoOptions:
     def __post_init__(self) -> None:
         if self.workers < 2:
             raise ValueError(f"the demo needs at least 2 workers, got {self.workers}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.policy not in ADAPTIVE_POLICIES:
+            raise ValueError(
+                f"policy must be one of {', '.join(ADAPTIVE_POLICIES)}, got {self.policy!r}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         check_squeeze(self.squeeze_ratio)

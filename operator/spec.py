@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from elasticfleet.operator.crds import POLICIES, WORKLOADS, fleet_spec_schema, with_defaults
+from elasticfleet.agent.registry import SERVING_POLICIES
+from elasticfleet.operator.crds import WORKLOADS, fleet_spec_schema, with_defaults
 
 # Names derived from the fleet's add this suffix; a Service name is a
 # DNS-1035 label of at most 63 characters.
@@ -66,9 +67,9 @@ class MemoryPolicy:
     plan_interval_s: int = 15
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
+        if self.policy not in SERVING_POLICIES:
             raise SpecError(
-                f"memoryPolicy.policy {self.policy!r} is not one of {', '.join(POLICIES)}"
+                f"memoryPolicy.policy {self.policy!r} is not one of {', '.join(SERVING_POLICIES)}"
             )
         if self.static_ratio is not None and self.policy != "static":
             raise SpecError("memoryPolicy.staticRatio applies only to policy static")

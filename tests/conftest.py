@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, models
 from valkey_server import TestRedisServer, TlsFront, self_signed_certificate
 
-from elasticfleet.agent.profile import profile_model
+from elasticfleet.agent.profiling import profile_model
 from elasticfleet.worker.adapters.format import AdapterSpec, AdapterWeights
 from elasticfleet.worker.adapters.store import AdapterStore
 from elasticfleet.worker.model.config import tiny_config

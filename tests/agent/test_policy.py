@@ -15,10 +15,16 @@ from elasticfleet.agent.policy import (
     PolicyState,
     SearchPolicy,
     StaticPolicy,
-    block_importance,
-    make_policy,
 )
 from elasticfleet.agent.profile import ModelProfile, block_bytes
+from elasticfleet.agent.quality import block_importance
+from elasticfleet.agent.registry import (
+    ADAPTIVE_POLICIES,
+    POLICIES,
+    REGISTRY,
+    SERVING_POLICIES,
+    make_policy,
+)
 from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
@@ -160,3 +166,27 @@ def test_make_policy_and_state_validation() -> None:
         make_policy("dqn")
     with pytest.raises(ValueError, match="budget must be positive"):
         state(0)
+
+
+def test_registry_builds_every_policy_it_names() -> None:
+    """Each name builds a policy that answers to that name, with what it needs."""
+    for name in POLICIES:
+        built = make_policy(name, score=lambda plan: float(plan.kept_blocks))
+        assert built.name == name
+    assert set(SERVING_POLICIES) == {"rl", "greedy", "static", "none"}
+    assert "search" in POLICIES and "search" not in SERVING_POLICIES  # needs measurements
+    assert ADAPTIVE_POLICIES == ("rl", "greedy")
+
+
+def test_adaptive_policies_follow_the_budget_and_the_others_do_not() -> None:
+    """What `adaptive` claims: a squeeze changes an adaptive policy's plan."""
+    roomy, tight = state(dense_bytes()), state(int(dense_bytes() * 0.7))
+    for name, entry in REGISTRY.items():
+        if name == "rl":
+            continue  # trained for SmolLM2's 60 blocks; tests/agent/test_rl.py covers it
+        policy = make_policy(name, static_ratio=0.5, score=lambda plan: -float(plan.kept_blocks))
+        try:
+            follows = policy.decide(roomy) != policy.decide(tight)
+        except NoFeasiblePlan:
+            follows = False
+        assert follows == entry.adaptive, name

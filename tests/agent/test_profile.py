@@ -12,16 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from elasticfleet.agent import profile as profile_module
+from elasticfleet.agent import profiling as profile_module
 from elasticfleet.agent.perplexity import PerplexityEvaluator
-from elasticfleet.agent.profile import (
-    ModelProfile,
-    block_bytes,
-    block_name,
-    block_proxy_scores,
-    checkpoint_path,
-    profile_model,
-)
+from elasticfleet.agent.profile import ModelProfile, block_bytes, block_name
+from elasticfleet.agent.profiling import block_proxy_scores, checkpoint_path, profile_model
 from elasticfleet.worker.model.config import ModelConfig, llama2_7b_config, tiny_config
 from elasticfleet.worker.model.llama import DecoderLayer, ElasticLlama, ForwardContext
 from elasticfleet.worker.model.memory import predict_memory

@@ -11,28 +11,22 @@ import pytest
 import torch
 from test_policy import PROFILE, dense_bytes, state
 
-from elasticfleet.agent.policy import (
-    GreedyPolicy,
-    NoFeasiblePlan,
-    PolicyState,
-    SearchPolicy,
-    make_policy,
-)
-from elasticfleet.agent.rl import (
+from elasticfleet.agent.policy import GreedyPolicy, NoFeasiblePlan, PolicyState, SearchPolicy
+from elasticfleet.agent.quality import ProfileQuality
+from elasticfleet.agent.registry import make_policy
+from elasticfleet.agent.rl.policy import (
     BLOCK_FEATURES,
     LOAD_FEATURES,
     RATIO_CAP,
     FoldedNetwork,
-    ProfileQuality,
     ProfileTables,
     QNetwork,
     RLPolicy,
     StateEncoder,
-    TrainingConfig,
     encode_state,
     one_thread,
-    train_agent,
 )
+from elasticfleet.agent.rl.training import TrainingConfig, train_agent
 from elasticfleet.worker.model.plan import PruningPlan
 
 QUALITY = ProfileQuality(PROFILE)

@@ -1,12 +1,9 @@
-"""The RAP agent: a small DQN that picks which block to drop next.
+"""The RAP agent's serving half: state features, the Q-network and the policy
+that runs it.
 
 State (as in RAP): the memory budget, batch size, sequence length and the
 KV-cache share of memory, plus the current keep-mask. Action: drop one more
-block. An episode starts from the dense model and ends when the plan fits
-the budget or when only one block is left and it still does not fit (a fixed
-penalty). Each drop is rewarded with minus the log-perplexity it added (capped
-at 20x dense), less a small share of the block's own measured GSI step as a
-tie-break, so an episode's return is minus the plan's total cost.
+block, until the plan fits the budget.
 
 Besides RAP's load features the network sees, for every block, what the
 profile says about it: its GSI rank and measured cost, whether it is an
@@ -21,27 +18,18 @@ one max-pool over blocks so each block's value can depend on what the others
 offer (Q(s, a) = MLP(context(s), block(s, a), max over b of block(s, b))).
 About 15K parameters for SmolLM2's 60 blocks (RAP's is about 18K).
 
-Serving needs only torch and this module: `RLPolicy.load` reads the
-network from a safetensors checkpoint. Training (`train_agent`) adds a
-replay buffer, a target network, epsilon-greedy exploration, a curriculum
-from loose to tight budgets and Double-DQN targets; the quality of a plan
-comes from a callable, either measured perplexity or the profile's estimate
-(`ProfileQuality`). Neither is called when deciding: the policy only reads
-the profile. Decisions run on one thread (`one_thread`) with the network's
-weights folded for single-state steps (`FoldedNetwork`).
-
-The committed agent (`DEFAULT_AGENT`) is reproduced by
-`elasticfleet agent train --episodes 2500 --seed 0` (the `TrainingConfig`
-defaults otherwise).
+Serving needs only torch and this module: `RLPolicy.load` reads the network
+from a safetensors checkpoint; nothing here trains (that is
+`elasticfleet.agent.rl.training`). The policy only reads the profile.
+Decisions run on one thread (`one_thread`) with the network's weights folded
+for single-state steps (`FoldedNetwork`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
-from elasticfleet.agent.policy import PolicyState, block_importance
+from elasticfleet.agent.policy import PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.agent.quality import ProfileQuality, block_importance
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 
@@ -70,17 +58,8 @@ LOAD_FEATURES = 7
 BLOCK_FEATURES = 12
 #: Checkpoints record this; an agent trained on other features will not load.
 FEATURES_VERSION = 2
-# Below any reachable plan's cost (log-perplexity increases stay under ~30), so that
-# running out of blocks is never preferred to a bad plan that fits.
-FAIL_PENALTY = -100.0
 COST_CAP = 3.0  # log-perplexity increases in features are clipped to +-this
 RATIO_CAP = 4.0  # byte ratios are capped here, then divided by it
-
-#: RAP's ten (batch, sequence) scenarios, which the benchmark uses too.
-RAP_SCENARIOS: tuple[tuple[int, int], ...] = (
-    (1, 4096), (2, 2048), (4, 2048), (4, 4096), (8, 1024),
-    (8, 2048), (8, 4096), (16, 512), (16, 1024), (16, 2048),
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -322,15 +301,6 @@ class FoldedNetwork:
         return torch.mv(z, self.value)  # [N]
 
 
-def choose(
-    network: QNetwork, features: tuple[torch.Tensor, torch.Tensor], legal: torch.Tensor
-) -> int:
-    """The legal action with the highest Q-value."""
-    with torch.inference_mode():
-        q = network(*features)
-    return int(q.masked_fill(~legal, float("-inf")).argmax())
-
-
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch on one thread for a while. The agent's matrices are tiny: on
@@ -414,268 +384,3 @@ class RLPolicy:
         network.load_state_dict(load_file(str(path)))
         network.eval()
         return cls(network)
-
-
-class ProfileQuality:
-    """A cheap quality estimate from the profile, for training without
-    running the model.
-
-    GSI measured the perplexity of each prefix of its removal order, and
-    those prefixes are the best plans we know of each size (on SmolLM2 the
-    29-block prefix beats plans half its size chosen block by block). So a
-    plan is scored as the shortest measured prefix that contains its latest-
-    ranked dropped block: blocks early in the order are nearly free, a late
-    one costs what its prefix cost. Blocks GSI did not reach cost a further
-    factor e per rank beyond the last measured prefix.
-    """
-
-    def __init__(self, profile: ModelProfile) -> None:
-        self.rank = {block: i for i, block in enumerate(profile.importance_rank())}
-        self.dense = profile.dense_perplexity
-        self.prefix = profile.gsi_perplexity
-
-    def __call__(self, plan: PruningPlan) -> float:
-        ranks = [self.rank[b] for b, keep in enumerate(plan.to_mask()) if not keep]
-        if not ranks:
-            return self.dense
-        deepest = max(ranks)
-        if deepest < len(self.prefix):
-            return self.prefix[deepest]
-        last = self.prefix[-1] if self.prefix else self.dense
-        return last * math.exp(deepest - len(self.prefix) + 1)
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """DQN settings; the defaults train the SmolLM2 agent."""
-
-    episodes: int = 2500
-    time_limit_s: float | None = None
-    seed: int = 0
-    hidden: int = 128
-    block_hidden: int = 32
-    learning_rate: float = 1e-3
-    learning_rate_end: float = 5e-5  # cosine decay over the episodes
-    batch_size: int = 64
-    replay: int = 20_000
-    epsilon_start: float = 1.0
-    epsilon_end: float = 0.05
-    epsilon_decay: float = 0.5  # share of the episodes over which epsilon falls
-    target_every: int = 250  # gradient steps between target-network syncs
-    n_step: int = 1  # rewards summed before bootstrapping from the target network
-    # Each dropped block also costs this share of its own measured GSI step, so
-    # that among plans the estimate scores alike (it only sees the deepest
-    # dropped block) the agent keeps the blocks that mattered most.
-    tie_break: float = 0.1
-    # Log-perplexity increases are capped here (e^3: 20x the dense perplexity):
-    # past that a plan is useless however bad, the estimate is extrapolated,
-    # and uncapped costs (up to ~20) would swamp the differences that matter.
-    cost_cap: float = 3.0
-    batches: Sequence[int] = (1, 2, 4, 8, 16)
-    seq_range: tuple[int, int] = (256, 4096)
-    budget_range: tuple[float, float] = (0.45, 0.95)
-    # Curriculum: the lowest budget share starts here and falls linearly to
-    # budget_range[0] over this share of the episodes (short episodes first).
-    curriculum_start: float = 0.85
-    curriculum: float = 0.4
-    rap_share: float = 0.5  # episodes drawn from RAP's ten (batch, sequence) scenarios
-
-
-def random_state(
-    profile: ModelProfile, config: TrainingConfig, rng: random.Random, progress: float = 1.0
-) -> PolicyState:
-    """A training scenario: one of RAP's (batch, sequence) pairs or a random
-    batch with a log-uniform sequence length, at a uniform budget share whose
-    lower end follows the curriculum at `progress` (share of training done)."""
-    if rng.random() < config.rap_share:
-        batch, seq = rng.choice(RAP_SCENARIOS)
-    else:
-        batch = rng.choice(list(config.batches))
-        low, high = config.seq_range
-        seq = round(math.exp(rng.uniform(math.log(low), math.log(high))))
-    dense = predict_memory(profile.config, None, batch, seq, profile.dtype).total_bytes
-    lowest, highest = config.budget_range
-    if config.curriculum > 0:
-        done = min(1.0, progress / config.curriculum)
-        start = config.curriculum_start
-        lowest = max(lowest, start + (lowest - start) * done)
-    budget = int(dense * rng.uniform(lowest, highest))
-    return PolicyState(budget_bytes=budget, batch_size=batch, seq_len=seq, profile=profile)
-
-
-class ReplayBuffer:
-    """A ring of n-step transitions held in preallocated tensors."""
-
-    def __init__(self, capacity: int, blocks: int) -> None:
-        self.capacity = capacity
-        self.size = 0
-        self.cursor = 0
-        self.load = torch.zeros(capacity, LOAD_FEATURES + blocks)
-        self.blocks = torch.zeros(capacity, blocks, BLOCK_FEATURES)
-        self.action = torch.zeros(capacity, dtype=torch.long)
-        self.reward = torch.zeros(capacity)
-        self.next_load = torch.zeros(capacity, LOAD_FEATURES + blocks)
-        self.next_blocks = torch.zeros(capacity, blocks, BLOCK_FEATURES)
-        self.next_legal = torch.zeros(capacity, blocks, dtype=torch.bool)
-        self.done = torch.zeros(capacity, dtype=torch.bool)
-
-    def add(
-        self,
-        features: tuple[torch.Tensor, torch.Tensor],
-        action: int,
-        reward: float,
-        following: tuple[torch.Tensor, torch.Tensor],
-        next_legal: torch.Tensor,
-        done: bool,
-    ) -> None:
-        i = self.cursor
-        self.load[i], self.blocks[i] = features
-        self.action[i], self.reward[i] = action, reward
-        self.next_load[i], self.next_blocks[i] = following
-        self.next_legal[i], self.done[i] = next_legal, done
-        self.cursor = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-
-    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(self.size, (count,), generator=generator)
-
-
-@dataclass
-class _Step:
-    features: tuple[torch.Tensor, torch.Tensor]
-    action: int
-    reward: float
-    following: tuple[torch.Tensor, torch.Tensor]
-    next_legal: torch.Tensor
-    done: bool
-
-
-def train_agent(
-    profile: ModelProfile,
-    quality: Callable[[PruningPlan], float],
-    config: TrainingConfig = TrainingConfig(),
-    *,
-    progress: bool = True,
-) -> tuple[RLPolicy, dict[str, float]]:
-    """Train a Q-network on random scenarios; returns the policy and statistics.
-    Runs on one thread (see `one_thread`)."""
-    with one_thread():
-        return _train(profile, quality, config, progress)
-
-
-def _train(
-    profile: ModelProfile,
-    quality: Callable[[PruningPlan], float],
-    config: TrainingConfig,
-    progress: bool,
-) -> tuple[RLPolicy, dict[str, float]]:
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    blocks = profile.num_blocks
-    layers = profile.config.num_hidden_layers
-    network = QNetwork(blocks, config.hidden, config.block_hidden)
-    target = QNetwork(blocks, config.hidden, config.block_hidden)
-    target.load_state_dict(network.state_dict())
-    optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
-    memory = ReplayBuffer(config.replay, blocks)
-    tables = ProfileTables.of(profile)
-    step_cost = [config.tie_break * float(s) for s in tables.step]
-    log_dense = math.log(quality(PruningPlan.dense(layers)))
-    started = time.perf_counter()
-    steps = 0
-    rewards: list[float] = []
-    bar = tqdm(range(config.episodes), desc="training", unit="episode", disable=not progress)
-    episodes = 0
-    for episode in bar:
-        if config.time_limit_s is not None and time.perf_counter() - started > config.time_limit_s:
-            break
-        progress_share = episode / max(config.episodes, 1)
-        epsilon = config.epsilon_end + (config.epsilon_start - config.epsilon_end) * max(
-            0.0, 1 - progress_share / config.epsilon_decay
-        )
-        cosine = 0.5 * (1 + math.cos(math.pi * progress_share))
-        for group in optimiser.param_groups:
-            group["lr"] = config.learning_rate_end + cosine * (
-                config.learning_rate - config.learning_rate_end
-            )
-        state = random_state(profile, config, rng, progress_share)
-        episode_state = StateEncoder(state, tables)
-        features = episode_state.encode()
-        log_previous = 0.0  # the estimate's log-perplexity increase so far, capped
-        trajectory: list[_Step] = []
-        while not episode_state.fits:
-            if rng.random() < epsilon:
-                action = rng.choice([b for b, keep in enumerate(episode_state.kept) if keep])
-            else:
-                action = choose(network, features, episode_state.legal())
-            episode_state.drop(action)
-            following = episode_state.encode()
-            next_legal = episode_state.legal()
-            done = episode_state.fits or episode_state.stuck
-            # Each drop is charged the log-perplexity it adds, so credit lands on
-            # the step that caused it; the sum over an episode is the plan's total.
-            increase = math.log(quality(episode_state.plan())) - log_dense
-            log_quality = min(increase, config.cost_cap)
-            reward = log_previous - log_quality - step_cost[action]
-            log_previous = log_quality
-            if done and not episode_state.fits:
-                reward += FAIL_PENALTY
-            trajectory.append(_Step(features, action, reward, following, next_legal, done))
-            features = following
-            if memory.size >= config.batch_size:
-                batch = memory.sample(config.batch_size, generator)
-                _learn(network, target, optimiser, memory, batch)
-                steps += 1
-                if steps % config.target_every == 0:
-                    target.load_state_dict(network.state_dict())
-            if done:
-                break
-        _remember(memory, trajectory, config.n_step)
-        rewards.append(sum(s.reward for s in trajectory))
-        episodes = episode + 1
-        recent = rewards[-200:]
-        bar.set_postfix(reward=f"{sum(recent) / len(recent):.3f}", eps=f"{epsilon:.2f}")
-    network.eval()
-    recent = rewards[-200:]
-    stats = {
-        "episodes": float(episodes),
-        "gradient_steps": float(steps),
-        "seconds": time.perf_counter() - started,
-        "mean_reward_last_200": sum(recent) / max(len(recent), 1),
-    }
-    return RLPolicy(network), stats
-
-
-def _remember(memory: ReplayBuffer, trajectory: Sequence[_Step], n_step: int) -> None:
-    """Store an episode as n-step transitions: each step's reward plus the
-    next n - 1, bootstrapping from the state n steps on unless it ended."""
-    for t, first in enumerate(trajectory):
-        last = trajectory[min(t + n_step, len(trajectory)) - 1]
-        reward = sum(s.reward for s in trajectory[t : t + n_step])
-        memory.add(first.features, first.action, reward, last.following, last.next_legal, last.done)
-
-
-def _learn(
-    network: QNetwork,
-    target: QNetwork,
-    optimiser: torch.optim.Optimizer,
-    memory: ReplayBuffer,
-    index: torch.Tensor,
-) -> None:
-    """One Double-DQN step: the online network picks the next action, the
-    target network values it; episodes are undiscounted."""
-    following = (memory.next_load[index], memory.next_blocks[index])
-    legal = memory.next_legal[index]
-    done = memory.done[index]
-    with torch.no_grad():
-        best = network(*following).masked_fill(~legal, float("-inf")).argmax(-1)
-        value = target(*following).gather(1, best[:, None])[:, 0]
-        goal = memory.reward[index] + torch.where(done, torch.zeros_like(value), value)
-    predicted = network(memory.load[index], memory.blocks[index])
-    predicted = predicted.gather(1, memory.action[index][:, None])[:, 0]
-    loss = F.smooth_l1_loss(predicted, goal)
-    optimiser.zero_grad()
-    loss.backward()  # type: ignore[no-untyped-call]
-    nn.utils.clip_grad_norm_(network.parameters(), 10.0)
-    optimiser.step()
