@@ -37,7 +37,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
-from elasticfleet.adapter_train import corpus_tasks
+from elasticfleet.agent.tasks import corpus_tasks
 from elasticfleet.worker.adapters.format import ALL_MODULES, AdapterSpec
 from elasticfleet.worker.adapters.layer import (
     AdapterBatch,

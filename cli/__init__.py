@@ -1,8 +1,5 @@
-"""elasticfleet: a Kubernetes operator for memory-elastic LLM fleets.
+"""The `elasticfleet` command line (the console script runs `main`)."""
 
-The components live in subpackages: `elasticfleet.worker` (the elastic model
-and, later, its gRPC server), `elasticfleet.agent` (block profiling and
-pruning policies) and `elasticfleet.operator` (the kopf controller).
-"""
+from elasticfleet.cli.main import build_parser, main
 
-__version__ = "0.1.0"
+__all__ = ["build_parser", "main"]

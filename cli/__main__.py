@@ -1,5 +1,5 @@
-"""`python -m elasticfleet` runs the command line."""
+"""`python -m elasticfleet.cli` runs the command line."""
 
-from elasticfleet.cli import main
+from elasticfleet.cli.main import main
 
 raise SystemExit(main())

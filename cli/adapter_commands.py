@@ -1,9 +1,11 @@
 """`elasticfleet adapters ...`: manage AsymLoRA adapter sets in the Redis store.
 
-Kept apart from `cli.py` so the adapter commands (and later `adapters train`)
-grow in one place: `add_adapter_commands` adds the group and returns its
-subparsers, and `ADAPTER_HANDLERS` maps each subcommand to its function.
-Connection settings come from flags, else the environment, so a worker pod and
+`adapters train` fine-tunes an AsymLoRA set on SmolLM2 over tasks drawn from
+the offline corpus (elasticfleet.agent.tasks) and writes an adapter
+directory: adapter.json and adapter.safetensors (the set, what `adapters
+push` publishes) plus training.json (the run: loss curve, per-task held-out
+perplexity with and without the adapter, the command that reproduces it).
+The store commands' connection settings come from flags, else the environment, so a worker pod and
 a person's shell can share one configuration:
 
     ELASTICFLEET_REDIS_URL       default redis://127.0.0.1:6379/0 (rediss:// for TLS)
@@ -18,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elasticfleet.adapter_train import add_train_command, run_train
+from elasticfleet.cli.options import EXIT_TEMPFAIL, Commands, Handler, cache_dir_option
 
 if TYPE_CHECKING:
     from elasticfleet.worker.adapters.store import AdapterStore
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-EXIT_TEMPFAIL = 75
-
-Handler = Callable[[argparse.Namespace], int]
+DEFAULT_TASKS = ("code", "qa", "definitions")
+TRAINING_REPORT = "training.json"
 
 
 def redis_options() -> argparse.ArgumentParser:
@@ -60,10 +61,8 @@ def redis_options() -> argparse.ArgumentParser:
     return options
 
 
-def add_adapter_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-    """Add `adapters push | list | pull | delete` to the main parser's commands."""
+def register(commands: Commands) -> None:
+    """Add `adapters push | list | pull | delete | train`."""
     adapters = commands.add_parser("adapters", help="AsymLoRA adapter sets in the Redis store")
     group = adapters.add_subparsers(dest="adapters_command", required=True)
     connection = redis_options()
@@ -74,8 +73,12 @@ def add_adapter_commands(
         help="publish an adapter directory (adapter.json + adapter.safetensors) as a new version",
     )
     push.add_argument("directory", type=Path)
+    push.set_defaults(handler=_push)
 
-    group.add_parser("list", parents=[connection], help="adapters and their versions, with sizes")
+    listing = group.add_parser(
+        "list", parents=[connection], help="adapters and their versions, with sizes"
+    )
+    listing.set_defaults(handler=_list)
 
     pull = group.add_parser(
         "pull", parents=[connection], help="download a version into an adapter directory"
@@ -83,6 +86,7 @@ def add_adapter_commands(
     pull.add_argument("name")
     pull.add_argument("--version", type=int, help="version number (default: the current one)")
     pull.add_argument("directory", type=Path)
+    pull.set_defaults(handler=_pull)
 
     delete = group.add_parser(
         "delete",
@@ -91,8 +95,59 @@ def add_adapter_commands(
     )
     delete.add_argument("name")
     delete.add_argument("--version", type=int, help="the version to delete")
-    add_train_command(group)
-    return group
+    delete.set_defaults(handler=_delete)
+    _add_train(group)
+
+
+def _add_train(group: Commands) -> None:
+    train = group.add_parser(
+        "train", help="fine-tune an adapter set on SmolLM2 (base frozen) over corpus tasks"
+    )
+    train.add_argument("out", type=Path, help="adapter directory to write")
+    train.add_argument("--name", default="tasks", help="adapter set name (default: tasks)")
+    train.add_argument(
+        "--tasks",
+        type=_names,
+        default=list(DEFAULT_TASKS),
+        metavar="A,B,C",
+        help=f"corpus domains to train one head each on (default: {','.join(DEFAULT_TASKS)})",
+    )
+    train.add_argument(
+        "--router",
+        action="store_true",
+        help="train HydraLoRA's router instead of task heads (no task labels)",
+    )
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, default=16.0)
+    train.add_argument(
+        "--modules",
+        type=_names,
+        metavar="M,N",
+        help="projections to adapt (default: all attention and FFN projections)",
+    )
+    train.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
+    train.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--window", type=int, default=128, help="tokens per training window")
+    train.add_argument(
+        "--windows-per-task", type=int, default=2, help="windows per task in every step"
+    )
+    train.add_argument(
+        "--train-windows", type=int, default=512, help="training pool per task (windows)"
+    )
+    train.add_argument(
+        "--eval-windows", type=int, default=16, help="held-out windows per task (evaluation)"
+    )
+    train.add_argument(
+        "--sources",
+        type=_names,
+        metavar="S,T",
+        help="corpus sources (default: all; 'python' alone needs no apt packages)",
+    )
+    cache_dir_option(train)
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
 
 
 def open_store(args: argparse.Namespace) -> AdapterStore:
@@ -201,10 +256,62 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
-ADAPTER_HANDLERS: dict[tuple[str, str], Handler] = {
-    ("adapters", "push"): _push,
-    ("adapters", "list"): _list,
-    ("adapters", "pull"): _pull,
-    ("adapters", "delete"): _delete,
-    ("adapters", "train"): run_train,
-}
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from elasticfleet.agent.tasks import corpus_tasks
+    from elasticfleet.worker.adapters.format import ALL_MODULES
+    from elasticfleet.worker.adapters.training import (
+        AdapterTrainingConfig,
+        evaluate,
+        train_adapters,
+    )
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
+
+    config = AdapterTrainingConfig(
+        layout="router" if args.router else "asym",
+        name=args.name,
+        rank=args.rank,
+        alpha=args.alpha,
+        modules=tuple(args.modules or ALL_MODULES),
+        steps=args.steps,
+        windows_per_task=args.windows_per_task,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        time_limit=args.time_limit,
+    )
+    progress = not args.no_progress
+    path = prepare_model(args.cache_dir, progress=progress)
+    data = corpus_tasks(
+        path,
+        args.tasks,
+        args.window,
+        args.train_windows,
+        args.eval_windows,
+        cache_root=args.cache_dir,
+        sources=args.sources,
+        progress=progress,
+    )
+    model = ElasticLlama.from_pretrained(path, packed=False)
+    base = evaluate(model, data, {}, dict.fromkeys(args.tasks))
+    result = train_adapters(model, data, config, base_model=MODEL_NAME, progress=progress)
+    (adapters,) = result.sets.values()
+    adapters.weights().save(args.out)
+    report = {
+        "command": " ".join(["elasticfleet", *sys.argv[1:]]),
+        "layout": result.layout,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "trainable_parameters": result.trainable_parameters,
+        "losses": [round(loss, 4) for loss in result.losses],
+        "eval_perplexity": result.eval_perplexity,
+        "base_perplexity": base,
+    }
+    (args.out / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    for task in args.tasks:
+        print(f"{task}: held-out perplexity {base[task]:.2f} -> {result.eval_perplexity[task]:.2f}")
+    print(f"{args.out}: {result.steps} steps in {result.seconds:.0f} s")
+    return 0

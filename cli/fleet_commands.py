@@ -1,8 +1,6 @@
 """`elasticfleet fleet ...`: a fleet on this machine, without Kubernetes.
 
-Kept apart from `cli.py` like the other command groups: `add_fleet_commands`
-adds the group and `FLEET_HANDLERS` maps each subcommand to its function.
-`fleet demo` runs the local fleet demo (elasticfleet.operator.local_fleet):
+`fleet demo` runs the local fleet demo (elasticfleet.demo.fleet):
 real workers on simulated devices, planned by the real control loop through
 a squeeze, a relief and a crash. It exits 0 when every phase did what it
 showed, 1 when one did not (the message says which), 2 on bad arguments,
@@ -13,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from elasticfleet.agent.registry import ADAPTIVE_POLICIES
+from elasticfleet.cli.options import Commands
 
-Handler = Callable[[argparse.Namespace], int]
 # What a shell reports for a command that SIGINT ended.
 EXIT_INTERRUPTED = 130
 
 
-def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `fleet demo` to the top-level subcommands."""
+def register(commands: Commands) -> None:
+    """Add `fleet demo`."""
     fleet = commands.add_parser("fleet", help="a fleet on this machine (no Kubernetes)")
     group = fleet.add_subparsers(dest="fleet_command", required=True)
     demo = group.add_parser(
@@ -59,11 +56,12 @@ def add_fleet_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         default=Path("fleet-demo"),
         help="folder for the record, the plot and the worker logs (default ./fleet-demo)",
     )
+    demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from elasticfleet.demo.fleet import DemoError, DemoOptions, run_demo
     from elasticfleet.operator.control import profile_for_model
-    from elasticfleet.operator.local_fleet import DemoError, DemoOptions, run_demo
     from elasticfleet.worker.model.prepare import model_dir, prepare_model
     from elasticfleet.worker.serving.process import WorkerStartError
 
@@ -89,6 +87,3 @@ def _demo(args: argparse.Namespace) -> int:
         print("elasticfleet: interrupted; the workers are stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
-
-
-FLEET_HANDLERS: dict[tuple[str, str], Handler] = {("fleet", "demo"): _demo}

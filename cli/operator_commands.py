@@ -1,8 +1,6 @@
 """`elasticfleet operator ...`: the operator's commands.
 
-Kept apart from `cli.py` so the operator's commands grow in one place:
-`add_operator_commands` adds the group and `OPERATOR_HANDLERS` maps each
-subcommand to its function. `operator crds` prints the CustomResource-
+`operator crds` prints the CustomResource-
 Definitions that elasticfleet.operator.crds defines, the one source of the
 CRD YAML (`elasticfleet operator crds | kubectl apply -f -`). `operator loop`
 drives the fleet control loop against workers given by address, without
@@ -23,20 +21,17 @@ import asyncio
 import os
 import random
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from elasticfleet.worker_commands import bearer_token, token_options
+from elasticfleet.cli.options import Commands, bearer_token, token_options
 
 if TYPE_CHECKING:
     from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
 
-Handler = Callable[[argparse.Namespace], int]
 
-
-def add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `operator crds | loop | run` to the top-level subcommands."""
+def register(commands: Commands) -> None:
+    """Add `operator crds | loop | run`."""
     operator = commands.add_parser("operator", help="the Kubernetes operator")
     group = operator.add_subparsers(dest="operator_command", required=True)
     crds = group.add_parser("crds", help="print the ElasticFleet and AdapterSet CRDs as YAML")
@@ -51,6 +46,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
         help="with --peering: a namespace the operator serves (repeatable; default: "
         "$ELASTICFLEET_NAMESPACES, as for `run`, else all: one ClusterKopfPeering)",
     )
+    crds.set_defaults(handler=_crds)
     loop = group.add_parser(
         "loop", help="run the fleet control loop against workers by address (no Kubernetes)"
     )
@@ -66,6 +62,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
     loop.add_argument("--ticks", type=int, default=1, help="ticks to run (default 1)")
     loop.add_argument("--interval", type=float, help="seconds between ticks (default: the spec's)")
     token_options(loop)
+    loop.set_defaults(handler=_loop)
     run = group.add_parser("run", help="run the operator (kopf) against the current cluster")
     run.add_argument(
         "--namespace",
@@ -99,6 +96,7 @@ def add_operator_commands(commands: argparse._SubParsersAction[argparse.Argument
         default=os.environ.get("ELASTICFLEET_LIVENESS"),
         help="liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz",
     )
+    run.set_defaults(handler=_run)
 
 
 def _env_list(name: str) -> list[str]:
@@ -216,10 +214,3 @@ def _run(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-OPERATOR_HANDLERS: dict[tuple[str, str], Handler] = {
-    ("operator", "crds"): _crds,
-    ("operator", "loop"): _loop,
-    ("operator", "run"): _run,
-}

@@ -1,10 +1,8 @@
 """`elasticfleet worker` (serve a model over gRPC) and `elasticfleet generate`
 (stream a completion from a running worker).
 
-Kept apart from `cli.py` so the serving commands grow in one place:
-`add_worker_commands` adds them and `WORKER_HANDLERS` maps them to their
-functions. Secrets come from files or the environment, never from flags
-that `ps` would show:
+Secrets come from files or the environment, never from flags that `ps`
+would show:
 
     --token-file FILE    bearer token (else $ELASTICFLEET_TOKEN)
 
@@ -19,58 +17,33 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
-import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from elasticfleet.cli.options import (
+    EXIT_TEMPFAIL,
+    Commands,
+    bearer_token,
+    layer_list,
+    sampling_options,
+    token_options,
+)
 
 if TYPE_CHECKING:
     from elasticfleet.worker.adapters.cache import AdapterCache
     from elasticfleet.worker.serving.server import WorkerServer
 
-EXIT_TEMPFAIL = 75
 # glibc's mallopt parameter for the mmap threshold (malloc.h's M_MMAP_THRESHOLD).
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 65536
 
-Handler = Callable[[argparse.Namespace], int]
 
-
-def layer_list(text: str) -> list[int]:
-    """Parse "3,7,12" (the --drop-attention/--drop-ffn flags of several commands)."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices such as 3,7,12, got {text!r}"
-        ) from None
-
-
-def sampling_options(parser: argparse.ArgumentParser) -> None:
-    """How a completion is sampled: the flags of both `generate` commands."""
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt without chat template")
-
-
-def token_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--token-file",
-        type=Path,
-        help="file holding the bearer token (default: $ELASTICFLEET_TOKEN, else none)",
-    )
-
-
-def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `worker` and `generate` to the top-level subcommands."""
+def register(commands: Commands) -> None:
+    """Add `worker` and `generate`."""
     worker = commands.add_parser("worker", help="serve a model over gRPC (a fleet worker)")
-    worker.set_defaults(worker_command="")
+    worker.set_defaults(handler=_worker)
     worker.add_argument(
         "--model", type=Path, help="model directory (default: the prepared SmolLM2 cache)"
     )
@@ -136,7 +109,7 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     token_options(worker)
 
     generate = commands.add_parser("generate", help="stream a completion from a running worker")
-    generate.set_defaults(generate_command="")
+    generate.set_defaults(handler=_generate)
     generate.add_argument("prompt", help="the user message (wrapped in the chat template)")
     generate.add_argument("--target", required=True, help="the worker, HOST:PORT")
     sampling_options(generate)
@@ -147,18 +120,6 @@ def add_worker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     generate.add_argument("--tls", action="store_true", help="connect with TLS")
     generate.add_argument("--tls-ca", type=Path, help="PEM roots to verify the worker with")
     token_options(generate)
-
-
-def bearer_token(args: argparse.Namespace) -> str | None:
-    """The bearer token, without surrounding whitespace wherever it comes
-    from (a Secret made from a file keeps its last newline; the operator
-    strips it too)."""
-    if args.token_file is not None:
-        try:
-            return str(args.token_file.read_text().strip())
-        except OSError as error:
-            raise ValueError(f"--token-file {args.token_file}: {error.strerror}") from None
-    return os.environ.get("ELASTICFLEET_TOKEN", "").strip() or None
 
 
 def _limit_heap_retention() -> bool:
@@ -301,9 +262,3 @@ def _generate(args: argparse.Namespace) -> int:
     plan = ", ".join(sorted(plans))
     print(f"\n[{tokens} tokens, finish: {finish}, plan: {plan}]", file=sys.stderr)
     return 0
-
-
-WORKER_HANDLERS: dict[tuple[str, str], Handler] = {
-    ("worker", ""): _worker,
-    ("generate", ""): _generate,
-}

@@ -26,8 +26,8 @@ from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import build_parser, main
+from elasticfleet.cli.operator_commands import namespaces, peering_priority
 from elasticfleet.operator.crds import render_crds
-from elasticfleet.operator_commands import namespaces, peering_priority
 from elasticfleet.worker.serving.process import stop_process
 
 if TYPE_CHECKING:

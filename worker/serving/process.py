@@ -51,7 +51,7 @@ class WorkerProcess:
         """Run `elasticfleet worker ARGS` with this Python (its environment
         plus `env`) and return once it listens. Raises WorkerStartError,
         with the log's tail, if it exits first or takes over `timeout_s`."""
-        command = [sys.executable, "-m", "elasticfleet", "worker", *args]
+        command = [sys.executable, "-m", "elasticfleet.cli", "worker", *args]
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 command,

@@ -18,22 +18,18 @@ from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.cli import main
-from elasticfleet.operator.control import FleetEvent, TickReport, profile_for_model
-from elasticfleet.operator.local_fleet import (
+from elasticfleet.demo.fleet import (
     PLOT_FILE,
     RECORD_FILE,
     DemoError,
     DemoOptions,
-    DemoResult,
     FleetDemo,
-    TickRecord,
-    WorkerRow,
     demo_figures,
     demo_spec,
-    phase_spans,
-    render_table,
     run_demo,
 )
+from elasticfleet.demo.record import DemoResult, TickRecord, WorkerRow, phase_spans, render_table
+from elasticfleet.operator.control import FleetEvent, TickReport, profile_for_model
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 
@@ -312,8 +308,8 @@ def test_ctrl_c_stops_the_demo_and_every_worker(
 ) -> None:
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "elasticfleet", "fleet", "demo", "--model", str(tiny_worker_model),
-        "--out", str(out), "--policy", "greedy",
+        sys.executable, "-m", "elasticfleet.cli", "fleet", "demo",
+        "--model", str(tiny_worker_model), "--out", str(out), "--policy", "greedy",
     ]  # fmt: skip
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with stdout.open("w") as printed, stderr.open("w") as errors:

@@ -1,0 +1,118 @@
+"""`elasticfleet agent ...`: the offline half of the agent.
+
+`agent profile` measures block importance (GSI and a proxy) into the model
+profile the policies read; it checkpoints and resumes. `agent train` trains
+the RL policy's network from a profile. Neither runs in the operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from elasticfleet.cli.options import Commands, cache_dir_option, no_progress_option
+
+
+def register(commands: Commands) -> None:
+    """Add `agent profile | train`."""
+    agent = commands.add_parser("agent", help="block profiling and pruning policies")
+    group = agent.add_subparsers(dest="agent_command", required=True)
+    profile = group.add_parser(
+        "profile",
+        help="measure block importance (GSI and a proxy) on calibration text; resumable",
+    )
+    cache_dir_option(profile)
+    profile.add_argument(
+        "--out", type=Path, help="profile file (default: the shipped model's committed profile)"
+    )
+    profile.add_argument("--windows", type=int, default=4, help="calibration windows")
+    profile.add_argument("--window-length", type=int, default=256, help="tokens per window")
+    profile.add_argument("--max-steps", type=int, help="stop after this many GSI steps")
+    profile.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    no_progress_option(profile)
+    profile.set_defaults(handler=_profile)
+
+    train = group.add_parser("train", help="train the RAP DQN pruning agent")
+    cache_dir_option(train)
+    train.add_argument("--profile", type=Path, help="model profile (default: the committed one)")
+    train.add_argument("--out", type=Path, help="checkpoint (default: the committed agent)")
+    train.add_argument(
+        "--quality",
+        choices=["profile", "perplexity"],
+        default="profile",
+        help="reward from the profile's importance estimate (fast) or measured perplexity",
+    )
+    train.add_argument("--windows", type=int, default=2, help="perplexity windows (x256)")
+    train.add_argument("--episodes", type=int, default=2500)
+    train.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    train.add_argument("--seed", type=int, default=0)
+    no_progress_option(train)
+    train.set_defaults(handler=_train)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from elasticfleet.agent.corpus import build_corpus, token_windows
+    from elasticfleet.agent.profile import DEFAULT_PROFILE
+    from elasticfleet.agent.profiling import profile_model
+    from elasticfleet.worker.model.cachedir import MANIFEST, sha256_file
+    from elasticfleet.worker.model.generation import load_tokenizer
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
+
+    progress = not args.no_progress
+    out = args.out or DEFAULT_PROFILE
+    path = prepare_model(args.cache_dir, progress=progress)
+    corpus = build_corpus(args.cache_dir, progress=progress)
+    tokenizer = load_tokenizer(path)
+    tokens = token_windows(
+        "calibration", tokenizer, args.window_length, args.windows, cache_root=args.cache_dir
+    )
+    profile = profile_model(
+        ElasticLlama.from_pretrained(path),
+        tokens,
+        out_path=out,
+        max_steps=args.max_steps,
+        time_limit_s=args.time_limit,
+        progress=progress,
+        model_name=MODEL_NAME,
+        command=" ".join(["elasticfleet", *sys.argv[1:]]),
+        corpus_digest=sha256_file(corpus / MANIFEST),
+    )
+    state = "complete" if profile.complete else "partial (run again to resume)"
+    print(f"{out}: {len(profile.gsi_order)} GSI steps, {state}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from collections.abc import Callable
+
+    from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+    from elasticfleet.agent.quality import ProfileQuality
+    from elasticfleet.agent.rl.policy import DEFAULT_AGENT
+    from elasticfleet.agent.rl.training import TrainingConfig, train_agent
+    from elasticfleet.worker.model.plan import PruningPlan
+
+    profile = ModelProfile.load(args.profile or DEFAULT_PROFILE)
+    quality: Callable[[PruningPlan], float] = ProfileQuality(profile)
+    if args.quality == "perplexity":
+        from elasticfleet.agent.corpus import build_corpus, token_windows
+        from elasticfleet.agent.perplexity import PerplexityEvaluator
+        from elasticfleet.worker.model.generation import load_tokenizer
+        from elasticfleet.worker.model.llama import ElasticLlama
+        from elasticfleet.worker.model.prepare import prepare_model
+
+        path = prepare_model(args.cache_dir)
+        build_corpus(args.cache_dir)
+        tokens = token_windows(
+            "calibration", load_tokenizer(path), 256, args.windows, cache_root=args.cache_dir
+        )
+        quality = PerplexityEvaluator(ElasticLlama.from_pretrained(path), tokens).evaluate
+    config = TrainingConfig(episodes=args.episodes, time_limit_s=args.time_limit, seed=args.seed)
+    policy, stats = train_agent(profile, quality, config, progress=not args.no_progress)
+    out = args.out or DEFAULT_AGENT
+    meta = {**stats, "quality": args.quality, "seed": args.seed}
+    meta["command"] = " ".join(["elasticfleet", *sys.argv[1:]])
+    policy.save(out, meta=meta)
+    print(f"{out}: {stats['episodes']:.0f} episodes in {stats['seconds']:.0f} s")
+    return 0
