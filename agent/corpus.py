@@ -4,7 +4,7 @@ Every number the agent produces comes down to how well the model predicts some t
 importance (perplexity with a block gone), the policy's reward, an adapter's quality. Those
 numbers only compare if the text is the same text every time, and held-out numbers only mean
 something if that text never reached calibration or training. No model hub or web is reachable,
-so the corpus is assembled from text that ships offline (DESIGN.md, "The model and the data"):
+so the corpus is assembled from text that ships offline:
 
 - `python`: Python's own reference prose (`pydoc_data.topics`, one document per section) and
   a fixed list of standard-library modules (code: one document per function or class, a long
@@ -77,7 +77,7 @@ FORMAT_VERSION = 1
 SPLITS = ("calibration", "evaluation")
 DOMAINS = ("prose", "code", "qa", "definitions", "fortunes")
 PYTHON_SOURCE = "python"
-#: The Debian sources, by the package name DESIGN.md gives them.
+#: The Debian sources, by package name.
 DEBIAN_SOURCES = ("python3.11-doc", "fortunes", "jargon-text", "dict-devil", "debian-faq")
 ALL_SOURCES = (PYTHON_SOURCE, *DEBIAN_SOURCES)
 #: Share of documents held out for evaluation.

@@ -1,12 +1,12 @@
 """From what a worker reports to what its policy plans for: the memory
 budget, the load, and the quality a plan may not fall below.
 
-Budget (DESIGN.md): of the device's total memory, what other processes hold
-is not ours to plan with, nor is the fleet's headroom; the budget is the
-spec's fraction of the rest, or its fixed bytes capped by the rest. "Other
-processes" is the device's used memory minus the worker's own (weights, KV
-cache, adapters), so the budget does not shrink because the worker itself
-grew into it.
+Budget (docs/architecture.md, "The path of a plan"): of the device's total
+memory, what other processes hold is not ours to plan with, nor is the
+fleet's headroom; the budget is the spec's fraction of the rest, or its
+fixed bytes capped by the rest. "Other processes" is the device's used
+memory minus the worker's own (weights, KV cache, adapters), so the budget
+does not shrink because the worker itself grew into it.
 
 Load: the policy plans for the worker's windowed request mix, a high
 percentile of running sequences and of prompt plus output tokens, so a plan
@@ -14,7 +14,7 @@ anticipates the load of the last window rather than one instant.
 
 Quality: a plan's predicted perplexity relative to the dense model comes
 from the model's profile (the measured Greedy Sequential Importance prefixes,
-agent.rl.ProfileQuality), the same estimate the RL agent was trained on.
+agent.quality.ProfileQuality), the same estimate the RL agent was trained on.
 """
 
 from __future__ import annotations

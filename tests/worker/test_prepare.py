@@ -198,7 +198,7 @@ def test_safetensors_keys_shapes_dtype(prepared: Prepared) -> None:
             assert tensor.dtype == np.float32, key
             assert np.isfinite(tensor).all(), key
             total += tensor.size
-    assert 134_000_000 < total < 135_000_000  # DESIGN.md: about 134.5M parameters
+    assert 134_000_000 < total < 135_000_000  # SmolLM2-135M: about 134.5M parameters
 
 
 @pytest.mark.real_model
