@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import signal
 import sys
 from pathlib import Path
@@ -53,6 +55,14 @@ def register(commands: Commands) -> None:
     )
     worker.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    worker.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="FILE",
+        help="once serving, write JSON {host, port, metrics_port, pid} here (atomically; a "
+        "stale file is removed at start-up and on shutdown): how a launcher learns the "
+        "ports --port 0 and --metrics-port 0 picked",
+    )
     budget = worker.add_mutually_exclusive_group()
     budget.add_argument("--budget-bytes", type=int, help="memory budget in bytes")
     budget.add_argument(
@@ -146,10 +156,13 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.model.plan import PruningPlan
     from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
     from elasticfleet.worker.serving.engine import Engine
+    from elasticfleet.worker.serving.readiness import remove_ready_file
     from elasticfleet.worker.serving.server import ServerOptions, WorkerServer
     from elasticfleet.worker.serving.telemetry import read_device
 
     try:
+        if args.ready_file is not None:  # before the model loads: none may say "ready" till then
+            remove_ready_file(args.ready_file)
         device = read_device(args.simulated_device, own_bytes=0)
     except ValueError as error:
         print(f"elasticfleet: error: {error}", file=sys.stderr)
@@ -186,7 +199,8 @@ def _worker(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         simulated_device=args.simulated_device,
     )
-    return asyncio.run(_serve(WorkerServer(engine, options), budget, device.detail))
+    server = WorkerServer(engine, options)
+    return asyncio.run(_serve(server, budget, device.detail, args.ready_file))
 
 
 def _adapter_cache(args: argparse.Namespace) -> AdapterCache | None:
@@ -202,21 +216,33 @@ def _adapter_cache(args: argparse.Namespace) -> AdapterCache | None:
     return AdapterCache(store, args.adapter_cache_bytes)
 
 
-async def _serve(server: WorkerServer, budget: int, device: str) -> int:
+async def _serve(server: WorkerServer, budget: int, device: str, ready_file: Path | None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain. Once both servers listen,
+    say so to people on stderr and to the launcher in `ready_file`."""
+    from elasticfleet.worker.serving.readiness import WorkerReady, write_ready_file
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     options = server.options
-    metrics = "" if server.metrics is None else f", metrics on :{server.metrics.port}"
+    metrics_port = None if server.metrics is None else server.metrics.port
+    metrics = "" if metrics_port is None else f", metrics on :{metrics_port}"
     print(
         f"elasticfleet worker listening on {options.host}:{server.port}{metrics}; "
         f"budget {budget / 2**20:.0f} MiB ({device})",
         file=sys.stderr,
         flush=True,
     )
+    if ready_file is not None:
+        ready = WorkerReady(options.host, server.port, metrics_port, os.getpid())
+        write_ready_file(ready_file, ready)
     await stop.wait()
+    if ready_file is not None:
+        # It takes no more requests; failing to say so must not stop the drain.
+        with contextlib.suppress(OSError):
+            ready_file.unlink(missing_ok=True)
     print("draining...", file=sys.stderr, flush=True)
     drained = await server.stop()
     return 0 if drained else 1

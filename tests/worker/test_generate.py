@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from elasticfleet.worker.model.generation import (
     Completion,
+    FinishRules,
     SamplingParams,
     TextGenerator,
     TextStream,
@@ -107,6 +108,59 @@ def test_stop_strings_and_eos(generator: TextGenerator) -> None:
     (ended,) = generator.generate(["hello"], SamplingParams(max_new_tokens=12))
     assert ended.finish_reason == "eos"
     assert ended.token_ids == []
+
+
+RULES = FinishRules(eos_token_id=2, context=10)
+
+
+def finish_reasons(
+    tokens: list[int], params: SamplingParams, prompt_tokens: int = 1
+) -> tuple[list[str], list[int]]:
+    """Feed `tokens` one at a time through RULES (a token decodes as
+    chr(token)); the finish reason after each, and the tokens kept."""
+    kept: list[int] = []
+    reasons = [
+        RULES.add(token, kept, prompt_tokens, params, lambda: "".join(map(chr, kept)))
+        for token in tokens
+    ]
+    return reasons, kept
+
+
+def test_finish_rules_end_on_eos_without_keeping_it() -> None:
+    assert finish_reasons([65, 2], SamplingParams(max_new_tokens=5)) == (["", "eos"], [65])
+
+
+def test_finish_rules_keep_eos_when_told_to_ignore_it() -> None:
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    assert finish_reasons([2, 2, 2], params) == (["", "", "length"], [2, 2, 2])
+
+
+def test_finish_rules_stop_on_a_stop_string_across_tokens() -> None:
+    params = SamplingParams(max_new_tokens=5, stop=("BC",))
+    reasons, kept = finish_reasons([ord("A"), ord("B"), ord("C")], params)
+    assert reasons == ["", "", "stop"] and kept == [65, 66, 67]  # the caller cuts the text
+
+
+def test_finish_rules_prefer_stop_to_length() -> None:
+    params = SamplingParams(max_new_tokens=2, stop=("B",))
+    assert finish_reasons([ord("A"), ord("B")], params)[0] == ["", "stop"]
+
+
+def test_finish_rules_end_at_max_new_tokens() -> None:
+    assert finish_reasons([65, 66, 67], SamplingParams(max_new_tokens=3))[0] == ["", "", "length"]
+
+
+def test_finish_rules_end_at_the_models_context() -> None:
+    # 8 prompt tokens + 2 new ones fill the context of 10 before max_new_tokens.
+    params = SamplingParams(max_new_tokens=50)
+    assert finish_reasons([65, 66], params, prompt_tokens=8) == (["", "length"], [65, 66])
+
+
+def test_finish_rules_decode_only_for_stop_strings() -> None:
+    def no_text() -> str:
+        raise AssertionError("decoded without stop strings")
+
+    assert RULES.add(65, [], 1, SamplingParams(max_new_tokens=5), no_text) == ""
 
 
 def test_streaming_callback_sees_every_token(generator: TextGenerator) -> None:

@@ -3,7 +3,13 @@ against a worker on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import signal
+import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,22 +17,29 @@ import pytest
 from tokenizers import Tokenizer
 
 from elasticfleet.cli import main
+from elasticfleet.cli.worker_commands import _serve
 from elasticfleet.worker.model.generation import TOKENIZER_FILE
 from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.serving import readiness
 from elasticfleet.worker.serving.client import WorkerClient, generate_request
 from elasticfleet.worker.serving.engine import Engine
 from elasticfleet.worker.serving.process import WorkerProcess, WorkerStartError
-from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.serving.readiness import WorkerReady, read_ready_file
+from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, WorkerServer
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
 
 
+def tiny_engine(model_dir: Path) -> Engine:
+    model = ElasticLlama.from_pretrained(model_dir, packed=False)
+    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+    return Engine(model, tokenizer, budget_bytes=2**26)
+
+
 @pytest.fixture
 def target(served_model_dir: Path, one_thread: None) -> Iterator[str]:
-    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
-    tokenizer = Tokenizer.from_file(str(served_model_dir / TOKENIZER_FILE))
-    running = BackgroundServer(Engine(model, tokenizer, budget_bytes=2**26), ServerOptions())
+    running = BackgroundServer(tiny_engine(served_model_dir), ServerOptions())
     yield f"127.0.0.1:{running.port}"
     running.stop()
 
@@ -73,6 +86,103 @@ def test_a_worker_that_cannot_start_says_why(served_model_dir: Path, tmp_path: P
     with pytest.raises(WorkerStartError, match="exited with status 2") as raised:
         WorkerProcess.start(args, tmp_path / "worker.log")
     assert "simulated device" in str(raised.value) and "No such file" in str(raised.value)
+
+
+def test_the_ready_file_names_where_the_worker_serves(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    ready_file = log.with_suffix(".ready.json")
+    write_stale_ready_file(ready_file)
+    args = [
+        "--model", str(served_model_dir), "--port", "0", "--metrics-port", "0",
+        "--budget-bytes", str(2**26), "--threads", "1",
+    ]  # fmt: skip
+    worker = WorkerProcess.start(args, log)
+    try:
+        ready = read_ready_file(ready_file)
+        assert ready == worker.ready and ready.pid == worker.process.pid
+        assert ready.address == worker.address == f"127.0.0.1:{ready.port}"
+        with WorkerClient(ready.address) as client:
+            assert client.get_stats().model == served_model_dir.name
+        assert ready.metrics_port is not None
+        url = f"http://{ready.host}:{ready.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert b"elasticfleet_" in reply.read()
+        assert worker.stop() == 0
+        assert not ready_file.exists()  # gone once the worker stopped taking requests
+    finally:
+        worker.kill()
+
+
+def write_stale_ready_file(path: Path) -> None:
+    """What a killed worker would have left: a whole document naming a port
+    and a pid that are no longer its."""
+    readiness.write_ready_file(path, WorkerReady("127.0.0.1", 1, None, 1))
+
+
+def test_the_ready_file_is_written_once_both_servers_listen(
+    served_model_dir: Path, tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ready_file = tmp_path / "w.ready.json"
+    written: list[WorkerReady] = []
+    write = readiness.write_ready_file
+
+    def write_when_listening(path: Path, ready: WorkerReady) -> None:
+        # The kernel accepts a connection only on a listening socket, even
+        # while the server's own thread is busy right here.
+        for port in (ready.port, ready.metrics_port):
+            assert port is not None
+            socket.create_connection((ready.host, port), timeout=5).close()
+        write(path, ready)
+        written.append(ready)
+        signal.raise_signal(signal.SIGTERM)  # the worker drains and _serve returns
+
+    monkeypatch.setattr(readiness, "write_ready_file", write_when_listening)
+    server = WorkerServer(tiny_engine(served_model_dir), ServerOptions(port=0, metrics_port=0))
+    serving = _serve(server, 2**26, "test device", ready_file)
+    assert asyncio.run(asyncio.wait_for(serving, 60)) == 0
+    assert server.metrics is not None
+    assert written == [WorkerReady("127.0.0.1", server.port, server.metrics.port, os.getpid())]
+    assert not ready_file.exists()  # removed when SIGTERM came
+
+
+def test_a_worker_removes_a_stale_ready_file_before_anything_else(
+    served_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ready_file = tmp_path / "w.ready.json"
+    write_stale_ready_file(ready_file)
+    args = ["worker", "--model", str(served_model_dir), "--ready-file", str(ready_file)]
+    # It fails on its device, before loading the model: the stale file is gone all the same.
+    assert main([*args, "--simulated-device", str(tmp_path / "none.json")]) == 2
+    assert not ready_file.exists()
+    nowhere = tmp_path / "absent" / "w.ready.json"
+    assert main(["worker", "--ready-file", str(nowhere)]) == 2
+    assert f"folder {nowhere.parent} does not exist" in capsys.readouterr().err
+
+
+def test_a_worker_that_never_listens_is_killed_at_the_timeout(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    os.mkfifo(token)  # reading the token blocks until someone writes: nobody will
+    args = ["--model", str(served_model_dir), "--port", "0", "--token-file", str(token)]
+    with pytest.raises(WorkerStartError, match="did not listen within 1 s"):
+        WorkerProcess.start(args, tmp_path / "worker.log", timeout_s=1.0)
+    leftover = processes_naming(tmp_path)
+    for pid in leftover:  # a failure here must not leave a worker blocked forever
+        os.kill(pid, signal.SIGKILL)
+    assert leftover == []
+
+
+def processes_naming(path: Path) -> list[int]:
+    """The processes whose command line mentions `path`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):  # not a process, or one that just ended
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
 
 
 def test_a_missing_token_file_is_an_argument_error(

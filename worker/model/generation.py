@@ -2,6 +2,10 @@
 (different lengths, right-padded), then decode one token per row per step
 with per-row sampling parameters, stopping rows on EOS, stop strings or
 their token limit.
+
+When a sequence finishes is decided by `FinishRules` alone, for this
+module's `TextGenerator` and for the serving engine's continuous batching
+alike, so that a request ends the same way whichever of them runs it.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,6 +112,44 @@ def sample_next(
     return tokens
 
 
+@dataclass(frozen=True)
+class FinishRules:
+    """When a sequence stops growing, and why: 'eos', 'stop' or 'length'.
+
+    In this order, for each sampled token: the model's EOS token finishes
+    the sequence ('eos') and is not kept, unless the request ignores EOS;
+    otherwise the token is appended, and a stop string anywhere in the
+    decoded text finishes it ('stop'; the caller cuts the text there);
+    else reaching max_new_tokens, or the model's context with the prompt,
+    finishes it ('length')."""
+
+    eos_token_id: int
+    context: int  # the model's max_position_embeddings
+
+    def add(
+        self,
+        token: int,
+        tokens: list[int],
+        prompt_tokens: int,
+        params: SamplingParams,
+        text: Callable[[], str],
+    ) -> str:
+        """Apply the rules to `token`, appending it to the sequence's
+        generated `tokens` unless it is an EOS that ends it (so 'eos' is
+        the one reason whose token is not appended). `text()` is the
+        decoded text of `tokens`; it is asked for only when there are stop
+        strings, so a caller that shows no text decodes nothing. Returns
+        the finish reason, or '' while the sequence goes on."""
+        if token == self.eos_token_id and not params.ignore_eos:
+            return "eos"
+        tokens.append(token)
+        if params.stop and any(s in text() for s in params.stop):
+            return "stop"
+        if len(tokens) >= params.max_new_tokens or prompt_tokens + len(tokens) >= self.context:
+            return "length"
+        return ""
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the first stop string in it (all of it when none occurs)."""
     cuts = [text.find(s) for s in stop if s in text]
@@ -123,15 +166,30 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        # The row's tokens: push appends to it, and so may whoever generates
+        # (FinishRules.add), then calls pending().
         self.tokens: list[int] = []
         self.shown = 0
-        self.text = ""  # the whole decoded text so far (callers test stop strings on it)
+        self._text = ""
+        self._decoded = 0  # how many of `tokens` _text decodes
+
+    @property
+    def text(self) -> str:
+        """The whole decoded text so far (callers test stop strings on it),
+        decoded at most once per token."""
+        if self._decoded != len(self.tokens):
+            self._text = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+            self._decoded = len(self.tokens)
+        return self._text
 
     def push(self, token: int) -> str:
         """Add a token; return the text that can now be shown."""
         self.tokens.append(token)
-        text: str = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
-        self.text = text
+        return self.pending()
+
+    def pending(self) -> str:
+        """The text that can now be shown and was not yet."""
+        text = self.text
         cut = len(text.rstrip("\ufffd"))
         for stop in self.stop:
             found = text.find(stop)
@@ -212,36 +270,30 @@ class TextGenerator:
             input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         input_lengths = torch.tensor(lengths)
         cache = self.model.new_cache(batch, capacity)
+        rules = FinishRules(self.eos_token_id, context)
         active = list(range(batch))
         while active:
             logits = self.model(input_ids, cache, input_lengths=input_lengths, last_only=True)
             tokens = sample_next(logits[:, 0], per_row, generators)
             for row in list(active):
                 token = int(tokens[row])
-                if self._append(results[row], per_row[row], token, context):
+                result = results[row]
+                result.finish_reason = rules.add(
+                    token,
+                    result.token_ids,
+                    result.prompt_tokens,
+                    per_row[row],
+                    partial(self._decode, result.token_ids),
+                )
+                if result.finish_reason:
                     active.remove(row)
-                if on_token is not None and results[row].finish_reason != "eos":
+                if on_token is not None and result.finish_reason != "eos":
                     on_token(row, token)
             input_ids = tokens[:, None]
             input_lengths = torch.ones(batch, dtype=torch.long)
         for result, p in zip(results, per_row, strict=True):
             result.text = self._finish_text(result, p)
         return results
-
-    def _append(self, result: Completion, params: SamplingParams, token: int, context: int) -> bool:
-        """Record a token; return True when the row is finished."""
-        if token == self.eos_token_id and not params.ignore_eos:
-            result.finish_reason = "eos"
-            return True
-        result.token_ids.append(token)
-        if params.stop and any(s in self._decode(result.token_ids) for s in params.stop):
-            result.finish_reason = "stop"
-            return True
-        full = len(result.token_ids) >= params.max_new_tokens
-        if full or result.prompt_tokens + len(result.token_ids) >= context:
-            result.finish_reason = "length"
-            return True
-        return False
 
     def _decode(self, ids: Sequence[int]) -> str:
         text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)

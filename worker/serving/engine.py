@@ -49,7 +49,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
@@ -70,6 +70,7 @@ from elasticfleet.worker.errors import (
 from elasticfleet.worker.model.accounting import account
 from elasticfleet.worker.model.generation import (
     Completion,
+    FinishRules,
     SamplingParams,
     TextStream,
     cut_at_stop,
@@ -197,11 +198,15 @@ class _Request:
     worst_case: int
     stream: TextStream
     generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
     next_input: int = 0
     row: int = -1
     cancelled: bool = False
     held: int = 0  # iterations held back to share a prefill
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens generated so far (the stream holds them, to decode them once)."""
+        return self.stream.tokens
 
 
 @dataclass
@@ -733,47 +738,41 @@ class Engine:
         """Sample each row's token, stream it, release finished rows; returns
         the number of tokens produced."""
         tokens = sample_next(logits, [r.params for r in requests], [r.generator for r in requests])
+        config = self.model.config
+        rules = FinishRules(config.eos_token_id, config.max_position_embeddings)
         produced = 0
         for request, token in zip(requests, tokens.tolist(), strict=True):
             if request.cancelled:
                 continue
-            event = self._advance(request, int(token))
+            event = self._advance(request, int(token), rules)
             produced += len(event.token_ids)
             if event.finish_reason:  # released first: a client told "done" finds it gone
                 self._release(request)
             self._emit(request, event)
         return produced
 
-    def _advance(self, request: _Request, token: int) -> TokenEvent:
+    def _advance(self, request: _Request, token: int, rules: FinishRules) -> TokenEvent:
         """Record one sampled token; the event to stream for it."""
         params = request.params
-        context = self.model.config.max_position_embeddings
-        finish = ""
+        stream = request.stream
+        finish = rules.add(
+            token, stream.tokens, len(request.prompt_ids), params, lambda: stream.text
+        )
         new: tuple[int, ...] = ()
         text = ""
-        if token == self.model.config.eos_token_id and not params.ignore_eos:
-            finish = "eos"
-        else:
-            request.tokens.append(token)
+        if finish != "eos":  # the token was kept
             request.next_input = token
             new = (token,)
             self.counters.generated_tokens += 1
-            text = request.stream.push(token)
-            if params.stop and any(s in request.stream.text for s in params.stop):
-                finish = "stop"
-            elif (
-                len(request.tokens) >= params.max_new_tokens
-                or len(request.prompt_ids) + len(request.tokens) >= context
-            ):
-                finish = "length"
+            text = stream.pending()
         if finish:
             completion = Completion(
                 prompt_tokens=len(request.prompt_ids),
                 token_ids=request.tokens,
-                text=cut_at_stop(request.stream.text, params.stop),
+                text=cut_at_stop(stream.text, params.stop),
                 finish_reason=finish,
             )
-            text += request.stream.finish(completion)
+            text += stream.finish(completion)
         return TokenEvent(
             request_id=request.id,
             token_ids=new,

@@ -4,14 +4,14 @@ listens, stopped by its PID (`stop_process` serves any child process).
 What runs worker processes outside Kubernetes uses this: the local fleet
 demo, and the integration tests that play kubelet for the operator. The
 worker's stderr goes to a log file (a pipe nobody drains would block it
-once full); its "listening on HOST:PORT" line says where it serves, so
-`--port 0` lets the worker pick a free port without a race.
+once full). Where it serves comes from its ready file (readiness.py, next
+to the log), so `--port 0` lets the worker pick a free port without a race.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-LISTENING = re.compile(r"elasticfleet worker listening on (\S+):(\d+)")
+from elasticfleet.worker.serving.readiness import WorkerReady, read_ready_file
+
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
@@ -29,16 +30,21 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerProcess:
-    """One running `elasticfleet worker`; `address` is HOST:PORT."""
+    """One running `elasticfleet worker` and where it serves (`ready`)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], address: str, log: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], ready: WorkerReady, log: Path) -> None:
         self.process = process
-        self.address = address
+        self.ready = ready
         self.log = log
 
     @property
+    def address(self) -> str:
+        """HOST:PORT of its gRPC server."""
+        return self.ready.address
+
+    @property
     def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
+        return self.ready.port
 
     @classmethod
     def start(
@@ -49,9 +55,17 @@ class WorkerProcess:
         timeout_s: float = START_TIMEOUT_S,
     ) -> WorkerProcess:
         """Run `elasticfleet worker ARGS` with this Python (its environment
-        plus `env`) and return once it listens. Raises WorkerStartError,
-        with the log's tail, if it exits first or takes over `timeout_s`."""
-        command = [sys.executable, "-m", "elasticfleet.cli", "worker", *args]
+        plus `env`) and return once it listens, that is once it has written
+        its ready file (`log` with the suffix .ready.json). Raises
+        WorkerStartError, with the log's tail, if it exits first or takes
+        over `timeout_s`."""
+        ready_file = log.with_suffix(".ready.json")
+        # Gone before the worker starts, so a file found is the new worker's.
+        ready_file.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "elasticfleet.cli", "worker", *args,
+            "--ready-file", str(ready_file),
+        ]  # fmt: skip
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 command,
@@ -62,9 +76,8 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                found = LISTENING.search(log.read_text(errors="replace"))
-                if found:
-                    return cls(process, f"{found.group(1)}:{found.group(2)}", log)
+                with contextlib.suppress(FileNotFoundError):  # not yet
+                    return cls(process, read_ready_file(ready_file), log)
                 if process.poll() is not None:
                     raise WorkerStartError(
                         f"worker exited with status {process.returncode}:\n{_tail(log)}"
