@@ -9,15 +9,13 @@ shows how long a fleet has been Degraded.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+# Re-exported: callers import it from here.
+from elasticfleet.operator.wire import timestamp as timestamp
+
 Condition = dict[str, Any]
-
-
-def timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC with second precision, as Kubernetes writes times."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(

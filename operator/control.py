@@ -62,8 +62,8 @@ from elasticfleet.operator.budget import (
     planned_load,
 )
 from elasticfleet.operator.conditions import Condition, set_condition, timestamp
-from elasticfleet.operator.crds import MAX_PLAN_HISTORY
 from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.operator.status import MAX_PLAN_HISTORY
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient
