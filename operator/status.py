@@ -26,10 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
-from elasticfleet.operator.wire import ApiObject, FieldSpec, api
+from elasticfleet.operator.wire import ApiObject, FieldSpec, OpenEnum, api
 
 # The most workers a fleet has (its spec's replicas bound) and status shows.
 MAX_WORKERS = 1000
@@ -47,19 +46,15 @@ VERSION_LENGTH = 20
 MESSAGE_LENGTH = 4096
 
 
-class ConditionStatus(StrEnum):
+class ConditionStatus(OpenEnum):
     """Whether a condition holds (metav1.ConditionStatus)."""
 
     TRUE = "True"
     FALSE = "False"
     UNKNOWN = "Unknown"
 
-    @classmethod
-    def _missing_(cls, value: object) -> ConditionStatus:
-        return cls.UNKNOWN
 
-
-class DeviceSource(StrEnum):
+class DeviceSource(OpenEnum):
     """Where a worker's device figures come from: NVML (a GPU), the host's
     memory (no GPU), a simulated device (demos and tests) or unknown (a
     worker that does not say, or a source newer than this operator)."""
@@ -68,10 +63,6 @@ class DeviceSource(StrEnum):
     HOST = "host"
     SIMULATED = "simulated"
     UNKNOWN = "unknown"
-
-    @classmethod
-    def _missing_(cls, value: object) -> DeviceSource:
-        return cls.UNKNOWN
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ bounds), and everything else is derived from that declaration:
   merge patch means "leave as it is";
 - `ApiObject.from_dict()` reads what a cluster holds leniently: a missing
   field takes its default, an unknown key is ignored, an enum value this
-  code does not know takes the enum's `_missing_` answer, so a status
-  written by an older or newer operator still reads;
+  code does not know reads as unknown (`OpenEnum`), so a status written by
+  an older or newer operator still reads;
 - `schema_of()` is the OpenAPI v3 schema of the type, for the CRD (crds.py);
 - construction enforces the schema's bounds, so that nothing the model holds
   can be refused: strings longer than their maxLength are cut (a worker
@@ -38,7 +38,7 @@ import re
 import types
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, ClassVar, Self, Union, get_args, get_origin, get_type_hints
 
 Schema = dict[str, Any]
@@ -86,6 +86,15 @@ def boolean(description: str, **extra: Any) -> Schema:
 
 def array(description: str, items: Schema, **extra: Any) -> Schema:
     return {"type": "array", "description": description, "items": items, **extra}
+
+
+class OpenEnum(StrEnum):
+    """An enum on the wire that a newer writer may extend: a value this code
+    does not know reads as the member UNKNOWN, which every subclass has."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Self:
+        return cls["UNKNOWN"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,7 @@ from kmock._internal import enums, rendering
 from kmock._internal.k8s import KubernetesObjectConflictError
 
 from elasticfleet.operator import crds
-from elasticfleet.operator.conditions import timestamp
+from elasticfleet.operator.wire import timestamp
 
 T = TypeVar("T")
 
