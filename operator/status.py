@@ -14,11 +14,10 @@ camelCase of them unless a field names its own (keptFFN).
 
 Beyond what the schema requires (a worker's pod; a condition's type,
 status, reason, message and time) every field has a default, so a status
-written by an older operator reads. The fleet
-status's top-level fields are None unless set: a patch carries only what
-its writer owns (the spec handler writes observedGeneration and
-conditions, the control timer everything). See docs/architecture.md, "The
-status model".
+written by an older operator reads. The fleet status's top-level fields are
+None unless set: a patch carries only what its writer owns (the spec
+handler writes observedGeneration and conditions, the control timer
+everything). See docs/architecture.md, "The status model".
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from elasticfleet.operator.wire import ApiObject, FieldSpec, OpenEnum, api
 MAX_WORKERS = 1000
 # Plan changes the fleet status keeps, newest last.
 MAX_PLAN_HISTORY = 10
+# Conditions an object has (Available, Progressing, Degraded; Ready), with room.
 MAX_CONDITIONS = 8
 
 # A condition reason: one CamelCase word (metav1.Condition's pattern).

@@ -23,7 +23,8 @@ bounds), and everything else is derived from that declaration:
   last (newest) items, times are kept in UTC to the second (what the wire
   holds, so an object equals itself read back), and a number below its
   minimum, a non-finite float or a string off its pattern is a ValueError
-  (only a bug produces one).
+  (a bug, or a worker reporting nonsense: the control loop then fails that
+  worker alone, never the patch).
 
 The schema node builders (`obj`, `string`, ...) are the ones the
 hand-written spec schemas use too, so both halves of a CRD share one shape.
