@@ -88,12 +88,11 @@ async def measure(count: int, policy: str, repeats: int, seed: int) -> dict[str,
     changed: list[int] = []
     try:
         for _ in range(repeats):
-            controller = FleetController(
-                fleet_spec(policy), profile, plaintext_connect, RecordingSink()
-            )
+            controller = FleetController(fleet_spec(policy), profile, plaintext_connect)
+            sink = RecordingSink()
             try:
                 start = time.perf_counter()
-                report = await controller.tick(endpoints)
+                report = await controller.tick(endpoints, sink)
                 cold.append(time.perf_counter() - start)
                 failed = [o for o in report.outcomes if o.error_reason]
                 if failed:
@@ -101,7 +100,7 @@ async def measure(count: int, policy: str, repeats: int, seed: int) -> dict[str,
                 for worker in rng.sample(workers, max(1, count // 10)):
                     squeeze(worker, rng)
                 start = time.perf_counter()
-                report = await controller.tick(endpoints)
+                report = await controller.tick(endpoints, sink)
                 steady.append(time.perf_counter() - start)
                 changed.append(sum(o.changed for o in report.outcomes))
             finally:

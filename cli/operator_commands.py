@@ -22,12 +22,13 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from elasticfleet.cli.options import Commands, bearer_token, token_options
 
 if TYPE_CHECKING:
     from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
+    from elasticfleet.operator.status import FleetStatus
 
 
 def register(commands: Commands) -> None:
@@ -136,9 +137,9 @@ class _PrintingSink:
     """Events to stderr as they happen; the last status kept for stdout."""
 
     def __init__(self) -> None:
-        self.status: dict[str, Any] = {}
+        self.status: FleetStatus | None = None
 
-    async def patch_status(self, status: dict[str, Any]) -> None:
+    async def patch_status(self, status: FleetStatus) -> None:
         self.status = status
 
     async def post_event(self, event: FleetEvent) -> None:
@@ -160,25 +161,26 @@ def _loop(args: argparse.Namespace) -> int:
     interval = spec.memory.plan_interval_s if args.interval is None else args.interval
     sink = _PrintingSink()
 
+    # Without AdapterSet objects, each adapter set is loaded by its name.
+    adapters = [AdapterWant(name) for name in spec.adapters]
+
     async def run() -> None:
         controller = FleetController(
             spec,
             profile_for_model(spec.model_name),
             Credentials(token=bearer_token(args)).connect(),
-            sink,
         )
-        # Without AdapterSet objects, each adapter set is loaded by its name.
-        controller.adapters = tuple(AdapterWant(name) for name in spec.adapters)
         try:
             for tick in range(args.ticks):
                 if tick:
                     await asyncio.sleep(interval)
-                await controller.tick(args.worker)
+                await controller.tick(args.worker, sink, adapters)
         finally:
             await controller.close()
 
     asyncio.run(run())
-    sys.stdout.write(yaml.safe_dump({"status": sink.status}, sort_keys=False))
+    status = {} if sink.status is None else sink.status.to_dict()
+    sys.stdout.write(yaml.safe_dump({"status": status}, sort_keys=False))
     return 0
 
 

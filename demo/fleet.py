@@ -50,17 +50,17 @@ from elasticfleet.demo.record import (
     render_table,
 )
 from elasticfleet.operator.budget import DeviceFigures, derive_budget
-from elasticfleet.operator.conditions import timestamp
 from elasticfleet.operator.control import (
     FleetController,
     FleetEvent,
-    Status,
     WorkerEndpoint,
     plaintext_connect,
     plan_id,
     utc_now,
 )
 from elasticfleet.operator.spec import FleetSpec, MemoryPolicy
+from elasticfleet.operator.status import FleetStatus
+from elasticfleet.operator.wire import timestamp
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient, generate_request
@@ -211,7 +211,7 @@ class _EventPrinter:
     def __init__(self, say: Say) -> None:
         self.say = say
 
-    async def patch_status(self, status: Status) -> None:
+    async def patch_status(self, status: FleetStatus) -> None:
         pass
 
     async def post_event(self, event: FleetEvent) -> None:
@@ -286,7 +286,8 @@ class FleetDemo:
                 "figures": asdict(self.figures),
             }
         )
-        self.controller = FleetController(self.spec, profile, plaintext_connect, _EventPrinter(say))
+        self.controller = FleetController(self.spec, profile, plaintext_connect)
+        self.events = _EventPrinter(say)
         self.plenty_answers: dict[str, Answer] = {}
 
     async def run(self) -> DemoResult:
@@ -308,7 +309,7 @@ class FleetDemo:
         self.say(story)
 
     async def _tick(self, phase: str) -> TickRecord:
-        report = await self.controller.tick(self.fleet.endpoints())
+        report = await self.controller.tick(self.fleet.endpoints(), self.events)
         record = TickRecord.from_report(len(self.result.ticks), phase, timestamp(utc_now()), report)
         self.result.ticks.append(record)
         self.say(render_table(record))
@@ -377,7 +378,7 @@ class FleetDemo:
         )
         self.fleet.set_others(pod, others)
         first = await self._tick("squeeze")
-        changes = [c for c in first.changes if c["pod"] == pod]
+        changes = [c for c in first.changes if c.pod == pod]
         expect(bool(changes), f"squeeze: {pod} got no new plan")
         settled = await self._settle("squeeze")
         row = settled.worker(pod)
@@ -392,16 +393,16 @@ class FleetDemo:
             f"squeeze: {other}'s plan changed",
         )
         change = changes[0]
-        plan = change["plan"]
         self.say(
             f"{pod} now keeps {row.kept_attention}/{self.layers} attention and "
             f"{row.kept_ffn}/{self.layers} FFN blocks (plan {row.plan_id}): attention "
-            f"dropped in layers {plan['droppedAttention']}, FFN in {plan['droppedFFN']}.\n"
+            f"dropped in layers {list(change.plan.dropped_attention)}, "
+            f"FFN in {list(change.plan.dropped_ffn)}.\n"
             f"Weights {format_bytes(before.worker(pod).weight_bytes)} -> "
             f"{format_bytes(row.weight_bytes)}; predicted with KV "
-            f"{format_bytes(change['predictedBytes'])} within the budget of "
-            f"{format_bytes(change['budgetBytes'])}; predicted perplexity "
-            f"x{change['predictedPerplexityRatio']:.2f} of the dense model's.\n"
+            f"{format_bytes(change.predicted_bytes)} within the budget of "
+            f"{format_bytes(change.budget_bytes)}; predicted perplexity "
+            f"x{change.predicted_perplexity_ratio:.2f} of the dense model's.\n"
             f"Both workers answer: {pod} under its new plan, {other} still dense."
         )
         answers = await self._answer("squeeze", [pod, other])

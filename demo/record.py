@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elasticfleet.operator.control import FleetEvent, Status, TickReport
+from elasticfleet.operator.control import FleetEvent, TickReport
+from elasticfleet.operator.status import DeviceMemory, PlanRecord, PlanSummary, WorkerStatus
 
 
 def format_bytes(count: int) -> str:
@@ -40,35 +41,36 @@ class WorkerRow:
     message: str
 
     @classmethod
-    def from_status(cls, entry: Status) -> WorkerRow:
+    def from_status(cls, entry: WorkerStatus) -> WorkerRow:
         """From a `status.workers` entry; a worker never reached has zeros."""
-        device = entry.get("device", {})
-        plan = entry.get("plan", {})
+        device = entry.device or DeviceMemory()
+        plan = entry.plan or PlanSummary()
         return cls(
-            pod=entry["pod"],
-            reachable=bool(entry.get("reachable")),
-            total_bytes=device.get("totalBytes", 0),
-            used_bytes=device.get("usedBytes", 0),
-            budget_bytes=entry.get("budgetBytes", 0),
-            kept_attention=plan.get("keptAttention", 0),
-            kept_ffn=plan.get("keptFFN", 0),
-            weight_bytes=entry.get("weightBytes", 0),
-            plan_id=plan.get("id", ""),
-            message=entry.get("message", ""),
+            pod=entry.pod,
+            reachable=entry.reachable,
+            total_bytes=device.total_bytes,
+            used_bytes=device.used_bytes,
+            budget_bytes=entry.budget_bytes or 0,
+            kept_attention=plan.kept_attention,
+            kept_ffn=plan.kept_ffn,
+            weight_bytes=entry.weight_bytes or 0,
+            plan_id=plan.id,
+            message=entry.message,
         )
 
 
 @dataclass(frozen=True)
 class TickRecord:
-    """One control tick: the workers, the fleet's conditions, the plan
-    changes (the status's lastPlans entries) and the Events it posted."""
+    """One control tick: the workers, the fleet's conditions (status,
+    reason and message by type), the plan changes (the status's lastPlans
+    entries) and the Events it posted."""
 
     tick: int
     phase: str
     time: str
     workers: tuple[WorkerRow, ...]
     conditions: dict[str, dict[str, str]]
-    changes: tuple[Status, ...]
+    changes: tuple[PlanRecord, ...]
     events: tuple[FleetEvent, ...]
 
     @classmethod
@@ -78,10 +80,10 @@ class TickRecord:
             tick=tick,
             phase=phase,
             time=time,
-            workers=tuple(WorkerRow.from_status(w) for w in status["workers"]),
+            workers=tuple(WorkerRow.from_status(w) for w in status.workers or ()),
             conditions={
-                c["type"]: {k: c[k] for k in ("status", "reason", "message")}
-                for c in status["conditions"]
+                c.type: {"status": c.status.value, "reason": c.reason, "message": c.message}
+                for c in status.conditions or ()
             },
             changes=tuple(o.record for o in report.outcomes if o.record is not None),
             events=tuple(report.events),
@@ -94,7 +96,8 @@ class TickRecord:
         return self.conditions.get(kind, {}).get("status") == "True"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as JSON; the plan changes as the status shows them."""
+        return {**asdict(self), "changes": [change.to_dict() for change in self.changes]}
 
 
 TABLE_COLUMNS = ("worker", "device used / total", "budget", "attn", "ffn", "weights", "plan", "up")

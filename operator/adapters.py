@@ -8,7 +8,7 @@ names, so a typo or a stale spec would surface as load failures on every
 worker. This check reads the version's manifest (no blobs) and compares it
 with the spec: base model, rank, modules, router, and that every task the
 spec names has a head. The result is the AdapterSet's status, with the
-version, its manifest's sha256 digest and its size.
+version, its manifest's sha256 digest and its size (status.AdapterSetStatus).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from elasticfleet.operator.conditions import Condition, set_condition
+from elasticfleet.operator.conditions import set_condition
 from elasticfleet.operator.spec import SecretUnavailable
+from elasticfleet.operator.status import AdapterSetStatus, Condition
 from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
@@ -133,24 +134,25 @@ async def check_in_stores(
 
 
 def adapter_status(
-    check: AdapterCheck, conditions: list[Condition], *, now: datetime, generation: int
-) -> dict[str, Any]:
+    check: AdapterCheck, conditions: Sequence[Condition], *, now: datetime, generation: int
+) -> AdapterSetStatus:
     """The AdapterSet's status for a check."""
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "ready": check.ready,
-        "conditions": set_condition(
-            conditions,
-            "Ready",
-            check.ready,
-            check.reason,
-            check.message,
-            now=now,
-            generation=generation,
-        ),
-    }
-    if check.manifest is not None:
-        status["version"] = str(check.manifest.version)
-        status["digest"] = hashlib.sha256(check.manifest.to_json().encode()).hexdigest()
-        status["sizeBytes"] = check.manifest.total_bytes
-    return status
+    ready = set_condition(
+        conditions,
+        "Ready",
+        check.ready,
+        check.reason,
+        check.message,
+        now=now,
+        generation=generation,
+    )
+    status = AdapterSetStatus(observed_generation=generation, conditions=ready, ready=check.ready)
+    manifest = check.manifest
+    if manifest is None:
+        return status
+    return replace(
+        status,
+        version=str(manifest.version),
+        digest=hashlib.sha256(manifest.to_json().encode()).hexdigest(),
+        size_bytes=manifest.total_bytes,
+    )

@@ -9,19 +9,14 @@ shows how long a fleet has been Degraded.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Sequence
+from datetime import datetime
 
-Condition = dict[str, Any]
-
-
-def timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC with second precision, as Kubernetes writes times."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+from elasticfleet.operator.status import Condition, ConditionStatus
 
 
 def set_condition(
-    conditions: list[Condition],
+    conditions: Sequence[Condition],
     kind: str,
     status: bool,
     reason: str,
@@ -29,22 +24,14 @@ def set_condition(
     *,
     now: datetime,
     generation: int,
-) -> list[Condition]:
+) -> tuple[Condition, ...]:
     """`conditions` with condition `kind` set; the others are kept in order."""
-    value = "True" if status else "False"
-    previous = next((c for c in conditions if c.get("type") == kind), None)
-    if previous is None or previous.get("status") != value:
-        changed = timestamp(now)
-    else:
-        changed = previous["lastTransitionTime"]
-    condition: Condition = {
-        "type": kind,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": changed,
-        "observedGeneration": generation,
-    }
+    value = ConditionStatus.TRUE if status else ConditionStatus.FALSE
+    previous = next((c for c in conditions if c.type == kind), None)
+    changed = now
+    if previous is not None and previous.status == value:
+        changed = previous.last_transition_time
+    condition = Condition(kind, value, reason, message, changed, generation)
     if previous is None:
-        return [*conditions, condition]
-    return [condition if c is previous else c for c in conditions]
+        return (*conditions, condition)
+    return tuple(condition if c is previous else c for c in conditions)

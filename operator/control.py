@@ -12,9 +12,13 @@ tick:
    retrying transient failures per worker with exponential backoff;
 4. rolls out the fleet's adapter sets: loads the ones a worker lacks (or
    holds at another version) and unloads the ones the fleet dropped;
-5. writes one status patch (every worker's figures, the last plans, the
-   Available and Degraded conditions) and one Event per plan change through
-   the injected `FleetSink`.
+5. writes one status patch (a typed `FleetStatus`, status.py: every
+   worker's figures, the last plans, the Available and Degraded conditions)
+   and one Event per plan change through the `FleetSink` it is given.
+
+What varies from tick to tick (the ready workers, where results go, the
+adapter sets the fleet serves) is passed to `tick`; what lasts (the spec,
+the connections, the last status) is the controller's.
 
 Workers are reached through an injected `connect`; the asyncio gRPC client
 (`elasticfleet.worker.serving.client.AsyncWorkerClient`) fits it as it is. A worker
@@ -41,11 +45,11 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -61,9 +65,20 @@ from elasticfleet.operator.budget import (
     derive_budget,
     planned_load,
 )
-from elasticfleet.operator.conditions import Condition, set_condition, timestamp
-from elasticfleet.operator.crds import MAX_PLAN_HISTORY
+from elasticfleet.operator.conditions import set_condition
 from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.operator.status import (
+    MAX_PLAN_HISTORY,
+    AdapterHeld,
+    Condition,
+    DeviceMemory,
+    DeviceSource,
+    FleetStatus,
+    PlanRecord,
+    PlanSummary,
+    RequestMix,
+    WorkerStatus,
+)
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient
@@ -71,7 +86,6 @@ from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Status = dict[str, Any]
 
 # Why a worker is not being planned, most severe first: the Degraded
 # condition carries the reason of the most severe one present.
@@ -106,10 +120,12 @@ TRANSIENT = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# The worker's MemorySource as the status names it (unspecified: unknown).
 SOURCES = {
-    pb.MEMORY_SOURCE_NVML: "nvml",
-    pb.MEMORY_SOURCE_HOST: "host",
-    pb.MEMORY_SOURCE_SIMULATED: "simulated",
+    pb.MEMORY_SOURCE_UNSPECIFIED: DeviceSource.UNKNOWN,
+    pb.MEMORY_SOURCE_NVML: DeviceSource.NVML,
+    pb.MEMORY_SOURCE_HOST: DeviceSource.HOST,
+    pb.MEMORY_SOURCE_SIMULATED: DeviceSource.SIMULATED,
 }
 PROFILES_ENV = "ELASTICFLEET_PROFILES"
 # Decisions remembered across ticks; the memo starts over when it is full.
@@ -182,7 +198,7 @@ class FleetEvent:
 class FleetSink(Protocol):
     """Where a tick's results go: the fleet's status subresource and Events."""
 
-    async def patch_status(self, status: Status) -> None: ...
+    async def patch_status(self, status: FleetStatus) -> None: ...
 
     async def post_event(self, event: FleetEvent) -> None: ...
 
@@ -229,14 +245,15 @@ def plan_id(plan: PruningPlan) -> str:
     return "p-" + hashlib.sha256(bits.encode()).hexdigest()[:12]
 
 
-def plan_status(plan: PruningPlan, identifier: str) -> Status:
-    return {
-        "id": identifier,
-        "keptAttention": sum(plan.keep_attention),
-        "keptFFN": sum(plan.keep_ffn),
-        "droppedAttention": plan.dropped_attention,
-        "droppedFFN": plan.dropped_ffn,
-    }
+def plan_summary(plan: PruningPlan, identifier: str) -> PlanSummary:
+    """How the status shows `plan`, under the id the worker reports for it."""
+    return PlanSummary(
+        identifier,
+        sum(plan.keep_attention),
+        sum(plan.keep_ffn),
+        tuple(plan.dropped_attention),
+        tuple(plan.dropped_ffn),
+    )
 
 
 def profile_for_model(model_name: str) -> ModelProfile:
@@ -284,11 +301,11 @@ class WorkerOutcome:
     """What one tick did with one worker."""
 
     endpoint: WorkerEndpoint
-    status: Status
+    status: WorkerStatus
     error_reason: str = ""
     error: str = ""
     plan: PruningPlan | None = None
-    record: Status | None = None  # the lastPlans entry when the plan changed
+    record: PlanRecord | None = None  # when the plan changed
 
     @property
     def changed(self) -> bool:
@@ -300,7 +317,7 @@ class TickReport:
     """A tick's outcomes and what it sent to the sink."""
 
     outcomes: list[WorkerOutcome]
-    status: Status
+    status: FleetStatus
     events: list[FleetEvent] = field(default_factory=list)
 
 
@@ -312,27 +329,26 @@ class FleetController:
         spec: FleetSpec,
         profile: ModelProfile,
         connect: Connect,
-        sink: FleetSink,
         *,
         generation: int = 0,
-        status: Status | None = None,
+        status: FleetStatus | None = None,
         settings: LoopSettings | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Clock = utc_now,
     ) -> None:
         self.profile = profile
         self.connect = connect
-        self.sink = sink
         self.settings = settings or LoopSettings()
         self.sleep = sleep
         self.clock = clock
         self._connections: dict[str, WorkerConnection] = {}
-        previous = status or {}
-        self._workers: dict[str, Status] = {w["pod"]: w for w in previous.get("workers", [])}
-        self._history: list[Status] = list(previous.get("lastPlans", []))
-        self._conditions: list[Condition] = list(previous.get("conditions", []))
+        # Seeded from the fleet's last status, a restarted operator compares
+        # plans with what is in force and keeps the conditions' times.
+        previous = status or FleetStatus()
+        self._workers = {w.pod: w for w in previous.workers or ()}
+        self._history = list(previous.last_plans or ())
+        self._conditions: tuple[Condition, ...] = previous.conditions or ()
         self._worker_errors: dict[str, str] = {}
-        self.adapters: tuple[AdapterWant, ...] = ()
         self._decider = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elasticfleet-policy")
         self.update(spec, generation)
 
@@ -360,10 +376,17 @@ class FleetController:
         self.connect = connect
         await self._close_connections(list(self._connections))
 
-    async def tick(self, endpoints: Sequence[WorkerEndpoint]) -> TickReport:
-        """One round over `endpoints` (the fleet's ready workers)."""
+    async def tick(
+        self,
+        endpoints: Sequence[WorkerEndpoint],
+        sink: FleetSink,
+        adapters: Sequence[AdapterWant] = (),
+    ) -> TickReport:
+        """One round over `endpoints` (the fleet's ready workers), rolling
+        out `adapters` (the adapter sets the fleet serves now); the status
+        and Events go to `sink`."""
         await self._forget_gone(endpoints)
-        outcomes = list(await asyncio.gather(*(self._guarded(e) for e in endpoints)))
+        outcomes = list(await asyncio.gather(*(self._guarded(e, adapters) for e in endpoints)))
         now = self.clock()
         events = self._events(outcomes)
         for outcome in outcomes:
@@ -372,15 +395,15 @@ class FleetController:
                 self._history.append(outcome.record)
         self._history = self._history[-MAX_PLAN_HISTORY:]
         self._set_conditions(outcomes, now)
-        status: Status = {
-            "observedGeneration": self.generation,
-            "conditions": self._conditions,
-            "workers": [self._workers[e.pod] for e in sorted(endpoints, key=lambda e: e.pod)],
-            "lastPlans": self._history,
-        }
-        await self.sink.patch_status(status)
+        status = FleetStatus(
+            observed_generation=self.generation,
+            conditions=self._conditions,
+            workers=tuple(self._workers[e.pod] for e in sorted(endpoints, key=lambda e: e.pod)),
+            last_plans=tuple(self._history),
+        )
+        await sink.patch_status(status)
         for event in events:
-            await self.sink.post_event(event)
+            await sink.post_event(event)
         return TickReport(outcomes, status, events)
 
     async def _forget_gone(self, endpoints: Sequence[WorkerEndpoint]) -> None:
@@ -415,30 +438,37 @@ class FleetController:
             delay = min(delay * 2, self.settings.backoff_max_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _base_status(self, endpoint: WorkerEndpoint) -> Status:
-        return {"pod": endpoint.pod, "node": endpoint.node, "address": endpoint.address}
-
     def _failed(
-        self, endpoint: WorkerEndpoint, reason: str, message: str, observed: Status | None = None
+        self,
+        endpoint: WorkerEndpoint,
+        reason: str,
+        message: str,
+        observed: WorkerStatus | None = None,
     ) -> WorkerOutcome:
         """A worker not planned this tick. An unreachable one keeps the figures
         it last reported; a reachable one shows what it just reported."""
         if observed is None:
-            status = {**self._workers.get(endpoint.pod, {}), **self._base_status(endpoint)}
+            last = self._workers.get(endpoint.pod, WorkerStatus(endpoint.pod))
+            observed = replace(last, pod=endpoint.pod, node=endpoint.node, address=endpoint.address)
+            reachable = False
         else:
-            status = dict(observed)
-        status.update(reachable=observed is not None, message=f"{reason}: {message}")
+            reachable = True
+        status = replace(observed, reachable=reachable, message=f"{reason}: {message}")
         return WorkerOutcome(endpoint, status, error_reason=reason, error=message)
 
-    async def _guarded(self, endpoint: WorkerEndpoint) -> WorkerOutcome:
+    async def _guarded(
+        self, endpoint: WorkerEndpoint, adapters: Sequence[AdapterWant]
+    ) -> WorkerOutcome:
         """One worker's round; a bug there fails that worker, not the tick."""
         try:
-            return await self._worker(endpoint)
+            return await self._worker(endpoint, adapters)
         except Exception as error:
             log.exception("planning worker %s failed", endpoint.pod)
             return self._failed(endpoint, INTERNAL_ERROR, _describe_error(error))
 
-    async def _worker(self, endpoint: WorkerEndpoint) -> WorkerOutcome:
+    async def _worker(
+        self, endpoint: WorkerEndpoint, adapters: Sequence[AdapterWant]
+    ) -> WorkerOutcome:
         connection = self._connection(endpoint)
         timeout = self.settings.stats_timeout_s
         try:
@@ -478,24 +508,27 @@ class FleetController:
         if outcome.error_reason:
             return outcome
         try:
-            outcome.status["adapters"] = await self._roll_out_adapters(connection)
+            held = await self._roll_out_adapters(connection, adapters)
         except Exception as error:
             failed = self._failed(endpoint, ADAPTER_FAILED, _describe_error(error), outcome.status)
             failed.plan, failed.record = outcome.plan, outcome.record
             return failed
+        outcome.status = replace(outcome.status, adapters=held)
         return outcome
 
-    async def _roll_out_adapters(self, connection: WorkerConnection) -> list[Status]:
+    async def _roll_out_adapters(
+        self, connection: WorkerConnection, adapters: Sequence[AdapterWant]
+    ) -> tuple[AdapterHeld, ...]:
         """Load the wanted adapter sets a worker lacks (or holds at another
         version), unload the ones the fleet no longer serves; what it holds."""
         timeout = self.settings.adapter_timeout_s
         listed = await self._retrying(lambda: connection.list_adapters(timeout=timeout))
         held = {a.name: a for a in listed.adapters}
-        wanted = {want.name: want for want in self.adapters}
+        wanted = {want.name: want for want in adapters}
         for name in sorted(set(held) - set(wanted)):
             await self._retrying(partial(connection.unload_adapter, name, timeout=timeout))
             del held[name]
-        for want in self.adapters:
+        for want in adapters:
             have = held.get(want.name)
             if have is None or (want.version and have.version != want.version):
                 load = partial(
@@ -503,10 +536,10 @@ class FleetController:
                 )
                 response = await self._retrying(load)
                 held[want.name] = response.adapter
-        return [
-            {"name": a.name, "version": a.version, "bytes": a.bytes}
+        return tuple(
+            AdapterHeld(a.name, a.version, a.bytes)
             for a in sorted(held.values(), key=lambda a: a.name)
-        ]
+        )
 
     def _current_plan(self, stats: pb.GetStatsResponse) -> PruningPlan:
         blocks = self.profile.num_blocks
@@ -543,7 +576,7 @@ class FleetController:
         endpoint: WorkerEndpoint,
         connection: WorkerConnection,
         stats: pb.GetStatsResponse,
-        status: Status,
+        status: WorkerStatus,
         current: PruningPlan,
         plan: PruningPlan,
         budget: int,
@@ -565,60 +598,65 @@ class FleetController:
         except Exception as error:
             return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
         # What the worker holds now, not what it held when asked for stats.
-        status["budgetBytes"] = budget
+        summary = plan_summary(plan, response.plan_id or identifier)
+        status = replace(status, budget_bytes=budget, plan=summary)
         if response.HasField("memory"):  # a worker older than the field answers without it
-            status["weightBytes"] = response.memory.weight_bytes
-            status["kvBytes"] = response.memory.kv_reserved_bytes
-        status["plan"] = plan_status(plan, response.plan_id or identifier)
+            memory = response.memory
+            status = replace(
+                status, weight_bytes=memory.weight_bytes, kv_bytes=memory.kv_reserved_bytes
+            )
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:
             before = self._predicted(current, load)
             side = "over" if before > budget else "within"
-            outcome.record = {
-                "time": timestamp(self.clock()),
-                "pod": endpoint.pod,
-                "plan": status["plan"],
-                "reason": (
+            outcome.record = PlanRecord(
+                time=self.clock(),
+                pod=endpoint.pod,
+                plan=summary,
+                reason=(
                     f"the previous plan needed {before:,} bytes, {side} the budget of "
                     f"{budget:,} at batch {load.batch_size} x {load.seq_len} tokens"
                 ),
-                "budgetBytes": budget,
-                "predictedBytes": self._predicted(plan, load),
-                "predictedPerplexityRatio": round(ratio, 4),
-            }
+                budget_bytes=budget,
+                predicted_bytes=self._predicted(plan, load),
+                predicted_perplexity_ratio=round(ratio, 4),
+            )
         return outcome
 
-    def _observed(self, endpoint: WorkerEndpoint, stats: pb.GetStatsResponse) -> Status:
+    def _observed(self, endpoint: WorkerEndpoint, stats: pb.GetStatsResponse) -> WorkerStatus:
         """The status entry for what a worker reported."""
-        memory, mix = stats.memory, stats.mix
+        memory, mix, device = stats.memory, stats.mix, stats.device
         keep = list(stats.keep_mask)
-        status = self._base_status(endpoint)
-        status.update(
+        plan = None
+        if keep and len(keep) % 2 == 0 and any(keep):
+            plan = plan_summary(PruningPlan.from_mask(keep), stats.plan_id)
+        return WorkerStatus(
+            endpoint.pod,
+            endpoint.node,
+            endpoint.address,
             reachable=True,
             message="",
-            lastSeen=timestamp(self.clock()),
-            device={
-                "totalBytes": stats.device.total_bytes,
-                "usedBytes": stats.device.used_bytes,
-                "freeBytes": stats.device.free_bytes,
-                "source": SOURCES.get(stats.device.source, "unknown"),
-            },
-            budgetBytes=memory.budget_bytes,
-            weightBytes=memory.weight_bytes,
-            kvBytes=memory.kv_reserved_bytes,
-            requestMix={
-                "windowSeconds": mix.window_seconds,
-                "batchSizeP90": mix.batch_size_p90,
-                "sequenceTokensP90": mix.sequence_tokens_p90,
-                "finishedRequests": mix.finished_requests,
-                "tokensPerSecond": stats.tokens_per_second,
-                "queueDepth": stats.queue_depth,
-                "activeSequences": stats.active_sequences,
-            },
+            last_seen=self.clock(),
+            device=DeviceMemory(
+                device.total_bytes,
+                device.used_bytes,
+                device.free_bytes,
+                SOURCES.get(device.source, DeviceSource.UNKNOWN),
+            ),
+            budget_bytes=memory.budget_bytes,
+            plan=plan,
+            weight_bytes=memory.weight_bytes,
+            kv_bytes=memory.kv_reserved_bytes,
+            request_mix=RequestMix(
+                mix.window_seconds,
+                mix.batch_size_p90,
+                mix.sequence_tokens_p90,
+                mix.finished_requests,
+                stats.tokens_per_second,
+                stats.queue_depth,
+                stats.active_sequences,
+            ),
         )
-        if keep and len(keep) % 2 == 0 and any(keep):
-            status["plan"] = plan_status(PruningPlan.from_mask(keep), stats.plan_id)
-        return status
 
     def _events(self, outcomes: list[WorkerOutcome]) -> list[FleetEvent]:
         events = []
@@ -630,9 +668,9 @@ class FleetController:
                     FleetEvent(
                         "Normal",
                         "PlanChanged",
-                        f"{pod}: {outcome.plan.describe()} (plan {record['plan']['id']}); "
-                        f"{record['reason']}; predicted {record['predictedBytes']:,} bytes, "
-                        f"perplexity x{record['predictedPerplexityRatio']:.2f}",
+                        f"{pod}: {outcome.plan.describe()} (plan {record.plan.id}); "
+                        f"{record.reason}; predicted {record.predicted_bytes:,} bytes, "
+                        f"perplexity x{record.predicted_perplexity_ratio:.2f}",
                         pod,
                     )
                 )
@@ -649,7 +687,7 @@ class FleetController:
         return events
 
     def _set_conditions(self, outcomes: list[WorkerOutcome], now: datetime) -> None:
-        serving = sum(1 for o in outcomes if o.status.get("reachable"))
+        serving = sum(1 for o in outcomes if o.status.reachable)
         failed = [o for o in outcomes if o.error_reason]
         total = len(outcomes)
         if serving:
@@ -660,7 +698,7 @@ class FleetController:
             available = (False, "NoReadyWorkers", "no worker is ready yet")
         if failed:
             reason = min((o.error_reason for o in failed), key=SEVERITY.index)
-            lines = [f"{o.endpoint.pod}: {o.status['message']}" for o in failed]
+            lines = [f"{o.endpoint.pod}: {o.status.message}" for o in failed]
             degraded = (True, reason, "; ".join(lines)[:4000])
         elif total:
             degraded = (False, "AllWorkersPlanned", f"all {total} workers run their plans")

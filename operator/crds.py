@@ -7,7 +7,9 @@ Every field carries a description and the validation an API server can do
 for us (types, enums, bounds, patterns, and CEL rules for cross-field and
 immutable fields): a bad spec is refused by `kubectl apply` instead of
 surfacing later as a controller error. No `x-kubernetes-preserve-unknown-
-fields` anywhere: unknown fields are pruned, not silently kept.
+fields` anywhere: unknown fields are pruned, not silently kept. The spec
+schemas are written here by hand; the status schemas are generated from the
+typed status the operator writes (status.py), so neither can drift.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from typing import Any
 import yaml
 
 from elasticfleet.agent.registry import SERVING_POLICIES
+from elasticfleet.operator.status import MAX_WORKERS, AdapterSetStatus, FleetStatus
+from elasticfleet.operator.wire import (
+    Schema,
+    array,
+    boolean,
+    integer,
+    number,
+    obj,
+    schema_of,
+    string,
+)
 
 GROUP = "elasticfleet.io"
 VERSION = "v1alpha1"
@@ -34,46 +47,6 @@ ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Kubernetes resource quantities such as 500m, 2, 16Gi, 1.5e9.
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-MAX_WORKERS = 1000
-MAX_PLAN_HISTORY = 10
-
-Schema = dict[str, Any]
-
-
-def _obj(
-    description: str,
-    properties: dict[str, Schema],
-    *,
-    required: tuple[str, ...] = (),
-    rules: tuple[tuple[str, str], ...] = (),
-) -> Schema:
-    """An object node; `rules` are (CEL rule, message) pairs."""
-    node: Schema = {"type": "object", "description": description, "properties": properties}
-    if required:
-        node["required"] = list(required)
-    if rules:
-        node["x-kubernetes-validations"] = [{"rule": r, "message": m} for r, m in rules]
-    return node
-
-
-def _str(description: str, **extra: Any) -> Schema:
-    return {"type": "string", "description": description, **extra}
-
-
-def _int(description: str, **extra: Any) -> Schema:
-    return {"type": "integer", "format": "int64", "description": description, **extra}
-
-
-def _num(description: str, **extra: Any) -> Schema:
-    return {"type": "number", "description": description, **extra}
-
-
-def _bool(description: str, **extra: Any) -> Schema:
-    return {"type": "boolean", "description": description, **extra}
-
-
-def _list(description: str, items: Schema, **extra: Any) -> Schema:
-    return {"type": "array", "description": description, "items": items, **extra}
 
 
 def _immutable(node: Schema, what: str) -> Schema:
@@ -82,68 +55,29 @@ def _immutable(node: Schema, what: str) -> Schema:
 
 
 def _secret_key(description: str) -> Schema:
-    return _obj(
+    return obj(
         description,
         {
-            "name": _str("Name of the Secret, in the custom resource's namespace.", maxLength=253),
-            "key": _str("Key within the Secret whose value is used.", maxLength=253, minLength=1),
+            "name": string(
+                "Name of the Secret, in the custom resource's namespace.", maxLength=253
+            ),
+            "key": string("Key within the Secret whose value is used.", maxLength=253, minLength=1),
         },
         required=("name", "key"),
     )
 
 
-def _conditions() -> Schema:
-    condition = _obj(
-        "One aspect of the object's state (the metav1.Condition shape).",
-        {
-            "type": _str("Condition type.", maxLength=316),
-            "status": _str("Whether the condition holds.", enum=["True", "False", "Unknown"]),
-            "reason": _str(
-                "One CamelCase word saying why, for programs.",
-                maxLength=1024,
-                pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
-            ),
-            "message": _str("What happened, for people; says what to fix.", maxLength=32768),
-            "lastTransitionTime": _str("When the status last changed.", format="date-time"),
-            "observedGeneration": _int(
-                "The spec generation the condition was computed from.", minimum=0
-            ),
-        },
-        required=("type", "status", "reason", "message", "lastTransitionTime"),
-    )
-    return _list(
-        "Available, Progressing and Degraded, each with a reason.",
-        condition,
-        maxItems=8,
-        **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
-
-
-def _plan_status(description: str) -> Schema:
-    block = _int("Layer index.", minimum=0)
-    return _obj(
-        description,
-        {
-            "id": _str("Identifier of the plan, as the worker reports it.", maxLength=128),
-            "keptAttention": _int("Attention blocks kept.", minimum=0),
-            "keptFFN": _int("FFN blocks kept.", minimum=0),
-            "droppedAttention": _list("Layers whose attention block is dropped.", block),
-            "droppedFFN": _list("Layers whose FFN block is dropped.", block),
-        },
-    )
-
-
 def fleet_spec_schema() -> Schema:
-    model = _obj(
+    model = obj(
         "The base model every worker of the fleet serves.",
         {
-            "name": _str(
+            "name": string(
                 "Name of the base model (e.g. SmolLM2-135M-Instruct); AdapterSets must name "
                 "the same base model.",
                 minLength=1,
                 maxLength=253,
             ),
-            "path": _str(
+            "path": string(
                 "Model directory inside the worker image (config.json + model.safetensors); "
                 "empty means the worker prepares its default model into its cache.",
                 maxLength=4096,
@@ -151,38 +85,38 @@ def fleet_spec_schema() -> Schema:
         },
         required=("name",),
     )
-    resources = _obj(
+    resources = obj(
         "Compute resources of each worker pod.",
         {
-            "gpus": _int(
+            "gpus": integer(
                 "NVIDIA GPUs per worker (nvidia.com/gpu); 0 runs on CPU.",
                 minimum=0,
                 maximum=16,
                 default=0,
             ),
-            "cpu": _str("CPU request and limit, a Kubernetes quantity.", pattern=QUANTITY),
-            "memory": _str("Memory request and limit, a Kubernetes quantity.", pattern=QUANTITY),
+            "cpu": string("CPU request and limit, a Kubernetes quantity.", pattern=QUANTITY),
+            "memory": string("Memory request and limit, a Kubernetes quantity.", pattern=QUANTITY),
         },
     )
-    worker = _obj(
+    worker = obj(
         "How each worker pod runs.",
         {
-            "image": _str("Container image holding elasticfleet.", minLength=1, maxLength=1024),
-            "imagePullPolicy": _str(
+            "image": string("Container image holding elasticfleet.", minLength=1, maxLength=1024),
+            "imagePullPolicy": string(
                 "When the kubelet pulls the image.",
                 enum=["Always", "IfNotPresent", "Never"],
                 default="IfNotPresent",
             ),
-            "port": _int("gRPC port of the worker.", minimum=1, maximum=65535, default=50051),
-            "metricsPort": _int(
+            "port": integer("gRPC port of the worker.", minimum=1, maximum=65535, default=50051),
+            "metricsPort": integer(
                 "Port of the worker's Prometheus /metrics.",
                 minimum=1,
                 maximum=65535,
                 default=9090,
             ),
-            "maxBatch": _int("Most sequences per decode step.", minimum=1, maximum=4096),
-            "maxQueue": _int("Most requests waiting for memory.", minimum=0, maximum=100000),
-            "threads": _int("Torch threads per worker (default: torch's choice).", minimum=1),
+            "maxBatch": integer("Most sequences per decode step.", minimum=1, maximum=4096),
+            "maxQueue": integer("Most requests waiting for memory.", minimum=0, maximum=100000),
+            "threads": integer("Torch threads per worker (default: torch's choice).", minimum=1),
             "resources": resources,
             "nodeSelector": {
                 "type": "object",
@@ -194,18 +128,18 @@ def fleet_spec_schema() -> Schema:
         required=("image",),
         rules=(("self.port != self.metricsPort", "port and metricsPort must differ"),),
     )
-    budget = _obj(
+    budget = obj(
         "Each worker's memory budget for weights, KV cache and adapters: a fraction of its "
         "device's memory, or bytes. Exactly one of the two.",
         {
-            "fraction": _num(
+            "fraction": number(
                 "Share of the device memory the worker may use (of its total minus what other "
                 "processes hold).",
                 minimum=0,
                 exclusiveMinimum=True,
                 maximum=1,
             ),
-            "bytes": _int("Budget in bytes.", minimum=1),
+            "bytes": integer("Budget in bytes.", minimum=1),
         },
         rules=(
             (
@@ -214,11 +148,11 @@ def fleet_spec_schema() -> Schema:
             ),
         ),
     )
-    quality = _obj(
+    quality = obj(
         "The least quality a plan may have; a plan predicted to be worse is not pushed and the "
         "fleet is marked Degraded.",
         {
-            "maxPerplexityRatio": _num(
+            "maxPerplexityRatio": number(
                 "Largest predicted perplexity of a plan relative to the dense model "
                 "(1.0 allows no loss).",
                 minimum=1,
@@ -227,25 +161,25 @@ def fleet_spec_schema() -> Schema:
         },
         required=("maxPerplexityRatio",),
     )
-    memory_policy = _obj(
+    memory_policy = obj(
         "How the operator sizes each worker's budget and chooses its pruning plan.",
         {
-            "policy": _str(
+            "policy": string(
                 "Which policy chooses the blocks to keep: rl (the trained DQN agent), greedy "
                 "(least importance per byte first), static (one fixed ratio) or none (never "
                 "prune).",
                 enum=list(SERVING_POLICIES),
                 default="rl",
             ),
-            "staticRatio": _num(
+            "staticRatio": number(
                 "Share of blocks the static policy drops.", minimum=0, maximum=0.99
             ),
             "budget": budget,
-            "headroomBytes": _int(
+            "headroomBytes": integer(
                 "Bytes of device memory left unbudgeted on every worker.", minimum=0, default=0
             ),
             "qualityFloor": quality,
-            "planIntervalSeconds": _int(
+            "planIntervalSeconds": integer(
                 "Seconds between two control ticks of the fleet.",
                 minimum=1,
                 maximum=3600,
@@ -260,17 +194,17 @@ def fleet_spec_schema() -> Schema:
             ),
         ),
     )
-    redis = _obj(
+    redis = obj(
         "The Redis server the adapters are stored in: a URL, or a Secret holding it.",
         {
-            "url": _str(
+            "url": string(
                 "redis:// or rediss:// (TLS) URL, without a password.",
                 pattern=r"^rediss?://[^\s]+$",
                 maxLength=2048,
             ),
             "urlSecretRef": _secret_key("A Secret key holding the URL (it may carry a password)."),
             "passwordSecretRef": _secret_key("A Secret key holding the Redis password."),
-            "prefix": _str(
+            "prefix": string(
                 "Key prefix of the adapter store.", maxLength=256, default="elasticfleet:"
             ),
         },
@@ -281,10 +215,10 @@ def fleet_spec_schema() -> Schema:
             ),
         ),
     )
-    tls = _obj(
+    tls = obj(
         "TLS between the operator, clients and the workers' gRPC endpoints.",
         {
-            "secretName": _str(
+            "secretName": string(
                 "A kubernetes.io/tls Secret: workers serve tls.crt and tls.key, which must "
                 "cover *.<fleet>-worker.<namespace>.svc (the operator verifies each worker, "
                 "reached by IP, as its pod's name under the headless Service) and are "
@@ -295,7 +229,7 @@ def fleet_spec_schema() -> Schema:
         },
         required=("secretName",),
     )
-    auth = _obj(
+    auth = obj(
         "Bearer-token authentication of the workers' gRPC API.",
         {
             "tokenSecretRef": _secret_key(
@@ -306,22 +240,22 @@ def fleet_spec_schema() -> Schema:
         },
         required=("tokenSecretRef",),
     )
-    adapter = _obj(
+    adapter = obj(
         "An AdapterSet this fleet serves.",
         {
-            "name": _str(
+            "name": string(
                 "Name of the AdapterSet, in the fleet's namespace.", pattern=DNS_LABEL, maxLength=63
             ),
         },
         required=("name",),
     )
-    return _obj(
+    return obj(
         "The desired fleet: which model, how many workers, and how their memory is managed.",
         {
             "model": _immutable(model, "model"),
-            "replicas": _int("Number of workers.", minimum=0, maximum=MAX_WORKERS, default=1),
+            "replicas": integer("Number of workers.", minimum=0, maximum=MAX_WORKERS, default=1),
             "workload": _immutable(
-                _str(
+                string(
                     "Kind of the workers' workload: Deployment (interchangeable pods) or "
                     "StatefulSet (stable pod names and per-pod caches).",
                     enum=list(WORKLOADS),
@@ -331,7 +265,7 @@ def fleet_spec_schema() -> Schema:
             ),
             "worker": worker,
             "memoryPolicy": memory_policy,
-            "adapters": _list(
+            "adapters": array(
                 "AdapterSets the workers serve.",
                 adapter,
                 maxItems=32,
@@ -352,141 +286,57 @@ def fleet_spec_schema() -> Schema:
 
 
 def fleet_status_schema() -> Schema:
-    device = _obj(
-        "Memory of the worker's device as it reported it.",
-        {
-            "totalBytes": _int("Total bytes.", minimum=0),
-            "usedBytes": _int("Bytes in use by every process.", minimum=0),
-            "freeBytes": _int("Bytes free.", minimum=0),
-            "source": _str("Where the figures come from.", enum=["nvml", "host", "unknown"]),
-        },
-    )
-    mix = _obj(
-        "The request mix the worker reported over its window.",
-        {
-            "windowSeconds": _num("Length of the window in seconds.", minimum=0),
-            "batchSizeP90": _num("90th percentile of running sequences per step.", minimum=0),
-            "sequenceTokensP90": _num(
-                "90th percentile of prompt plus generated tokens per request.", minimum=0
-            ),
-            "finishedRequests": _int("Requests finished in the window.", minimum=0),
-            "tokensPerSecond": _num("Generated tokens per second.", minimum=0),
-            "queueDepth": _int("Requests waiting for memory.", minimum=0),
-            "activeSequences": _int("Sequences running.", minimum=0),
-        },
-    )
-    worker = _obj(
-        "One worker as the operator last saw it.",
-        {
-            "pod": _str("Name of the worker's pod.", maxLength=253),
-            "node": _str("Node the pod runs on.", maxLength=253),
-            "address": _str("host:port the operator reaches the worker at.", maxLength=512),
-            "reachable": _bool("Whether the last GetStats succeeded."),
-            "message": _str("Why the worker is unreachable or its plan failed.", maxLength=4096),
-            "lastSeen": _str("When the worker last answered.", format="date-time"),
-            "device": device,
-            "budgetBytes": _int("The budget the operator derived and sent.", minimum=0),
-            "plan": _plan_status("The plan the worker runs."),
-            "weightBytes": _int("Bytes of weights the worker holds.", minimum=0),
-            "kvBytes": _int("Bytes of KV cache the worker has allocated.", minimum=0),
-            "requestMix": mix,
-            "adapters": _list(
-                "Adapter sets the worker holds in its cache.",
-                _obj(
-                    "One adapter set.",
-                    {
-                        "name": _str("Name in the store.", maxLength=128),
-                        "version": _str("Version held.", maxLength=20),
-                        "bytes": _int("Bytes it occupies in the worker's cache.", minimum=0),
-                    },
-                ),
-                maxItems=32,
-            ),
-        },
-        required=("pod",),
-    )
-    plan_record = _obj(
-        "A plan the operator pushed.",
-        {
-            "time": _str("When it was applied.", format="date-time"),
-            "pod": _str("The worker it was pushed to.", maxLength=253),
-            "plan": _plan_status("The plan."),
-            "reason": _str("Why the plan changed.", maxLength=4096),
-            "budgetBytes": _int("The budget it was chosen for.", minimum=0),
-            "predictedBytes": _int("Bytes the memory model predicts for it.", minimum=0),
-            "predictedPerplexityRatio": _num(
-                "Predicted perplexity relative to the dense model.", minimum=0
-            ),
-        },
-    )
-    return _obj(
-        "What the operator observed and did.",
-        {
-            "observedGeneration": _int("The spec generation last acted on.", minimum=0),
-            "conditions": _conditions(),
-            "replicas": _int("Worker pods that exist.", minimum=0),
-            "readyReplicas": _int("Worker pods ready to serve.", minimum=0),
-            "workers": _list(
-                "Each worker's device, budget, plan, memory and request mix.",
-                worker,
-                maxItems=MAX_WORKERS,
-            ),
-            "lastPlans": _list(
-                f"The last {MAX_PLAN_HISTORY} plan changes, newest last.",
-                plan_record,
-                maxItems=MAX_PLAN_HISTORY,
-            ),
-        },
-    )
+    """Generated from the typed status (status.py), so the two cannot drift."""
+    return schema_of(FleetStatus, "What the operator observed and did.")
 
 
 def adapter_spec_schema() -> Schema:
-    store = _obj(
+    store = obj(
         "Where the adapter set lives in the fleet's Redis store.",
         {
-            "name": _str(
+            "name": string(
                 "Name of the adapter in the store (default: the AdapterSet's name).",
                 minLength=1,
                 maxLength=128,
             ),
-            "version": _str(
+            "version": string(
                 "Version to serve; empty serves the store's current version.",
                 pattern=r"^[0-9]*$",
                 maxLength=20,
             ),
         },
     )
-    return _obj(
+    return obj(
         "An AsymLoRA adapter set: one shared A per adapted module, one B head per task.",
         {
             "baseModel": _immutable(
-                _str("Base model it was trained for.", minLength=1, maxLength=253), "baseModel"
+                string("Base model it was trained for.", minLength=1, maxLength=253), "baseModel"
             ),
-            "tasks": _list(
+            "tasks": array(
                 "Task heads, one B matrix each.",
-                _str("A task name.", pattern=DNS_LABEL, maxLength=63),
+                string("A task name.", pattern=DNS_LABEL, maxLength=63),
                 minItems=1,
                 maxItems=64,
                 **{"x-kubernetes-list-type": "set"},
             ),
-            "rank": _immutable(_int("LoRA rank.", minimum=1, maximum=256), "rank"),
-            "alpha": _num(
+            "rank": _immutable(integer("LoRA rank.", minimum=1, maximum=256), "rank"),
+            "alpha": number(
                 "LoRA scaling numerator (scale = alpha / rank).",
                 minimum=0,
                 exclusiveMinimum=True,
                 maximum=4096,
             ),
             "modules": _immutable(
-                _list(
+                array(
                     "Projections adapted in every layer.",
-                    _str("A projection.", enum=list(ADAPTER_MODULES)),
+                    string("A projection.", enum=list(ADAPTER_MODULES)),
                     minItems=1,
                     maxItems=len(ADAPTER_MODULES),
                     **{"x-kubernetes-list-type": "set"},
                 ),
                 "modules",
             ),
-            "router": _bool(
+            "router": boolean(
                 "Whether the set has a HydraLoRA router (requests may mix heads).", default=False
             ),
             "store": store,
@@ -496,17 +346,8 @@ def adapter_spec_schema() -> Schema:
 
 
 def adapter_status_schema() -> Schema:
-    return _obj(
-        "What the operator found in the store.",
-        {
-            "observedGeneration": _int("The spec generation last checked.", minimum=0),
-            "conditions": _conditions(),
-            "ready": _bool("Whether the store holds a version matching the spec."),
-            "version": _str("The version found.", maxLength=20),
-            "digest": _str("sha256 of that version's manifest.", pattern=r"^([0-9a-f]{64})?$"),
-            "sizeBytes": _int("Bytes of all its parts.", minimum=0),
-        },
-    )
+    """Generated from the typed status (status.py), so the two cannot drift."""
+    return schema_of(AdapterSetStatus, "What the operator found in the store.")
 
 
 def _column(name: str, path: str, kind: str, description: str, priority: int = 0) -> Schema:
@@ -531,11 +372,11 @@ def _crd(
     columns: list[Schema],
     description: str,
 ) -> dict[str, Any]:
-    schema = _obj(
+    schema = obj(
         description,
         {
-            "apiVersion": _str("Versioned schema of this representation of an object."),
-            "kind": _str("REST resource this object represents."),
+            "apiVersion": string("Versioned schema of this representation of an object."),
+            "kind": string("REST resource this object represents."),
             "metadata": {"type": "object", "description": "Standard object metadata."},
             "spec": spec,
             "status": status,
@@ -628,12 +469,12 @@ def peering_crds() -> list[dict[str, Any]]:
     crds = []
     for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
         plural = f"{kind.lower()}s"
-        schema = _obj(
+        schema = obj(
             "Where replicas of a kopf operator find each other: the one with the "
             "highest priority is active, the others pause.",
             {
-                "apiVersion": _str("Versioned schema of this representation of an object."),
-                "kind": _str("REST resource this object represents."),
+                "apiVersion": string("Versioned schema of this representation of an object."),
+                "kind": string("REST resource this object represents."),
                 "metadata": {"type": "object", "description": "Standard object metadata."},
                 "status": {
                     "type": "object",

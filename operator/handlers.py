@@ -9,8 +9,9 @@
 - a timer per fleet runs the control loop (control.py) every
   planIntervalSeconds over the fleet's ready worker pods and with the
   adapter sets its spec names, both kept by indexes from watches (no API
-  call per tick); its status goes out through the timer's `patch.status`,
-  its Events through `kopf.event`.
+  call per tick); its status (status.FleetStatus, with the replicas and
+  the Progressing condition added here) goes out through the timer's
+  `patch.status`, its Events through `kopf.event`.
 
 - an AdapterSet is checked against the adapter store (adapters.py) when it
   changes and every minute; its status says whether the version it names
@@ -29,7 +30,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, ClassVar
 
@@ -42,12 +43,11 @@ from elasticfleet.operator.adapters import (
     check_in_stores,
     store_name,
 )
-from elasticfleet.operator.conditions import Condition, set_condition
+from elasticfleet.operator.conditions import set_condition
 from elasticfleet.operator.control import (
     AdapterWant,
     FleetController,
     FleetEvent,
-    Status,
     WorkerEndpoint,
     profile_for_model,
     utc_now,
@@ -58,6 +58,7 @@ from elasticfleet.operator.fleet_access import (
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
 from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretUnavailable, SpecError
+from elasticfleet.operator.status import FleetStatus, read_conditions
 from elasticfleet.worker.adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)
@@ -179,10 +180,6 @@ def _namespace(namespace: str | None) -> str:
     return namespace
 
 
-def _conditions(status: kopf.Status | Status) -> list[Condition]:
-    return [dict(c) for c in status.get("conditions", [])]
-
-
 @kopf.on.create(*FLEETS)
 @kopf.on.update(*FLEETS, field="spec")
 @kopf.on.resume(*FLEETS)
@@ -198,12 +195,12 @@ async def reconcile(
 ) -> None:
     """Create or patch the fleet's Service and workload."""
     generation = int(meta.get("generation", 0))
-    conditions = _conditions(status)
+    conditions = read_conditions(status)
     try:
         fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
         profile_for_model(fleet.model_name)
     except SpecError as error:
-        patch.status["conditions"] = set_condition(
+        invalid = set_condition(
             conditions,
             "Degraded",
             True,
@@ -212,7 +209,9 @@ async def reconcile(
             now=utc_now(),
             generation=generation,
         )
-        patch.status["observedGeneration"] = generation
+        patch.status.update(
+            FleetStatus(observed_generation=generation, conditions=invalid).to_dict()
+        )
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     api = _Connection.client()
     try:
@@ -223,8 +222,9 @@ async def reconcile(
     # Conditions are otherwise the control timer's: a list written from two
     # handlers' views would drop whatever the other wrote meanwhile (a merge
     # patch replaces lists), so this writes them only to clear its own.
-    if any(c["type"] == "Degraded" and c["reason"] == "InvalidSpec" for c in conditions):
-        patch.status["conditions"] = set_condition(
+    cleared = None
+    if any(c.type == "Degraded" and c.reason == "InvalidSpec" for c in conditions):
+        cleared = set_condition(
             conditions,
             "Degraded",
             False,
@@ -233,7 +233,7 @@ async def reconcile(
             now=utc_now(),
             generation=generation,
         )
-    patch.status["observedGeneration"] = generation
+    patch.status.update(FleetStatus(observed_generation=generation, conditions=cleared).to_dict())
 
 
 @kopf.on.delete(*FLEETS)
@@ -303,7 +303,7 @@ async def check_adapters(
     the store of every fleet serving it (else in the operator's own)."""
     fleet_index: kopf.Index[tuple[str | None, str], ServingFleet] = kwargs["fleets_by_adapter"]
     generation = int(meta.get("generation", 0))
-    conditions = _conditions(status)
+    conditions = read_conditions(status)
     _Stores.sweep()
     fleets_by_store: dict[RedisSettings, list[str]] = {}
     for serving in fleet_index.get((namespace, name), []):
@@ -314,7 +314,8 @@ async def check_adapters(
         for redis, fleets in sorted(fleets_by_store.items(), key=lambda item: sorted(item[1]))
     ] or [("the operator's store", _operators_store)]
     verdict = await check_in_stores(name, dict(spec), stores)
-    patch.status.update(adapter_status(verdict, conditions, now=utc_now(), generation=generation))
+    checked = adapter_status(verdict, conditions, now=utc_now(), generation=generation)
+    patch.status.update(checked.to_dict())
 
 
 @dataclass(frozen=True)
@@ -379,19 +380,45 @@ def _adapter_wants(
     return tuple(wants)
 
 
-class KopfSink:
-    """Sends the loop's status through the running timer's patch, merged with
-    the conditions the other handlers own, and its Events through kopf."""
+@dataclass(frozen=True)
+class Rollout:
+    """How far the fleet's workload has come (its worker pods, the ready
+    ones, the replicas the spec asks for) at spec generation `generation`."""
 
-    def __init__(self, body: kopf.Body, patch: kopf.Patch) -> None:
+    pods: int
+    ready: int
+    desired: int
+    generation: int
+
+
+class KopfSink:
+    """Sends the loop's status through the running timer's patch, with the
+    rollout's replicas and Progressing condition, merged with the
+    conditions the other handlers own; its Events through kopf."""
+
+    def __init__(self, body: kopf.Body, patch: kopf.Patch, rollout: Rollout) -> None:
         self.body = body
         self.patch = patch
+        self.rollout = rollout
 
-    async def patch_status(self, status: Status) -> None:
-        own = {c["type"]: c for c in status["conditions"] if c["type"] in LOOP_CONDITIONS}
-        kept = [c for c in _conditions(self.body.status) if c["type"] not in own]
-        self.patch.status.update(status)
-        self.patch.status["conditions"] = [*kept, *own.values()]
+    async def patch_status(self, status: FleetStatus) -> None:
+        own = {c.type: c for c in status.conditions or () if c.type in LOOP_CONDITIONS}
+        kept = [c for c in read_conditions(self.body.status) if c.type not in own]
+        rollout = self.rollout
+        rolling = rollout.ready < rollout.desired
+        conditions = set_condition(
+            [*kept, *own.values()],
+            "Progressing",
+            rolling,
+            "RollingOut" if rolling else "RolledOut",
+            f"{rollout.ready} of {rollout.desired} workers ready",
+            now=utc_now(),
+            generation=rollout.generation,
+        )
+        complete = replace(
+            status, conditions=conditions, replicas=rollout.pods, ready_replicas=rollout.ready
+        )
+        self.patch.status.update(complete.to_dict())
 
     async def post_event(self, event: FleetEvent) -> None:
         kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
@@ -440,8 +467,8 @@ async def control(
     except SecretUnavailable as error:
         memo["next_tick"] = now + min(RETRY_DELAY_S, fleet.memory.plan_interval_s)
         message = f"{error}; no tick runs until the fleet's Secrets can be read"
-        patch.status["conditions"] = set_condition(
-            _conditions(status),
+        unavailable = set_condition(
+            read_conditions(status),
             "Degraded",
             True,
             "SecretUnavailable",
@@ -449,14 +476,18 @@ async def control(
             now=utc_now(),
             generation=generation,
         )
+        patch.status.update(FleetStatus(conditions=unavailable).to_dict())
         return
     memo["next_tick"] = now + fleet.memory.plan_interval_s
-    sink = KopfSink(body, patch)
     controller: FleetController | None = memo.get("controller")
     if controller is None:
         profile = profile_for_model(fleet.model_name)
         controller = FleetController(
-            fleet, profile, credentials.connect(), sink, generation=generation, status=dict(status)
+            fleet,
+            profile,
+            credentials.connect(),
+            generation=generation,
+            status=FleetStatus.from_dict(status),
         )
         memo["controller"], memo["credentials"] = controller, credentials
     else:
@@ -465,8 +496,6 @@ async def control(
         if memo["credentials"] != credentials:
             await controller.reconnect(credentials.connect())
             memo["credentials"] = credentials
-    controller.sink = sink
-    controller.adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     pods = list(pod_index.get((namespace, name), []))
     endpoints = [
         WorkerEndpoint(
@@ -478,16 +507,6 @@ async def control(
         for p in pods
         if p.ready
     ]
-    await controller.tick(endpoints)
-    patch.status["replicas"] = len(pods)
-    patch.status["readyReplicas"] = len(endpoints)
-    rolling = len(endpoints) < fleet.replicas
-    patch.status["conditions"] = set_condition(
-        patch.status["conditions"],
-        "Progressing",
-        rolling,
-        "RollingOut" if rolling else "RolledOut",
-        f"{len(endpoints)} of {fleet.replicas} workers ready",
-        now=utc_now(),
-        generation=generation,
-    )
+    sink = KopfSink(body, patch, Rollout(len(pods), len(endpoints), fleet.replicas, generation))
+    adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
+    await controller.tick(endpoints, sink, adapters)

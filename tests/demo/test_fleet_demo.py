@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ from elasticfleet.demo.fleet import (
 )
 from elasticfleet.demo.record import DemoResult, TickRecord, WorkerRow, phase_spans, render_table
 from elasticfleet.operator.control import FleetEvent, TickReport, profile_for_model
+from elasticfleet.operator.status import (
+    Condition,
+    ConditionStatus,
+    DeviceMemory,
+    FleetStatus,
+    PlanSummary,
+    WorkerStatus,
+)
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 
@@ -99,31 +108,26 @@ def test_a_model_without_a_profile_is_refused(
 # -- records and rendering --------------------------------------------------------
 
 
-def _status_entry(pod: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "pod": pod,
-        "reachable": True,
-        "message": "",
-        "device": {"totalBytes": 2048 * MIB, "usedBytes": 1700 * MIB},
-        "budgetBytes": 410 * MIB,
-        "weightBytes": 408 * MIB,
-        "plan": {"id": "p-faf8c18f4ac0", "keptAttention": 17, "keptFFN": 24},
-        **extra,
-    }
-
-
 def _report() -> TickReport:
-    status = {
-        "workers": [
-            _status_entry("worker-0"),
-            # Never reached: only what the loop knows without an answer.
-            {"pod": "worker-1", "reachable": False, "message": "WorkerUnreachable: refused"},
-        ],
-        "conditions": [
-            {"type": "Available", "status": "True", "reason": "WorkersServing", "message": "1"},
-            {"type": "Degraded", "status": "True", "reason": "WorkerUnreachable", "message": "w1"},
-        ],
-    }
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    squeezed = WorkerStatus(
+        "worker-0",
+        reachable=True,
+        device=DeviceMemory(total_bytes=2048 * MIB, used_bytes=1700 * MIB),
+        budget_bytes=410 * MIB,
+        weight_bytes=408 * MIB,
+        plan=PlanSummary("p-faf8c18f4ac0", kept_attention=17, kept_ffn=24),
+    )
+    # Never reached: only what the loop knows without an answer.
+    unknown = WorkerStatus("worker-1", message="WorkerUnreachable: refused")
+    true = ConditionStatus.TRUE
+    status = FleetStatus(
+        workers=(squeezed, unknown),
+        conditions=(
+            Condition("Available", true, "WorkersServing", "1", when),
+            Condition("Degraded", true, "WorkerUnreachable", "w1", when),
+        ),
+    )
     event = FleetEvent("Warning", "WorkerUnreachable", "worker-1: refused", "worker-1")
     return TickReport(outcomes=[], status=status, events=[event])
 

@@ -16,7 +16,8 @@ import grpc
 import grpc.aio
 
 from elasticfleet.agent.profile import ModelProfile
-from elasticfleet.operator.control import FleetEvent, Status, WorkerEndpoint
+from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
+from elasticfleet.operator.status import FleetStatus
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
@@ -201,10 +202,10 @@ class RecordingSink:
     """Keeps every status patch and Event the loop sends."""
 
     def __init__(self) -> None:
-        self.statuses: list[Status] = []
+        self.statuses: list[FleetStatus] = []
         self.events: list[FleetEvent] = []
 
-    async def patch_status(self, status: Status) -> None:
+    async def patch_status(self, status: FleetStatus) -> None:
         self.statuses.append(status)
 
     async def post_event(self, event: FleetEvent) -> None:

@@ -21,6 +21,11 @@ What this adds, and why:
   Established and adds its resource to discovery (kind, short names,
   categories, status subresource), so `kubectl apply` of the CRDs and then
   of custom resources works, and `kubectl get` by short name;
+- status validation: a patch of a custom resource's status subresource is
+  checked against the CRD's status schema (ours are known from the start,
+  others once their CRD is created) and refused with 422 Invalid as a real
+  API server refuses it, so a status the operator cannot really write
+  fails the tests too (the status subresource validates the status only);
 - server-side printing: a list or get that asks for a Table (as kubectl
   does) gets the CRD's printer columns, evaluated with the JSONPath subset
   printer columns use (`.a.b` and `[?(@.key=="value")]` filters).
@@ -40,6 +45,7 @@ with `pytest_plugins = ["kube_emulator"]`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import re
 import threading
@@ -56,11 +62,12 @@ import jsonpatch
 import kmock
 import pytest
 import yaml
-from kmock._internal import enums, rendering
+from crd_check import openapi_schema, status_errors
+from kmock._internal import dicts, enums, rendering
 from kmock._internal.k8s import KubernetesObjectConflictError
 
 from elasticfleet.operator import crds
-from elasticfleet.operator.conditions import timestamp
+from elasticfleet.operator.wire import timestamp
 
 T = TypeVar("T")
 
@@ -113,6 +120,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         for key, info in RESOURCES.items():
             self.resources[key] = info
+        for crd in crds.all_crds():
+            self._learn_status_schema(crd)
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and isinstance(request.data, dict):
@@ -129,6 +138,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
             elif request.action == enums.action.UPDATE and request.name is not None:
                 key = (request.resource, request.namespace, request.name)
                 if key in self.objects and not self.objects[key].deleted:
+                    if request.subresource == "status":
+                        self._validate_status(request, self.objects[key].raw)
                     stored = self.objects[key].raw.get("metadata", {})
                     generation = int(stored.get("generation", 1))
                     if "spec" in request.data and request.subresource is None:
@@ -138,6 +149,27 @@ class ApiEmulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
     _printer_columns: dict[Any, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    _status_schemas: dict[Any, dict[str, Any]] = attrs.field(factory=dict, init=False)
+
+    def _learn_status_schema(self, crd: dict[str, Any]) -> None:
+        spec = crd["spec"]
+        key = f"{spec['group']}/{spec['versions'][0]['name']}/{spec['names']['plural']}"
+        status = openapi_schema(crd)["properties"].get("status")
+        if status is not None:
+            self._status_schemas[kmock.resource(key)] = status
+
+    def _validate_status(self, request: rendering.Request, stored: dict[str, Any]) -> None:
+        """422 Invalid, naming every error, unless the object's status after
+        the patch is valid under its CRD's status schema."""
+        schema = self._status_schemas.get(request.resource)
+        if schema is None:
+            return
+        patched = dicts.patch_dict(copy.deepcopy(stored), request.data)
+        errors = status_errors(schema, patched.get("status", {}))
+        if errors:
+            kind = self.resources[request.resource].kind if request.resource else "object"
+            message = f'{kind} "{request.name}" is invalid: ' + ", ".join(errors)
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=message)
 
     def _establish(self, crd: dict[str, Any]) -> None:
         """Serve the custom resource a created CRD defines."""
@@ -155,6 +187,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 subresources=set(version.get("subresources", {})),
             )
             self._printer_columns[kmock.resource(key)] = version.get("additionalPrinterColumns", [])
+        self._learn_status_schema(crd)
         crd["status"] = {
             "acceptedNames": names,
             "conditions": [
@@ -320,17 +353,23 @@ class EmulatedCluster:
 
         return self.run(collect())
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
         """One API request, as a client (kubectl, or the kubelet the test
-        plays) would send it; fails the test on an error status."""
+        plays) would send it: the HTTP status and the answer."""
 
-        async def send() -> Any:
+        async def send() -> tuple[int, Any]:
             async with self.emulator.request(method, path, json=body) as response:
-                payload = await response.json()
-                assert response.status < 400, (method, path, response.status, payload)
-                return payload
+                return response.status, await response.json()
 
         return self.run(send())
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """`request`, failing the test on an error status; the answer."""
+        code, payload = self.request(method, path, body)
+        assert code < 400, (method, path, code, payload)
+        return payload
 
 
 @pytest.fixture

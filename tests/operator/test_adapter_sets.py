@@ -46,12 +46,12 @@ def test_a_published_adapter_is_ready(store: AdapterStore, make_adapter: MakeAda
     check = check_adapter_set(store, "demo", _spec())
     assert check.ready and check.manifest == second
     status = adapter_status(check, [], now=NOW, generation=3)
-    assert status["ready"] is True and status["version"] == str(second.version)
-    assert status["sizeBytes"] == second.total_bytes > 0
-    assert len(status["digest"]) == 64
-    (ready,) = status["conditions"]
-    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Published")
-    assert ready["observedGeneration"] == 3
+    assert status.ready is True and status.version == str(second.version)
+    assert status.size_bytes == second.total_bytes > 0
+    assert status.digest is not None and len(status.digest) == 64
+    (ready,) = status.conditions
+    assert (ready.type, ready.status, ready.reason) == ("Ready", "True", "Published")
+    assert ready.observed_generation == 3
     # A pinned version is checked as it is, under the store name the spec gives.
     pinned = _spec(store={"name": "demo", "version": str(first.version)})
     assert check_adapter_set(store, "renamed", pinned).manifest == first
@@ -88,7 +88,9 @@ def test_an_unpublished_adapter_says_how_to_publish(store: AdapterStore) -> None
     assert (check.ready, check.reason) == (False, "NotFound")
     assert "elasticfleet adapters push" in check.message
     status = adapter_status(check, [], now=NOW, generation=1)
-    assert "version" not in status and status["ready"] is False
+    assert status.version is None and status.ready is False
+    # The patch leaves the version found by the last check that found one.
+    assert "version" not in status.to_dict()
 
 
 def test_a_store_outage_is_a_failed_check() -> None:

@@ -6,6 +6,7 @@ others; retries back off; a restarted loop resumes from status."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from elasticfleet.operator.control import (
     profile_for_model,
 )
 from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.operator.status import AdapterHeld, Condition, FleetStatus, WorkerStatus
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
@@ -45,30 +47,37 @@ def _spec(policy: str = "greedy", **memory: Any) -> FleetSpec:
 
 
 class Harness:
-    """A controller over a fake fleet, with fake time and a recording sink."""
+    """A controller over a fake fleet, with fake time, a recording sink and
+    the adapter sets the fleet serves (none unless a test sets them)."""
 
     def __init__(self, fleet: FakeFleet, spec: FleetSpec | None = None, **kwargs: Any) -> None:
         self.fleet = fleet
         self.time = FakeTime()
         self.sink = RecordingSink()
+        self.adapters: tuple[AdapterWant, ...] = ()
         self.controller = FleetController(
             spec or _spec(),
             PROFILE,
             fleet.connect,
-            self.sink,
             sleep=self.time.sleep,
             clock=self.time.clock,
             **kwargs,
         )
 
+    async def tick_async(self) -> TickReport:
+        return await self.controller.tick(self.fleet.endpoints(), self.sink, self.adapters)
+
     def tick(self) -> TickReport:
-        return asyncio.run(self.controller.tick(self.fleet.endpoints()))
+        return asyncio.run(self.tick_async())
 
 
-def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
-    conditions: list[dict[str, Any]] = status["conditions"]
-    (condition,) = [c for c in conditions if c["type"] == kind]
+def _condition(status: FleetStatus, kind: str) -> Condition:
+    (condition,) = [c for c in status.conditions or () if c.type == kind]
     return condition
+
+
+def _workers(status: FleetStatus) -> tuple[WorkerStatus, ...]:
+    return status.workers or ()
 
 
 def test_squeeze_then_relax() -> None:
@@ -81,8 +90,8 @@ def test_squeeze_then_relax() -> None:
     assert [o.changed for o in report.outcomes] == [False, False]
     assert worker.applied == [(plan_id(worker.plan), [True] * 2 * LAYERS, 2 * GIB)]
     assert harness.sink.events == []
-    assert _condition(report.status, "Degraded")["status"] == "False"
-    assert _condition(report.status, "Available")["message"] == "2 of 2 workers serving"
+    assert _condition(report.status, "Degraded").status == "False"
+    assert _condition(report.status, "Available").message == "2 of 2 workers serving"
 
     # Squeeze w0: other processes take all but 1.6 GiB, so its budget (half
     # of that) is below the dense model's 1.29 GB at 8 x 2048 tokens.
@@ -100,17 +109,18 @@ def test_squeeze_then_relax() -> None:
     (event,) = harness.sink.events
     assert (event.type, event.reason, event.pod) == ("Normal", "PlanChanged", "w0")
     assert squeezed.describe() in event.message
-    (record,) = report.status["lastPlans"]
-    assert record["pod"] == "w0" and record["budgetBytes"] == budget
-    assert record["predictedBytes"] <= budget and record["predictedPerplexityRatio"] >= 1.0
-    assert "over the budget" in record["reason"]
-    w0 = report.status["workers"][0]
-    assert w0["plan"]["keptAttention"] == sum(squeezed.keep_attention)
-    assert w0["plan"]["droppedAttention"] == squeezed.dropped_attention
-    assert w0["budgetBytes"] == budget and w0["reachable"] is True
+    (record,) = report.status.last_plans or ()
+    assert record.pod == "w0" and record.budget_bytes == budget
+    assert record.predicted_bytes <= budget and record.predicted_perplexity_ratio >= 1.0
+    assert "over the budget" in record.reason
+    w0 = _workers(report.status)[0]
+    assert w0.plan is not None and w0.plan.kept_attention == sum(squeezed.keep_attention)
+    assert list(w0.plan.dropped_attention) == squeezed.dropped_attention
+    assert w0.budget_bytes == budget and w0.reachable is True
     # The memory the worker holds under the new plan, from ApplyPlan's answer.
-    assert (w0["weightBytes"], w0["kvBytes"]) == worker.own_bytes()
-    assert w0["requestMix"]["batchSizeP90"] == 8 and w0["device"]["source"] == "host"
+    assert (w0.weight_bytes, w0.kv_bytes) == worker.own_bytes()
+    assert w0.request_mix is not None and w0.request_mix.batch_size_p90 == 8
+    assert w0.device is not None and w0.device.source == "host"
 
     # Steady state: the same plan is not pushed again.
     pushes = len(worker.applied)
@@ -122,8 +132,8 @@ def test_squeeze_then_relax() -> None:
     report = harness.tick()
     assert worker.plan == PruningPlan.dense(LAYERS)
     assert harness.sink.events[-1].reason == "PlanChanged"
-    assert "within the budget" in report.status["lastPlans"][-1]["reason"]
-    assert len(report.status["lastPlans"]) == 2
+    last_plans = report.status.last_plans or ()
+    assert "within the budget" in last_plans[-1].reason and len(last_plans) == 2
     assert len(harness.sink.statuses) == 4
 
 
@@ -143,11 +153,11 @@ def test_unreachable_worker_degrades_without_stalling_the_others() -> None:
     reachable = [fleet.workers["w0"], fleet.workers["w2"]]
     assert all(w.plan.kept_blocks < 2 * LAYERS for w in reachable)
     degraded = _condition(report.status, "Degraded")
-    assert (degraded["status"], degraded["reason"]) == ("True", "WorkerUnreachable")
-    assert degraded["message"].startswith("w1: WorkerUnreachable: UNAVAILABLE")
-    assert _condition(report.status, "Available")["message"] == "2 of 3 workers serving"
-    w1 = report.status["workers"][1]
-    assert w1["pod"] == "w1" and w1["reachable"] is False
+    assert (degraded.status, degraded.reason) == ("True", "WorkerUnreachable")
+    assert degraded.message.startswith("w1: WorkerUnreachable: UNAVAILABLE")
+    assert _condition(report.status, "Available").message == "2 of 3 workers serving"
+    w1 = _workers(report.status)[1]
+    assert w1.pod == "w1" and w1.reachable is False
     # GetStats was retried with backoff: 3 attempts, sleeps of 0.5 and 1 s.
     assert fleet.workers["w1"].stats_calls == 3 and harness.time.sleeps == [0.5, 1.0]
     warnings = [e for e in harness.sink.events if e.type == "Warning"]
@@ -159,18 +169,18 @@ def test_unreachable_worker_degrades_without_stalling_the_others() -> None:
     fleet.workers["w1"].down = False
     report = harness.tick()
     assert fleet.workers["w1"].plan == fleet.workers["w0"].plan
-    assert _condition(report.status, "Degraded")["status"] == "False"
-    assert report.status["workers"][1]["reachable"] is True
+    assert _condition(report.status, "Degraded").status == "False"
+    assert _workers(report.status)[1].reachable is True
 
 
 def test_an_unreachable_worker_keeps_its_last_figures() -> None:
     fleet = FakeFleet(PROFILE, 1)
     harness = Harness(fleet)
-    before = harness.tick().status["workers"][0]
+    (before,) = _workers(harness.tick().status)
     fleet.workers["w0"].down = True
-    after = harness.tick().status["workers"][0]
-    assert after["device"] == before["device"] and after["lastSeen"] == before["lastSeen"]
-    assert after["reachable"] is False and after["message"].startswith("WorkerUnreachable")
+    (after,) = _workers(harness.tick().status)
+    assert after.device == before.device and after.last_seen == before.last_seen
+    assert after.reachable is False and after.message.startswith("WorkerUnreachable")
 
 
 def test_gets_stats_from_all_workers_concurrently() -> None:
@@ -183,10 +193,10 @@ def test_gets_stats_from_all_workers_concurrently() -> None:
         for worker in fleet.workers.values():
             worker.entered = barrier
         harness = Harness(fleet)
-        return await asyncio.wait_for(harness.controller.tick(fleet.endpoints()), 5)
+        return await asyncio.wait_for(harness.tick_async(), 5)
 
     report = asyncio.run(run())
-    assert all(o.status["reachable"] for o in report.outcomes)
+    assert all(o.status.reachable for o in report.outcomes)
 
 
 def test_transient_apply_failures_are_retried_with_backoff() -> None:
@@ -201,7 +211,7 @@ def test_transient_apply_failures_are_retried_with_backoff() -> None:
     report = harness.tick()
     assert report.outcomes[0].changed and len(worker.applied) == 1
     assert harness.time.sleeps == [1.0, 1.5]
-    assert _condition(report.status, "Degraded")["status"] == "False"
+    assert _condition(report.status, "Degraded").status == "False"
 
 
 def test_refused_plan_is_not_retried_and_degrades() -> None:
@@ -213,11 +223,11 @@ def test_refused_plan_is_not_retried_and_degrades() -> None:
     assert harness.time.sleeps == [] and fleet.workers["w0"].applied == []
     assert fleet.workers["w1"].applied
     degraded = _condition(report.status, "Degraded")
-    assert degraded["reason"] == "PlanFailed"
-    assert "FAILED_PRECONDITION: did not fit in time" in degraded["message"]
-    assert report.status["workers"][0]["reachable"] is True
+    assert degraded.reason == "PlanFailed"
+    assert "FAILED_PRECONDITION: did not fit in time" in degraded.message
+    assert _workers(report.status)[0].reachable is True
     assert [e.reason for e in harness.sink.events].count("PlanChanged") == 1
-    assert report.status["lastPlans"][0]["pod"] == "w1"
+    assert [r.pod for r in report.status.last_plans or ()] == ["w1"]
 
 
 def test_no_feasible_plan() -> None:
@@ -225,7 +235,7 @@ def test_no_feasible_plan() -> None:
     harness = Harness(fleet, _spec(budget={"bytes": 50_000_000}))
     report = harness.tick()
     degraded = _condition(report.status, "Degraded")
-    assert degraded["reason"] == "NoFeasiblePlan" and "greedy policy" in degraded["message"]
+    assert degraded.reason == "NoFeasiblePlan" and "greedy policy" in degraded.message
     assert fleet.workers["w0"].applied == []
 
 
@@ -235,21 +245,21 @@ def test_quality_floor_keeps_the_plan_and_says_what_to_fix() -> None:
     report = harness.tick()
     assert fleet.workers["w0"].applied == []
     degraded = _condition(report.status, "Degraded")
-    assert degraded["reason"] == "QualityFloor"
-    assert "raise memoryPolicy.qualityFloor.maxPerplexityRatio" in degraded["message"]
+    assert degraded.reason == "QualityFloor"
+    assert "raise memoryPolicy.qualityFloor.maxPerplexityRatio" in degraded.message
 
 
 def test_no_memory() -> None:
     fleet = FakeFleet(PROFILE, 1, others_bytes=4 * GIB)
     report = Harness(fleet).tick()
-    assert _condition(report.status, "Degraded")["reason"] == "NoMemory"
+    assert _condition(report.status, "Degraded").reason == "NoMemory"
 
 
 def test_worker_serving_another_model() -> None:
     fleet = FakeFleet(PROFILE, 1, model="Llama-2-7b")
     report = Harness(fleet).tick()
     degraded = _condition(report.status, "Degraded")
-    assert degraded["reason"] == "ModelMismatch" and "'Llama-2-7b'" in degraded["message"]
+    assert degraded.reason == "ModelMismatch" and "'Llama-2-7b'" in degraded.message
 
 
 def test_most_severe_reason_wins() -> None:
@@ -258,11 +268,8 @@ def test_most_severe_reason_wins() -> None:
     fleet.workers["w1"].down = True
     report = Harness(fleet).tick()
     degraded = _condition(report.status, "Degraded")
-    assert degraded["reason"] == "WorkerUnreachable"
-    assert (
-        "w0: ModelMismatch" in degraded["message"]
-        and "w1: WorkerUnreachable" in degraded["message"]
-    )
+    assert degraded.reason == "WorkerUnreachable"
+    assert "w0: ModelMismatch" in degraded.message and "w1: WorkerUnreachable" in degraded.message
 
 
 def test_restart_resumes_from_status() -> None:
@@ -272,13 +279,15 @@ def test_restart_resumes_from_status() -> None:
     pushed = {pod: list(w.applied) for pod, w in fleet.workers.items()}
     first.time.now = first.time.now.replace(hour=5)
 
-    # A new operator process, seeded with the fleet's status: nothing to push.
-    second = Harness(fleet, status=status)
+    # A new operator process, seeded with the fleet's status as the cluster
+    # holds it (JSON): nothing to push.
+    stored = json.loads(json.dumps(status.to_dict()))
+    second = Harness(fleet, status=FleetStatus.from_dict(stored))
     second.time.now = first.time.now
     report = second.tick()
     assert {pod: w.applied for pod, w in fleet.workers.items()} == pushed
     assert second.sink.events == []
-    assert report.status["lastPlans"] == status["lastPlans"]
+    assert report.status.last_plans == status.last_plans
     # Conditions that did not change keep their transition time.
     for kind in ("Available", "Degraded"):
         assert _condition(report.status, kind) == _condition(status, kind)
@@ -287,22 +296,22 @@ def test_restart_resumes_from_status() -> None:
 def test_condition_transition_time_moves_only_on_change() -> None:
     fleet = FakeFleet(PROFILE, 1)
     harness = Harness(fleet)
-    start = _condition(harness.tick().status, "Degraded")["lastTransitionTime"]
+    start = _condition(harness.tick().status, "Degraded").last_transition_time
     harness.time.now = harness.time.now.replace(minute=10)
     fleet.workers["w0"].down = True
     moved = _condition(harness.tick().status, "Degraded")
-    assert moved["status"] == "True" and moved["lastTransitionTime"] != start
+    assert moved.status == "True" and moved.last_transition_time != start
 
 
 def test_spec_update_changes_the_policy() -> None:
     fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
     harness = Harness(fleet, _spec(policy="none"))
-    assert _condition(harness.tick().status, "Degraded")["reason"] == "NoFeasiblePlan"
+    assert _condition(harness.tick().status, "Degraded").reason == "NoFeasiblePlan"
     harness.controller.update(_spec(policy="greedy"), generation=2)
     report = harness.tick()
     assert report.outcomes[0].changed
-    assert report.status["observedGeneration"] == 2
-    assert _condition(report.status, "Degraded")["observedGeneration"] == 2
+    assert report.status.observed_generation == 2
+    assert _condition(report.status, "Degraded").observed_generation == 2
 
 
 def test_rl_policy_plans_the_fleet() -> None:
@@ -320,7 +329,7 @@ def test_workers_that_leave_are_forgotten_and_closed() -> None:
     harness.tick()
     gone = fleet.workers.pop("w1")
     report = harness.tick()
-    assert gone.closed and [w["pod"] for w in report.status["workers"]] == ["w0"]
+    assert gone.closed and [w.pod for w in _workers(report.status)] == ["w0"]
     assert fleet.connected == ["w0", "w1"]  # one connection per worker, reused
     asyncio.run(harness.controller.close())
     assert fleet.workers["w0"].closed
@@ -344,8 +353,8 @@ def test_new_credentials_close_the_old_connections() -> None:
 
 def test_no_workers_yet() -> None:
     report = Harness(FakeFleet(PROFILE, 0)).tick()
-    assert _condition(report.status, "Available")["reason"] == "NoReadyWorkers"
-    assert _condition(report.status, "Degraded")["status"] == "False"
+    assert _condition(report.status, "Available").reason == "NoReadyWorkers"
+    assert _condition(report.status, "Degraded").status == "False"
 
 
 def test_profile_for_model() -> None:
@@ -359,35 +368,35 @@ def test_adapters_roll_out() -> None:
     harness = Harness(fleet)
     stale = pb.AdapterInfo(name="retired", version="3", bytes=10)
     fleet.workers["w1"].adapters["retired"] = stale
-    harness.controller.adapters = (AdapterWant("tasks", tasks=("code", "qa")),)
+    harness.adapters = (AdapterWant("tasks", tasks=("code", "qa")),)
     report = harness.tick()
     for worker in fleet.workers.values():
         assert ("load", "tasks", "", "code", "qa") in worker.adapter_calls
     assert fleet.workers["w1"].adapter_calls[0] == ("unload", "retired")
-    held = [{"name": "tasks", "version": "2", "bytes": 4096}]
-    assert [w["adapters"] for w in report.status["workers"]] == [held, held]
-    assert _condition(report.status, "Degraded")["status"] == "False"
+    held = (AdapterHeld("tasks", "2", 4096),)
+    assert [w.adapters for w in _workers(report.status)] == [held, held]
+    assert _condition(report.status, "Degraded").status == "False"
 
     # In place: nothing is loaded again. A pinned older version is.
     calls = [list(w.adapter_calls) for w in fleet.workers.values()]
     harness.tick()
     assert [w.adapter_calls for w in fleet.workers.values()] == calls
-    harness.controller.adapters = (AdapterWant("tasks", version="1"),)
+    harness.adapters = (AdapterWant("tasks", version="1"),)
     report = harness.tick()
     assert fleet.workers["w0"].adapter_calls[-1] == ("load", "tasks", "1")
-    assert report.status["workers"][0]["adapters"][0]["version"] == "1"
+    assert [a.version for a in _workers(report.status)[0].adapters or ()] == ["1"]
 
 
 def test_an_adapter_missing_from_the_store_degrades_but_the_plan_applies() -> None:
     fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
     harness = Harness(fleet)
-    harness.controller.adapters = (AdapterWant("nowhere"),)
+    harness.adapters = (AdapterWant("nowhere"),)
     report = harness.tick()
     (outcome,) = report.outcomes
     assert outcome.changed and fleet.workers["w0"].plan.kept_blocks < 2 * LAYERS
     degraded = _condition(report.status, "Degraded")
-    assert degraded["reason"] == "AdapterFailed"
-    assert "NOT_FOUND: no adapter 'nowhere' in the store" in degraded["message"]
+    assert degraded.reason == "AdapterFailed"
+    assert "NOT_FOUND: no adapter 'nowhere' in the store" in degraded.message
     assert [e.reason for e in harness.sink.events] == ["PlanChanged", "AdapterFailed"]
 
 
@@ -428,7 +437,7 @@ def test_decisions_do_not_block_the_event_loop() -> None:
 
     async def run() -> int:
         beats = 0
-        tick = asyncio.create_task(harness.controller.tick(fleet.endpoints()))
+        tick = asyncio.create_task(harness.tick_async())
         while not tick.done():
             await asyncio.sleep(0.01)
             beats += 1
@@ -451,8 +460,8 @@ def test_a_policy_for_another_model_fails_that_worker_not_the_tick() -> None:
 
     harness.controller.policy = WrongAgent()
     degraded = _condition(harness.tick().status, "Degraded")
-    assert (degraded["reason"], degraded["status"]) == ("PolicyFailed", "True")
-    assert "trained for 8 blocks" in degraded["message"]
+    assert (degraded.reason, degraded.status) == ("PolicyFailed", "True")
+    assert "trained for 8 blocks" in degraded.message
 
 
 def test_an_unexpected_error_fails_that_worker_not_the_tick() -> None:
@@ -466,7 +475,7 @@ def test_an_unexpected_error_fails_that_worker_not_the_tick() -> None:
     report = harness.tick()
     assert report.outcomes[0].error_reason == "InternalError"
     assert report.outcomes[1].error_reason == ""
-    assert _condition(report.status, "Degraded")["reason"] == "InternalError"
+    assert _condition(report.status, "Degraded").reason == "InternalError"
 
 
 def test_a_connection_that_fails_to_close_does_not_fail_the_tick() -> None:
@@ -480,7 +489,7 @@ def test_a_connection_that_fails_to_close_does_not_fail_the_tick() -> None:
     gone = fleet.workers.pop("w1")
     gone.close = refuse  # type: ignore[method-assign]
     report = harness.tick()
-    assert [w["pod"] for w in report.status["workers"]] == ["w0"]
+    assert [w.pod for w in _workers(report.status)] == ["w0"]
 
 
 def test_a_budget_within_tolerance_is_not_pushed() -> None:

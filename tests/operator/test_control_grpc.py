@@ -59,19 +59,20 @@ def test_tick_over_real_grpc() -> None:
         sleep = NoSleep()
         settings = LoopSettings(stats_timeout_s=2.0, attempts=2)
         controller = FleetController(
-            spec, PROFILE, plaintext_connect, sink, settings=settings, sleep=sleep
+            spec, PROFILE, plaintext_connect, settings=settings, sleep=sleep
         )
         endpoints = [
             WorkerEndpoint("up", f"127.0.0.1:{port}"),
             WorkerEndpoint("gone", f"127.0.0.1:{_closed_port()}"),
         ]
         try:
-            report = await controller.tick(endpoints)
+            report = await controller.tick(endpoints, sink)
         finally:
             await controller.close()
             await server.stop(None)
         up, gone = report.outcomes
-        assert up.changed and squeezed.applied and up.status["plan"]["id"] == squeezed.plan_id
+        assert up.changed and squeezed.applied and up.status.plan is not None
+        assert up.status.plan.id == squeezed.plan_id
         assert gone.error_reason == "WorkerUnreachable" and "UNAVAILABLE" in gone.error
         assert sleep.sleeps == [0.5]  # one retry of the unreachable worker's GetStats
         assert [e.reason for e in sink.events] == ["PlanChanged", "WorkerUnreachable"]

@@ -60,22 +60,24 @@ def test_loop_plans_a_real_worker(
 
     async def run() -> None:
         sink = RecordingSink()
-        controller = FleetController(spec, profile, plaintext_connect, sink)
+        controller = FleetController(spec, profile, plaintext_connect)
         endpoints = [WorkerEndpoint("tiny-0", f"127.0.0.1:{running.port}")]
         try:
             # Plenty: the dense model stays, the derived budget is sent.
-            report = await controller.tick(endpoints)
+            report = await controller.tick(endpoints, sink)
             assert engine.stats().picture.budget_bytes == DEVICE_BYTES // 2
-            assert report.status["workers"][0]["plan"]["keptAttention"] == 4
+            (worker,) = report.status.workers or ()
+            assert worker.plan is not None and worker.plan.kept_attention == 4
 
             # Squeezed below the dense weights: blocks go, the worker frees them.
             squeeze(device, DEVICE_BYTES - weights)
-            report = await controller.tick(endpoints)
+            report = await controller.tick(endpoints, sink)
             (outcome,) = report.outcomes
             assert outcome.changed and outcome.plan is not None
             assert outcome.plan.kept_blocks < 8
             stats = await AsyncWorkerClient(endpoints[0].address).get_stats()
-            assert stats.plan_id == outcome.status["plan"]["id"]
+            assert outcome.status.plan is not None
+            assert stats.plan_id == outcome.status.plan.id
             assert list(stats.keep_mask) == outcome.plan.to_mask()
             assert stats.memory.weight_bytes < weights
             own = stats.memory.weight_bytes + stats.memory.kv_reserved_bytes
@@ -86,7 +88,7 @@ def test_loop_plans_a_real_worker(
 
             # Relaxed: every block is restored.
             squeeze(device, 0)
-            report = await controller.tick(endpoints)
+            report = await controller.tick(endpoints, sink)
             assert report.outcomes[0].plan == dense
             assert engine.stats().picture.weight_bytes == weights
         finally:
