@@ -38,6 +38,7 @@ class PolicyEntry:
     """One policy: how to build it and where it may be used."""
 
     name: str
+    # What it does, in a few words (the CRD's description lists them).
     summary: str
     # A fleet may run it (it needs nothing measured at serving time).
     serving: bool
@@ -86,19 +87,19 @@ REGISTRY: dict[str, PolicyEntry] = {
         PolicyEntry("rl", "the trained DQN agent", serving=True, adaptive=True, build=_rl),
         PolicyEntry(
             "greedy",
-            "least importance per byte freed first",
+            "least importance per byte first",
             serving=True,
             adaptive=True,
             build=_greedy,
         ),
         PolicyEntry(
             "static",
-            "one pruning ratio chosen offline",
+            "one fixed ratio",
             serving=True,
             adaptive=False,
             build=_static,
         ),
-        PolicyEntry("none", "never prunes", serving=True, adaptive=False, build=_none),
+        PolicyEntry("none", "never prune", serving=True, adaptive=False, build=_none),
         PolicyEntry(
             "search",
             "best plan by measured quality (benchmarks only)",
@@ -132,3 +133,9 @@ def make_policy(
     if entry is None:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     return entry.build(PolicyOptions(static_ratio, score, beam_width, agent_path))
+
+
+def describe_serving_policies() -> str:
+    """The policies a fleet may name, each with its summary, as one phrase."""
+    parts = [f"{name} ({REGISTRY[name].summary})" for name in SERVING_POLICIES]
+    return ", ".join(parts[:-1]) + f" or {parts[-1]}"

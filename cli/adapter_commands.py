@@ -25,7 +25,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elasticfleet.cli.options import EXIT_TEMPFAIL, Commands, Handler, cache_dir_option
+from elasticfleet.cli.options import (
+    EXIT_TEMPFAIL,
+    Commands,
+    Handler,
+    cache_dir_option,
+    command_group,
+)
 
 if TYPE_CHECKING:
     from elasticfleet.worker.adapters.store import AdapterStore
@@ -63,8 +69,7 @@ def redis_options() -> argparse.ArgumentParser:
 
 def register(commands: Commands) -> None:
     """Add `adapters push | list | pull | delete | train`."""
-    adapters = commands.add_parser("adapters", help="AsymLoRA adapter sets in the Redis store")
-    group = adapters.add_subparsers(dest="adapters_command", required=True)
+    group = command_group(commands, "adapters", "AsymLoRA adapter sets in the Redis store")
     connection = redis_options()
 
     push = group.add_parser(

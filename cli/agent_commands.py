@@ -11,13 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from elasticfleet.cli.options import Commands, cache_dir_option, no_progress_option
+from elasticfleet.cli.options import Commands, cache_dir_option, command_group, no_progress_option
 
 
 def register(commands: Commands) -> None:
     """Add `agent profile | train`."""
-    agent = commands.add_parser("agent", help="block profiling and pruning policies")
-    group = agent.add_subparsers(dest="agent_command", required=True)
+    group = command_group(commands, "agent", "block profiling and pruning policies")
     profile = group.add_parser(
         "profile",
         help="measure block importance (GSI and a proxy) on calibration text; resumable",

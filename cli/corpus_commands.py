@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-from elasticfleet.cli.options import Commands, cache_dir_option, no_progress_option
+from elasticfleet.cli.options import Commands, cache_dir_option, command_group, no_progress_option
 
 
 def register(commands: Commands) -> None:
     """Add `corpus build`."""
-    corpus = commands.add_parser("corpus", help="the offline calibration and evaluation corpus")
-    group = corpus.add_subparsers(dest="corpus_command", required=True)
+    group = command_group(commands, "corpus", "the offline calibration and evaluation corpus")
     build = group.add_parser(
         "build", help="fetch the sources and build the splits (a no-op when already valid)"
     )

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from elasticfleet.agent.registry import ADAPTIVE_POLICIES
-from elasticfleet.cli.options import Commands
+from elasticfleet.cli.options import Commands, command_group
 
 # What a shell reports for a command that SIGINT ended.
 EXIT_INTERRUPTED = 130
@@ -22,8 +22,7 @@ EXIT_INTERRUPTED = 130
 
 def register(commands: Commands) -> None:
     """Add `fleet demo`."""
-    fleet = commands.add_parser("fleet", help="a fleet on this machine (no Kubernetes)")
-    group = fleet.add_subparsers(dest="fleet_command", required=True)
+    group = command_group(commands, "fleet", "a fleet on this machine (no Kubernetes)")
     demo = group.add_parser(
         "demo",
         help="workers on simulated devices, planned by the real control loop through a "

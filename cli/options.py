@@ -25,6 +25,13 @@ Handler = Callable[[argparse.Namespace], int]
 EXIT_TEMPFAIL = 75
 
 
+def command_group(commands: Commands, name: str, help: str) -> Commands:
+    """Add the command `name`, whose subcommands are required: the
+    subparsers a group module adds its leaf commands to."""
+    parser = commands.add_parser(name, help=help)
+    return parser.add_subparsers(dest=f"{name}_command", required=True)
+
+
 def cache_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, help="cache root (default: user cache dir)")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from elasticfleet.agent.registry import SERVING_POLICIES
+from elasticfleet.agent.registry import SERVING_POLICIES, describe_serving_policies
 from elasticfleet.operator.status import MAX_WORKERS, AdapterSetStatus, FleetStatus
 from elasticfleet.operator.wire import (
     Schema,
@@ -165,9 +165,7 @@ def fleet_spec_schema() -> Schema:
         "How the operator sizes each worker's budget and chooses its pruning plan.",
         {
             "policy": string(
-                "Which policy chooses the blocks to keep: rl (the trained DQN agent), greedy "
-                "(least importance per byte first), static (one fixed ratio) or none (never "
-                "prune).",
+                f"Which policy chooses the blocks to keep: {describe_serving_policies()}.",
                 enum=list(SERVING_POLICIES),
                 default="rl",
             ),
