@@ -12,6 +12,13 @@ the environment (what a Deployment sets):
     ELASTICFLEET_PEERING     kopf peering object name (several replicas: one active)
     ELASTICFLEET_PRIORITY    this replica's peering priority (default: drawn at random)
     ELASTICFLEET_LIVENESS    liveness endpoint, e.g. http://0.0.0.0:8080/healthz
+    ELASTICFLEET_METRICS_PORT  port of the operator's Prometheus /metrics (process and
+                             Python runtime figures; the fleets' own are in their status
+                             and the workers' metrics)
+
+and the default adapter store handed to fleets in the operator's namespace
+(elasticfleet.operator.spec.DefaultStore): ELASTICFLEET_REDIS_URL, _PREFIX,
+ELASTICFLEET_REDIS_PASSWORD_SECRET (and _KEY), ELASTICFLEET_OPERATOR_NAMESPACE.
 """
 
 from __future__ import annotations
@@ -95,6 +102,14 @@ def register(commands: Commands) -> None:
         "--liveness",
         default=os.environ.get("ELASTICFLEET_LIVENESS"),
         help="liveness endpoint URL, e.g. http://0.0.0.0:8080/healthz",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        # argparse converts a string default with `type`, so a bad value is an error.
+        default=os.environ.get("ELASTICFLEET_METRICS_PORT") or None,
+        help="serve Prometheus /metrics (process and runtime figures) on this port, on every "
+        "interface",
     )
     run.set_defaults(handler=_run)
 
@@ -202,6 +217,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"elasticfleet: error: {error}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     log_format = kopf.LogFormat[args.log_format.upper()]
     kopf.configure(verbose=args.verbose, quiet=args.quiet, log_format=log_format)
     asyncio.run(

@@ -14,6 +14,7 @@ balances over them), and it is the governing Service a StatefulSet needs.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from elasticfleet.operator.crds import API_VERSION, FLEET_KIND
@@ -26,6 +27,10 @@ GRPC_PORT_NAME = "grpc"
 METRICS_PORT_NAME = "metrics"
 CACHE_DIR = "/var/cache/elasticfleet"
 TLS_DIR = "/etc/elasticfleet/tls"
+TMP_DIR = "/tmp"
+# The elasticfleet images' user (`nonroot`); workers run as it whatever the
+# image says, so a pod never runs as root by accident.
+RUN_AS_USER = 65532
 # The worker drains running requests for this long on SIGTERM; the pod is
 # given a little more before it is killed.
 DRAIN_SECONDS = 30
@@ -67,6 +72,12 @@ def worker_server_name(spec: FleetSpec, pod_ip: str) -> str:
 def selector_labels(spec: FleetSpec) -> dict[str, str]:
     """The labels that select a fleet's worker pods (immutable once created)."""
     return {FLEET_LABEL: spec.name, "app.kubernetes.io/component": COMPONENT}
+
+
+def label_selector(spec: FleetSpec) -> str:
+    """The selector labels as a label-selector string (`k=v,k=v`), the form
+    the /scale subresource reports for HPA and KEDA (status.selector)."""
+    return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(spec).items()))
 
 
 def labels(spec: FleetSpec) -> dict[str, str]:
@@ -145,7 +156,9 @@ def _secret_env(name: str, secret: SecretKey) -> Body:
 
 def worker_env(spec: FleetSpec) -> list[Body]:
     """The environment: the model cache, the adapter store's connection and
-    the bearer token, in the variables every elasticfleet command reads."""
+    the bearer token, in the variables every elasticfleet command reads.
+    spec.redis is the fleet's own store or, where FleetSpec.parse applied
+    it, the operator's default one (spec.DefaultStore)."""
     env: list[Body] = [{"name": "ELASTICFLEET_CACHE", "value": CACHE_DIR}]
     redis = spec.redis
     if redis is not None:
@@ -182,6 +195,24 @@ def _probe(spec: FleetSpec, period: int, failures: int) -> Body:
     return {**check, "periodSeconds": period, "failureThreshold": failures}
 
 
+# Restricted Pod Security Standard: no root, no privilege escalation, no
+# capabilities, the runtime's seccomp profile. The root filesystem is
+# read-only, so everything a worker writes goes to a volume: its model
+# cache (prepared there at start) and /tmp.
+POD_SECURITY: Body = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: Body = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
 def pod_template(spec: FleetSpec) -> Body:
     """The worker pods' template."""
     container: Body = {
@@ -201,16 +232,21 @@ def pod_template(spec: FleetSpec) -> Body:
         "startupProbe": _probe(spec, STARTUP_PERIOD_S, STARTUP_FAILURES),
         "readinessProbe": _probe(spec, 5, 2),
         "livenessProbe": _probe(spec, 10, 3),
-        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": TMP_DIR},
+        ],
     }
     resources = _resources(spec)
     if resources:
         container["resources"] = resources
-    volumes: list[Body] = [{"name": "cache", "emptyDir": {}}]
+    volumes: list[Body] = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     if spec.tls_secret:
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret}})
     pod: Body = {
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": GRACE_SECONDS,

@@ -193,7 +193,9 @@ def fleet_spec_schema() -> Schema:
         ),
     )
     redis = obj(
-        "The Redis server the adapters are stored in: a URL, or a Secret holding it.",
+        "The Redis server the adapters are stored in: a URL, or a Secret holding it. Without "
+        "it, a fleet in the operator's namespace uses the operator's store (the Helm chart's "
+        "Valkey); a fleet elsewhere that serves adapters needs it.",
         {
             "url": string(
                 "redis:// or rediss:// (TLS) URL, without a password.",
@@ -273,13 +275,10 @@ def fleet_spec_schema() -> Schema:
             "tls": tls,
             "auth": auth,
         },
+        # No rule that adapters need spec.redis: the API server cannot know
+        # whether the operator has a default store for the fleet's
+        # namespace; FleetSpec.parse refuses what it cannot serve.
         required=("model", "worker", "memoryPolicy"),
-        rules=(
-            (
-                "!has(self.adapters) || size(self.adapters) == 0 || has(self.redis)",
-                "adapters need spec.redis: the store they are fetched from",
-            ),
-        ),
     )
 
 
@@ -369,6 +368,7 @@ def _crd(
     status: Schema,
     columns: list[Schema],
     description: str,
+    subresources: Schema,
 ) -> dict[str, Any]:
     schema = obj(
         description,
@@ -402,7 +402,7 @@ def _crd(
                     "served": True,
                     "storage": True,
                     "schema": {"openAPIV3Schema": schema},
-                    "subresources": {"status": {}},
+                    "subresources": subresources,
                     "additionalPrinterColumns": columns,
                 }
             ],
@@ -429,6 +429,16 @@ def fleet_crd() -> dict[str, Any]:
         fleet_status_schema(),
         columns,
         "A fleet of workers serving one base model under one memory policy.",
+        # /scale lets an HPA or KEDA set spec.replicas; it reads the replicas
+        # and the pods' selector from the status the operator writes.
+        {
+            "status": {},
+            "scale": {
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector",
+            },
+        },
     )
 
 
@@ -451,6 +461,7 @@ def adapter_crd() -> dict[str, Any]:
         adapter_status_schema(),
         columns,
         "An AsymLoRA adapter set kept in Redis, served by ElasticFleets.",
+        {"status": {}},
     )
 
 

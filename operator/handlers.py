@@ -16,7 +16,8 @@
 - an AdapterSet is checked against the adapter store (adapters.py) when it
   changes and every minute; its status says whether the version it names
   is published and matches. It is checked in the Redis of every fleet that
-  serves it (spec.redis, Secrets resolved), and, while no fleet does, in
+  serves it (spec.redis, or the operator's default store for fleets in its
+  namespace: spec.DefaultStore; Secrets resolved), and, while no fleet does, in
   the operator's own store if it has one (ELASTICFLEET_REDIS_URL,
   _PASSWORD, _PREFIX, as for every command).
 
@@ -57,7 +58,13 @@ from elasticfleet.operator.fleet_access import (
     store_address,
 )
 from elasticfleet.operator.kube import KubeApi, KubeError
-from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretUnavailable, SpecError
+from elasticfleet.operator.spec import (
+    DefaultStore,
+    FleetSpec,
+    RedisSettings,
+    SecretUnavailable,
+    SpecError,
+)
 from elasticfleet.operator.status import FleetStatus, read_conditions
 from elasticfleet.worker.adapters.store import AdapterStore
 
@@ -180,6 +187,12 @@ def _namespace(namespace: str | None) -> str:
     return namespace
 
 
+def _parse(name: str, namespace: str | None, spec: kopf.Spec) -> FleetSpec:
+    """The fleet's spec, with the operator's default store where it applies
+    (read from the environment each time: a handful of lookups)."""
+    return FleetSpec.parse(name, _namespace(namespace), dict(spec), DefaultStore.from_environment())
+
+
 @kopf.on.create(*FLEETS)
 @kopf.on.update(*FLEETS, field="spec")
 @kopf.on.resume(*FLEETS)
@@ -197,7 +210,7 @@ async def reconcile(
     generation = int(meta.get("generation", 0))
     conditions = read_conditions(status)
     try:
-        fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
+        fleet = _parse(name, namespace, spec)
         profile_for_model(fleet.model_name)
     except SpecError as error:
         invalid = set_condition(
@@ -259,7 +272,7 @@ def fleets_by_adapter(
 ) -> dict[tuple[str | None, str], ServingFleet]:
     """Fleets by (namespace, AdapterSet they serve)."""
     try:
-        fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
+        fleet = _parse(name, namespace, spec)
     except (SpecError, kopf.PermanentError):
         return {}  # reconcile says what to fix
     if fleet.redis is None:
@@ -383,12 +396,14 @@ def _adapter_wants(
 @dataclass(frozen=True)
 class Rollout:
     """How far the fleet's workload has come (its worker pods, the ready
-    ones, the replicas the spec asks for) at spec generation `generation`."""
+    ones, the replicas the spec asks for) at spec generation `generation`,
+    and the label selector of its pods (for the /scale subresource)."""
 
     pods: int
     ready: int
     desired: int
     generation: int
+    selector: str
 
 
 class KopfSink:
@@ -416,7 +431,11 @@ class KopfSink:
             generation=rollout.generation,
         )
         complete = replace(
-            status, conditions=conditions, replicas=rollout.pods, ready_replicas=rollout.ready
+            status,
+            conditions=conditions,
+            replicas=rollout.pods,
+            ready_replicas=rollout.ready,
+            selector=rollout.selector,
         )
         self.patch.status.update(complete.to_dict())
 
@@ -455,7 +474,7 @@ async def control(
     pod_index: kopf.Index[tuple[str | None, str], PodInfo] = kwargs["fleet_pods"]
     adapter_index: kopf.Index[tuple[str | None, str], AdapterWant] = kwargs["adapter_sets"]
     try:
-        fleet = FleetSpec.parse(name, _namespace(namespace), dict(spec))
+        fleet = _parse(name, namespace, spec)
     except SpecError:
         return  # reconcile has said what to fix
     now = time.monotonic()
@@ -507,6 +526,9 @@ async def control(
         for p in pods
         if p.ready
     ]
-    sink = KopfSink(body, patch, Rollout(len(pods), len(endpoints), fleet.replicas, generation))
+    rollout = Rollout(
+        len(pods), len(endpoints), fleet.replicas, generation, build.label_selector(fleet)
+    )
+    sink = KopfSink(body, patch, rollout)
     adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     await controller.tick(endpoints, sink, adapters)

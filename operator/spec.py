@@ -11,11 +11,14 @@ handlers turn that into a permanent error and a Degraded condition.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from elasticfleet.agent.registry import SERVING_POLICIES
 from elasticfleet.operator.crds import WORKLOADS, fleet_spec_schema, with_defaults
+from elasticfleet.worker.adapters.store import DEFAULT_PREFIX
 
 # Names derived from the fleet's add this suffix; a Service name is a
 # DNS-1035 label of at most 63 characters.
@@ -107,6 +110,48 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class DefaultStore:
+    """The operator's own adapter store (the Helm chart's Valkey, or the
+    external Redis it was given), handed to the fleets in the operator's
+    namespace whose spec names no spec.redis.
+
+    Only there: a pod can read Secrets of its own namespace only, and the
+    store's password Secret lives in the operator's. Copying it into every
+    fleet's namespace would let anyone allowed to create an ElasticFleet
+    anywhere obtain the password of a store every fleet shares, and the
+    operator would need to write Secrets cluster-wide; a fleet elsewhere
+    names its store (and a Secret of its own namespace) in spec.redis."""
+
+    namespace: str
+    redis: RedisSettings
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> DefaultStore | None:
+        """The store that $ELASTICFLEET_REDIS_URL (a URL without a password)
+        and _PREFIX describe, its password in the Secret
+        $ELASTICFLEET_REDIS_PASSWORD_SECRET (key
+        $ELASTICFLEET_REDIS_PASSWORD_SECRET_KEY, default `password`), for
+        fleets in $ELASTICFLEET_OPERATOR_NAMESPACE; None unless both the
+        URL and the namespace are set (an operator run outside a cluster
+        hands no store to fleets)."""
+
+        def value(name: str) -> str:
+            return environ.get(name, "").strip()
+
+        url, namespace = value("ELASTICFLEET_REDIS_URL"), value("ELASTICFLEET_OPERATOR_NAMESPACE")
+        if not url or not namespace:
+            return None
+        secret = value("ELASTICFLEET_REDIS_PASSWORD_SECRET")
+        key = value("ELASTICFLEET_REDIS_PASSWORD_SECRET_KEY") or "password"
+        redis = RedisSettings(
+            url=url,
+            password_secret=SecretKey(secret, key) if secret else None,
+            prefix=value("ELASTICFLEET_REDIS_PREFIX") or DEFAULT_PREFIX,
+        )
+        return cls(namespace, redis)
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     """A parsed, defaulted ElasticFleet spec."""
 
@@ -124,8 +169,16 @@ class FleetSpec:
     token_secret: SecretKey | None = None
 
     @classmethod
-    def parse(cls, name: str, namespace: str, spec: dict[str, Any]) -> FleetSpec:
-        """The spec of fleet `namespace/name`, or SpecError saying what to fix."""
+    def parse(
+        cls,
+        name: str,
+        namespace: str,
+        spec: dict[str, Any],
+        default_store: DefaultStore | None = None,
+    ) -> FleetSpec:
+        """The spec of fleet `namespace/name`, or SpecError saying what to
+        fix. Without spec.redis, a fleet in the namespace of
+        `default_store` gets that store."""
         if len(name) > MAX_FLEET_NAME:
             raise SpecError(
                 f"fleet name {name!r} is longer than {MAX_FLEET_NAME} characters; its "
@@ -152,9 +205,18 @@ class FleetSpec:
         resources = worker.get("resources", {})
         floor = policy.get("qualityFloor")
         adapters = tuple(a["name"] for a in raw.get("adapters", []))
-        redis = raw.get("redis")
+        redis = None if raw.get("redis") is None else _redis(raw["redis"])
+        if redis is None and default_store is not None and default_store.namespace == namespace:
+            redis = default_store.redis
         if adapters and redis is None:
-            raise SpecError("spec.adapters need spec.redis: the store they are fetched from")
+            where = (
+                ""
+                if default_store is None
+                else f" (the operator's store serves only namespace {default_store.namespace})"
+            )
+            raise SpecError(
+                f"spec.adapters need spec.redis: the store they are fetched from{where}"
+            )
         if worker["port"] == worker["metricsPort"]:
             raise SpecError("spec.worker.port and spec.worker.metricsPort must differ")
         return cls(
@@ -186,7 +248,7 @@ class FleetSpec:
                 plan_interval_s=policy["planIntervalSeconds"],
             ),
             adapters=adapters,
-            redis=None if redis is None else _redis(redis),
+            redis=redis,
             tls_secret=(raw.get("tls") or {}).get("secretName"),
             token_secret=_secret((raw.get("auth") or {}).get("tokenSecretRef")),
         )

@@ -276,6 +276,15 @@ class FleetStatus(ApiObject):
             item=FieldSpec("A plan the operator pushed."),
         ),
     )
+    # The /scale subresource's labelSelectorPath: HPA and KEDA count and
+    # measure the pods it selects.
+    selector: str | None = field(
+        default=None,
+        metadata=api(
+            "Label selector of the worker pods, as a string (the /scale subresource's).",
+            max_length=1024,
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,16 @@ from elasticfleet.operator.build import (
     build_children,
     build_service,
     build_workload,
+    label_selector,
     labels,
     owner_reference,
+    pod_template,
     worker_address,
     worker_command,
+    worker_env,
     worker_server_name,
 )
-from elasticfleet.operator.spec import FleetSpec, SpecError
+from elasticfleet.operator.spec import DefaultStore, FleetSpec, RedisSettings, SecretKey, SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "operator" / "examples"
 UID = "5e1f0c3a-8d5e-4b7a-9a43-0f1f4c2d9b11"
@@ -199,3 +202,110 @@ def test_worker_address_and_tls_name() -> None:
     assert worker_server_name(tls, "10.1.2.3") == "10-1-2-3.smollm2-gpu-worker.ml.svc"
     assert worker_server_name(tls, "fd00::5") == "fd00--5.smollm2-gpu-worker.ml.svc"
     assert worker_server_name(_spec(), "10.1.2.3") == ""
+
+
+def test_worker_pods_meet_the_restricted_pod_security_standard() -> None:
+    for example in ("elasticfleet.yaml", "elasticfleet-gpu.yaml"):
+        pod = pod_template(_spec(example))["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        (container,) = pod["containers"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        # A read-only root: the model cache ($ELASTICFLEET_CACHE) and /tmp
+        # are the writable volumes.
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for path in (env["ELASTICFLEET_CACHE"], "/tmp"):
+            assert volumes[mounts[path]] == {"name": mounts[path], "emptyDir": {}}
+    # Each pod gets its own copy: changing one template leaves the next alone.
+    first = pod_template(_spec())["spec"]
+    first["securityContext"]["seccompProfile"]["type"] = "Unconfined"
+    assert pod_template(_spec())["spec"]["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
+
+
+def test_label_selector_selects_the_workers() -> None:
+    spec = _spec()
+    assert (
+        label_selector(spec) == "app.kubernetes.io/component=worker,elasticfleet.io/fleet=smollm2"
+    )
+    selector = dict(term.split("=") for term in label_selector(spec).split(","))
+    assert selector == build_workload(spec, {})["spec"]["selector"]["matchLabels"]
+
+
+DEFAULT_STORE = DefaultStore(
+    "elasticfleet",
+    RedisSettings(
+        url="redis://ef-valkey.elasticfleet.svc:6379/0",
+        password_secret=SecretKey("ef-valkey", "password"),
+    ),
+)
+
+
+def test_default_store_comes_from_the_operators_environment() -> None:
+    environ = {
+        "ELASTICFLEET_REDIS_URL": "redis://ef-valkey.elasticfleet.svc:6379/0\n",
+        "ELASTICFLEET_REDIS_PREFIX": "ef:",
+        "ELASTICFLEET_REDIS_PASSWORD_SECRET": "ef-valkey",
+        "ELASTICFLEET_REDIS_PASSWORD_SECRET_KEY": "pw",
+        "ELASTICFLEET_OPERATOR_NAMESPACE": "elasticfleet",
+    }
+    store = DefaultStore.from_environment(environ)
+    assert store is not None and store.namespace == "elasticfleet"
+    assert store.redis.url == "redis://ef-valkey.elasticfleet.svc:6379/0"
+    assert store.redis.password_secret == SecretKey("ef-valkey", "pw")
+    assert store.redis.prefix == "ef:" and store.redis.url_secret is None
+    # The key defaults to `password`; a store without a password has no Secret.
+    del environ["ELASTICFLEET_REDIS_PASSWORD_SECRET_KEY"], environ["ELASTICFLEET_REDIS_PREFIX"]
+    store = DefaultStore.from_environment(environ)
+    assert store is not None and store.redis.password_secret == SecretKey("ef-valkey", "password")
+    assert store.redis.prefix == "elasticfleet:"
+    del environ["ELASTICFLEET_REDIS_PASSWORD_SECRET"]
+    store = DefaultStore.from_environment(environ)
+    assert store is not None and store.redis.password_secret is None
+    # No URL, or no namespace to serve (an operator outside a cluster): none.
+    assert DefaultStore.from_environment({"ELASTICFLEET_REDIS_URL": "redis://r"}) is None
+    assert DefaultStore.from_environment({"ELASTICFLEET_OPERATOR_NAMESPACE": "ns"}) is None
+
+
+def test_fleets_in_the_operators_namespace_get_its_store() -> None:
+    raw = _raw(redis=None)
+    del raw["redis"]
+    spec = FleetSpec.parse("smollm2", "elasticfleet", raw, DEFAULT_STORE)
+    assert spec.redis == DEFAULT_STORE.redis
+    env = {e["name"]: e for e in worker_env(spec)}
+    assert env["ELASTICFLEET_REDIS_URL"] == {
+        "name": "ELASTICFLEET_REDIS_URL",
+        "value": "redis://ef-valkey.elasticfleet.svc:6379/0",
+    }
+    # The password only as a reference to the Secret, in the pod's own namespace.
+    assert env["ELASTICFLEET_REDIS_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "ef-valkey", "key": "password"}
+    }
+    assert env["ELASTICFLEET_REDIS_PREFIX"]["value"] == "elasticfleet:"
+    # A fleet's own spec.redis wins over the default.
+    own = FleetSpec.parse("smollm2", "elasticfleet", _raw(), DEFAULT_STORE)
+    assert own.redis is not None and own.redis.url == "redis://redis.elasticfleet.svc:6379/0"
+
+
+def test_fleets_elsewhere_do_not_get_the_operators_store() -> None:
+    raw = _raw()
+    del raw["redis"]
+    with pytest.raises(SpecError, match="the operator's store serves only namespace elasticfleet"):
+        FleetSpec.parse("smollm2", "team-a", raw, DEFAULT_STORE)
+    # Without adapters such a fleet needs no store, and gets none.
+    raw["adapters"] = []
+    spec = FleetSpec.parse("smollm2", "team-a", raw, DEFAULT_STORE)
+    assert spec.redis is None
+    assert not any(e["name"].startswith("ELASTICFLEET_REDIS") for e in worker_env(spec))

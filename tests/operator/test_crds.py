@@ -48,7 +48,7 @@ def test_crd_shape(crd: dict[str, Any]) -> None:
     assert spec["names"]["shortNames"]
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"]["status"] == {}
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert {"observedGeneration", "conditions"} <= set(status)
     # Every printer column reads a field the schema defines.
@@ -144,14 +144,28 @@ def test_bad_fleet_specs_are_refused(obj: dict[str, Any], expected: str) -> None
     assert any(expected in error for error in errors), errors
 
 
-def test_adapters_need_redis() -> None:
+def test_adapters_without_redis_are_left_to_the_operator() -> None:
+    # The API server cannot know whether the operator has a default store
+    # for the fleet's namespace: FleetSpec.parse decides (test_builders.py).
     obj = _example("elasticfleet.yaml")
     del obj["spec"]["redis"]
-    assert validation_errors(fleet_crd(), obj) == [
-        ".spec: adapters need spec.redis: the store they are fetched from"
-    ]
-    obj["spec"]["adapters"] = []
     assert validation_errors(fleet_crd(), obj) == []
+
+
+def test_a_fleet_can_be_scaled_by_an_autoscaler() -> None:
+    """/scale maps to spec.replicas and the status the operator writes,
+    which has the workers' selector (handlers.KopfSink writes it)."""
+    (version,) = fleet_crd()["spec"]["versions"]
+    scale = version["subresources"]["scale"]
+    assert scale == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    paths = {path for path, _ in schema_nodes(openapi_schema(fleet_crd()))}
+    assert {".spec.replicas", ".status.replicas", ".status.selector"} <= paths
+    (adapters,) = adapter_crd()["spec"]["versions"]
+    assert adapters["subresources"] == {"status": {}}
 
 
 def test_worker_ports_must_differ() -> None:

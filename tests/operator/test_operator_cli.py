@@ -165,9 +165,14 @@ def test_one_replica_is_active_and_another_takes_over(
     assert low.process.returncode == 0, low.log.read_text()
 
 
-def test_run_serves_liveness_and_stops_on_sigterm(cluster: EmulatedCluster) -> None:
+def test_run_serves_liveness_and_metrics_and_stops_on_sigterm(cluster: EmulatedCluster) -> None:
     liveness = f"http://127.0.0.1:{_free_port()}/healthz"
-    env = {**os.environ, "ELASTICFLEET_LIVENESS": liveness}
+    metrics_port = _free_port()
+    env = {
+        **os.environ,
+        "ELASTICFLEET_LIVENESS": liveness,
+        "ELASTICFLEET_METRICS_PORT": str(metrics_port),
+    }
     process = subprocess.Popen(
         [ELASTICFLEET, "operator", "run"],
         env=env,
@@ -181,6 +186,9 @@ def test_run_serves_liveness_and_stops_on_sigterm(cluster: EmulatedCluster) -> N
             assert process.poll() is None, process.communicate()[0]
             assert time.monotonic() < deadline, "no liveness endpoint"
             time.sleep(0.2)
+        # The metrics server starts before kopf does: it is up by now.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            assert b"process_resident_memory_bytes" in response.read()
         fleet = yaml.safe_load(EXAMPLE.read_text())
         cluster.call("POST", "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets", fleet)
         while not cluster.objects("apps/v1/deployments"):

@@ -119,6 +119,10 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
             assert entry["pod"] == "smollm2-worker-0" and entry["node"] == "node-a"
             assert entry["plan"]["id"] == worker.plan_id
             assert status["readyReplicas"] == 1
+            # The /scale subresource's selector: the worker pods' labels.
+            assert status["selector"] == (
+                "app.kubernetes.io/component=worker,elasticfleet.io/fleet=smollm2"
+            )
             # The fleet's AdapterSet is loaded with the heads it names.
             assert ("load", "tasks", "", "code", "qa", "definitions") in worker.adapter_calls
             assert entry["adapters"] == [{"name": "tasks", "version": "2", "bytes": 4096}]

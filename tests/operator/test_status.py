@@ -196,7 +196,7 @@ def test_wire_names_are_the_ones_the_crd_has_always_had() -> None:
         adapters=(),
     )
     record = PlanRecord(WHEN, "w0", plan, "why", 5, 4, 1.5)
-    status = FleetStatus(1, (), 2, 1, (worker,), (record,))
+    status = FleetStatus(1, (), 2, 1, (worker,), (record,), "app=w")
     assert status.to_dict() == {
         "observedGeneration": 1,
         "conditions": [],
@@ -235,6 +235,7 @@ def test_wire_names_are_the_ones_the_crd_has_always_had() -> None:
                 "predictedPerplexityRatio": 1.5,
             }
         ],
+        "selector": "app=w",
     }
 
 
