@@ -59,6 +59,14 @@ class WorkerProcess:
                 stderr=sink,
                 env={**os.environ, **(env or {})},
             )
+        return cls.attach(process, log, timeout_s)
+
+    @classmethod
+    def attach(
+        cls, process: subprocess.Popen[bytes], log: Path, timeout_s: float = START_TIMEOUT_S
+    ) -> WorkerProcess:
+        """Wait for a worker started some other way (say, by a container
+        runtime) whose stderr goes to `log`, as `start` does for its own."""
         deadline = time.monotonic() + timeout_s
         try:
             while True:
