@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from elasticfleet.agent.corpus import CorpusError
+    # corpus_sources, not corpus: the corpus module loads torch, and commands
+    # that need none (`operator crds`, any --help) must start without it.
+    from elasticfleet.agent.corpus_sources import CorpusError
     from elasticfleet.worker.model.prepare import ModelPrepareError
 
     args = build_parser().parse_args(argv)

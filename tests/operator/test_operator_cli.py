@@ -56,6 +56,26 @@ def _alive(url: str) -> bool:
         return False
 
 
+# Runs the command line with torch made unimportable (None in sys.modules).
+_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None
+from elasticfleet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("args", [["operator", "crds"], ["operator", "run", "--help"]])
+def test_printing_operator_commands_start_without_torch(args: list[str]) -> None:
+    """Commands that only print must not load torch: printing the CRDs is how
+    they are installed, and a --help answers in well under a second."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
 def test_settings_come_from_flags_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELASTICFLEET_NAMESPACES", "x,y")
     args = build_parser().parse_args(["operator", "run", "--namespace", "a", "--namespace", "b"])

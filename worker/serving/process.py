@@ -73,6 +73,19 @@ class WorkerProcess:
                 stderr=sink,
                 env={**os.environ, **(env or {})},
             )
+        return cls.attach(process, log, ready_file, timeout_s)
+
+    @classmethod
+    def attach(
+        cls,
+        process: subprocess.Popen[bytes],
+        log: Path,
+        ready_file: Path,
+        timeout_s: float = START_TIMEOUT_S,
+    ) -> WorkerProcess:
+        """Wait for a worker started some other way (say, by a container
+        runtime, with `--ready-file` at a path this process sees as
+        `ready_file`) whose stderr goes to `log`, as `start` does for its own."""
         deadline = time.monotonic() + timeout_s
         try:
             while True:
