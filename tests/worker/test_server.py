@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serving_helpers import LARGE_BUDGET, SlowSteps, make_engine
 from tokenizers import Tokenizer
 from waiting import wait_for
 
@@ -37,20 +37,11 @@ from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient, WorkerClient, generate_request
-from elasticfleet.worker.serving.engine import Engine
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, status_code
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
-
-LARGE_BUDGET = 64 * 2**20
-
-
-def make_engine(model_dir: Path, budget: int = LARGE_BUDGET, **kwargs: Any) -> Engine:
-    model = ElasticLlama.from_pretrained(model_dir, packed=False)
-    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
-    return Engine(model, tokenizer, budget_bytes=budget, **kwargs)
 
 
 @pytest.fixture
@@ -130,6 +121,7 @@ def test_bad_requests_get_invalid_argument_with_a_reason(client: WorkerClient) -
         (generate_request(""), "prompt is empty"),
         (generate_request("x" * 300), "context is 256"),
         (generate_request("hi", temperature=-1.0), "temperature must be between 0 and 100"),
+        (generate_request("hi", temperature=1e-30), "a positive one at least 0.001"),
         (generate_request("hi", top_p=1.5), "top_p must be in (0, 1]"),
         (generate_request("hi", max_new_tokens=2_000_000), "max_new_tokens must be between"),
         (generate_request("hi", stop=[""]), "stop strings must not be empty"),
@@ -234,24 +226,6 @@ def test_a_client_cancel_frees_the_request(server: BackgroundServer, client: Wor
     wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled == 1
     slow.undo()
-
-
-class SlowSteps:
-    """Make each engine iteration take at least `seconds` (so a test can
-    act while a request is still running)."""
-
-    def __init__(self, engine: Engine, seconds: float) -> None:
-        self.engine = engine
-        self.step = engine.step
-
-        def slow_step() -> bool:
-            time.sleep(seconds)
-            return self.step()
-
-        engine.step = slow_step  # type: ignore[method-assign]
-
-    def undo(self) -> None:
-        self.engine.step = self.step  # type: ignore[method-assign]
 
 
 def test_health_and_reflection(server: BackgroundServer) -> None:
