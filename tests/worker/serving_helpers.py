@@ -1,18 +1,22 @@
 """Helpers for the serving tests that are not fixtures: an engine on a model
-directory, and slowed-down engine steps. (A plain module: test modules
+directory, slowed-down engine steps, and a fake adapter host. (A plain module: test modules
 import it, which they cannot do with a pytest plugin module without pytest
 warning that it could not rewrite the plugin's asserts.)"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
+from elasticfleet.worker.adapters.interface import AdapterInfo, AdapterListing, AdapterRequest
+from elasticfleet.worker.errors import DataLoss, InvalidArgument, NotFound, Unavailable
 from elasticfleet.worker.model.generation import TOKENIZER_FILE
 from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.engine import Engine
 
 # Room for the tiny model's weights (about 0.4 MB) and a few hundred
@@ -43,3 +47,43 @@ class SlowSteps:
 
     def undo(self) -> None:
         self.engine.step = self.step  # type: ignore[method-assign]
+
+
+class FakeAdapters:
+    """An adapter host that knows one set; loading 'corrupt' or 'remote' fails
+    the way a real store does, to check the status codes end to end."""
+
+    def __init__(self) -> None:
+        self.info = AdapterInfo("code", "v1", "tiny", 4, ("qa", "py"), 1000, True)
+        self.batches: list[Sequence[AdapterRequest | None]] = []
+
+    def check(self, request: AdapterRequest) -> None:
+        if request.name != "code":
+            raise NotFound(f"adapter {request.name!r} is not loaded")
+        if request.task not in (None, "qa", "py"):
+            raise InvalidArgument(f"adapter 'code' has no task {request.task!r}")
+
+    def batch(self, rows: Sequence[AdapterRequest | None]) -> object:
+        self.batches.append(list(rows))
+        return None  # model.forward(adapters=None) runs the base model
+
+    def resident_bytes(self) -> int:
+        return 1000
+
+    def apply_plan(self, plan: PruningPlan) -> None:
+        pass
+
+    def load(
+        self, name: str, version: str, tasks: Sequence[str], room_bytes: int
+    ) -> tuple[AdapterInfo, bool]:
+        if name == "corrupt":
+            raise DataLoss("blob A/0 of 'corrupt' fails its sha256 check")
+        if name == "remote":
+            raise Unavailable("Redis is unreachable; retry when it is back")
+        return self.info, True
+
+    def unload(self, name: str) -> int:
+        return 1000
+
+    def listing(self) -> AdapterListing:
+        return AdapterListing((self.info,), 1000, 10_000)

@@ -18,11 +18,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serving_helpers import LARGE_BUDGET, SlowSteps, make_engine
+from serving_helpers import LARGE_BUDGET, FakeAdapters, SlowSteps, make_engine
 from tokenizers import Tokenizer
 from waiting import wait_for
 
-from elasticfleet.worker.adapters.interface import AdapterInfo, AdapterListing, AdapterRequest
+from elasticfleet.worker.adapters.interface import AdapterRequest
 from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,
@@ -403,46 +403,6 @@ def test_async_client_streams_concurrently(server: BackgroundServer) -> None:
     engine = server.server.engine
     wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled + engine.counters.requests_finished == 5
-
-
-class FakeAdapters:
-    """An adapter host that knows one set; loading 'corrupt' or 'remote' fails
-    the way a real store does, to check the status codes end to end."""
-
-    def __init__(self) -> None:
-        self.info = AdapterInfo("code", "v1", "tiny", 4, ("qa", "py"), 1000, True)
-        self.batches: list[Sequence[AdapterRequest | None]] = []
-
-    def check(self, request: AdapterRequest) -> None:
-        if request.name != "code":
-            raise NotFound(f"adapter {request.name!r} is not loaded")
-        if request.task not in (None, "qa", "py"):
-            raise InvalidArgument(f"adapter 'code' has no task {request.task!r}")
-
-    def batch(self, rows: Sequence[AdapterRequest | None]) -> object:
-        self.batches.append(list(rows))
-        return None  # model.forward(adapters=None) runs the base model
-
-    def resident_bytes(self) -> int:
-        return 1000
-
-    def apply_plan(self, plan: PruningPlan) -> None:
-        pass
-
-    def load(
-        self, name: str, version: str, tasks: Sequence[str], room_bytes: int
-    ) -> tuple[AdapterInfo, bool]:
-        if name == "corrupt":
-            raise DataLoss("blob A/0 of 'corrupt' fails its sha256 check")
-        if name == "remote":
-            raise Unavailable("Redis is unreachable; retry when it is back")
-        return self.info, True
-
-    def unload(self, name: str) -> int:
-        return 1000
-
-    def listing(self) -> AdapterListing:
-        return AdapterListing((self.info,), 1000, 10_000)
 
 
 def test_adapter_rpcs_and_per_row_routing(served_model_dir: Path, one_thread: None) -> None:
