@@ -4,13 +4,12 @@ and prompts past their limits."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from serving_helpers import GREEDY, Collector, Reference, encode, run_until_idle
 from tokenizers import Tokenizer
 
 from elasticfleet.worker.adapters.interface import AdapterRequest
@@ -35,41 +34,8 @@ from elasticfleet.worker.serving.engine import (
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
 
-GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
-# The reference_tokens fixture (serving_fixtures.py): a sequence's greedy tokens run alone.
-Reference = Callable[[Sequence[int], int, PruningPlan | None, dict[int, PruningPlan]], list[int]]
 
-
-class Sink:
-    """Keeps a request's events and errors; `done` is set when it ends."""
-
-    def __init__(self) -> None:
-        self.events: list[TokenEvent] = []
-        self.errors: list[Exception] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: TokenEvent | Exception) -> None:
-        if isinstance(event, Exception):
-            self.errors.append(event)
-            self.done.set()
-        else:
-            self.events.append(event)
-            if event.finish_reason:
-                self.done.set()
-
-    @property
-    def finished(self) -> str:
-        return self.events[-1].finish_reason if self.events else ""
-
-
-def run_until_idle(engine: Engine, limit: int = 500) -> None:
-    for _ in range(limit):
-        if not engine.step():
-            return
-    raise AssertionError("engine still busy")
-
-
-def busy_engine(model_dir: Path) -> tuple[Engine, list[Sink], PruningPlan]:
+def busy_engine(model_dir: Path) -> tuple[Engine, list[Collector], PruningPlan]:
     """An engine whose budget fits 2 rows of 16 positions densely; under a
     smaller plan it runs 4, so the dense plan must wait for them to finish.
     Returns it (running the 4) and the dense plan."""
@@ -79,7 +45,7 @@ def busy_engine(model_dir: Path) -> tuple[Engine, list[Sink], PruningPlan]:
     engine = Engine(model, tokenizer, budget_bytes=budget, max_queue=8)
     layers = model.config.num_hidden_layers
     engine.submit_plan(PruningPlan.from_dropped(layers, attention=[0, 1, 2]), "small")
-    sinks = [Sink() for _ in range(4)]
+    sinks = [Collector() for _ in range(4)]
     for sink in sinks:
         engine.submit("abcd", GREEDY, sink)
     engine.step()
@@ -96,7 +62,7 @@ def test_a_waiting_plan_whose_caller_left_is_dropped_and_the_engine_goes_on(
     engine.step()  # it waits: the four running requests need the room
     assert not waiting.done()
     assert waiting.cancel()  # the caller gives up (a cancelled RPC, a passed deadline)
-    late = Sink()
+    late = Collector()
     engine.submit("late", GREEDY, late)
     run_until_idle(engine)  # used to raise InvalidStateError once the plan fit
     assert all(s.finished == "length" for s in [*sinks, late])
@@ -105,25 +71,21 @@ def test_a_waiting_plan_whose_caller_left_is_dropped_and_the_engine_goes_on(
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_newer_plan_supersedes_a_waiting_one_whose_caller_left(served_model_dir: Path) -> None:
+@pytest.mark.parametrize("then", ["superseded", "timed out"])
+def test_a_waiting_plan_whose_caller_left_can_be_superseded_or_time_out(
+    served_model_dir: Path, then: str
+) -> None:
     engine, _, dense = busy_engine(served_model_dir)
-    left = engine.submit_plan(dense, "dense-1", wait_s=60)
-    engine.step()
+    left = engine.submit_plan(dense, "left", wait_s=60 if then == "superseded" else 0.0)
+    if then == "superseded":
+        engine.step()  # it waits
     left.cancel()
-    newer = engine.submit_plan(dense, "dense-2", wait_s=60)  # used to raise InvalidStateError
-    run_until_idle(engine)
-    assert newer.result(timeout=1).plan_id == "dense-2"
-    engine.close()
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_a_waiting_plan_that_times_out_after_its_caller_left(served_model_dir: Path) -> None:
-    engine, _, dense = busy_engine(served_model_dir)
-    left = engine.submit_plan(dense, "dense", wait_s=0.0)
-    left.cancel()
-    engine.step()
-    run_until_idle(engine)
-    assert engine.plan_id == "small"
+    if then == "superseded":
+        newer = engine.submit_plan(dense, "newer", wait_s=60)  # used to raise InvalidStateError
+    run_until_idle(engine)  # "timed out" used to raise InvalidStateError here
+    assert engine.plan_id == ("newer" if then == "superseded" else "small")
+    if then == "superseded":
+        assert newer.result(timeout=1).plan_id == "newer"
     engine.close()
 
 
@@ -136,7 +98,7 @@ def test_a_background_engine_survives_callers_that_give_up_on_plans(
     for attempt in range(3):
         engine.submit_plan(dense, f"gave-up-{attempt}", wait_s=60).cancel()
     assert all(s.done.wait(30) for s in sinks)
-    after = Sink()
+    after = Collector()
     engine.submit("after", GREEDY, after)
     assert after.done.wait(30) and after.finished == "length"
     switch: PlanSwitch = engine.submit_plan(dense, "kept", wait_s=60).result(timeout=30)
@@ -152,7 +114,7 @@ def test_an_engine_thread_that_dies_fails_everything_fast(engine: Engine) -> Non
     engine._admit = broken  # type: ignore[method-assign]
     heard: list[BaseException] = []
     engine.on_failure(heard.append)
-    queued = Sink()
+    queued = Collector()
     engine.submit("never runs", GREEDY, queued)
     engine.start()
     assert queued.done.wait(10)
@@ -160,7 +122,7 @@ def test_an_engine_thread_that_dies_fails_everything_fast(engine: Engine) -> Non
     assert "RuntimeError" in str(queued.errors[0]) and "admission bug" not in str(queued.errors[0])
     assert len(heard) == 1 and isinstance(engine.failure, RuntimeError)
     with pytest.raises(Unavailable, match="engine has stopped"):
-        engine.submit("more", GREEDY, Sink())
+        engine.submit("more", GREEDY, Collector())
     with pytest.raises(Unavailable, match="engine has stopped"):
         engine.submit_plan(engine.model.plan, "p")
     with pytest.raises(Unavailable):
@@ -172,8 +134,8 @@ def test_an_engine_thread_that_dies_fails_everything_fast(engine: Engine) -> Non
 
 def test_a_row_whose_sampling_fails_fails_alone(engine: Engine) -> None:
     forward = engine._forward
-    poisoned = Sink()
-    others = [Sink(), Sink()]
+    poisoned = Collector()
+    others = [Collector(), Collector()]
 
     def nan_for_the_poisoned(input_ids: Any, lengths: Any, requests: Any) -> torch.Tensor:
         logits = forward(input_ids, lengths, requests).clone()
@@ -197,7 +159,7 @@ def test_a_row_whose_sampling_fails_fails_alone(engine: Engine) -> None:
 
 def test_a_row_that_fails_after_sampling_fails_alone(engine: Engine) -> None:
     advance = engine._advance
-    victim, bystander = Sink(), Sink()
+    victim, bystander = Collector(), Collector()
 
     def fail_the_victim(request: Any, token: int, rules: Any) -> TokenEvent:
         if request.sink is victim and request.tokens:
@@ -216,8 +178,8 @@ def test_a_newcomer_whose_prefill_fails_fails_alone(
     engine: Engine, reference_tokens: Reference
 ) -> None:
     forward = engine._forward
-    running, broken = Sink(), Sink()
-    group = [Sink(), Sink()]
+    running, broken = Collector(), Collector()
+    group = [Collector(), Collector()]
 
     def fail_the_broken(input_ids: Any, lengths: Any, requests: Any) -> torch.Tensor:
         if any(r.sink is broken for r in requests):
@@ -238,8 +200,7 @@ def test_a_newcomer_whose_prefill_fails_fails_alone(
         assert not sink.errors and sink.finished == "length" and len(sink.events) == 12
     assert engine.counters.requests_failed == 1 and engine.counters.requests_finished == 3
     for prompt, sink in zip(("aa", "bb", "dd"), (running, *group), strict=True):
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False).ids
-        assert [t for e in sink.events for t in e.token_ids] == reference_tokens(ids, 12, None, {})
+        assert sink.tokens == reference_tokens(encode(engine, prompt), 12, None, {})
 
 
 def unchecked(**values: Any) -> SamplingParams:
@@ -291,11 +252,14 @@ def test_identifiers_are_bounded_and_never_echoed(engine: Engine) -> None:
         engine.submit_plan(PruningPlan.dense(layers), huge)
     engine.submit_plan(PruningPlan.dense(layers), "p" * MAX_PLAN_ID)
     cases: list[tuple[str, Any]] = [
-        ("request_id", lambda: engine.submit("hi", GREEDY, Sink(), request_id=huge)),
-        ("adapter.name", lambda: engine.submit("hi", GREEDY, Sink(), adapter=AdapterRequest(huge))),
+        ("request_id", lambda: engine.submit("hi", GREEDY, Collector(), request_id=huge)),
+        (
+            "adapter.name",
+            lambda: engine.submit("hi", GREEDY, Collector(), adapter=AdapterRequest(huge)),
+        ),
         (
             "adapter.task",
-            lambda: engine.submit("hi", GREEDY, Sink(), adapter=AdapterRequest("a", huge)),
+            lambda: engine.submit("hi", GREEDY, Collector(), adapter=AdapterRequest("a", huge)),
         ),
         ("name", lambda: engine.load_adapter(huge, "", [])),
         ("version", lambda: engine.load_adapter("a", huge, [])),

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serving_helpers import certificate_pairs
 from tokenizers import Tokenizer
-from valkey_server import self_signed_certificate
 
 from elasticfleet.cli import main
 from elasticfleet.cli.worker_commands import _serve
@@ -223,12 +223,7 @@ def test_an_empty_token_file_is_refused_by_every_command_that_takes_one(
 def test_tls_misconfiguration_exits_2_with_one_line(
     served_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-    pairs = [self_signed_certificate(tmp_path / folder) for folder in ("a", "b")]
-    if pairs[0] is None or pairs[1] is None:
-        pytest.skip("needs the openssl command")
-    (cert, _), (_, other_key) = pairs[0], pairs[1]
+    (cert, _), (_, other_key) = certificate_pairs(tmp_path)
     missing = tmp_path / "absent.pem"
     worker = ["worker", "--model", str(served_model_dir), "--port", "0"]
     for key, message in (

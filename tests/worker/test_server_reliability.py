@@ -18,8 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import SlowSteps, make_engine
-from valkey_server import self_signed_certificate
+from serving_helpers import SlowSteps, certificate_pairs, make_engine
 from waiting import wait_for
 
 from elasticfleet.worker.model.llama import ElasticLlama
@@ -300,12 +299,7 @@ def test_metrics_answer_at_metrics_only_and_on_their_own_host(
 
 
 def test_tls_misconfiguration_is_one_clear_line(tmp_path: Path) -> None:
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-    pairs = [self_signed_certificate(tmp_path / folder) for folder in ("a", "b")]
-    if pairs[0] is None or pairs[1] is None:
-        pytest.skip("needs the openssl command")
-    (cert_a, key_a), (_, key_b) = pairs[0], pairs[1]
+    (cert_a, key_a), (_, key_b) = certificate_pairs(tmp_path)
     assert server_tls(cert_a, key_a) is not None and server_tls(None, None) is None
     missing = tmp_path / "absent.pem"
     cases = [

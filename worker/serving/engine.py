@@ -1032,18 +1032,8 @@ class Engine:
         with self._lock:
             self.failure = error
             self._closing = True
-            leftovers = [*self._queue, *self._active]
-            self._queue.clear()
-            self._in_flight.clear()
-            for pending in self._pending_plans:
-                _settle(pending.future, unavailable)
-            self._pending_plans.clear()
             listeners = list(self._failure_listeners)
-        for request in leftovers:
-            if not request.cancelled:
-                self._emit(request, unavailable)
-        self._active.clear()
-        self._cache = None
+        self._abandon(unavailable)
         for listener in listeners:
             try:
                 listener(error)
@@ -1098,7 +1088,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        error = Unavailable("worker shut down before the request finished; retry elsewhere")
+        self._abandon(Unavailable("worker shut down before the request finished; retry elsewhere"))
+
+    def _abandon(self, error: Unavailable) -> None:
+        """Fail every queued and running request and every waiting plan with
+        `error`, and free the cache: no thread will run them any more."""
         with self._lock:
             leftovers = [*self._queue, *self._active]
             self._queue.clear()
