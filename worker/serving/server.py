@@ -147,6 +147,7 @@ class Undecodable:
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, answering Undecodable instead of raising."""
     if deserializer is None:
         return None
     parse = deserializer
