@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeAlias
 
+from elasticfleet.worker.serving.credentials import read_token_file
+
 #: The main parser's subcommands, which each group's `register` adds to.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 #: A leaf command: parsed arguments in, exit code out.
@@ -73,10 +75,12 @@ def token_options(parser: argparse.ArgumentParser) -> None:
 def bearer_token(args: argparse.Namespace) -> str | None:
     """The bearer token, without surrounding whitespace wherever it comes
     from (a Secret made from a file keeps its last newline; the operator
-    strips it too)."""
+    strips it too). A --token-file that is unreadable or holds no token is
+    an argument error (ValueError): an empty one must not quietly mean "no
+    authentication"."""
     if args.token_file is not None:
         try:
-            return str(args.token_file.read_text().strip())
-        except OSError as error:
-            raise ValueError(f"--token-file {args.token_file}: {error.strerror}") from None
+            return read_token_file(args.token_file)
+        except ValueError as error:
+            raise ValueError(f"--token-file {args.token_file}: {error}") from None
     return os.environ.get("ELASTICFLEET_TOKEN", "").strip() or None

@@ -4,7 +4,9 @@
 Secrets come from files or the environment, never from flags that `ps`
 would show:
 
-    --token-file FILE    bearer token (else $ELASTICFLEET_TOKEN)
+    --token-file FILE    bearer token (else $ELASTICFLEET_TOKEN); a worker
+                         re-reads it when it changes (a rotated Secret), and
+                         an empty one is refused, never read as "no token"
 
 Exit codes: 0 success, 1 the worker refused the request, 2 a problem with
 the arguments or the model, 75 (EX_TEMPFAIL) the worker is unavailable or
@@ -55,6 +57,10 @@ def register(commands: Commands) -> None:
     )
     worker.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    worker.add_argument(
+        "--metrics-host",
+        help="address for /metrics (default: --host), e.g. 127.0.0.1 for a local scraper only",
+    )
     worker.add_argument(
         "--ready-file",
         type=Path,
@@ -157,13 +163,16 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
     from elasticfleet.worker.serving.engine import Engine
     from elasticfleet.worker.serving.readiness import remove_ready_file
-    from elasticfleet.worker.serving.server import ServerOptions, WorkerServer
+    from elasticfleet.worker.serving.server import ServerOptions, WorkerServer, server_tls
     from elasticfleet.worker.serving.telemetry import read_device
 
     try:
         if args.ready_file is not None:  # before the model loads: none may say "ready" till then
             remove_ready_file(args.ready_file)
         device = read_device(args.simulated_device, own_bytes=0)
+        # Credentials are checked before the model loads, to fail in one line and at once.
+        token = bearer_token(args)
+        server_tls(args.tls_cert, args.tls_key)
     except ValueError as error:
         print(f"elasticfleet: error: {error}", file=sys.stderr)
         return 2
@@ -191,8 +200,10 @@ def _worker(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         model_name=args.model.name if args.model else MODEL_NAME,
-        token=bearer_token(args),
+        token=token,
+        token_file=args.token_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         default_max_new_tokens=args.default_max_new_tokens,
@@ -228,7 +239,8 @@ async def _serve(server: WorkerServer, budget: int, device: str, ready_file: Pat
     await server.start()
     options = server.options
     metrics_port = None if server.metrics is None else server.metrics.port
-    metrics = "" if metrics_port is None else f", metrics on :{metrics_port}"
+    metrics_host = options.metrics_host or options.host
+    metrics = "" if metrics_port is None else f", metrics on {metrics_host}:{metrics_port}"
     print(
         f"elasticfleet worker listening on {options.host}:{server.port}{metrics}; "
         f"budget {budget / 2**20:.0f} MiB ({device})",
@@ -266,7 +278,10 @@ def _generate(args: argparse.Namespace) -> int:
         adapter=args.adapter,
         task=args.task,
     )
-    roots = args.tls_ca.read_bytes() if args.tls_ca else None
+    try:
+        roots = args.tls_ca.read_bytes() if args.tls_ca else None
+    except OSError as unreadable:
+        raise ValueError(f"--tls-ca {args.tls_ca}: {unreadable.strerror}") from None
     tls = args.tls or roots is not None
     token = bearer_token(args)
     with WorkerClient(args.target, token=token, tls=tls, root_certificates=roots) as client:

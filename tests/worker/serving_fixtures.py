@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving_helpers import make_engine
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from elasticfleet.worker.model.generation import TOKENIZER_FILE
@@ -45,11 +46,6 @@ def served_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return path
 
 
-# Room for the tiny model's weights (about 0.4 MB) and a few hundred
-# thousand bytes of KV; tests that need a tight budget compute their own.
-LARGE_BUDGET = 64 * 2**20
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run torch on one thread for the test. When other processes keep the
@@ -67,9 +63,7 @@ def engine(served_model_dir: Path, one_thread: None) -> Iterator[Engine]:
     """An engine on the plain-layout tiny model, not started: tests drive it
     with step() so every interleaving is deterministic. Newcomers join at
     the next step (prefill_group=1), so tests can place joins exactly."""
-    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
-    tokenizer = Tokenizer.from_file(str(served_model_dir / TOKENIZER_FILE))
-    engine = Engine(model, tokenizer, budget_bytes=LARGE_BUDGET, prefill_group=1)
+    engine = make_engine(served_model_dir, prefill_group=1)
     yield engine
     engine.close()
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from serving_helpers import GREEDY, Collector, Reference, encode, run_until_idle
 from tokenizers import Tokenizer
 
 from elasticfleet.worker.adapters.interface import AdapterRequest
@@ -31,48 +31,6 @@ from elasticfleet.worker.serving.engine import Engine, TokenEvent
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
-
-GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
-# The reference_tokens fixture (conftest.py): the documented semantics, written out.
-Reference = Callable[[Sequence[int], int, PruningPlan | None, dict[int, PruningPlan]], list[int]]
-
-
-class Collector:
-    """A sink that keeps a request's events."""
-
-    def __init__(self) -> None:
-        self.events: list[TokenEvent] = []
-        self.errors: list[Exception] = []
-
-    def __call__(self, event: TokenEvent | Exception) -> None:
-        if isinstance(event, Exception):
-            self.errors.append(event)
-        else:
-            self.events.append(event)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for e in self.events for t in e.token_ids]
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events)
-
-    @property
-    def finished(self) -> str:
-        return self.events[-1].finish_reason if self.events else ""
-
-
-def run_until_idle(engine: Engine, limit: int = 500) -> None:
-    for _ in range(limit):
-        if not engine.step():
-            return
-    raise AssertionError("engine still busy")
-
-
-def encode(engine: Engine, text: str) -> list[int]:
-    ids: list[int] = engine.tokenizer.encode(text, add_special_tokens=False).ids
-    return ids
 
 
 def test_requests_joining_a_running_batch_get_what_they_get_alone(

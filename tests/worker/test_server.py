@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,10 +18,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serving_helpers import LARGE_BUDGET, FakeAdapters, SlowSteps, make_engine
 from tokenizers import Tokenizer
 from waiting import wait_for
 
-from elasticfleet.worker.adapters.interface import AdapterInfo, AdapterListing, AdapterRequest
+from elasticfleet.worker.adapters.interface import AdapterRequest
 from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,
@@ -37,20 +37,11 @@ from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient, WorkerClient, generate_request
-from elasticfleet.worker.serving.engine import Engine
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, status_code
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
-
-LARGE_BUDGET = 64 * 2**20
-
-
-def make_engine(model_dir: Path, budget: int = LARGE_BUDGET, **kwargs: Any) -> Engine:
-    model = ElasticLlama.from_pretrained(model_dir, packed=False)
-    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
-    return Engine(model, tokenizer, budget_bytes=budget, **kwargs)
 
 
 @pytest.fixture
@@ -130,6 +121,7 @@ def test_bad_requests_get_invalid_argument_with_a_reason(client: WorkerClient) -
         (generate_request(""), "prompt is empty"),
         (generate_request("x" * 300), "context is 256"),
         (generate_request("hi", temperature=-1.0), "temperature must be between 0 and 100"),
+        (generate_request("hi", temperature=1e-30), "a positive one at least 0.001"),
         (generate_request("hi", top_p=1.5), "top_p must be in (0, 1]"),
         (generate_request("hi", max_new_tokens=2_000_000), "max_new_tokens must be between"),
         (generate_request("hi", stop=[""]), "stop strings must not be empty"),
@@ -234,24 +226,6 @@ def test_a_client_cancel_frees_the_request(server: BackgroundServer, client: Wor
     wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled == 1
     slow.undo()
-
-
-class SlowSteps:
-    """Make each engine iteration take at least `seconds` (so a test can
-    act while a request is still running)."""
-
-    def __init__(self, engine: Engine, seconds: float) -> None:
-        self.engine = engine
-        self.step = engine.step
-
-        def slow_step() -> bool:
-            time.sleep(seconds)
-            return self.step()
-
-        engine.step = slow_step  # type: ignore[method-assign]
-
-    def undo(self) -> None:
-        self.engine.step = self.step  # type: ignore[method-assign]
 
 
 def test_health_and_reflection(server: BackgroundServer) -> None:
@@ -429,46 +403,6 @@ def test_async_client_streams_concurrently(server: BackgroundServer) -> None:
     engine = server.server.engine
     wait_for("the engine idle", engine.idle, 10, interval=0.01)
     assert engine.counters.requests_cancelled + engine.counters.requests_finished == 5
-
-
-class FakeAdapters:
-    """An adapter host that knows one set; loading 'corrupt' or 'remote' fails
-    the way a real store does, to check the status codes end to end."""
-
-    def __init__(self) -> None:
-        self.info = AdapterInfo("code", "v1", "tiny", 4, ("qa", "py"), 1000, True)
-        self.batches: list[Sequence[AdapterRequest | None]] = []
-
-    def check(self, request: AdapterRequest) -> None:
-        if request.name != "code":
-            raise NotFound(f"adapter {request.name!r} is not loaded")
-        if request.task not in (None, "qa", "py"):
-            raise InvalidArgument(f"adapter 'code' has no task {request.task!r}")
-
-    def batch(self, rows: Sequence[AdapterRequest | None]) -> object:
-        self.batches.append(list(rows))
-        return None  # model.forward(adapters=None) runs the base model
-
-    def resident_bytes(self) -> int:
-        return 1000
-
-    def apply_plan(self, plan: PruningPlan) -> None:
-        pass
-
-    def load(
-        self, name: str, version: str, tasks: Sequence[str], room_bytes: int
-    ) -> tuple[AdapterInfo, bool]:
-        if name == "corrupt":
-            raise DataLoss("blob A/0 of 'corrupt' fails its sha256 check")
-        if name == "remote":
-            raise Unavailable("Redis is unreachable; retry when it is back")
-        return self.info, True
-
-    def unload(self, name: str) -> int:
-        return 1000
-
-    def listing(self) -> AdapterListing:
-        return AdapterListing((self.info,), 1000, 10_000)
 
 
 def test_adapter_rpcs_and_per_row_routing(served_model_dir: Path, one_thread: None) -> None:

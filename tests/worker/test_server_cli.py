@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serving_helpers import certificate_pairs
 from tokenizers import Tokenizer
 
 from elasticfleet.cli import main
@@ -196,3 +197,62 @@ def test_a_missing_token_file_is_an_argument_error(
 def test_tls_settings_without_tls_are_refused() -> None:
     with pytest.raises(ValueError, match="root_certificates and server_name need tls=True"):
         WorkerClient("127.0.0.1:1", server_name="w.svc")
+
+
+EXAMPLE_FLEET = Path(__file__).parents[2] / "operator" / "examples" / "elasticfleet.yaml"
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"], ids=["empty", "whitespace"])
+def test_an_empty_token_file_is_refused_by_every_command_that_takes_one(
+    served_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(content)
+    commands = {
+        "worker": ["worker", "--model", str(served_model_dir), "--port", "0"],
+        "generate": ["generate", "--target", "127.0.0.1:1", "hi"],
+        "operator loop": ["operator", "loop", str(EXAMPLE_FLEET), "--worker", "w=127.0.0.1:1"],
+    }
+    for name, args in commands.items():
+        assert main([*args, "--token-file", str(token)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"--token-file {token}: the file is empty" in err, name
+        assert "authentication off" in err and err.count("\n") == 1, name
+
+
+def test_tls_misconfiguration_exits_2_with_one_line(
+    served_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (cert, _), (_, other_key) = certificate_pairs(tmp_path)
+    missing = tmp_path / "absent.pem"
+    worker = ["worker", "--model", str(served_model_dir), "--port", "0"]
+    for key, message in (
+        (missing, "No such file or directory"),
+        (other_key, "KEY_VALUES_MISMATCH"),
+    ):
+        assert main([*worker, "--tls-cert", str(cert), "--tls-key", str(key)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            message in err and err.startswith("elasticfleet: error: TLS") and err.count("\n") == 1
+        )
+    assert main(["generate", "--target", "127.0.0.1:1", "hi", "--tls-ca", str(missing)]) == 2
+    assert f"--tls-ca {missing}: No such file or directory" in capsys.readouterr().err
+
+
+def test_the_worker_serves_metrics_on_the_metrics_host(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
+    args = [
+        "--model", str(served_model_dir), "--port", "0", "--metrics-port", "0",
+        "--metrics-host", "127.0.0.2", "--budget-bytes", str(2**26), "--threads", "1",
+    ]  # fmt: skip
+    worker = WorkerProcess.start(args, tmp_path / "worker.log")
+    try:
+        assert worker.ready.metrics_port is not None
+        assert f"metrics on 127.0.0.2:{worker.ready.metrics_port}" in worker.log.read_text()
+        url = f"http://127.0.0.2:{worker.ready.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert b"elasticfleet_budget_bytes" in reply.read()
+        assert worker.stop() == 0
+    finally:
+        worker.kill()

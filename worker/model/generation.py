@@ -40,6 +40,13 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(Path(model_dir) / TOKENIZER_FILE))
 
 
+# Below this a positive temperature is greedy in all but name, and it is where
+# pathological values live: logits divided by 1e-45 overflow float32. A
+# client that means greedy sends 0. (Sampling is also safe for any positive
+# temperature, see sample_row; this keeps the meaning of the knob honest.)
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. temperature 0 means greedy."""
@@ -58,8 +65,14 @@ class SamplingParams:
             raise ValueError(
                 f"max_new_tokens must be between 1 and 1000000, got {self.max_new_tokens}"
             )
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not (
+            math.isfinite(self.temperature)
+            and (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 100.0)
+        ):
+            raise ValueError(
+                f"temperature must be between 0 and 100 (0 is greedy; a positive one at least "
+                f"{MIN_TEMPERATURE}), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
@@ -96,20 +109,58 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+class SamplingError(ArithmeticError):
+    """A row's logits admit no distribution to sample from (not finite):
+    the model's fault for that row, never another row's."""
+
+
+def sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """Sample one token from one row's logits [V] (temperature > 0).
+
+    The logits are shifted so their maximum is 0 before scaling: scaled
+    values then lie in [-inf, 0] whatever the temperature, so the softmax
+    never sees an overflow (1e-45 would turn float32 logits into inf and the
+    probabilities into NaN) and the most likely token always keeps mass. In
+    float64, so that no positive temperature rounds to 0 and makes 0/0."""
+    row = logits.double()
+    if not bool(torch.isfinite(row).all()):
+        raise SamplingError("the model produced non-finite logits for this sequence")
+    scaled = filter_logits((row - row.max()) / params.temperature, params.top_k, params.top_p)
+    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator)[0])
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int | SamplingError]:
+    """Each row's next token from logits [B, V], or the SamplingError that
+    row alone ran into: one row's failure never costs another row its token."""
+    greedy: list[int] = logits.argmax(-1).tolist()
+    tokens: list[int | SamplingError] = []
+    for row, p in enumerate(params):
+        try:
+            tokens.append(greedy[row] if p.greedy else sample_row(logits[row], p, generators[row]))
+        except SamplingError as error:
+            tokens.append(error)
+    return tokens
+
+
 def sample_next(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
-    """Pick each row's next token from its logits [B, V] -> [B]."""
-    tokens = logits.argmax(-1)
-    for row, p in enumerate(params):
-        if p.greedy:
-            continue
-        scaled = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
-        probs = scaled.softmax(-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=generators[row])[0]
-    return tokens
+    """Pick each row's next token from its logits [B, V] -> [B]; raises the
+    first row's SamplingError (local generation has no rows to spare)."""
+    chosen: list[int] = []
+    for token in sample_rows(logits, params, generators):
+        if isinstance(token, SamplingError):
+            raise token
+        chosen.append(token)
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ from elasticfleet.worker.model.generation import (
     SamplingParams,
     TextStream,
     cut_at_stop,
-    sample_next,
+    sample_rows,
 )
 from elasticfleet.worker.model.kvcache import KVCache
 from elasticfleet.worker.model.llama import ElasticLlama
@@ -84,9 +84,23 @@ from elasticfleet.worker.serving.telemetry import MixSnapshot, RequestMix
 
 log = logging.getLogger(__name__)
 
+# Limits on what a caller sends, checked before any work is done, so that no
+# request can make the worker tokenize megabytes or echo an unbounded value
+# into an error message (status details travel in size-limited metadata).
+# Identifiers follow the CRDs that store them: a plan id (status.plan.id),
+# an adapter's store name, a task (a DNS label), a version (digits).
 MAX_REQUEST_ID = 128
+MAX_PLAN_ID = 128
+MAX_ADAPTER_NAME = 128
+MAX_TASK_NAME = 63
+MAX_VERSION = 20
+MAX_TASKS = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+# 32 bytes per token of SmolLM2's 8,192-token context: no prompt that fits
+# the context is longer, and tokenizing this much takes about a tenth of a
+# second on one core. Longer prompts are refused before they are tokenized.
+MAX_PROMPT_BYTES = 256 * 1024
 # Decode-step times kept apart for the metrics endpoint.
 RECENT_STEPS = 1000
 
@@ -108,6 +122,42 @@ class TokenEvent:
 
 # A request's sink gets its events, or an exception if the engine fails it.
 Sink = Callable[[TokenEvent | Exception], None]
+
+
+def check_length(field: str, value: str, limit: int) -> str:
+    """`value` when it has at most `limit` characters, else InvalidArgument
+    naming its length, never the value (which may be megabytes)."""
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} has {len(value)} characters; at most {limit}")
+    return value
+
+
+def _check_adapter_name(name: str) -> None:
+    if not name:
+        raise InvalidArgument("name is empty; name the adapter set")
+    check_length("name", name, MAX_ADAPTER_NAME)
+
+
+def _settle(future: Future[PlanSwitch], error: Exception) -> None:
+    """Fail a plan's future, unless its caller already gave up on it (a
+    cancelled future cannot be set: doing so raised on the engine thread
+    and killed it)."""
+    if future.set_running_or_notify_cancel():
+        future.set_exception(error)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request tokenized and checked (Engine.prepare), not yet queued.
+    Preparing is the CPU-heavy half of a submission and touches no engine
+    state, so a server runs it off its event loop and a caller that leaves
+    meanwhile leaves nothing behind."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRequest | None
+    worst_case: int
 
 
 @dataclass(frozen=True)
@@ -281,6 +331,9 @@ class Engine:
         self._closing = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        # Why the engine thread died, if it did; then every call fails fast.
+        self.failure: BaseException | None = None
+        self._failure_listeners: list[Callable[[BaseException], None]] = []
         self._stats = self._measure()
 
     # -- requests -------------------------------------------------------------
@@ -294,24 +347,40 @@ class Engine:
         request_id: str = "",
         adapter: AdapterRequest | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises InvalidArgument,
-        NotFound, ResourceExhausted or Unavailable without queueing."""
+        """Queue a request (prepare, then enqueue); returns its id. Raises
+        InvalidArgument, NotFound, ResourceExhausted or Unavailable without
+        queueing."""
+        prepared = self.prepare(prompt, params, request_id=request_id, adapter=adapter)
+        return self.enqueue(prepared, sink)
+
+    def prepare(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        request_id: str = "",
+        adapter: AdapterRequest | None = None,
+    ) -> PreparedRequest:
+        """Check and tokenize a request, from any thread. Raises
+        InvalidArgument, or ResourceExhausted for a request that cannot fit
+        the budget even on an idle worker."""
         try:
-            return self._submit(prompt, params, sink, request_id, adapter)
+            return self._prepare(prompt, params, request_id, adapter)
         except ResourceExhausted:
             self.counters.requests_refused += 1
             raise
 
-    def _submit(
+    def _prepare(
         self,
         prompt: str,
         params: SamplingParams,
-        sink: Sink,
         request_id: str,
         adapter: AdapterRequest | None,
-    ) -> str:
-        if len(request_id) > MAX_REQUEST_ID:
-            raise InvalidArgument(f"request_id has {len(request_id)} characters; at most 128")
+    ) -> PreparedRequest:
+        check_length("request_id", request_id, MAX_REQUEST_ID)
+        if adapter is not None:
+            check_length("adapter.name", adapter.name, MAX_ADAPTER_NAME)
+            check_length("adapter.task", adapter.task or "", MAX_TASK_NAME)
         if len(params.stop) > MAX_STOP_STRINGS or any(
             len(s) > MAX_STOP_LENGTH for s in params.stop
         ):
@@ -320,7 +389,18 @@ class Engine:
             )
         if not prompt:
             raise InvalidArgument("prompt is empty; send at least one character")
-        ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        # A str has at least as many UTF-8 bytes as characters: the first test
+        # refuses a huge prompt without encoding it.
+        if len(prompt) > MAX_PROMPT_BYTES or len(prompt.encode()) > MAX_PROMPT_BYTES:
+            raise InvalidArgument(
+                f"prompt is longer than {MAX_PROMPT_BYTES} bytes of UTF-8, more than the model's "
+                "context could hold; shorten the prompt"
+            )
+        # encode_batch, unlike encode, releases the GIL while it works, so a
+        # long prompt tokenized on another thread does not stall the server's
+        # event loop (health checks, running streams).
+        (encoding,) = self.tokenizer.encode_batch([prompt], add_special_tokens=False)
+        ids: list[int] = encoding.ids
         context = self.model.config.max_position_embeddings
         if not ids:
             raise InvalidArgument("prompt encodes to no tokens")
@@ -339,18 +419,28 @@ class Engine:
                 f"{self.admission.budget_bytes} leaves after weights and adapters even on an "
                 "idle worker; lower max_new_tokens or shorten the prompt"
             )
+        return PreparedRequest(request_id or uuid.uuid4().hex, ids, params, adapter, worst)
+
+    def enqueue(self, prepared: PreparedRequest, sink: Sink) -> str:
+        """Queue a prepared request; returns its id. Quick: it only takes the
+        lock. Raises InvalidArgument (an id already in flight), NotFound (its
+        adapter is not loaded), ResourceExhausted (the queue is full) or
+        Unavailable (shutting down, or the engine has stopped)."""
+        params = prepared.params
+        adapter = prepared.adapter
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         request = _Request(
-            id=request_id or uuid.uuid4().hex,
-            prompt_ids=ids,
+            id=prepared.id,
+            prompt_ids=prepared.prompt_ids,
             params=params,
             adapter=adapter,
             sink=sink,
-            worst_case=worst,
+            worst_case=prepared.worst_case,
             stream=TextStream(self.tokenizer, params.stop),
             generator=generator,
         )
         with self._lock:
+            self._check_running()
             if self._closing:
                 raise Unavailable("worker is shutting down; send the request to another worker")
             if request.id in self._in_flight:
@@ -362,6 +452,7 @@ class Engine:
                     )
                 self.adapters.check(adapter)
             if len(self._queue) >= self.max_queue:
+                self.counters.requests_refused += 1
                 raise ResourceExhausted(
                     f"wait queue is full ({len(self._queue)} requests waiting for memory); "
                     "retry later or send to another worker"
@@ -403,6 +494,7 @@ class Engine:
         when the plan does not fit in time (nothing changes then), or when a
         newer plan supersedes it first. A plan whose weights alone exceed
         the budget is refused at once."""
+        check_length("plan_id", plan_id, MAX_PLAN_ID)
         config = self.model.config
         if plan.num_layers != config.num_hidden_layers:
             raise InvalidArgument(
@@ -422,8 +514,9 @@ class Engine:
         future: Future[PlanSwitch] = Future()
         pending = _PendingPlan(plan, plan_id, budget_bytes, future, time.monotonic() + wait_s)
         with self._lock:
+            self._check_running()
             for older in self._pending_plans:
-                older.future.set_exception(self._superseded(older, plan_id))
+                _settle(older.future, self._superseded(older, plan_id))
             self._pending_plans = [pending]
             self._wake.notify_all()
         return future
@@ -436,27 +529,37 @@ class Engine:
 
     def _take_plan(self) -> tuple[PlanSwitch | None, bool]:
         """Try the waiting plan: (the switch if it happened, whether a plan
-        still waits for running requests to finish)."""
+        still waits for running requests to finish).
+
+        A plan whose caller gave up (cancelled the future: a cancelled RPC,
+        a passed deadline) is dropped unapplied, and admissions resume. The
+        future is claimed (set running) only once the plan fits, just
+        before the switch, so a caller can give up at any moment before it
+        and a settled or cancelled future is never set again."""
         with self._lock:
             if not self._pending_plans:
                 return None, False
             pending = self._pending_plans.pop(0)
-        try:
-            switch = self._switch(pending)
-        except Exception as error:
-            pending.future.set_exception(error)
+        future = pending.future
+        if future.cancelled():
             return None, False
-        if switch is not None:
-            pending.future.set_result(switch)
+        check, needed, adapter_bytes = self._plan_check(pending)
+        if check.fits(pending.plan, needed, adapter_bytes):
+            if not future.set_running_or_notify_cancel():
+                return None, False  # the caller left just now: change nothing
+            try:
+                switch = self._switch(pending)
+            except Exception as error:
+                future.set_exception(error)
+                return None, False
+            future.set_result(switch)
             return switch, False
         if time.monotonic() >= pending.deadline:
-            pending.future.set_exception(self._does_not_fit(pending))
+            _settle(future, self._does_not_fit(pending))
             return None, False
         with self._lock:
             if self._pending_plans:  # a newer plan arrived meanwhile
-                pending.future.set_exception(
-                    self._superseded(pending, self._pending_plans[0].plan_id)
-                )
+                _settle(future, self._superseded(pending, self._pending_plans[0].plan_id))
                 return None, True
             self._pending_plans.append(pending)
         return None, True
@@ -477,13 +580,10 @@ class Engine:
             "allow the switch to wait longer"
         )
 
-    def _switch(self, pending: _PendingPlan) -> PlanSwitch | None:
-        """Switch to the plan, or return None (changing nothing) when it does
-        not fit next to the running requests."""
+    def _switch(self, pending: _PendingPlan) -> PlanSwitch:
+        """Switch to the plan, which fits next to the running requests."""
         plan = pending.plan
         check, needed, adapter_bytes = self._plan_check(pending)
-        if not check.fits(plan, needed, adapter_bytes):
-            return None
         before = self._stats.total_bytes
         current = self.model.plan
         # Drop first, then resize, then restore: memory never peaks above
@@ -521,6 +621,12 @@ class Engine:
     ) -> tuple[AdapterInfo, bool]:
         """Fetch an adapter set into the cache (in the caller's thread: the
         host installs it without disturbing a running forward)."""
+        _check_adapter_name(name)
+        check_length("version", version, MAX_VERSION)
+        if len(tasks) > MAX_TASKS:
+            raise InvalidArgument(f"{len(tasks)} tasks named; at most {MAX_TASKS}")
+        for task in tasks:
+            check_length("task", task, MAX_TASK_NAME)
         host = self._require_adapters()
         with self._lock:
             committed = self.admission.total_bytes(
@@ -537,6 +643,7 @@ class Engine:
         return info, hit
 
     def unload_adapter(self, name: str) -> int:
+        _check_adapter_name(name)
         host = self._require_adapters()
         with self._lock:
             users = sum(1 for r in self._in_flight.values() if r.adapter and r.adapter.name == name)
@@ -579,18 +686,18 @@ class Engine:
             newcomers = [] if waiting else self._admit()
             rows = len(self._active) + len(newcomers)  # the sequences this iteration runs
             prefill_started = prefill_ended = time.perf_counter()
+            produced = 0
+            if newcomers:
+                produced = self._prefill(newcomers)
+                prefill_ended = time.perf_counter()
             try:
-                produced = 0
-                if newcomers:
-                    produced = self._prefill(newcomers)
-                    prefill_ended = time.perf_counter()
                 if self._active:
                     produced += self._decode()
-                if rows:
-                    self.mix.record_step(rows, produced)
-            except Exception as error:  # a bug, not a request's fault: fail the batch, go on
-                log.exception("generation step failed")
+            except Exception as error:  # one forward for all rows: a bug, not a request's fault
+                log.exception("decode step failed")
                 self._fail_all(error)
+            if rows:
+                self.mix.record_step(rows, produced)
             if rows:
                 self.step_count += 1
             self._shrink()
@@ -714,11 +821,36 @@ class Engine:
         return logits[:, 0]  # type: ignore[no-any-return]
 
     def _prefill(self, newcomers: list[_Request]) -> int:
+        """Seat the newcomers in the batch and prefill them together. Their
+        forward touches their own rows only, so when it fails the running
+        requests go on; and it is retried one newcomer at a time, so that a
+        request that breaks its forward fails alone, not its group."""
         assert self._cache is not None
         for request in newcomers:
             request.row = len(self._active)
             self._active.append(request)
             self._cache.clear_row(request.row)
+        return self._prefill_seated(newcomers)
+
+    def _prefill_seated(self, newcomers: list[_Request]) -> int:
+        assert self._cache is not None
+        try:
+            return self._prefill_rows(newcomers)
+        except Exception as error:
+            if len(newcomers) == 1:
+                log.exception("prefill of request %s failed", newcomers[0].id)
+                self._fail(newcomers, error)
+                return 0
+            log.warning("prefill of %d newcomers failed; trying each alone", len(newcomers))
+        produced = 0
+        for request in newcomers:  # rows move as requests leave: read each one's now
+            if request.row >= 0:
+                self._cache.clear_row(request.row)
+                produced += self._prefill_seated([request])
+        return produced
+
+    def _prefill_rows(self, newcomers: list[_Request]) -> int:
+        """One forward over the seated newcomers' prompts, then their first tokens."""
         width = max(len(r.prompt_ids) for r in newcomers)
         input_ids = torch.zeros(len(newcomers), width, dtype=torch.long)
         for index, request in enumerate(newcomers):
@@ -736,15 +868,23 @@ class Engine:
 
     def _sample_and_emit(self, requests: list[_Request], logits: torch.Tensor) -> int:
         """Sample each row's token, stream it, release finished rows; returns
-        the number of tokens produced."""
-        tokens = sample_next(logits, [r.params for r in requests], [r.generator for r in requests])
+        the number of tokens produced. A row that fails here (its sampling,
+        its text) fails alone: the others get their tokens."""
+        tokens = sample_rows(logits, [r.params for r in requests], [r.generator for r in requests])
         config = self.model.config
         rules = FinishRules(config.eos_token_id, config.max_position_embeddings)
         produced = 0
-        for request, token in zip(requests, tokens.tolist(), strict=True):
+        for request, token in zip(requests, tokens, strict=True):
             if request.cancelled:
                 continue
-            event = self._advance(request, int(token), rules)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                event = self._advance(request, token, rules)
+            except Exception as error:
+                log.exception("request %s failed", request.id)
+                self._fail([request], error)
+                continue
             produced += len(event.token_ids)
             if event.finish_reason:  # released first: a client told "done" finds it gone
                 self._release(request)
@@ -791,28 +931,41 @@ class Engine:
             log.exception("sink of request %s failed; cancelling it", request.id)
             self.cancel(request.id)
 
-    def _release(self, request: _Request) -> None:
-        """Take a request out of the batch: move the last row into its row."""
-        assert self._cache is not None
-        last = len(self._active) - 1
-        row = request.row
-        if row != last:
-            moved = self._active[last]
-            self._cache.move_row(last, row)
-            self._active[row] = moved
-            moved.row = row
-        self._active.pop()
-        self._cache.clear_row(last)
-        request.row = -1
+    def _release(self, request: _Request, failed: bool = False) -> None:
+        """Take a request out of the batch: move the last row into its row
+        (a request that never got a row is only forgotten)."""
+        if request.row >= 0:
+            assert self._cache is not None
+            last = len(self._active) - 1
+            row = request.row
+            if row != last:
+                moved = self._active[last]
+                self._cache.move_row(last, row)
+                self._active[row] = moved
+                moved.row = row
+            self._active.pop()
+            self._cache.clear_row(last)
+            request.row = -1
         with self._lock:
             if self._in_flight.get(request.id) is request:
                 del self._in_flight[request.id]
-                if not request.cancelled:
+                if failed:
+                    self.counters.requests_failed += 1
+                elif not request.cancelled:
                     self.counters.requests_finished += 1
-        if not request.cancelled:
+        if not (request.cancelled or failed):
             self.mix.record_finished(len(request.prompt_ids), len(request.tokens))
 
+    def _fail(self, requests: Sequence[_Request], error: Exception) -> None:
+        """End these requests with `error`; the rest of the batch goes on."""
+        for request in requests:
+            self._release(request, failed=True)
+            if not request.cancelled:
+                self._emit(request, error)
+
     def _fail_all(self, error: Exception) -> None:
+        """End every running request: their shared forward failed, so the
+        cache may hold anything; it is dropped."""
         for request in list(self._active):
             self._emit(request, error)
             with self._lock:
@@ -855,13 +1008,60 @@ class Engine:
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._stop or self._queue or self._pending_plans or self._active):
-                    self._wake.wait()
-                if self._stop:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stop or self._queue or self._pending_plans or self._active):
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                self.step()
+        except BaseException as error:  # whatever it was: say so and fail fast
+            log.critical("the engine thread died; the worker serves no more", exc_info=error)
+            self._die(error)
+
+    def _die(self, error: BaseException) -> None:
+        """What is left when the engine thread dies: every queued and running
+        request and every waiting plan fails with Unavailable, later calls
+        fail at once (they would otherwise wait forever for a thread that is
+        gone), and the listeners hear of it (the server turns NOT_SERVING)."""
+        unavailable = Unavailable(
+            f"the worker's engine stopped after an internal error ({type(error).__name__}); "
+            "retry on another worker"
+        )
+        with self._lock:
+            self.failure = error
+            self._closing = True
+            listeners = list(self._failure_listeners)
+        self._abandon(unavailable)
+        for listener in listeners:
+            try:
+                listener(error)
+            except Exception:  # one listener's failure must not silence the others
+                log.exception("an engine failure listener failed")
+
+    def on_failure(self, listener: Callable[[BaseException], None]) -> None:
+        """Call `listener(error)` (from the dying thread) if the engine thread
+        dies; at once if it already has."""
+        with self._lock:
+            failure = self.failure
+            if failure is None:
+                self._failure_listeners.append(listener)
+        if failure is not None:
+            listener(failure)
+
+    def check_running(self) -> None:
+        """Raise Unavailable if the engine thread has died."""
+        with self._lock:
+            self._check_running()
+
+    def _check_running(self) -> None:  # under the lock
+        if self.failure is not None:
+            raise Unavailable(
+                "the worker's engine has stopped after an internal error; retry on another worker"
+            )
+        if self._stop:
+            raise Unavailable("worker has shut down; send the request to another worker")
 
     def idle(self) -> bool:
         with self._lock:
@@ -888,13 +1088,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        error = Unavailable("worker shut down before the request finished; retry elsewhere")
+        self._abandon(Unavailable("worker shut down before the request finished; retry elsewhere"))
+
+    def _abandon(self, error: Unavailable) -> None:
+        """Fail every queued and running request and every waiting plan with
+        `error`, and free the cache: no thread will run them any more."""
         with self._lock:
             leftovers = [*self._queue, *self._active]
             self._queue.clear()
             self._in_flight.clear()
             for pending in self._pending_plans:
-                pending.future.set_exception(error)
+                _settle(pending.future, error)
             self._pending_plans.clear()
         for request in leftovers:
             if not request.cancelled:

@@ -5,16 +5,24 @@ only reads them when Prometheus scrapes, so the decode loop never touches a
 metrics library and every scrape sees figures taken between two steps.
 Each server gets its own registry, so several workers (or tests) in one
 process never collide on metric names.
+
+The endpoint answers /metrics only (404 elsewhere: prometheus_client's own
+server answers every path, which scanners read as something to probe), on a
+host of its own choosing (`--metrics-host`), so metrics can stay on a
+pod-internal or loopback address while gRPC listens for clients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterable, Iterator
 from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from elasticfleet.worker.serving.engine import RECENT_STEPS, Engine
@@ -87,15 +95,45 @@ class EngineCollector(Collector):
         yield step
 
 
+METRICS_PATH = "/metrics"
+
+
+def metrics_only(app: WSGIApplication) -> WSGIApplication:
+    """`app` at METRICS_PATH, 404 Not Found anywhere else."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found; metrics are at {METRICS_PATH}\n".encode()]
+        return app(environ, start_response)
+
+    return serve
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not worth a log line each."""
+
+
 class MetricsServer:
     """An HTTP server for /metrics on its own thread."""
 
     def __init__(self, engine: Engine, host: str, port: int) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
-        self._server: WSGIServer
-        self._thread: Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        # IPv4 or IPv6, whichever the host is (an HTTP server binds IPv4 otherwise).
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type(
+            "MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family[0][0]}
+        )
+        app = metrics_only(make_wsgi_app(self.registry))
+        self._server: ThreadingWSGIServer = make_server(
+            host, port, app, server_class, handler_class=_QuietHandler
+        )
+        self._thread = Thread(
+            target=self._server.serve_forever, name="elasticfleet-metrics", daemon=True
+        )
+        self._thread.start()
         self.port: int = self._server.server_port
 
     def close(self) -> None:

@@ -14,6 +14,14 @@ stream that ends early (client cancelled, deadline passed) cancels its
 request in the engine, which frees its KV before the next step. Shutdown
 drains: health turns NOT_SERVING, new requests get UNAVAILABLE, running
 ones finish (up to a timeout), then the server stops.
+
+The event loop does no CPU work of size set by a client: prompts are
+tokenized on a small executor of their own (Engine.prepare), so health
+checks and running streams go on while a long prompt is tokenized. A client's
+mistake is never INTERNAL or UNKNOWN: request bytes that do not parse are
+INVALID_ARGUMENT, and status details are cut to MAX_DETAILS characters so
+that no echoed value can overflow the trailing metadata. If the engine
+thread dies, health turns NOT_SERVING and calls fail with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, cast
 
@@ -43,7 +53,14 @@ from elasticfleet.worker.errors import (
 from elasticfleet.worker.model.generation import SamplingParams, chat_prompt
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import FINISH_NAMES, MAX_MESSAGE_BYTES
-from elasticfleet.worker.serving.engine import Engine, EnginePicture, TokenEvent
+from elasticfleet.worker.serving.credentials import TokenFile, check_tls_pair
+from elasticfleet.worker.serving.engine import (
+    MAX_ADAPTER_NAME,
+    Engine,
+    EnginePicture,
+    TokenEvent,
+    check_length,
+)
 from elasticfleet.worker.serving.metrics import MetricsServer
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.proto_gen import worker_pb2_grpc as pb_grpc
@@ -67,6 +84,15 @@ STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 FINISH_REASONS = {name: reason for reason, name in FINISH_NAMES.items()}
+
+# Longest status detail sent: messages are sentences with bounded values in
+# them, and this bounds whatever slips through (gRPC's trailing metadata is
+# limited to a few KiB by default; a client over it sees a broken call).
+MAX_DETAILS = 1024
+# Threads that tokenize prompts: as many as the cores a worker usually
+# gets, so a burst of long prompts queues here instead of occupying the
+# default executor that other RPCs (GetStats, adapter loads) use.
+TOKENIZER_THREADS = 2
 
 MEMORY_SOURCES = {
     "nvml": pb.MEMORY_SOURCE_NVML,
@@ -94,6 +120,13 @@ def status_code(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def bounded_details(message: str) -> str:
+    """`message`, cut to MAX_DETAILS characters."""
+    if len(message) <= MAX_DETAILS:
+        return message
+    return message[: MAX_DETAILS - 15] + " ...(truncated)"
+
+
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     code = status_code(error)
     message = str(error)
@@ -101,7 +134,40 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext[Any, An
         # The details may hold internals; the caller gets the kind, the log the rest.
         log.exception("internal error in an RPC", exc_info=error)
         message = f"internal error ({type(error).__name__}); see the worker log"
-    await context.abort(code, message)
+    await context.abort(code, bounded_details(message))
+
+
+class Undecodable:
+    """What a request deserializes to when its bytes are not the RPC's
+    message. grpc answers UNKNOWN for a deserializer that raises; this lets
+    the handler answer INVALID_ARGUMENT instead."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, answering Undecodable instead of raising."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # DecodeError, or whatever a parser raises on garbage
+            owner = getattr(parse, "__self__", None)  # Message.FromString's class
+            return Undecodable(getattr(owner, "__name__", "request"))
+
+    return deserialize
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, Undecodable):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request's bytes are not a valid {request.message_name} message",
+        )
 
 
 # Strings: grpc's classes are generic only in its type stubs.
@@ -125,6 +191,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             unary: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await _refuse_undecodable(request, context)
                 try:
                     return await unary(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -134,7 +201,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -143,6 +210,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
+                await _refuse_undecodable(request, context)
                 try:
                     async for response in stream(request, context):
                         yield response
@@ -153,17 +221,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses RPCs without `authorization: Bearer <token>` (health checks excepted)."""
+    """Refuses RPCs without `authorization: Bearer <token>` (health checks
+    excepted). The token is a fixed string or a TokenFile, asked on every
+    RPC so that a rotated Secret is in force without a restart."""
 
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}".encode()
+    def __init__(self, token: str | TokenFile) -> None:
+        self.token = token
+
+    @property
+    def expected(self) -> bytes:
+        token = self.token if isinstance(self.token, str) else self.token.current()
+        return f"Bearer {token}".encode()
 
     async def intercept_service(
         self,
@@ -215,6 +290,7 @@ def adapter_request(request: pb.GenerateRequest) -> AdapterRequest | None:
     adapter = request.adapter
     if not adapter.name:
         raise InvalidArgument("adapter.name is empty; name a loaded adapter set")
+    check_length("adapter.name", adapter.name, MAX_ADAPTER_NAME)
     head = adapter.WhichOneof("head")
     if head is None:
         raise InvalidArgument(
@@ -259,12 +335,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         self,
         engine: Engine,
         model_name: str,
+        tokenizer_pool: ThreadPoolExecutor,
         default_max_new_tokens: int = 256,
         plan_wait_s: float = 30.0,
         simulated_device: Path | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.tokenizer_pool = tokenizer_pool
         self.default_max_new_tokens = default_max_new_tokens
         self.plan_wait_s = plan_wait_s
         self.simulated_device = simulated_device
@@ -283,9 +361,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         def sink(event: TokenEvent | Exception) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request_id = self.engine.submit(
-            prompt, params, sink, request_id=request.request_id, adapter=adapter
+        # Tokenizing is CPU work sized by the client: off the event loop. A
+        # caller that leaves meanwhile leaves nothing queued (prepare only computes).
+        prepared = await loop.run_in_executor(
+            self.tokenizer_pool,
+            partial(
+                self.engine.prepare, prompt, params, request_id=request.request_id, adapter=adapter
+            ),
         )
+        request_id = self.engine.enqueue(prepared, sink)
         finished = False
         try:
             while not finished:
@@ -324,6 +408,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatsResponse:
+        self.engine.check_running()  # stale figures from a dead engine would mislead the operator
         stats = self.engine.stats()
         picture, mix = stats.picture, stats.mix
         try:
@@ -363,8 +448,6 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def LoadAdapter(
         self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LoadAdapterResponse:
-        if not request.name:
-            raise InvalidArgument("name is empty; name the adapter set to load")
         info, hit = await asyncio.to_thread(
             self.engine.load_adapter, request.name, request.version, list(request.tasks)
         )
@@ -387,16 +470,31 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
 
 
+def server_tls(cert: Path | None, key: Path | None) -> tuple[bytes, bytes] | None:
+    """The (certificate chain, key) PEMs to serve TLS with, None for
+    plaintext; ValueError in one line for a half or a broken pair."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("TLS needs both a certificate and a key file")
+    return check_tls_pair(cert, key)
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How a worker server listens. Ports 0 pick a free port; metrics_port
-    None serves no metrics."""
+    None serves no metrics, metrics_host None serves them on `host`. A
+    token_file is re-read when it changes and takes precedence over token."""
 
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int | None = None
+    metrics_host: str | None = None
     model_name: str = ""
     token: str | None = None
+    token_file: Path | None = None
+    # How often, at most, the token file is looked at (one stat per interval).
+    token_check_interval_s: float = 1.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -419,11 +517,17 @@ class WorkerServer:
 
     async def start(self) -> None:
         """Bind, start serving and start the engine's thread. Runs on the
-        event loop that will serve (grpc.aio binds a server to its loop)."""
+        event loop that will serve (grpc.aio binds a server to its loop).
+        ValueError, before anything starts, for TLS files that are not a
+        usable pair or a token file that holds no token."""
         options = self.options
+        tls = server_tls(options.tls_cert, options.tls_key)
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if options.token:
+        if options.token_file is not None:
+            token = TokenFile(options.token_file, options.token_check_interval_s)
+            interceptors.append(TokenInterceptor(token))
+        elif options.token:
             interceptors.append(TokenInterceptor(options.token))
         interceptors.append(ErrorInterceptor())
         limit = options.max_message_bytes
@@ -434,9 +538,13 @@ class WorkerServer:
                 ("grpc.max_send_message_length", limit),
             ],
         )
+        self.tokenizer_pool = ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="elasticfleet-tokenize"
+        )
         service = WorkerService(
             self.engine,
             options.model_name,
+            self.tokenizer_pool,
             options.default_max_new_tokens,
             options.plan_wait_s,
             options.simulated_device,
@@ -447,21 +555,33 @@ class WorkerServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         address = f"{options.host}:{options.port}"
-        if options.tls_cert is not None and options.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())]
-            )
-            self.port = self.server.add_secure_port(address, credentials)
-        elif options.tls_cert is not None or options.tls_key is not None:
-            raise ValueError("TLS needs both a certificate and a key file")
-        else:
+        if tls is None:
             self.port = self.server.add_insecure_port(address)
+        else:
+            cert, key = tls
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            self.port = self.server.add_secure_port(address, credentials)
         self.engine.start()
         await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        self.engine.on_failure(partial(self._engine_failed, loop))
         if options.metrics_port is not None:
-            self.metrics = MetricsServer(self.engine, options.host, options.metrics_port)
+            host = options.metrics_host or options.host
+            self.metrics = MetricsServer(self.engine, host, options.metrics_port)
+
+    async def _set_health(self, status: Any) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _engine_failed(self, loop: asyncio.AbstractEventLoop, error: BaseException) -> None:
+        """From the dying engine thread: turn NOT_SERVING, so probes and
+        load balancers stop sending work here (calls already fail fast)."""
+        not_serving = self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            asyncio.run_coroutine_threadsafe(not_serving, loop)
+        except RuntimeError:  # the loop has closed: nothing is served any more
+            not_serving.close()
 
     async def stop(self) -> bool:
         """Drain and stop; returns whether every request finished in time."""
@@ -470,6 +590,7 @@ class WorkerServer:
         # Requests still running after the timeout fail with UNAVAILABLE.
         await asyncio.to_thread(self.engine.close)
         await self.server.stop(grace=1.0)
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         if self.metrics is not None:
             self.metrics.close()
         return drained

@@ -97,7 +97,7 @@ class SamplingParameters(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Softmax temperature, 0 (greedy) to 100."""
+    """Softmax temperature: 0 (greedy), or 0.001 to 100."""
     top_k: _builtins.int
     """Keep only the k most likely tokens; 0 turns the filter off."""
     top_p: _builtins.float
@@ -151,9 +151,11 @@ class AdapterSelection(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     ROUTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Name of an adapter set loaded on this worker (see LoadAdapter)."""
+    """Name of an adapter set loaded on this worker (see LoadAdapter). At most
+    128 characters.
+    """
     task: _builtins.str
-    """Select the B head of this task (AsymLoRA)."""
+    """Select the B head of this task (AsymLoRA). At most 63 characters."""
     @_builtins.property
     def router(self) -> Global___RouterMixing:
         """Mix all heads with the set's router (HydraLoRA)."""
@@ -194,7 +196,9 @@ class GenerateRequest(_message.Message):
     the worker makes one up when empty. At most 128 characters.
     """
     prompt: _builtins.str
-    """The prompt text. Must not be empty."""
+    """The prompt text. Must not be empty; at most 262144 bytes of UTF-8
+    (refused before it is tokenized), and it must fit the model's context.
+    """
     chat_template: _builtins.bool
     """Wrap the prompt as a user message in the model's chat template."""
     max_new_tokens: _builtins.int
@@ -210,7 +214,9 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Generation stops before any of these strings; none is ever streamed."""
+        """Generation stops before any of these strings; none is ever streamed.
+        At most 16 strings of at most 256 characters.
+        """
 
     @_builtins.property
     def adapter(self) -> Global___AdapterSelection:
@@ -302,7 +308,9 @@ class ApplyPlanRequest(_message.Message):
     KEEP_MASK_FIELD_NUMBER: _builtins.int
     BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
-    """Identifier of the plan, chosen by the sender (reported by GetStats)."""
+    """Identifier of the plan, chosen by the sender (reported by GetStats). At
+    most 128 characters, as the ElasticFleet status stores it.
+    """
     budget_bytes: _builtins.int
     """New memory budget in bytes for weights, KV cache and adapters; unset
     keeps the current budget.
@@ -687,12 +695,14 @@ class LoadAdapterRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The adapter set's name in the store."""
+    """The adapter set's name in the store. Not empty; at most 128 characters."""
     version: _builtins.str
-    """Version to load; empty means the latest."""
+    """Version to load; empty means the latest. At most 20 characters."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Task heads to fetch; empty means all of them."""
+        """Task heads to fetch; empty means all of them. At most 64 names of at
+        most 63 characters.
+        """
 
     def __init__(
         self,
@@ -745,7 +755,7 @@ class UnloadAdapterRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The adapter set's name."""
+    """The adapter set's name. Not empty; at most 128 characters."""
     def __init__(
         self,
         *,

@@ -78,9 +78,10 @@ class WorkerServicer:
         produced. The first message may wait while the request is queued for
         memory; the last message carries a finish reason. Errors:
         INVALID_ARGUMENT (empty or too long prompt, bad sampling values, unknown
-        task), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED (wait queue
-        full, or the request can never fit the memory budget), UNAVAILABLE
-        (worker draining).
+        task, a field past its limit, request bytes that are not a
+        GenerateRequest), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED
+        (wait queue full, or the request can never fit the memory budget),
+        UNAVAILABLE (worker draining, or its engine stopped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +95,8 @@ class WorkerServicer:
         that (up to the call's deadline, at most the worker's limit, 30 s by
         default); a newer ApplyPlan supersedes a waiting one.
         FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-        did not fit in time, or it was superseded.
+        did not fit in time, or it was superseded. A caller that cancels, or
+        whose deadline passes, while its plan waits withdraws the plan.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +112,8 @@ class WorkerServicer:
 
     def LoadAdapter(self, request, context):
         """Fetches an adapter set (only the heads and modules in use) into the
-        worker's local cache. NOT_FOUND when the store has no such adapter,
+        worker's local cache. INVALID_ARGUMENT for a name, version or task past
+        its limit (see LoadAdapterRequest), NOT_FOUND when the store has no such adapter,
         UNAVAILABLE when the store is unreachable, DATA_LOSS when a blob fails
         its digest check, FAILED_PRECONDITION when the worker has no store.
         """

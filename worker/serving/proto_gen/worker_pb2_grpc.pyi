@@ -47,9 +47,10 @@ class WorkerStub:
     produced. The first message may wait while the request is queued for
     memory; the last message carries a finish reason. Errors:
     INVALID_ARGUMENT (empty or too long prompt, bad sampling values, unknown
-    task), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED (wait queue
-    full, or the request can never fit the memory budget), UNAVAILABLE
-    (worker draining).
+    task, a field past its limit, request bytes that are not a
+    GenerateRequest), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED
+    (wait queue full, or the request can never fit the memory budget),
+    UNAVAILABLE (worker draining, or its engine stopped).
     """
     ApplyPlan: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ApplyPlanRequest, _worker_pb2.ApplyPlanResponse]
     """Switches the pruning plan (and optionally the memory budget) between two
@@ -59,7 +60,8 @@ class WorkerStub:
     that (up to the call's deadline, at most the worker's limit, 30 s by
     default); a newer ApplyPlan supersedes a waiting one.
     FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-    did not fit in time, or it was superseded.
+    did not fit in time, or it was superseded. A caller that cancels, or
+    whose deadline passes, while its plan waits withdraws the plan.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]
     """Device memory, the worker's own memory by kind, its queue and running
@@ -67,7 +69,8 @@ class WorkerStub:
     """
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_worker_pb2.LoadAdapterRequest, _worker_pb2.LoadAdapterResponse]
     """Fetches an adapter set (only the heads and modules in use) into the
-    worker's local cache. NOT_FOUND when the store has no such adapter,
+    worker's local cache. INVALID_ARGUMENT for a name, version or task past
+    its limit (see LoadAdapterRequest), NOT_FOUND when the store has no such adapter,
     UNAVAILABLE when the store is unreachable, DATA_LOSS when a blob fails
     its digest check, FAILED_PRECONDITION when the worker has no store.
     """
@@ -88,9 +91,10 @@ class WorkerAsyncStub(WorkerStub):
     produced. The first message may wait while the request is queued for
     memory; the last message carries a finish reason. Errors:
     INVALID_ARGUMENT (empty or too long prompt, bad sampling values, unknown
-    task), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED (wait queue
-    full, or the request can never fit the memory budget), UNAVAILABLE
-    (worker draining).
+    task, a field past its limit, request bytes that are not a
+    GenerateRequest), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED
+    (wait queue full, or the request can never fit the memory budget),
+    UNAVAILABLE (worker draining, or its engine stopped).
     """
     ApplyPlan: _aio.UnaryUnaryMultiCallable[_worker_pb2.ApplyPlanRequest, _worker_pb2.ApplyPlanResponse]  # type: ignore[assignment]
     """Switches the pruning plan (and optionally the memory budget) between two
@@ -100,7 +104,8 @@ class WorkerAsyncStub(WorkerStub):
     that (up to the call's deadline, at most the worker's limit, 30 s by
     default); a newer ApplyPlan supersedes a waiting one.
     FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-    did not fit in time, or it was superseded.
+    did not fit in time, or it was superseded. A caller that cancels, or
+    whose deadline passes, while its plan waits withdraws the plan.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Device memory, the worker's own memory by kind, its queue and running
@@ -108,7 +113,8 @@ class WorkerAsyncStub(WorkerStub):
     """
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_worker_pb2.LoadAdapterRequest, _worker_pb2.LoadAdapterResponse]  # type: ignore[assignment]
     """Fetches an adapter set (only the heads and modules in use) into the
-    worker's local cache. NOT_FOUND when the store has no such adapter,
+    worker's local cache. INVALID_ARGUMENT for a name, version or task past
+    its limit (see LoadAdapterRequest), NOT_FOUND when the store has no such adapter,
     UNAVAILABLE when the store is unreachable, DATA_LOSS when a blob fails
     its digest check, FAILED_PRECONDITION when the worker has no store.
     """
@@ -132,9 +138,10 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         produced. The first message may wait while the request is queued for
         memory; the last message carries a finish reason. Errors:
         INVALID_ARGUMENT (empty or too long prompt, bad sampling values, unknown
-        task), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED (wait queue
-        full, or the request can never fit the memory budget), UNAVAILABLE
-        (worker draining).
+        task, a field past its limit, request bytes that are not a
+        GenerateRequest), NOT_FOUND (adapter not loaded), RESOURCE_EXHAUSTED
+        (wait queue full, or the request can never fit the memory budget),
+        UNAVAILABLE (worker draining, or its engine stopped).
         """
 
     @_abc_1.abstractmethod
@@ -150,7 +157,8 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         that (up to the call's deadline, at most the worker's limit, 30 s by
         default); a newer ApplyPlan supersedes a waiting one.
         FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-        did not fit in time, or it was superseded.
+        did not fit in time, or it was superseded. A caller that cancels, or
+        whose deadline passes, while its plan waits withdraws the plan.
         """
 
     @_abc_1.abstractmethod
@@ -170,7 +178,8 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.LoadAdapterResponse, _abc.Awaitable[_worker_pb2.LoadAdapterResponse]]:
         """Fetches an adapter set (only the heads and modules in use) into the
-        worker's local cache. NOT_FOUND when the store has no such adapter,
+        worker's local cache. INVALID_ARGUMENT for a name, version or task past
+        its limit (see LoadAdapterRequest), NOT_FOUND when the store has no such adapter,
         UNAVAILABLE when the store is unreachable, DATA_LOSS when a blob fails
         its digest check, FAILED_PRECONDITION when the worker has no store.
         """
