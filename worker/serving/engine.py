@@ -484,6 +484,9 @@ class Engine:
         check, needed, adapter_bytes = self._plan_check(pending)
         if not check.fits(plan, needed, adapter_bytes):
             return None
+        # Blocks are dropped before others are restored (below): verify the
+        # stored weights first, so a corrupt block refuses the switch intact.
+        self.model.check_restore(plan)
         before = self._stats.total_bytes
         current = self.model.plan
         # Drop first, then resize, then restore: memory never peaks above
