@@ -166,19 +166,23 @@ def test_push_of_a_malformed_adapter_is_one_line_and_exit_2(
     assert run(capsys, "list", "--redis-url", redis_url)[1] == "no adapters\n"
 
 
-def test_list_reports_a_bad_manifest_alone(
-    redis_url: str,
-    raw: redis.Redis,
-    make_adapter: MakeAdapter,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.fixture
+def pushed(
+    redis_url: str, make_adapter: MakeAdapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """The URL of a store holding 'demo' and 'other' (one version each), pushed by the CLI."""
     make_adapter().save(tmp_path / "demo")
     make_adapter("other", tasks=("code",), router=False).save(tmp_path / "other")
     for name in ("demo", "other"):
         assert run(capsys, "push", str(tmp_path / name), "--redis-url", redis_url)[0] == 0
+    return redis_url
+
+
+def test_list_reports_a_bad_manifest_alone(
+    pushed: str, raw: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
     raw.set("elasticfleet:adapter:demo:manifest:1", b"[" * 200_000 + b"]" * 200_000)
-    code, out, err = run(capsys, "list", "--redis-url", redis_url)
+    code, out, err = run(capsys, "list", "--redis-url", pushed)
     assert code == 2
     header, row = out.splitlines()
     assert header.startswith("NAME") and row.split()[:3] == ["other", "1", "*"]
@@ -189,21 +193,15 @@ def test_list_reports_a_bad_manifest_alone(
 
 
 def test_gc_is_a_dry_run_unless_told_to_delete(
-    redis_url: str,
-    raw: redis.Redis,
-    make_adapter: MakeAdapter,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    pushed: str, raw: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    make_adapter().save(tmp_path / "demo")
-    assert run(capsys, "push", str(tmp_path / "demo"), "--redis-url", redis_url)[0] == 0
     # What an interrupted push of version 2 leaves: blobs, and no manifest.
     for key in cast(list[bytes], raw.keys("elasticfleet:adapter:demo:blob:1:*")):
         orphan = key.replace(b":blob:1:", b":blob:2:")
         dumped = raw.dump(key)
         assert isinstance(dumped, bytes)
         raw.restore(orphan, 0, dumped, idletime=7200)  # untouched for two hours
-    url = ["--redis-url", redis_url]
+    url = ["--redis-url", pushed]
     code, out, _ = run(capsys, "gc", *url)
     found, dry = out.splitlines()
     assert code == 0 and found.startswith("found 20 unreferenced blobs (about ")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -311,15 +311,6 @@ def test_any_blob_decodes_to_its_part_or_is_a_format_error(blob: bytes, part: st
 # -- through Redis and the worker's host ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def own_valkey() -> Iterator[TestRedisServer]:
-    """A server of this module's own: every example starts from an empty one."""
-    server = TestRedisServer()
-    server.start()
-    yield server
-    server.close()
-
-
 def _stored(server: TestRedisServer, manifest: bytes, blob: bytes | None) -> redis.Redis:
     """An empty store holding adapter 'demo' version 1 as `manifest` says, its
     part A/0 replaced by `blob` (the manifest's digest made to match)."""
@@ -341,11 +332,11 @@ def _stored(server: TestRedisServer, manifest: bytes, blob: bytes | None) -> red
 @bounded(40)
 @given(edits=changes | st.binary(max_size=200).map(lambda b: [("raw", b)]))
 def test_the_store_lists_and_refuses_hostile_manifests_precisely(
-    edits: list[tuple[str, Any]], own_valkey: TestRedisServer
+    edits: list[tuple[str, Any]], redis_server: TestRedisServer
 ) -> None:
     text = edits[0][1] if edits[0][0] == "raw" else json.dumps(mutate(VALID, edits)).encode()
-    _stored(own_valkey, text, None).close()
-    store = AdapterStore.from_url(own_valkey.url)
+    _stored(redis_server, text, None).close()
+    store = AdapterStore.from_url(redis_server.url)
     try:
         (summary,) = store.list_adapters()  # never fails for one bad manifest
         assert summary.name == "demo" and len(summary.versions) + len(summary.problems) == 1
@@ -360,10 +351,10 @@ def test_the_store_lists_and_refuses_hostile_manifests_precisely(
 @bounded(40)
 @given(blob=blobs)
 def test_load_adapter_refuses_any_blob_with_a_worker_error(
-    blob: bytes, own_valkey: TestRedisServer
+    blob: bytes, redis_server: TestRedisServer
 ) -> None:
-    _stored(own_valkey, b"", blob).close()
-    store = AdapterStore.from_url(own_valkey.url)
+    _stored(redis_server, b"", blob).close()
+    store = AdapterStore.from_url(redis_server.url)
     host = CachedAdapterHost(AdapterCache(store, 8 << 20), tiny_config(), PruningPlan.dense(4))
     try:
         host.load("demo", "", [], 64 << 20)
