@@ -265,3 +265,23 @@ def test_prepare_adds_block_digests_to_an_earlier_cache(
     assert len(entry["blocks"]) == 8 and len(entry["shared"]) == 64
     assert (path / "model.safetensors").stat().st_mtime_ns == weights
     ElasticLlama.from_pretrained(path)  # verifiable again
+
+
+@pytest.mark.usefixtures("no_package")
+def test_a_read_only_earlier_cache_says_where_to_prepare_it(
+    fake_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = model_dir(fake_cache)
+    _strip_block_digests(path)
+
+    def read_only(*args: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(prepare, "write_json", read_only)
+    with pytest.raises(CorruptModelError) as caught:
+        prepare_model(fake_cache, progress=False)
+    assert str(caught.value) == (
+        f"{path / 'manifest.json'}: it has no per-block digests of model.safetensors and they "
+        "cannot be added ([Errno 30] Read-only file system); run `elasticfleet model prepare` "
+        "where the cache is writable"
+    )

@@ -304,14 +304,23 @@ def _problem(target: Path) -> str | None:
 
 def _add_block_digests(target: Path) -> None:
     """Give a valid cache that an earlier version prepared the per-block digests workers
-    verify restores with (an additive change: earlier versions still read the manifest)."""
-    with locked(target.parent / f".{target.name}.lock"):
-        manifest = _read_manifest(target)
-        if has_block_digests(manifest):
-            return
-        verify_model_dir(target, deep=True)
-        manifest["files"][WEIGHTS] |= weight_digests(target / WEIGHTS)
-        write_json(target / MANIFEST, manifest)
+    verify restores with (an additive change: earlier versions still read the manifest).
+    A read-only cache (a volume mounted read-only) cannot take them: that is an error
+    saying where to prepare it, since no worker could load it."""
+    try:
+        with locked(target.parent / f".{target.name}.lock"):
+            manifest = _read_manifest(target)
+            if has_block_digests(manifest):
+                return
+            verify_model_dir(target, deep=True)
+            manifest["files"][WEIGHTS] |= weight_digests(target / WEIGHTS)
+            write_json(target / MANIFEST, manifest)
+    except OSError as error:
+        raise CorruptModelError(
+            target / MANIFEST,
+            f"it has no per-block digests of {WEIGHTS} and they cannot be added ({error})",
+            "run `elasticfleet model prepare` where the cache is writable",
+        ) from None
     log.info("added per-block digests of %s to %s", WEIGHTS, target / MANIFEST)
 
 
