@@ -361,7 +361,7 @@ def test_a_manifest_declaring_ten_million_layers_fails_fast_and_small(
     [
         ({"name": "other"}, "describes adapter 'other' version 1"),
         ({"version": 7}, "describes adapter 'demo' version 7"),
-        ({"version": True}, "must be a positive integer"),
+        ({"version": True}, "version True is not a positive integer"),
         ({"rank": "4"}, "field 'rank' must be int, got str"),
         ({"alpha": -1}, "alpha must be positive and finite"),
         ({"tasks": ["code"] * 65}, "lists 65 tasks, at most 64"),

@@ -56,7 +56,7 @@ TENSORS_FILE = "adapter.safetensors"
 MAX_LAYERS = 256
 MAX_TASKS = 64
 MAX_RANK = 4096
-MAX_TEXT = 253  # base_model and other free text, as Kubernetes names
+MAX_TEXT = 253  # the base model's name, as long as a Kubernetes name
 MAX_SPEC_BYTES = 64 << 10  # adapter.json
 # A manifest of MAX_LAYERS layers x (MAX_TASKS + 2) parts of every block,
 # with long task names, is about 6 MB.
@@ -413,9 +413,8 @@ def decode_part(
     try:
         tensors = load(blob)
     except SafetensorError as error:
-        raise AdapterFormatError(
-            f"part {part or '?'} is not safetensors: {clipped(error)}"
-        ) from None
+        what = "the blob" if part is None else f"part {part}"
+        raise AdapterFormatError(f"{what} is not safetensors: {clipped(error)}") from None
     if spec is None or part is None:
         return tensors
     AdapterWeights(spec, tensors).check(complete=False)

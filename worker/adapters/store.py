@@ -94,8 +94,8 @@ MAX_BLOB_BYTES = 512 << 20
 # `collect_garbage` removes it: far longer than any push takes.
 GC_GRACE_S = 3600.0
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_VERSION = re.compile(rb"^[1-9][0-9]{0,17}$")  # what INCR hands out; bounded for int()
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_VERSION = re.compile(rb"[1-9][0-9]{0,17}")  # what INCR hands out; bounded for int()
 
 
 def _environment(name: str) -> str:
@@ -180,12 +180,11 @@ class AdapterManifest:
                 raise AdapterFormatError(f"unsupported manifest format {shown(raw.get('format'))}")
             spec = AdapterSpec.from_dict(raw)
             version, created = raw.get("version"), raw.get("created")
-            if type(version) is not int or version < 1 or not isinstance(created, str):
-                raise AdapterFormatError(
-                    f"version {shown(version)} and created {shown(created)} must be a positive "
-                    "integer and a timestamp"
-                )
-            return cls(spec, version, created[:64], _parts(spec, raw.get("parts")))
+            if type(version) is not int or version < 1:
+                raise AdapterFormatError(f"version {shown(version)} is not a positive integer")
+            if not isinstance(created, str) or len(created) > 64:
+                raise AdapterFormatError(f"created {shown(created)} is not a timestamp")
+            return cls(spec, version, created, _parts(spec, raw.get("parts")))
         except AdapterFormatError as error:
             raise DigestMismatch(f"{where} is unreadable: {error}") from None
 
@@ -207,7 +206,7 @@ def _parts(spec: AdapterSpec, raw: object) -> dict[str, PartInfo]:
         digest = info.get("sha256") if isinstance(info, dict) else None
         if type(size) is not int or not 0 <= size <= MAX_BLOB_BYTES:
             raise AdapterFormatError(f"part {part} has no valid size: {shown(info)}")
-        if not isinstance(digest, str) or not _SHA256.match(digest):
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise AdapterFormatError(f"part {part} has no valid sha256: {shown(info)}")
         parts[part] = PartInfo(size, digest)
     return parts
@@ -558,7 +557,7 @@ class AdapterStore:
         members that are not version numbers are not versions, and skipped)."""
         with self._errors(f"listing versions of adapter {name!r}"):
             members = cast(list[bytes], self.client.zrange(self._key(name, "versions"), 0, -1))
-        return sorted(int(m) for m in members if _VERSION.match(m))
+        return sorted(int(m) for m in members if _VERSION.fullmatch(m))
 
     def versions(self, name: str) -> list[AdapterManifest]:
         """Every published version's manifest, ascending; DigestMismatch if one is unreadable."""
@@ -824,7 +823,7 @@ _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 def _version_number(raw: bytes, what: str) -> int:
     """A version number read from Redis; DigestMismatch if it is not one."""
-    if not _VERSION.match(raw):
+    if not _VERSION.fullmatch(raw):
         raise DigestMismatch(f"{what} is not a version number: {shown(raw)}")
     return int(raw)
 

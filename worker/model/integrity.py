@@ -60,7 +60,7 @@ REPAIR_HINT = "rebuild it with `elasticfleet model prepare --force` (--cache-dir
 _BLOCK_TENSOR = re.compile(
     r"^model\.layers\.(\d+)\.(" + "|".join(ATTENTION_PARTS + FFN_PARTS) + r")\."
 )
-_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class ModelPrepareError(RuntimeError):
@@ -195,7 +195,7 @@ class WeightDigests:
         if (
             not isinstance(blocks, list)
             or len(blocks) != num_blocks
-            or not all(isinstance(d, str) and _HEX_DIGEST.match(d) for d in [*blocks, shared])
+            or not all(isinstance(d, str) and _HEX_DIGEST.fullmatch(d) for d in [*blocks, shared])
         ):
             raise CorruptModelError(
                 manifest_path,
