@@ -251,15 +251,20 @@ def test_a_corrupt_cache_without_the_package_names_the_file(fake_cache: Path) ->
     assert prepare.PIP_INSTALL in message
 
 
-@pytest.mark.usefixtures("no_package")
+@pytest.fixture
+def earlier_cache(fake_cache: Path, no_package: None) -> Path:
+    """`fake_cache` as an earlier version prepared it: no per-block digests."""
+    _strip_block_digests(model_dir(fake_cache))
+    return fake_cache
+
+
 def test_prepare_adds_block_digests_to_an_earlier_cache(
-    fake_cache: Path, caplog: pytest.LogCaptureFixture
+    earlier_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = model_dir(fake_cache)
-    _strip_block_digests(path)
+    path = model_dir(earlier_cache)
     weights = (path / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger=prepare.__name__):
-        assert prepare_model(fake_cache, progress=False) == path
+        assert prepare_model(earlier_cache, progress=False) == path
     assert f"added per-block digests of model.safetensors to {path}" in caplog.text
     entry = json.loads((path / "manifest.json").read_text())["files"]["model.safetensors"]
     assert len(entry["blocks"]) == 8 and len(entry["shared"]) == 64
@@ -267,21 +272,18 @@ def test_prepare_adds_block_digests_to_an_earlier_cache(
     ElasticLlama.from_pretrained(path)  # verifiable again
 
 
-@pytest.mark.usefixtures("no_package")
 def test_a_read_only_earlier_cache_says_where_to_prepare_it(
-    fake_cache: Path, monkeypatch: pytest.MonkeyPatch
+    earlier_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = model_dir(fake_cache)
-    _strip_block_digests(path)
-
     def read_only(*args: object) -> None:
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(prepare, "write_json", read_only)
     with pytest.raises(CorruptModelError) as caught:
-        prepare_model(fake_cache, progress=False)
+        prepare_model(earlier_cache, progress=False)
+    manifest = model_dir(earlier_cache) / "manifest.json"
     assert str(caught.value) == (
-        f"{path / 'manifest.json'}: it has no per-block digests of model.safetensors and they "
+        f"{manifest}: it has no per-block digests of model.safetensors and they "
         "cannot be added ([Errno 30] Read-only file system); run `elasticfleet model prepare` "
         "where the cache is writable"
     )
