@@ -14,6 +14,16 @@ a person's shell can share one configuration:
 
 Exit codes: 0 success, 2 a problem to fix (unknown adapter, bad directory,
 refused password, corrupt data), 75 (EX_TEMPFAIL) Redis unreachable: retry.
+A command gives up on a Redis that does not answer within --timeout seconds
+(plus 3 s to connect), so a stalled Redis is exit 75 in about 18 s, not minutes.
+
+`adapters gc` sweeps the blobs no manifest names, which an interrupted push
+or delete leaves behind. It is a dry run unless given --delete, because
+deleting is irreversible and a wrong --prefix or --redis-url would otherwise
+sweep the wrong store: look first, then delete. Run it after a push that
+failed or was killed, or on a schedule (say daily): it never races a push in
+progress (see AdapterStore.collect_garbage) and never touches a blob a
+manifest names, so it is safe at any time.
 """
 
 from __future__ import annotations
@@ -64,11 +74,28 @@ def redis_options() -> argparse.ArgumentParser:
         action="store_true",
         help="do not verify the server's certificate (testing only)",
     )
+    group.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=15.0,
+        help="seconds to wait for each Redis reply (default: 15); a stalled Redis fails the "
+        "command with exit 75 within this plus 3 s to connect",
+    )
     return options
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
 def register(commands: Commands) -> None:
-    """Add `adapters push | list | pull | delete | train`."""
+    """Add `adapters push | list | pull | delete | gc | train`."""
     group = command_group(commands, "adapters", "AsymLoRA adapter sets in the Redis store")
     connection = redis_options()
 
@@ -101,6 +128,21 @@ def register(commands: Commands) -> None:
     delete.add_argument("name")
     delete.add_argument("--version", type=int, help="the version to delete")
     delete.set_defaults(handler=_delete)
+
+    gc = group.add_parser(
+        "gc",
+        parents=[connection],
+        help="find blobs no manifest names (left by interrupted pushes); --delete removes them",
+    )
+    gc.add_argument(
+        "--grace",
+        type=_seconds,
+        help="only blobs untouched this many seconds (default: 3600, far longer than a push)",
+    )
+    gc.add_argument(
+        "--delete", action="store_true", help="remove them (without it: a dry run, nothing changes)"
+    )
+    gc.set_defaults(handler=_gc)
     _add_train(group)
 
 
@@ -168,6 +210,7 @@ def open_store(args: argparse.Namespace) -> AdapterStore:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_verify=not args.tls_insecure,
+        timeout_s=args.timeout,
     )
     assert store is not None  # there is a default URL
     return store
@@ -211,10 +254,15 @@ def _push(args: argparse.Namespace) -> int:
 
 @_reports_store_errors
 def _list(args: argparse.Namespace) -> int:
+    """The table of readable versions; what could not be read goes to
+    stderr, one line each, and makes the exit code 2."""
     summaries = open_store(args).list_adapters()
-    if not summaries:
-        print("no adapters")
-        return 0
+    problems = [problem for summary in summaries for problem in summary.problems]
+    for problem in problems:
+        print(f"elasticfleet: error: {problem}", file=sys.stderr)
+    if not any(summary.versions for summary in summaries):
+        print("no adapters" if not problems else "no readable adapters")
+        return 2 if problems else 0
     rows = [("NAME", "VERSION", "CURRENT", "SIZE", "PARTS", "BASE MODEL", "TASKS", "CREATED")]
     for summary in summaries:
         for m in summary.versions:
@@ -235,7 +283,7 @@ def _list(args: argparse.Namespace) -> int:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
-    return 0
+    return 2 if problems else 0
 
 
 @_reports_store_errors
@@ -258,6 +306,24 @@ def _delete(args: argparse.Namespace) -> int:
     else:
         versions = store.delete_adapter(args.name)
         print(f"deleted {args.name} (versions {', '.join(map(str, versions))})")
+    return 0
+
+
+@_reports_store_errors
+def _gc(args: argparse.Namespace) -> int:
+    from elasticfleet.worker.adapters.store import GC_GRACE_S
+
+    grace = GC_GRACE_S if args.grace is None else args.grace
+    report = open_store(args).collect_garbage(grace_s=grace, delete=args.delete)
+    versions = ", ".join(f"{name} version {version}" for name, version in report.versions)
+    young = f"; {report.young} younger than {grace:g} s kept" if report.young else ""
+    found = f"{report.blobs} unreferenced blobs (about {_mib(report.bytes)}) of {versions}{young}"
+    if not report.blobs:
+        print(f"no unreferenced blobs older than {grace:g} s{young}")
+    elif report.deleted:
+        print(f"deleted {found}")
+    else:
+        print(f"found {found}\ndry run: nothing was deleted; run again with --delete to delete")
     return 0
 
 

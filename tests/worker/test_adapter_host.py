@@ -4,12 +4,17 @@ into the engine's errors."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
+
 import pytest
 import torch
 from test_lora import make_spec, trained
 from valkey_server import TestRedisServer
 
 from elasticfleet.worker.adapters.cache import AdapterCache
+from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.host import CachedAdapterHost
 from elasticfleet.worker.adapters.interface import AdapterRequest
 from elasticfleet.worker.adapters.layer import AdapterBatch, AdapterChoice, AdapterSet
@@ -22,6 +27,7 @@ from elasticfleet.worker.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.plan import PruningPlan
 
@@ -158,3 +164,97 @@ def test_adapter_beyond_the_budget_is_refused_before_fetching(
     # The estimate never falls below what loading really holds.
     with pytest.raises(ResourceExhausted):
         host.load("multi", "", [], held - 1)
+
+
+# -- LoadAdapter's precise errors (issue 13, item 7) -------------------------------
+
+
+def _host(url: str, model: ElasticLlama) -> CachedAdapterHost:
+    return CachedAdapterHost(
+        AdapterCache(AdapterStore.from_url(url), 64 << 20), model.config, DENSE
+    )
+
+
+def _held(host: CachedAdapterHost) -> tuple[int, int]:
+    """(parts, manifests) the host's cache holds."""
+    assert host.cache is not None
+    return host.cache.stats().parts, len(host.cache._manifests)
+
+
+def test_an_invalid_name_or_version_is_invalid_argument_in_bounded_words(
+    redis_url: str, plain_model: ElasticLlama
+) -> None:
+    host = _host(redis_url, plain_model)
+    for name in ("x" * 10_000, "Bad Name", "", "a.b"):
+        with pytest.raises(InvalidArgument, match=r"adapter name .* is invalid") as caught:
+            host.load(name, "", [], ROOM)
+        assert len(str(caught.value)) < 250
+    with pytest.raises(InvalidArgument, match=r"positive integer, got '99999.*\(5000 char") as e:
+        host.load("multi", "9" * 5000, [], ROOM)
+    assert len(str(e.value)) < 250
+
+
+def test_an_adapter_for_other_shapes_is_failed_precondition_and_forgotten(
+    redis_url: str, plain_model: ElasticLlama
+) -> None:
+    """Same layer count, another model's widths: the shapes only show once
+    the blobs are read, and nothing of the version stays cached."""
+    wide = ElasticLlama(tiny_config(hidden_size=96)).config
+    other = AdapterSet.create(make_spec(), wide, seed=3)
+    AdapterStore.from_url(redis_url).publish(other.weights())
+    host = _host(redis_url, plain_model)
+    with pytest.raises(
+        FailedPrecondition, match="does not fit this worker's model: adapter tensor"
+    ):
+        host.load("multi", "", ["qa"], ROOM)
+    assert _held(host) == (0, 0)
+    assert host.listing().adapters == ()
+
+
+def test_a_deeply_nested_manifest_or_a_blob_not_safetensors_is_data_loss(
+    redis_url: str, redis_server: TestRedisServer, plain_model: ElasticLlama
+) -> None:
+    host, _ = host_on(redis_url, DENSE, plain_model)
+    client = redis_server.client()
+    manifest = client.get("elasticfleet:adapter:multi:manifest:1")
+    assert isinstance(manifest, bytes)
+    client.set("elasticfleet:adapter:multi:manifest:1", b"[" * 50_000 + b"]" * 50_000)
+    with pytest.raises(DataLoss, match="manifest is unreadable: it is nested too deeply") as e:
+        host.load("multi", "", [], ROOM)
+    assert len(str(e.value)) < 250
+    # A blob whose digest matches its manifest but that is not safetensors.
+    blob = b"\x08" + b"\x00" * 7 + b"{not json}"
+    document = json.loads(manifest)
+    document["parts"]["A/0"] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    client.set("elasticfleet:adapter:multi:manifest:1", json.dumps(document))
+    client.set("elasticfleet:adapter:multi:blob:1:A/0", blob)
+    with pytest.raises(DataLoss, match="version 1 part A/0 is not safetensors"):
+        host.load("multi", "", [], ROOM)
+    assert _held(host) == (0, 0)
+
+
+def test_a_rejected_manifest_is_not_remembered(
+    redis_url: str,
+    redis_server: TestRedisServer,
+    plain_model: ElasticLlama,
+    make_adapter: Callable[..., AdapterWeights],
+) -> None:
+    """A Redis that lost its data and was published to again reuses version
+    numbers: a version this worker refused must be read afresh next time."""
+    store = AdapterStore.from_url(redis_url)
+    store.publish(make_adapter("multi"))  # two layers
+    host = _host(redis_url, plain_model)
+    with pytest.raises(InvalidArgument, match="is for a 2-layer model"):
+        host.load("multi", "1", [], ROOM)
+    assert _held(host) == (0, 0)
+    redis_server.client().flushall()
+    store.publish(trained(make_spec(), seed=21).weights())  # version 1 again, right this time
+    info, _ = host.load("multi", "1", [], ROOM)
+    assert info.version == "1"
+    # A failed load of another version keeps what the loaded one uses.
+    with pytest.raises(NotFound):
+        host.load("multi", "2", [], ROOM)
+    with pytest.raises(InvalidArgument, match="has no task 'poetry'"):
+        host.load("multi", "1", ["poetry"], ROOM)
+    host.check(AdapterRequest("multi", "qa"))
+    assert _held(host)[0] > 0

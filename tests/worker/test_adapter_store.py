@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -310,3 +312,224 @@ def test_tls(tls_redis: tuple[str, Path], redis_url: str, make_adapter: MakeAdap
     # Plaintext to a TLS port does not pass for a working connection.
     with pytest.raises(StoreUnavailable):
         AdapterStore.from_url(url.replace("rediss://", "redis://"), retries=0).list_adapters()
+
+
+# -- what is read back is parsed defensively ------------------------------------
+
+MANIFEST_KEY = "elasticfleet:adapter:demo:manifest:1"
+
+
+def test_a_deeply_nested_manifest_is_data_loss_and_listed_alone(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    store.publish(make_adapter())
+    store.publish(make_adapter("other", tasks=("code",), router=False))
+    raw.set(MANIFEST_KEY, b'{"format": 1, "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(DigestMismatch, match="version 1's manifest is unreadable: it is nested"):
+        store.manifest("demo")
+    (demo, other) = store.list_adapters()
+    assert (demo.name, demo.current, demo.versions) == ("demo", 1, [])
+    (problem,) = demo.problems
+    assert problem.startswith("adapter 'demo' version 1's manifest is unreadable")
+    assert len(problem) < 300
+    assert (other.name, [m.version for m in other.versions], other.problems) == ("other", [1], ())
+
+
+def test_a_manifest_declaring_ten_million_layers_fails_fast_and_small(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    import tracemalloc
+
+    manifest = store.publish(make_adapter())
+    document = json.loads(manifest.to_json())
+    document["num_layers"] = 10_000_000
+    raw.set(MANIFEST_KEY, json.dumps(document))
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DigestMismatch, match="num_layers must be 1-256"):
+            store.manifest("demo")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1.0
+    assert peak < 1 << 20  # nothing was sized by the declared layer count
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "other"}, "describes adapter 'other' version 1"),
+        ({"version": 7}, "describes adapter 'demo' version 7"),
+        ({"version": True}, "version True is not a positive integer"),
+        ({"rank": "4"}, "field 'rank' must be int, got str"),
+        ({"alpha": -1}, "alpha must be positive and finite"),
+        ({"tasks": ["code"] * 65}, "lists 65 tasks, at most 64"),
+        ({"parts": {}}, "its 0 parts are not the 20 of its spec"),
+        ({"parts": None}, "its parts are a NoneType, not an object"),
+        ({"name": "x" * 10_000}, r"adapter name 'xxx.*\(10000 characters\) is invalid"),
+    ],
+)
+def test_a_manifest_that_contradicts_itself_or_its_key_is_data_loss(
+    store: AdapterStore,
+    make_adapter: MakeAdapter,
+    raw: redis.Redis,
+    change: dict[str, Any],
+    message: str,
+) -> None:
+    document = json.loads(store.publish(make_adapter()).to_json()) | change
+    raw.set(MANIFEST_KEY, json.dumps(document))
+    with pytest.raises(DigestMismatch, match=message) as caught:
+        store.fetch("demo")
+    assert len(str(caught.value)) < 400
+
+
+def test_json_has_no_infinity_and_numbers_are_finite(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    text = store.publish(make_adapter()).to_json()
+    assert '"alpha": 8.0' in text
+    for alpha, message in [
+        ("Infinity", "Infinity is not a number JSON allows"),
+        ("1e400", "finite"),
+    ]:
+        raw.set(MANIFEST_KEY, text.replace('"alpha": 8.0', f'"alpha": {alpha}'))
+        with pytest.raises(DigestMismatch, match=message):
+            store.manifest("demo")
+
+
+def test_a_blob_that_is_not_safetensors_is_data_loss(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    """The manifest's digest matches (the publisher wrote these bytes), but
+    they are not the part: unusable data, refused before anyone sees it."""
+    manifest = store.publish(make_adapter())
+    bad = {"A/0": b"\x00" * 64, "B/qa/1": get(raw, "elasticfleet:adapter:demo:blob:1:A/1")}
+    for part, blob in bad.items():
+        raw.set(f"elasticfleet:adapter:demo:blob:1:{part}", blob)
+    document = json.loads(manifest.to_json())
+    for part, blob in bad.items():
+        document["parts"][part] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    raw.set(MANIFEST_KEY, json.dumps(document))
+    with pytest.raises(DigestMismatch, match="part A/0 is not safetensors"):
+        store.fetch("demo", parts=["A/0"])
+    with pytest.raises(
+        DigestMismatch, match="part B/qa/1 should hold 3 tensors and holds 3; these differ"
+    ):
+        store.fetch("demo", parts=["B/qa/1"])
+
+
+def test_corrupt_index_entries_are_reported_alone(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    store.publish(make_adapter())
+    store.publish(make_adapter("other", tasks=("code",), router=False))
+    raw.sadd("elasticfleet:adapters", b"\xffBad Name" + b"!" * 5000)
+    raw.set("elasticfleet:adapter:other:current", b"not-a-number")
+    raw.zadd("elasticfleet:adapter:demo:versions", {b"garbage": 9})
+    listed = {summary.name[:5]: summary for summary in store.list_adapters()}
+    assert [m.version for m in listed["demo"].versions] == [1] and not listed["demo"].problems
+    (index,) = listed["\ufffdBad "].problems
+    assert (
+        index.startswith("the adapter index: adapter name '\ufffdBad Name!!!") and len(index) < 300
+    )
+    assert listed["other"].current is None
+    assert listed["other"].problems == (
+        "adapter 'other''s current version is not a version number: b'not-a-number'",
+    )
+    with pytest.raises(DigestMismatch, match="current version is not a version number"):
+        store.fetch("other")
+
+
+# -- a Redis that stalls --------------------------------------------------------
+
+
+def test_a_stalled_redis_fails_within_the_documented_timeouts(make_adapter: MakeAdapter) -> None:
+    """SIGSTOP: connections are accepted, nothing answers. Each call must
+    fail within connect + read timeout (+ ~1 s of connection retries),
+    whether its connection is fresh or pooled; redis-py's nested retries of
+    timeouts made this 9 read timeouts (over two minutes by default)."""
+    server = TestRedisServer()
+    server.start()
+    try:
+        warm = AdapterStore.from_url(server.url, connect_timeout_s=0.5, timeout_s=1.0)
+        warm.publish(make_adapter())
+        with server.paused():
+            for store in (
+                warm,
+                AdapterStore.from_url(server.url, connect_timeout_s=0.5, timeout_s=1.0),
+            ):
+                for call in (functools.partial(store.fetch, "demo"), store.list_adapters):
+                    started = time.perf_counter()
+                    with pytest.raises(StoreUnavailable, match="unreachable") as caught:
+                        call()
+                    assert time.perf_counter() - started < 0.5 + 1.0 + 1.0
+                    assert caught.value.retryable
+        assert [a.name for a in warm.list_adapters()] == ["demo"]  # resumed: works again
+    finally:
+        server.close()
+
+
+# -- garbage --------------------------------------------------------------------
+
+
+def keys(raw: redis.Redis, pattern: str) -> list[bytes]:
+    return sorted(cast(list[bytes], raw.keys(pattern)))
+
+
+def age(raw: redis.Redis, key: bytes, seconds: int) -> None:
+    """Make `key` look untouched for `seconds` (RESTORE sets its idle time)."""
+    dumped = raw.dump(key)
+    assert isinstance(dumped, bytes)
+    raw.restore(key, 0, dumped, replace=True, idletime=seconds)
+
+
+def test_gc_sweeps_only_old_blobs_no_manifest_names(
+    store: AdapterStore,
+    make_adapter: MakeAdapter,
+    raw: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store.publish(make_adapter())  # version 1, published: never touched
+
+    def connection_lost(*args: Any) -> Any:
+        raise redis.exceptions.ConnectionError("connection lost")
+
+    # Version 2's push loses Redis at its commit: its blobs stay (the commit
+    # may have happened, so they cannot be taken back).
+    monkeypatch.setattr(store.client, "eval", connection_lost)
+    with pytest.raises(StoreUnavailable):
+        store.publish(make_adapter(seed=2))
+    monkeypatch.undo()
+    orphans = keys(raw, "elasticfleet:adapter:demo:blob:2:*")
+    assert len(orphans) == 20
+    sizes = sum(raw.strlen(key) for key in orphans[:15])
+    assert store.manifest("demo").version == 1
+
+    fresh = store.collect_garbage(grace_s=3600, delete=True)  # a push in progress looks like this
+    assert (fresh.blobs, fresh.young, fresh.versions) == (0, 20, [])
+    assert sorted(raw.keys("elasticfleet:adapter:demo:blob:2:*")) == orphans
+
+    for key in orphans[:15]:
+        age(raw, key, 7200)
+    dry = store.collect_garbage(grace_s=3600)
+    assert (dry.blobs, dry.young, dry.versions, dry.deleted) == (15, 5, [("demo", 2)], False)
+    assert sizes < dry.bytes < sizes + 15 * 200  # MEMORY USAGE: the bytes and some overhead
+    assert len(raw.keys("elasticfleet:adapter:demo:blob:2:*")) == 20  # a dry run changes nothing
+
+    swept = store.collect_garbage(grace_s=3600, delete=True)
+    assert (swept.blobs, swept.deleted) == (15, True)
+    assert sorted(raw.keys("elasticfleet:adapter:demo:blob:2:*")) == orphans[15:]
+    assert len(raw.keys("elasticfleet:adapter:demo:blob:1:*")) == 20
+    assert same_tensors(store.fetch("demo")[1], make_adapter())
+
+
+def test_gc_never_takes_blobs_a_manifest_names(
+    store: AdapterStore, make_adapter: MakeAdapter, raw: redis.Redis
+) -> None:
+    store.publish(make_adapter())
+    for key in keys(raw, "elasticfleet:adapter:demo:blob:*"):
+        age(raw, key, 7200)
+    report = store.collect_garbage(grace_s=0, delete=True)
+    assert (report.blobs, report.young) == (0, 0)
+    assert same_tensors(store.fetch("demo")[1], make_adapter())

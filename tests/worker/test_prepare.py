@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -141,6 +142,8 @@ def test_prepare_writes_a_verified_cache(prepared: Prepared) -> None:
     gguf_path = find_gguf()
     assert manifest["source"] == {"file": gguf_path.name, "size": gguf_path.stat().st_size}
     assert set(manifest["files"]) == set(CACHE_FILES)
+    weights = manifest["files"]["model.safetensors"]
+    assert len(weights["blocks"]) == 60 and len(weights["shared"]) == 64  # 30 layers x 2
     # Nothing left over beside the model directory but the lock file.
     assert {p.name for p in prepared.path.parent.iterdir()} == {MODEL_NAME, f".{MODEL_NAME}.lock"}
 
@@ -225,7 +228,9 @@ def test_valid_cache_needs_no_package(prepared: Prepared, no_package: None) -> N
 
 
 @pytest.mark.real_model
-def test_flipped_byte_is_detected_and_repaired(prepared: Prepared) -> None:
+def test_flipped_byte_is_detected_and_repaired(
+    prepared: Prepared, caplog: pytest.LogCaptureFixture
+) -> None:
     weights = prepared.path / "model.safetensors"
     original = weights.read_bytes()
     middle = len(original) // 2
@@ -241,10 +246,15 @@ def test_flipped_byte_is_detected_and_repaired(prepared: Prepared) -> None:
     stale = prepared.path.parent / f".{MODEL_NAME}.new-interrupted.tmp"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
-    assert prepare_model(prepared.root, progress=False) == prepared.path
+    with caplog.at_level(logging.WARNING, logger=prepare.__name__):
+        assert prepare_model(prepared.root, progress=False) == prepared.path
     verify_model_dir(prepared.path)
     assert weights.read_bytes() == original
     assert not stale.exists()
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        f"rebuilt the model cache at {prepared.path} because model.safetensors was corrupt (sha256 "
+    )
 
 
 @pytest.mark.real_model

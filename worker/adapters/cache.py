@@ -7,9 +7,10 @@ used part first. Its `nbytes` is what the memory accountant reports as adapter
 memory; `hits`, `misses` and `evictions` feed the metrics.
 
 What the cache guarantees:
-- a part enters the cache only after its sha256 matched the manifest
-  (`AdapterStore.read_parts` checks before returning), so a corrupt blob is
-  never served, not even later from the cache;
+- a part enters the cache only after its sha256 matched the manifest and
+  it decoded to exactly its part's tensors (`AdapterStore.read_tensors`
+  checks before returning), so a corrupt blob is never served, not even
+  later from the cache;
 - while Redis is down, requests whose parts are all cached keep being served
   (a request for the current version uses the version last resolved), and the
   others raise `StoreUnavailable`, which is retryable; nothing is remembered
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from elasticfleet.worker.adapters.format import AdapterWeights, decode_part
+from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
@@ -135,7 +136,7 @@ class AdapterCache:
     ) -> tuple[AdapterManifest, AdapterWeights]:
         """The tensors of `parts` of a version (current if None), as partial weights."""
         manifest = self.manifest(name, version)
-        # A part the manifest lacks is never cached, so it reaches read_parts,
+        # A part the manifest lacks is never cached, so it reaches read_tensors,
         # which refuses it (before any Redis call) as AdapterNotFound.
         wanted = list(dict.fromkeys(parts))
         found: dict[str, dict[str, torch.Tensor]] = {}
@@ -149,8 +150,7 @@ class AdapterCache:
             missing = [p for p in wanted if p not in found]
             self.misses += len(missing)
         if missing:
-            blobs = self.store.read_parts(manifest, missing)
-            fetched = {part: decode_part(blob) for part, blob in blobs.items()}
+            fetched = self.store.read_tensors(manifest, missing)
             self._insert(manifest, fetched)
             found.update(fetched)
         weights = AdapterWeights.join(manifest.spec, (found[p] for p in wanted))

@@ -20,11 +20,19 @@ plan and its requests use:
 
 Block 2i is layer i's attention block (q/k/v/o projections), block 2i+1 its
 FFN block (gate/up/down), as in `PruningPlan`.
+
+Specs, manifests and blobs come from files and from Redis, which anyone with
+the password can write, so they are parsed defensively: JSON is bounded in
+size before it is parsed, a spec's declared sizes are bounded (`MAX_*`)
+before anything is sized by them, and every failure is an
+`AdapterFormatError` (a ValueError) whose message is bounded too: it echoes
+at most a prefix of whatever it quotes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -32,12 +40,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save, save_file
 
 from elasticfleet.worker.model.plan import PruningPlan
 
 SPEC_FILE = "adapter.json"
 TENSORS_FILE = "adapter.safetensors"
+
+# Bounds on what a spec may declare. A spec sizes loops and allocations
+# (tensor names, parts, stacked heads), so an absurd one must fail before
+# them. Models we serve have at most a few hundred layers; the AdapterSet
+# CRD allows 64 tasks and rank 256 (a plain-LoRA baseline of the same size
+# may need a larger rank, hence the wider bound here).
+MAX_LAYERS = 256
+MAX_TASKS = 64
+MAX_RANK = 4096
+MAX_TEXT = 253  # the base model's name, as long as a Kubernetes name
+MAX_SPEC_BYTES = 64 << 10  # adapter.json
+# A manifest of MAX_LAYERS layers x (MAX_TASKS + 2) parts of every block,
+# with long task names, is about 6 MB.
+MAX_MANIFEST_BYTES = 8 << 20
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -49,12 +72,32 @@ NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 TENSOR_PATTERN = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(A|router|B\.(.+))$")
 
 
-def check_name(kind: str, name: str) -> str:
-    """`name` if it is a valid adapter or task name, else a ValueError saying why."""
-    if not NAME_PATTERN.match(name):
-        raise ValueError(
-            f"{kind} name {name!r} is invalid: use 1-63 lowercase letters, digits, '-' or '_', "
-            "starting and ending with a letter or digit"
+class AdapterFormatError(ValueError):
+    """An adapter spec, directory, manifest or blob is malformed or beyond
+    the format's bounds. The message says what and where, in bounded length."""
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """`value`'s repr, cut to `limit` characters of it: messages quote what
+    callers sent, and a 10,000-character name must not make a 10 kB error."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(value)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def clipped(error: object, limit: int = 200) -> str:
+    """An error's text in at most `limit` characters (parsers quote their input)."""
+    text = str(error)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def check_name(kind: str, name: object) -> str:
+    """`name` if it is a valid adapter or task name, else an AdapterFormatError saying why."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise AdapterFormatError(
+            f"{kind} name {shown(name)} is invalid: use 1-63 lowercase letters, digits, '-' or "
+            "'_', starting and ending with a letter or digit"
         )
     return name
 
@@ -65,7 +108,58 @@ def module_block(layer: int, module: str) -> int:
         return 2 * layer
     if module in FFN_MODULES:
         return 2 * layer + 1
-    raise ValueError(f"unknown module {module!r}; expected one of {', '.join(ALL_MODULES)}")
+    raise AdapterFormatError(
+        f"unknown module {shown(module)}; expected one of {', '.join(ALL_MODULES)}"
+    )
+
+
+def parse_json(text: str | bytes, *, max_bytes: int, what: str) -> dict[str, Any]:
+    """A JSON object from `text`, refused before parsing when longer than
+    `max_bytes`. Nesting is bounded twice: the parser stops at Python's
+    recursion limit (caught here), and callers accept only the few levels
+    their schema has. NaN and Infinity are not JSON and are refused."""
+    if len(text) > max_bytes:
+        raise AdapterFormatError(
+            f"{what} is {len(text):,} bytes, more than the {max_bytes:,} allowed"
+        )
+    try:
+        raw = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise AdapterFormatError(f"{what} is nested too deeply to be one") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, NaN
+        raise AdapterFormatError(f"{what} is not valid JSON: {clipped(error)}") from None
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{what} is a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _field(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """raw[key], which must be of `kind` (bool is not an int here)."""
+    if key not in raw:
+        raise AdapterFormatError(f"adapter spec lacks the field {key!r}")
+    value = raw[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise AdapterFormatError(
+            f"adapter spec field {key!r} must be {names}, got {type(value).__name__} {shown(value)}"
+        )
+    return value
+
+
+def _names(raw: Mapping[str, Any], key: str, limit: int) -> tuple[str, ...]:
+    """raw[key], a list of at most `limit` strings."""
+    values = _field(raw, key, list)
+    if len(values) > limit:
+        raise AdapterFormatError(f"adapter spec lists {len(values):,} {key}, at most {limit}")
+    for value in values:
+        if not isinstance(value, str):
+            raise AdapterFormatError(f"adapter spec {key} must be strings, got {shown(value)}")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -82,25 +176,35 @@ class AdapterSpec:
     router: bool = False
 
     def __post_init__(self) -> None:
+        """Validate, sizes first: they bound everything sized from the spec."""
+        if not 0 < self.num_layers <= MAX_LAYERS or not 0 < self.rank <= MAX_RANK:
+            raise AdapterFormatError(
+                f"num_layers must be 1-{MAX_LAYERS} and rank 1-{MAX_RANK}, got "
+                f"{shown(self.num_layers)} and {shown(self.rank)}"
+            )
+        if not 0 < len(self.tasks) <= MAX_TASKS:
+            raise AdapterFormatError(
+                f"an adapter set needs 1-{MAX_TASKS} tasks, got {len(self.tasks):,}"
+            )
+        if not 0 < len(self.modules) <= len(ALL_MODULES):
+            raise AdapterFormatError(
+                f"an adapter set needs 1-{len(ALL_MODULES)} modules, got {len(self.modules):,}"
+            )
         check_name("adapter", self.name)
         for task in self.tasks:
             check_name("task", task)
-        if not self.tasks:
-            raise ValueError("an adapter set needs at least one task")
         if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"task names repeat: {', '.join(self.tasks)}")
-        if not self.modules:
-            raise ValueError("an adapter set needs at least one module")
+            raise AdapterFormatError(f"task names repeat: {', '.join(self.tasks)}")
         for module in self.modules:
             module_block(0, module)
         if len(set(self.modules)) != len(self.modules):
-            raise ValueError(f"module names repeat: {', '.join(self.modules)}")
-        if self.rank <= 0 or self.num_layers <= 0:
-            raise ValueError(
-                f"rank and num_layers must be positive, got {self.rank} and {self.num_layers}"
+            raise AdapterFormatError(f"module names repeat: {', '.join(self.modules)}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise AdapterFormatError(f"alpha must be positive and finite, got {self.alpha}")
+        if len(self.base_model) > MAX_TEXT:
+            raise AdapterFormatError(
+                f"base_model is {len(self.base_model):,} characters, at most {MAX_TEXT}"
             )
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
 
     @property
     def scaling(self) -> float:
@@ -112,8 +216,9 @@ class AdapterSpec:
         try:
             return self.tasks.index(task)
         except ValueError:
-            raise ValueError(
-                f"adapter {self.name!r} has no task {task!r}; its tasks are {', '.join(self.tasks)}"
+            raise AdapterFormatError(
+                f"adapter {self.name!r} has no task {shown(task)}; its tasks are "
+                f"{', '.join(self.tasks)}"
             ) from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,19 +229,18 @@ class AdapterSpec:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> AdapterSpec:
-        try:
-            return cls(
-                name=str(raw["name"]),
-                base_model=str(raw["base_model"]),
-                num_layers=int(raw["num_layers"]),
-                rank=int(raw["rank"]),
-                alpha=float(raw["alpha"]),
-                modules=tuple(str(m) for m in raw["modules"]),
-                tasks=tuple(str(t) for t in raw["tasks"]),
-                router=bool(raw.get("router", False)),
-            )
-        except KeyError as missing:
-            raise ValueError(f"adapter spec lacks the field {missing}") from None
+        """A spec from parsed JSON, each field of its JSON type (no coercion:
+        a string where a number belongs is an error, not a conversion)."""
+        return cls(
+            name=_field(raw, "name", str),
+            base_model=_field(raw, "base_model", str),
+            num_layers=_field(raw, "num_layers", int),
+            rank=_field(raw, "rank", int),
+            alpha=float(_field(raw, "alpha", (int, float))),
+            modules=_names(raw, "modules", len(ALL_MODULES)),
+            tasks=_names(raw, "tasks", MAX_TASKS),
+            router=_field(raw, "router", bool) if "router" in raw else False,
+        )
 
     # -- parts ----------------------------------------------------------------
 
@@ -179,7 +283,7 @@ def tensor_part(name: str) -> str:
     """The part a tensor belongs to (see the module docstring)."""
     match = TENSOR_PATTERN.match(name)
     if match is None:
-        raise ValueError(f"tensor name {name!r} is not an adapter tensor name")
+        raise AdapterFormatError(f"tensor name {shown(name)} is not an adapter tensor name")
     layer, module, kind, task = match.groups()
     block = module_block(int(layer), module)
     if kind == "A":
@@ -197,21 +301,33 @@ class AdapterWeights:
     tensors: dict[str, torch.Tensor]
 
     def check(self, *, complete: bool) -> None:
-        """Shapes are validated by the layer; this checks the names: every
-        tensor belongs to the spec, and with `complete` every one is there."""
-        expected = expected_tensors(self.spec)
+        """Every tensor belongs to the spec and is a 2-D float tensor whose
+        rank (and for a router, task count) is the spec's; with `complete`
+        every one is there. The model's dimensions are checked by the layer
+        that loads the set."""
+        spec = self.spec
+        expected = expected_tensors(spec)
         unknown = sorted(set(self.tensors) - expected)
         if unknown:
-            raise ValueError(
-                f"adapter {self.spec.name!r} holds tensors its spec does not name: "
-                f"{', '.join(unknown[:5])}"
+            raise AdapterFormatError(
+                f"adapter {spec.name!r} holds tensors its spec does not name: "
+                f"{', '.join(shown(name) for name in unknown[:5])}"
             )
         missing = sorted(expected - set(self.tensors))
         if complete and missing:
-            raise ValueError(
-                f"adapter {self.spec.name!r} lacks {len(missing)} tensors, e.g. "
-                f"{', '.join(missing[:5])}"
+            raise AdapterFormatError(
+                f"adapter {spec.name!r} lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}"
             )
+        for name, tensor in self.tensors.items():
+            kind = name.split(".")[3]  # layers.{i}.{module}.{A|B|router}
+            axis, size = {"A": (0, spec.rank), "B": (1, spec.rank)}.get(kind, (0, len(spec.tasks)))
+            if tensor.dim() != 2 or tensor.shape[axis] != size or not tensor.is_floating_point():
+                raise AdapterFormatError(
+                    f"adapter {spec.name!r} tensor {name} is {tensor.dtype} "
+                    f"{list(tensor.shape)}: expected a 2-D float tensor with {size} "
+                    f"{'rows' if axis == 0 else 'columns'} (rank {spec.rank}, "
+                    f"{len(spec.tasks)} tasks)"
+                )
 
     @property
     def nbytes(self) -> int:
@@ -248,17 +364,24 @@ class AdapterWeights:
 
     @classmethod
     def load(cls, directory: str | Path) -> AdapterWeights:
-        """Read a set written by `save`, with errors that name the file."""
+        """Read a set written by `save`; AdapterFormatError naming the file
+        if either is malformed (the spec is validated before the tensors
+        are read, so its declared sizes bound what follows)."""
         path = Path(directory)
         for file in (SPEC_FILE, TENSORS_FILE):
             if not (path / file).is_file():
                 raise FileNotFoundError(f"{path / file} is missing: not an adapter directory")
         try:
-            spec = AdapterSpec.from_dict(json.loads((path / SPEC_FILE).read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ValueError(f"{path / SPEC_FILE} is not a valid adapter spec: {error}") from None
-        weights = cls(spec, load_file(str(path / TENSORS_FILE)))
-        weights.check(complete=True)
+            with (path / SPEC_FILE).open("rb") as handle:
+                text = handle.read(MAX_SPEC_BYTES + 1)  # enough to know it is too long
+            spec = AdapterSpec.from_dict(parse_json(text, max_bytes=MAX_SPEC_BYTES, what="it"))
+        except AdapterFormatError as error:
+            raise AdapterFormatError(f"{path / SPEC_FILE}: {error}") from None
+        try:
+            weights = cls(spec, load_file(str(path / TENSORS_FILE)))
+            weights.check(complete=True)
+        except (SafetensorError, AdapterFormatError) as error:
+            raise AdapterFormatError(f"{path / TENSORS_FILE}: {clipped(error)}") from None
         return weights
 
 
@@ -280,6 +403,38 @@ def encode_part(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return save({name: t.detach().contiguous() for name, t in tensors.items()})
 
 
-def decode_part(blob: bytes) -> dict[str, torch.Tensor]:
-    """The tensors of a blob written by `encode_part`."""
-    return load(blob)
+def decode_part(
+    blob: bytes, spec: AdapterSpec | None = None, part: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a blob written by `encode_part`; given the set's
+    `spec` and the `part` it should be, checked to be exactly that part's,
+    with the spec's ranks. An AdapterFormatError otherwise (not safetensors,
+    another part's tensors, missing ones)."""
+    try:
+        tensors = load(blob)
+    except SafetensorError as error:
+        what = "the blob" if part is None else f"part {part}"
+        raise AdapterFormatError(f"{what} is not safetensors: {clipped(error)}") from None
+    if spec is None or part is None:
+        return tensors
+    AdapterWeights(spec, tensors).check(complete=False)
+    expected = part_tensors(spec, part)
+    if set(tensors) != expected:
+        wrong = sorted(set(tensors) ^ expected)
+        raise AdapterFormatError(
+            f"part {part} should hold {len(expected)} tensors and holds {len(tensors)}; "
+            f"these differ: {', '.join(shown(name) for name in wrong[:5])}"
+        )
+    return tensors
+
+
+def part_tensors(spec: AdapterSpec, part: str) -> set[str]:
+    """The names of the tensors part `part` of a complete set holds."""
+    kind, _, rest = part.partition("/")
+    task, _, block = rest.rpartition("/")
+    if not block.isdigit():
+        raise AdapterFormatError(f"part name {shown(part)} has no block number")
+    layer, kind_of_block = divmod(int(block), 2)
+    modules = FFN_MODULES if kind_of_block else ATTENTION_MODULES
+    suffix = {"A": "A", "router": "router", "B": f"B.{task}"}.get(kind, "")
+    return {f"layers.{layer}.{m}.{suffix}" for m in spec.modules if m in modules}

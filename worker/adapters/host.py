@@ -12,8 +12,14 @@ UNAVAILABLE error, never run with half an adapter, and the next plan switch
 or load retries.
 
 Store errors become the engine's errors here, so the server's one
-interceptor maps them: unknown adapter or version -> NotFound, unreachable
-store -> Unavailable, a blob failing its digest -> DataLoss.
+interceptor maps them: an invalid name or version -> InvalidArgument,
+unknown adapter or version -> NotFound, unreachable store -> Unavailable,
+a blob failing its digest or an unreadable manifest or blob -> DataLoss, a
+set whose tensors do not fit this model's shapes -> FailedPrecondition.
+Messages quote what the caller sent only in bounded length. A load that
+fails leaves nothing of its version in the cache (unless a loaded set uses
+it), so a version rejected once is read afresh next time, not remembered
+until a restart.
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from elasticfleet.worker.adapters.cache import AdapterCache
+from elasticfleet.worker.adapters.format import (
+    AdapterFormatError,
+    check_name,
+    shown,
+)
 from elasticfleet.worker.adapters.interface import (
     AdapterInfo,
     AdapterListing,
@@ -45,6 +56,7 @@ from elasticfleet.worker.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    WorkerError,
 )
 from elasticfleet.worker.model.config import ModelConfig
 from elasticfleet.worker.model.plan import PruningPlan
@@ -65,6 +77,19 @@ def _store_errors(name: str) -> Iterator[None]:
         raise FailedPrecondition(f"the adapter store refused this worker: {error}") from error
     except AdapterStoreError as error:
         raise FailedPrecondition(str(error)) from error
+
+
+@contextmanager
+def _model_fit(name: str) -> Iterator[None]:
+    """A set whose tensors do not fit this worker's model (AdapterSet
+    checks every shape before it changes anything) -> FailedPrecondition:
+    the adapter is fine, it was trained for another model."""
+    try:
+        yield
+    except ValueError as error:
+        raise FailedPrecondition(
+            f"adapter {name!r} does not fit this worker's model: {error}"
+        ) from None
 
 
 @dataclass
@@ -106,10 +131,27 @@ class CachedAdapterHost:
             raise FailedPrecondition(
                 "this worker has no adapter store: start it with --redis-url to serve adapters"
             )
+        try:
+            check_name("adapter", name)
+        except AdapterFormatError as error:
+            raise InvalidArgument(str(error)) from None
         pinned = _version(version)
         with _store_errors(name):
             manifest = self.cache.manifest(name, pinned)
-            spec = manifest.spec
+        try:
+            return self._load(manifest, tasks, room_bytes)
+        except WorkerError:
+            self._forget_rejected(name, manifest.version)
+            raise
+
+    def _load(
+        self, manifest: AdapterManifest, tasks: Sequence[str], room_bytes: int
+    ) -> tuple[AdapterInfo, bool]:
+        """`load` once the version is pinned: check it against this worker,
+        then fetch and build it."""
+        assert self.cache is not None
+        name, spec = manifest.name, manifest.spec
+        with _store_errors(name):
             if spec.num_layers != self.config.num_hidden_layers:
                 raise InvalidArgument(
                     f"adapter {name!r} is for a {spec.num_layers}-layer model, this worker "
@@ -131,11 +173,22 @@ class CachedAdapterHost:
                 name, manifest.version, self.plan, wanted, router=router
             )
             cached = self.cache.misses == misses
-        with self._lock:
+        with self._lock, _model_fit(name):
             adapters = AdapterSet.from_weights(weights, self.config, plan=self.plan)
             self._loaded[name] = _Loaded(manifest, wanted, router, adapters)
             self._last = None
             return self._info(name), cached
+
+    def _forget_rejected(self, name: str, version: int) -> None:
+        """Drop what a failed load of `version` left in the cache (its
+        manifest and parts), unless a loaded set uses that version."""
+        assert self.cache is not None
+        with self._lock:
+            loaded = self._loaded.get(name)
+        if loaded is None:
+            self.cache.forget(name)
+        elif loaded.manifest.version != version:
+            self.cache.forget(name, version)
 
     def unload(self, name: str) -> int:
         """Forget an adapter set (and its cached parts); the bytes freed."""
@@ -214,13 +267,14 @@ class CachedAdapterHost:
                 _, weights = self.cache.get_for_plan(
                     name, loaded.manifest.version, plan, loaded.tasks, router=loaded.router
                 )
+            with _model_fit(name):
+                loaded.adapters.add(weights, plan=plan)
         except (Unavailable, DataLoss, NotFound, FailedPrecondition) as error:
             loaded.stale = (
                 f"adapter {name!r} could not follow the new plan ({error}); requests for "
                 "it resume after the next successful fetch"
             )
             return
-        loaded.adapters.add(weights, plan=plan)
         loaded.stale = None
 
     def listing(self) -> AdapterListing:
@@ -266,6 +320,6 @@ def _version(text: str) -> int | None:
     """'' means the current version; otherwise a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"adapter version must be a positive integer, got {text!r}")
+    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise InvalidArgument(f"adapter version must be a positive integer, got {shown(text)}")
     return int(text)

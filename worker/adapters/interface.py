@@ -7,9 +7,11 @@ dropped blocks are released), and for every forward asks it for the
 `adapters=` argument of `ElasticLlama.forward`, built from each row's
 choice (a row without an adapter is None). Methods raise the engine's errors
 (worker/errors.py): NotFound for an adapter that is not loaded,
-InvalidArgument for an unknown task, Unavailable when the store cannot be
-reached, DataLoss for a blob failing its digest; the server maps each to its
-status code.
+InvalidArgument for an invalid name or an unknown task, Unavailable when
+the store cannot be reached, DataLoss for stored data that is unusable (a
+blob failing its digest, an unreadable manifest or blob),
+FailedPrecondition for a set that does not fit the model; the server maps
+each to its status code.
 """
 
 from __future__ import annotations

@@ -28,6 +28,23 @@ version is refused (`StoreConflict`): readers resolving "current" would find
 nothing, and silently rolling back to an older version is a decision for a
 person, who can publish again or delete the whole adapter.
 
+Garbage: a push interrupted before its commit (a killed client, a Redis that
+stalled or went away) leaves blobs that no manifest names, and so does a
+whole-adapter delete interrupted after its index step. `collect_garbage`
+(`elasticfleet adapters gc`) sweeps them; see its docstring for why it never
+races a push in progress.
+
+Everything read back is parsed defensively (`adapter_format`): manifests are
+bounded in size, must match their spec and their key, and one bad manifest is
+reported alone by `list_adapters` instead of hiding the others.
+
+Timeouts: a command waits at most `connect_timeout_s` to connect and
+`timeout_s` for each reply, and a timeout is not retried (a Redis that
+stalled once is likely stalled still, and the caller decides when to try
+again); only refused or reset connections are retried, briefly. So a store
+call on a stalled Redis fails as StoreUnavailable within about
+connect_timeout_s + timeout_s + 1 s (19 s by default), not minutes.
+
 The store needs a single Redis primary (or Sentinel-managed replication); the
 publish script touches the index and the adapter's keys together, so Redis
 Cluster is not supported.
@@ -48,15 +65,20 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import torch
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from elasticfleet.worker.adapters.format import (
+    MAX_MANIFEST_BYTES,
+    AdapterFormatError,
     AdapterSpec,
     AdapterWeights,
     check_name,
     decode_part,
     encode_part,
+    parse_json,
+    shown,
 )
 
 DEFAULT_PREFIX = "elasticfleet:"
@@ -66,6 +88,14 @@ MANIFEST_FORMAT = 1
 # them in pipelines of this many keeps round trips low without buffering a
 # whole large adapter in one reply.
 PIPELINE_CHUNK = 64
+# Redis' own limit on one string value.
+MAX_BLOB_BYTES = 512 << 20
+# How long a blob no manifest names must have been left untouched before
+# `collect_garbage` removes it: far longer than any push takes.
+GC_GRACE_S = 3600.0
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_VERSION = re.compile(rb"[1-9][0-9]{0,17}")  # what INCR hands out; bounded for int()
 
 
 def _environment(name: str) -> str:
@@ -94,7 +124,9 @@ class StoreAuthError(AdapterStoreError, PermissionError):
 
 
 class DigestMismatch(AdapterStoreError, ValueError):
-    """A blob's bytes do not match its manifest (gRPC DATA_LOSS); it was not used."""
+    """Stored data is unusable (gRPC DATA_LOSS): a blob's bytes do not match
+    its manifest, a manifest is unreadable or contradicts its key, or a blob
+    is not the safetensors part its manifest says. It was not used."""
 
 
 class StoreConflict(AdapterStoreError, RuntimeError):
@@ -138,31 +170,70 @@ class AdapterManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "adapter manifest") -> AdapterManifest:
-        """Parse a manifest; `DigestMismatch` (data loss) naming `where` if unreadable."""
+        """Parse a manifest defensively: bounded in size before parsing, the
+        spec's declared sizes bounded before the parts are sized by them,
+        and the parts exactly the spec's, each with a plausible size and a
+        sha256. `DigestMismatch` (data loss) naming `where` if unusable."""
         try:
-            raw = json.loads(text)
+            raw = parse_json(text, max_bytes=MAX_MANIFEST_BYTES, what="it")
             if raw.get("format") != MANIFEST_FORMAT:
-                raise ValueError(f"unsupported manifest format {raw.get('format')!r}")
-            return cls(
-                spec=AdapterSpec.from_dict(raw),
-                version=int(raw["version"]),
-                created=str(raw["created"]),
-                parts={
-                    part: PartInfo(int(info["size"]), str(info["sha256"]))
-                    for part, info in raw["parts"].items()
-                },
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise AdapterFormatError(f"unsupported manifest format {shown(raw.get('format'))}")
+            spec = AdapterSpec.from_dict(raw)
+            version, created = raw.get("version"), raw.get("created")
+            if type(version) is not int or version < 1:
+                raise AdapterFormatError(f"version {shown(version)} is not a positive integer")
+            if not isinstance(created, str) or len(created) > 64:
+                raise AdapterFormatError(f"created {shown(created)} is not a timestamp")
+            return cls(spec, version, created, _parts(spec, raw.get("parts")))
+        except AdapterFormatError as error:
             raise DigestMismatch(f"{where} is unreadable: {error}") from None
+
+
+def _parts(spec: AdapterSpec, raw: object) -> dict[str, PartInfo]:
+    """A manifest's parts: exactly those of a complete set of `spec`."""
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"its parts are a {type(raw).__name__}, not an object")
+    expected = spec.part_names()
+    if len(raw) != len(expected) or not set(raw) <= set(expected):
+        odd = sorted(set(raw) ^ set(expected), key=str)[:3]
+        raise AdapterFormatError(
+            f"its {len(raw):,} parts are not the {len(expected)} of its spec, e.g. "
+            f"{', '.join(shown(part) for part in odd)}"
+        )
+    parts: dict[str, PartInfo] = {}
+    for part, info in raw.items():
+        size = info.get("size") if isinstance(info, dict) else None
+        digest = info.get("sha256") if isinstance(info, dict) else None
+        if type(size) is not int or not 0 <= size <= MAX_BLOB_BYTES:
+            raise AdapterFormatError(f"part {part} has no valid size: {shown(info)}")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise AdapterFormatError(f"part {part} has no valid sha256: {shown(info)}")
+        parts[part] = PartInfo(size, digest)
+    return parts
 
 
 @dataclass(frozen=True)
 class AdapterSummary:
-    """One adapter as `AdapterStore.list_adapters` reports it."""
+    """One adapter as `AdapterStore.list_adapters` reports it; `problems`
+    says (a sentence each) what of it could not be read."""
 
     name: str
     current: int | None
     versions: list[AdapterManifest]
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    """What `AdapterStore.collect_garbage` found: blobs no manifest names,
+    by (adapter, version), the memory Redis says they hold (MEMORY USAGE),
+    and whether it removed them."""
+
+    blobs: int
+    bytes: int
+    versions: list[tuple[str, int]]
+    young: int  # such blobs still inside the grace period, kept
+    deleted: bool
 
 
 # Commit a publish: KEYS = index set, manifest, current, versions, blob keys...;
@@ -198,6 +269,15 @@ end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', unpack(KEYS, 3))
 return 1
+"""
+
+# Remove unreferenced blobs of one version unless it has a manifest (re-checked
+# here, atomically with the delete): KEYS = manifest, blob keys...
+_SWEEP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+return redis.call('UNLINK', unpack(KEYS, 2))
 """
 
 # Delete an adapter's index entries: KEYS = index set, current, versions;
@@ -305,8 +385,12 @@ class AdapterStore:
 
         The timeouts bound how long a worker waits before an uncached fetch
         fails as UNAVAILABLE; 15 s of socket timeout leaves room for multi-MB
-        blobs on a slow link. Retries are few and short (at most ~1 s) because
-        the caller, not the client, decides when to try again.
+        blobs on a slow link. Only refused or reset connections are retried,
+        few times and briefly (at most ~1 s): a timeout is final, so a call
+        fails within connect_timeout_s + timeout_s + ~1 s (the module
+        docstring says why). redis-py retries a connection's handshake and
+        then the command with the same policy, so retrying timeouts would
+        multiply the wait ((retries + 1)^2 timeouts: over two minutes).
         """
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss"):
@@ -318,7 +402,11 @@ class AdapterStore:
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout_s,
             "socket_timeout": timeout_s,
-            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries),
+            "retry": Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+                retries,
+                supported_errors=(redis.exceptions.ConnectionError,),
+            ),
             "health_check_interval": 30,
             "client_name": "elasticfleet",
         }
@@ -401,8 +489,11 @@ class AdapterStore:
                     for part, blob in items[start : start + PIPELINE_CHUNK]:
                         pipe.set(keys[part], blob)
                     pipe.execute()
-            except redis.exceptions.RedisError:
-                self._discard(keys.values())
+            except redis.exceptions.RedisError as error:
+                # Cleaning up after a Redis that stalled or went away would
+                # wait out another timeout: `collect_garbage` sweeps those.
+                if not isinstance(error, _UNREACHABLE):
+                    self._discard(keys.values())
                 raise
             try:
                 self.client.eval(
@@ -444,7 +535,7 @@ class AdapterStore:
             raw = cast(bytes | None, self.client.get(self._key(name, "current")))
         if raw is None:
             raise AdapterNotFound(f"adapter {name!r} is not in {self.where}")
-        return int(raw)
+        return _version_number(raw, f"adapter {name!r}'s current version")
 
     def manifest(self, name: str, version: int | None = None) -> AdapterManifest:
         """Version `version` of adapter `name` (the current one if None)."""
@@ -459,46 +550,67 @@ class AdapterStore:
             raise AdapterNotFound(
                 f"adapter {name!r} has no version {version} in {self.where}; versions: {listing}"
             )
-        return AdapterManifest.from_json(raw, f"adapter {name!r} version {version}'s manifest")
+        return _manifest(raw, name, version)
 
     def version_numbers(self, name: str) -> list[int]:
-        """Adapter `name`'s published versions, ascending (empty if unknown)."""
+        """Adapter `name`'s published versions, ascending (empty if unknown;
+        members that are not version numbers are not versions, and skipped)."""
         with self._errors(f"listing versions of adapter {name!r}"):
             members = cast(list[bytes], self.client.zrange(self._key(name, "versions"), 0, -1))
-        return sorted(int(m) for m in members)
+        return sorted(int(m) for m in members if _VERSION.fullmatch(m))
 
     def versions(self, name: str) -> list[AdapterManifest]:
-        """Every published version's manifest, ascending."""
+        """Every published version's manifest, ascending; DigestMismatch if one is unreadable."""
+        manifests, problems = self._read_versions(name)
+        if problems:
+            raise DigestMismatch(problems[0])
+        return manifests
+
+    def _read_versions(self, name: str) -> tuple[list[AdapterManifest], list[str]]:
+        """The readable manifests of adapter `name`'s versions, and why the others are not."""
         numbers = self.version_numbers(name)
         if not numbers:
-            return []
+            return [], []
         with self._errors(f"reading manifests of adapter {name!r}"):
             raws = cast(
                 list[bytes | None],
                 self.client.mget([self._manifest_key(name, v) for v in numbers]),
             )
+        manifests, problems = [], []
         # A version deleted between the two reads is simply not listed.
-        return [
-            AdapterManifest.from_json(raw, f"adapter {name!r} version {v}'s manifest")
-            for v, raw in zip(numbers, raws, strict=True)
-            if raw is not None
-        ]
+        for version, raw in zip(numbers, raws, strict=True):
+            if raw is not None:
+                try:
+                    manifests.append(_manifest(raw, name, version))
+                except DigestMismatch as error:
+                    problems.append(str(error))
+        return manifests, problems
 
     def list_adapters(self) -> list[AdapterSummary]:
-        """Every adapter with its current version and versions (with sizes)."""
+        """Every adapter with its current version and versions (with sizes).
+        What cannot be read (an invalid name in the index, a corrupt current
+        pointer, an unreadable manifest) is reported in its adapter's
+        `problems`, so one bad entry does not hide the others."""
         with self._errors("listing adapters"):
             members = cast(set[bytes], self.client.smembers(self._index_key()))
         summaries = []
-        for name in sorted(m.decode() for m in members):
+        for name in sorted(m.decode(errors="replace") for m in members):
+            try:
+                check_name("adapter", name)
+            except AdapterFormatError as error:
+                summaries.append(AdapterSummary(name, None, [], (f"the adapter index: {error}",)))
+                continue
             with self._errors(f"resolving adapter {name!r}"):
-                current = self.client.get(self._key(name, "current"))
-            summaries.append(
-                AdapterSummary(
-                    name=name,
-                    current=int(current) if current is not None else None,
-                    versions=self.versions(name),
-                )
-            )
+                raw = cast(bytes | None, self.client.get(self._key(name, "current")))
+            problems = []
+            current = None
+            try:
+                if raw is not None:
+                    current = _version_number(raw, f"adapter {name!r}'s current version")
+            except DigestMismatch as error:
+                problems.append(str(error))
+            manifests, unreadable = self._read_versions(name)
+            summaries.append(AdapterSummary(name, current, manifests, (*problems, *unreadable)))
         return summaries
 
     def read_parts(self, manifest: AdapterManifest, parts: Iterable[str]) -> dict[str, bytes]:
@@ -547,14 +659,30 @@ class AdapterStore:
                 "Publish the adapter again."
             )
 
+    def read_tensors(
+        self, manifest: AdapterManifest, parts: Iterable[str]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors of `parts` of `manifest`'s version, by part: verified
+        blobs (`read_parts`), each checked to be exactly its part's tensors
+        with the spec's ranks; DigestMismatch otherwise (the data is unusable)."""
+        decoded = {}
+        for part, blob in self.read_parts(manifest, parts).items():
+            try:
+                decoded[part] = decode_part(blob, manifest.spec, part)
+            except AdapterFormatError as error:
+                raise DigestMismatch(
+                    f"adapter {manifest.name!r} version {manifest.version} {error}; it was not "
+                    "used. Publish the adapter again."
+                ) from None
+        return decoded
+
     def fetch(
         self, name: str, version: int | None = None, parts: Sequence[str] | None = None
     ) -> tuple[AdapterManifest, AdapterWeights]:
         """A version (the current one if None) as weights: all parts, or `parts`."""
         manifest = self.manifest(name, version)
-        blobs = self.read_parts(manifest, manifest.parts if parts is None else parts)
-        weights = AdapterWeights.join(manifest.spec, (decode_part(b) for b in blobs.values()))
-        return manifest, weights
+        tensors = self.read_tensors(manifest, manifest.parts if parts is None else parts)
+        return manifest, AdapterWeights.join(manifest.spec, tensors.values())
 
     # -- deleting -------------------------------------------------------------
 
@@ -619,3 +747,96 @@ class AdapterStore:
             if batch:
                 self.client.unlink(*batch)
         return sorted(int(v) for v in removed)
+
+    # -- garbage ----------------------------------------------------------------
+
+    def collect_garbage(
+        self, *, grace_s: float = GC_GRACE_S, delete: bool = False
+    ) -> GarbageReport:
+        """Find, and with `delete` remove, the blobs no manifest names (left
+        by interrupted pushes and deletes), once idle for `grace_s`.
+
+        Why it never races a push: a push writes its blobs before its
+        manifest, so a blob without a manifest may be one of a push still
+        running. Only blobs that nothing has written or read for `grace_s`
+        (Redis' OBJECT IDLETIME; an hour by default, far longer than a push)
+        are taken, and each version's blobs go in one Lua step that first
+        re-checks the version still has no manifest. A push slower than the
+        grace period loses nothing it published either: its commit checks
+        that every blob exists, so it fails ("publish again") rather than
+        publishing a version with holes. Readers are never affected: they
+        only read blobs their manifest names.
+
+        Needs OBJECT IDLETIME, which Redis does not track under an LFU
+        maxmemory-policy (the store wants noeviction anyway).
+        """
+        prefix = f"{self.prefix}adapter"
+        blob = re.compile(re.escape(prefix.encode()) + rb":([a-z0-9_-]{1,63}):blob:(\d{1,18}):")
+        found: dict[tuple[str, int], list[bytes]] = {}
+        with self._errors("looking for unreferenced blobs"):
+            for key in self.client.scan_iter(match=_glob_escape(prefix) + ":*:blob:*", count=500):
+                match = blob.match(key)
+                if match is not None:
+                    found.setdefault((match[1].decode(), int(match[2])), []).append(key)
+            versions = list(found)
+            referenced = self._pipelined(
+                lambda pipe, v: pipe.exists(self._manifest_key(*v)), versions
+            )
+            orphans = [v for v, exists in zip(versions, referenced, strict=True) if not exists]
+            keys = [key for v in orphans for key in found[v]]
+            # Neither command touches a key (STRLEN would reset its idle time).
+            idle = self._pipelined(lambda pipe, key: pipe.object("idletime", key), keys)
+            sizes = self._pipelined(lambda pipe, key: pipe.memory_usage(key), keys)
+            old = {key for key, seconds in zip(keys, idle, strict=True) if seconds >= grace_s}
+            swept = [v for v in orphans if old.intersection(found[v])]
+            if delete:
+                for version in swept:
+                    stale = [key for key in found[version] if key in old]
+                    for start in range(0, len(stale), 500):
+                        self.client.eval(
+                            _SWEEP,
+                            1 + len(stale[start : start + 500]),
+                            self._manifest_key(*version),
+                            *stale[start : start + 500],
+                        )
+        return GarbageReport(
+            blobs=len(old),
+            bytes=sum(size for key, size in zip(keys, sizes, strict=True) if key in old),
+            versions=sorted(swept),
+            young=len(keys) - len(old),
+            deleted=delete,
+        )
+
+    def _pipelined(self, command: Any, items: Sequence[Any]) -> list[Any]:
+        """command(pipe, item) for every item, in pipelines of PIPELINE_CHUNK."""
+        results: list[Any] = []
+        for start in range(0, len(items), PIPELINE_CHUNK):
+            pipe = self.client.pipeline(transaction=False)
+            for item in items[start : start + PIPELINE_CHUNK]:
+                command(pipe, item)
+            results += pipe.execute()
+        return results
+
+
+_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _version_number(raw: bytes, what: str) -> int:
+    """A version number read from Redis; DigestMismatch if it is not one."""
+    if not _VERSION.fullmatch(raw):
+        raise DigestMismatch(f"{what} is not a version number: {shown(raw)}")
+    return int(raw)
+
+
+def _manifest(raw: bytes, name: str, version: int) -> AdapterManifest:
+    """The manifest stored under adapter `name`'s version `version`, which
+    must describe that version of that adapter: a reader would otherwise
+    fetch another adapter's blobs."""
+    where = f"adapter {name!r} version {version}'s manifest"
+    manifest = AdapterManifest.from_json(raw, where)
+    if (manifest.name, manifest.version) != (name, version):
+        raise DigestMismatch(
+            f"{where} describes adapter {manifest.name!r} version {manifest.version}; it was not "
+            "used. Publish the adapter again."
+        )
+    return manifest

