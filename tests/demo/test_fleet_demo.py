@@ -5,7 +5,9 @@ the real one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from elasticfleet.operator.status import (
 )
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.readiness import WorkerReady, read_ready_file
 
 MIB = 2**20
 
@@ -307,6 +310,14 @@ def test_the_demo_runs_on_the_real_model(
     assert "Recovered" in capsys.readouterr().out
 
 
+def _ready(path: Path) -> WorkerReady | None:
+    """A worker's ready document once it has written it."""
+    try:
+        return read_ready_file(path)
+    except FileNotFoundError:
+        return None
+
+
 def test_ctrl_c_stops_the_demo_and_every_worker(
     tiny_worker_model: Path, tiny_profiles: Path, tmp_path: Path
 ) -> None:
@@ -318,12 +329,23 @@ def test_ctrl_c_stops_the_demo_and_every_worker(
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with stdout.open("w") as printed, stderr.open("w") as errors:
         demo = subprocess.Popen(command, stdout=printed, stderr=errors)
+    worker_1 = 0
     try:
-        # Interrupted once both workers listen.
+        # Interrupted once both workers listen, while the demo certainly still
+        # runs: worker-1 is paused from the moment it is ready, so no phase can
+        # end until it resumes (on a busy machine the tiny model's whole demo
+        # could otherwise finish before the signal lands).
+        ready = out / "worker-1.ready.json"
+        worker_1 = wait_for("worker-1 ready", lambda: _ready(ready), 120).pid
+        os.kill(worker_1, signal.SIGSTOP)
         wait_for("both workers", lambda: "worker-1 listens on" in stdout.read_text(), 120)
         demo.send_signal(signal.SIGINT)
+        os.kill(worker_1, signal.SIGCONT)
         demo.wait(60)
     finally:
+        if worker_1:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_1, signal.SIGCONT)
         if demo.poll() is None:
             demo.kill()
             demo.wait()

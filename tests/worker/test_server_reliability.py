@@ -68,7 +68,9 @@ def test_giving_up_on_a_waiting_plan_leaves_the_worker_serving(served_model_dir:
     layers = model.config.num_hidden_layers
     small = PruningPlan.from_dropped(layers, attention=[0, 1, 2]).to_mask()
     dense = PruningPlan.dense(layers).to_mask()
-    slow = SlowSteps(engine, 0.1)
+    # Slow enough that the streams (12 tokens: about 5 s) outlast every step
+    # below even when a loaded machine stalls this process for a second or two.
+    slow = SlowSteps(engine, 0.4)
     running = BackgroundServer(engine, ServerOptions())
     target = f"127.0.0.1:{running.port}"
     try:

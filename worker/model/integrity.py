@@ -39,13 +39,15 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from elasticfleet.worker.errors import DataLoss
 from elasticfleet.worker.model.cachedir import MANIFEST, read_manifest, sha256_file, verify_files
+
+if TYPE_CHECKING:  # torch loads where tensors are hashed: `model prepare`'s errors need none
+    import torch
 
 MANIFEST_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -111,6 +113,8 @@ def group_names(names: Iterable[str]) -> dict[int | None, list[str]]:
 
 def group_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """The digest of one group's tensors (see the module docstring)."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name]

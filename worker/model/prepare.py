@@ -30,9 +30,16 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .cachedir import MANIFEST, default_cache_root, locked, read_manifest, rebuild, verify_files
-from .config import ModelConfig
-from .integrity import (
+from elasticfleet.worker.model.cachedir import (
+    MANIFEST,
+    default_cache_root,
+    locked,
+    read_manifest,
+    rebuild,
+    verify_files,
+)
+from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.integrity import (
     MANIFEST_FORMAT,
     WEIGHTS_FILE,
     has_block_digests,
@@ -42,8 +49,8 @@ from .integrity import (
 )
 
 # Re-exported: callers catch the model's errors where they prepare it.
-from .integrity import CorruptModelError as CorruptModelError
-from .integrity import ModelPrepareError as ModelPrepareError
+from elasticfleet.worker.model.integrity import CorruptModelError as CorruptModelError
+from elasticfleet.worker.model.integrity import ModelPrepareError as ModelPrepareError
 
 log = logging.getLogger(__name__)
 
