@@ -27,6 +27,11 @@ GRPC_PORT_NAME = "grpc"
 METRICS_PORT_NAME = "metrics"
 CACHE_DIR = "/var/cache/elasticfleet"
 TLS_DIR = "/etc/elasticfleet/tls"
+# The bearer token, mounted from its Secret as a file: the kubelet rewrites a
+# mounted Secret when it changes and the worker re-reads its token file, so a
+# rotated token reaches running workers (an environment variable never changes).
+TOKEN_DIR = "/etc/elasticfleet/token"
+TOKEN_FILE = "token"
 TMP_DIR = "/tmp"
 # The elasticfleet images' user (`nonroot`); workers run as it whatever the
 # image says, so a pod never runs as root by accident.
@@ -147,6 +152,8 @@ def worker_command(spec: FleetSpec) -> list[str]:
             command += [flag, str(value)]
     if spec.tls_secret:
         command += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    if spec.token_secret is not None:
+        command += ["--token-file", f"{TOKEN_DIR}/{TOKEN_FILE}"]
     return command
 
 
@@ -155,8 +162,9 @@ def _secret_env(name: str, secret: SecretKey) -> Body:
 
 
 def worker_env(spec: FleetSpec) -> list[Body]:
-    """The environment: the model cache, the adapter store's connection and
-    the bearer token, in the variables every elasticfleet command reads.
+    """The environment: the model cache and the adapter store's connection,
+    in the variables every elasticfleet command reads (the bearer token is a
+    mounted file: pod_template).
     spec.redis is the fleet's own store or, where FleetSpec.parse applied
     it, the operator's default one (spec.DefaultStore)."""
     env: list[Body] = [{"name": "ELASTICFLEET_CACHE", "value": CACHE_DIR}]
@@ -169,8 +177,6 @@ def worker_env(spec: FleetSpec) -> list[Body]:
         if redis.password_secret is not None:
             env.append(_secret_env("ELASTICFLEET_REDIS_PASSWORD", redis.password_secret))
         env.append({"name": "ELASTICFLEET_REDIS_PREFIX", "value": redis.prefix})
-    if spec.token_secret is not None:
-        env.append(_secret_env("ELASTICFLEET_TOKEN", spec.token_secret))
     return env
 
 
@@ -245,6 +251,14 @@ def pod_template(spec: FleetSpec) -> Body:
     if spec.tls_secret:
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret}})
+    if spec.token_secret is not None:
+        container["volumeMounts"].append(
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}
+        )
+        items = [{"key": spec.token_secret.key, "path": TOKEN_FILE}]
+        volumes.append(
+            {"name": "token", "secret": {"secretName": spec.token_secret.name, "items": items}}
+        )
     pod: Body = {
         "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],

@@ -14,6 +14,7 @@ import yaml
 from elasticfleet.cli import build_parser
 from elasticfleet.operator.build import (
     FLEET_LABEL,
+    TOKEN_DIR,
     build_children,
     build_service,
     build_workload,
@@ -165,11 +166,19 @@ def test_statefulset_for_the_gpu_example() -> None:
     assert env["ELASTICFLEET_REDIS_URL"]["valueFrom"] == {
         "secretKeyRef": {"name": "redis", "key": "url"}
     }
-    # The bearer token comes from its Secret, never from the command line.
-    assert env["ELASTICFLEET_TOKEN"]["valueFrom"] == {
-        "secretKeyRef": {"name": "elasticfleet-workers-token", "key": "token"}
+    # The bearer token is its Secret's key mounted as a file (a rotation
+    # reaches the running worker), never a flag's value or a variable.
+    token = {
+        "secretName": "elasticfleet-workers-token",
+        "items": [{"key": "token", "path": "token"}],
     }
-    assert not any("token" in part for part in container["command"])
+    assert {"name": "token", "secret": token} in pod["volumes"]
+    mount = {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}
+    assert mount in container["volumeMounts"]
+    assert container["command"][container["command"].index("--token-file") + 1] == (
+        f"{TOKEN_DIR}/token"
+    )
+    assert "ELASTICFLEET_TOKEN" not in env
 
 
 @pytest.mark.parametrize("example", ["elasticfleet.yaml", "elasticfleet-gpu.yaml"])

@@ -138,8 +138,10 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             for a in worker_status(cluster, pod).get("adapters", [])
         )
 
+    tokens = [TOKEN]  # the one in force: the last
+
     def stats(address: str) -> pb.GetStatsResponse:
-        with WorkerClient(address, token=TOKEN) as client:
+        with WorkerClient(address, token=tokens[-1]) as client:
             return client.get_stats(timeout=10)
 
     with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
@@ -199,6 +201,25 @@ def test_the_operator_runs_a_fleet_of_real_workers(
             request.ignore_eos = True
             result = client.complete(request, timeout=30)
         assert len(result.token_ids) == 4
+        # A rotated token reaches the running workers through their mounted
+        # Secret (the operator reads the Secret every tick).
+        rotated = secret("workers-token", {"token": f"{TOKEN}-2\n".encode()})
+        cluster.call("PATCH", "/api/v1/namespaces/ns/secrets/workers-token", rotated)
+        kubelet.refresh_secrets()
+
+        def answers(token: str) -> bool:
+            with WorkerClient(addresses[first], token=token) as client:
+                try:
+                    client.get_stats(timeout=10)
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                    return False
+            return True
+
+        wait_for("the rotated token in force", lambda: answers(f"{TOKEN}-2"), 30)
+        assert not answers(TOKEN)
+        tokens.append(f"{TOKEN}-2")
+        assert kubelet.workers[first].process.poll() is None  # no restart
 
         # Squeezed: other processes take all but the worker's own memory.
         own = stats(addresses[first]).memory

@@ -62,6 +62,7 @@ class Kubelet:
         self.workers: dict[str, WorkerProcess] = {}
         self.commands: dict[str, list[str]] = {}
         self.envs: dict[str, dict[str, str]] = {}
+        self.secret_volumes: dict[str, list[dict[str, Any]]] = {}
 
     def __enter__(self) -> Kubelet:
         return self
@@ -160,12 +161,28 @@ class Kubelet:
         """Write each Secret volume the container mounts into a folder of the
         pod's, and point the arguments under its mount path there."""
         mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
-        for volume in spec.get("volumes", []):
-            if "secret" not in volume or volume["name"] not in mounts:
-                continue
+        volumes = [v for v in spec.get("volumes", []) if "secret" in v and v["name"] in mounts]
+        self.secret_volumes[pod] = volumes
+        self._write_secrets(pod)
+        for volume in volumes:
+            folder, mount = self.folder / pod / volume["name"], mounts[volume["name"]]
+            args[:] = [f"{folder}{a[len(mount) :]}" if a.startswith(mount) else a for a in args]
+
+    def _write_secrets(self, pod: str) -> None:
+        for volume in self.secret_volumes[pod]:
             folder = self.folder / pod / volume["name"]
             folder.mkdir(parents=True, exist_ok=True)
-            for key, value in self._secret(volume["secret"]["secretName"]).items():
-                (folder / key).write_bytes(value)
-            mount = mounts[volume["name"]]
-            args[:] = [f"{folder}{a[len(mount) :]}" if a.startswith(mount) else a for a in args]
+            data = self._secret(volume["secret"]["secretName"])
+            # `items` maps chosen keys to paths, as the kubelet does; else every key.
+            items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                # Replaced whole, as the kubelet swaps a volume's files.
+                part = folder / f".{item['path']}.part"
+                part.write_bytes(data[item["key"]])
+                os.replace(part, folder / item["path"])
+
+    def refresh_secrets(self) -> None:
+        """What the kubelet's sync does to a changed Secret: rewrite the files
+        of every pod's Secret volumes (environment variables never change)."""
+        for pod in self.secret_volumes:
+            self._write_secrets(pod)
