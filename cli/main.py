@@ -14,6 +14,7 @@ from elasticfleet.cli import (
     agent_commands,
     corpus_commands,
     fleet_commands,
+    gateway_commands,
     model_commands,
     operator_commands,
     worker_commands,
@@ -28,6 +29,7 @@ GROUPS = (
     worker_commands,
     operator_commands,
     fleet_commands,
+    gateway_commands,
 )
 
 

@@ -99,6 +99,16 @@ class PoolOptions:
     spread_after: int = SPREAD_AFTER
     tls: bool = False
     root_certificates: bytes | None = None
+    # With TLS, verify a worker reached at IP a.b.c.d as `a-b-c-d.SUFFIX`
+    # (the operator's rule for a fleet's workers: build.worker_server_name);
+    # None verifies the address's own host.
+    server_name_suffix: str | None = None
+
+    def server_name(self, address: str) -> str | None:
+        if self.server_name_suffix is None:
+            return None
+        host = address.rpartition(":")[0].strip("[]")
+        return f"{host.replace('.', '-').replace(':', '-')}.{self.server_name_suffix}"
 
 
 @dataclass
@@ -152,6 +162,8 @@ class WorkerPool:
         for worker in self._workers.values():
             await worker.client.close()
         self._workers.clear()
+        if self.source.close is not None:
+            await self.source.close()
 
     async def _every(self, interval_s: float, step: Callable[[], object]) -> None:
         while True:
@@ -184,6 +196,7 @@ class WorkerPool:
                     address,
                     tls=self.options.tls,
                     root_certificates=self.options.root_certificates,
+                    server_name=self.options.server_name(address),
                 )
                 self._workers[name] = _Worker(WorkerView(name, address), client)
 

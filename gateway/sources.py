@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 Workers = Mapping[str, str]
 
 
 @dataclass(frozen=True)
 class WorkerSource:
-    """`fetch()` answers the workers now; the pool asks every `interval_s`."""
+    """`fetch()` answers the workers now; the pool asks every `interval_s`
+    and calls `close` (where there is one) when it stops."""
 
-    fetch: Callable[[], Awaitable[Workers]]
+    fetch: Callable[[], Coroutine[Any, Any, Workers]]
     interval_s: float
     description: str
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 def static_workers(workers: Workers) -> WorkerSource:

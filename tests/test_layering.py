@@ -28,6 +28,7 @@ LAYERS = (
     f"{P}.agent",
     f"{P}.operator",
     f"{P}.demo",
+    f"{P}.gateway",
     f"{P}.cli",
 )
 #: What a fleet's operator never loads: offline procedures and training.
@@ -50,12 +51,18 @@ CONTRACTS = (
         Contract(f"{P}.agent.{record}", OFFLINE, "what the operator reads has no offline code")
         for record in ("profile", "quality", "policy", "registry", "rl.policy")
     ),
+    Contract(
+        f"{P}.gateway",
+        (f"{P}.operator", f"{P}.demo", *OFFLINE),
+        "the gateway never imports the operator; the command line hands it what it needs",
+    ),
 )
 #: Third-party packages a part must never import, and why.
 FORBIDDEN_PACKAGES = (
     (f"{P}.agent", ("grpc", "kopf", "kubernetes"), "policies have no Kubernetes or gRPC imports"),
     (f"{P}.worker", ("kopf",), "the worker never depends on the operator's framework"),
     (f"{P}.worker.model", ("grpc", "redis"), "the model knows nothing of serving or stores"),
+    (f"{P}.gateway", ("kopf", "kubernetes", "torch"), "the gateway is a router, no model"),
 )
 
 
@@ -95,9 +102,9 @@ def test_parts_keep_away_from_foreign_frameworks() -> None:
                 assert not names & set(packages), f"{module} imports {names & set(packages)}: {why}"
 
 
-def test_the_profile_record_loads_without_torch(graph: Graph) -> None:
+def test_the_profile_record_and_the_gateway_load_without_torch(graph: Graph) -> None:
     imports = third_party(module_files(package_dirs()))
-    for entry in (f"{P}.agent.profile", f"{P}.agent.quality"):
+    for entry in (f"{P}.agent.profile", f"{P}.agent.quality", f"{P}.gateway.server"):
         heavy = [m for m in reachable(graph, entry) if "torch" in imports[m]]
         assert not heavy, (entry, heavy)
 
