@@ -18,12 +18,20 @@ import copy
 from typing import Any
 
 from elasticfleet.operator.crds import API_VERSION, FLEET_KIND
-from elasticfleet.operator.spec import WORKER_SUFFIX, FleetSpec, SecretKey
+from elasticfleet.operator.spec import (
+    GATEWAY_SUFFIX,
+    WORKER_SUFFIX,
+    FleetSpec,
+    GatewaySettings,
+    SecretKey,
+)
 
 FLEET_LABEL = "elasticfleet.io/fleet"
 COMPONENT = "worker"
 CONTAINER = "worker"
+GATEWAY_COMPONENT = "gateway"
 GRPC_PORT_NAME = "grpc"
+HTTP_PORT_NAME = "http"
 METRICS_PORT_NAME = "metrics"
 CACHE_DIR = "/var/cache/elasticfleet"
 TLS_DIR = "/etc/elasticfleet/tls"
@@ -32,6 +40,8 @@ TLS_DIR = "/etc/elasticfleet/tls"
 # rotated token reaches running workers (an environment variable never changes).
 TOKEN_DIR = "/etc/elasticfleet/token"
 TOKEN_FILE = "token"
+# The gateway's own token, which its clients send (a Secret of its own).
+GATEWAY_TOKEN_DIR = "/etc/elasticfleet/gateway-token"
 TMP_DIR = "/tmp"
 # The elasticfleet images' user (`nonroot`); workers run as it whatever the
 # image says, so a pod never runs as root by accident.
@@ -74,9 +84,11 @@ def worker_server_name(spec: FleetSpec, pod_ip: str) -> str:
     return f"{host}.{worker_name(spec)}.{spec.namespace}.svc"
 
 
-def selector_labels(spec: FleetSpec) -> dict[str, str]:
-    """The labels that select a fleet's worker pods (immutable once created)."""
-    return {FLEET_LABEL: spec.name, "app.kubernetes.io/component": COMPONENT}
+def selector_labels(spec: FleetSpec, component: str = COMPONENT) -> dict[str, str]:
+    """The labels that select a fleet's worker pods, or its gateway's
+    (immutable once created; the component keeps the two apart, so the
+    workers' Service never selects a gateway)."""
+    return {FLEET_LABEL: spec.name, "app.kubernetes.io/component": component}
 
 
 def label_selector(spec: FleetSpec) -> str:
@@ -85,13 +97,13 @@ def label_selector(spec: FleetSpec) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(spec).items()))
 
 
-def labels(spec: FleetSpec) -> dict[str, str]:
+def labels(spec: FleetSpec, component: str = COMPONENT) -> dict[str, str]:
     """The recommended labels plus the selector labels, on every child."""
     return {
         "app.kubernetes.io/name": "elasticfleet",
         "app.kubernetes.io/instance": spec.name,
         "app.kubernetes.io/managed-by": "elasticfleet-operator",
-        **selector_labels(spec),
+        **selector_labels(spec, component),
     }
 
 
@@ -110,11 +122,12 @@ def owner_reference(name: str, uid: str) -> Body:
     }
 
 
-def _metadata(spec: FleetSpec, owner: Body) -> Body:
+def _metadata(spec: FleetSpec, owner: Body, component: str = COMPONENT) -> Body:
+    name = worker_name(spec) if component == COMPONENT else gateway_name(spec)
     return {
-        "name": worker_name(spec),
+        "name": name,
         "namespace": spec.namespace,
-        "labels": labels(spec),
+        "labels": labels(spec, component),
         "ownerReferences": [owner],
     }
 
@@ -316,6 +329,160 @@ def build_service(spec: FleetSpec, owner: Body) -> Body:
     }
 
 
+def gateway_name(spec: FleetSpec) -> str:
+    """Name of the fleet's gateway Deployment and Service."""
+    return f"{spec.name}{GATEWAY_SUFFIX}"
+
+
+def gateway_url(spec: FleetSpec) -> tuple[str, str]:
+    """Where clients in the cluster reach the gateway: its HTTP URL and
+    gRPC address, by the Service's DNS name."""
+    assert spec.gateway is not None
+    host = f"{gateway_name(spec)}.{spec.namespace}.svc"
+    return f"http://{host}:{spec.gateway.port}", f"{host}:{spec.gateway.grpc_port}"
+
+
+def gateway_command(spec: FleetSpec, gateway: GatewaySettings) -> list[str]:
+    """The gateway's command line. It finds the workers by resolving their
+    headless Service (every ready worker pod), so it needs no API access,
+    and polls each with GetStats; it verifies TLS workers by the same pod
+    names the operator does (worker_server_name)."""
+    service = f"{worker_name(spec)}.{spec.namespace}.svc"
+    command = [
+        "elasticfleet", "gateway", "--host", "0.0.0.0",
+        "--port", str(gateway.port), "--grpc-port", str(gateway.grpc_port),
+        "--workers-dns", f"{service}:{spec.worker.port}",
+        "--model-name", spec.model_name,
+    ]  # fmt: skip
+    if spec.tls_secret:
+        command += ["--worker-tls-ca", f"{TLS_DIR}/ca.crt", "--worker-server-name-suffix", service]
+    if spec.token_secret is not None:
+        command += ["--worker-token-file", f"{TOKEN_DIR}/{TOKEN_FILE}"]
+    if gateway.token_secret is not None:
+        command += ["--token-file", f"{GATEWAY_TOKEN_DIR}/{TOKEN_FILE}"]
+    return command
+
+
+def _secret_volume(
+    name: str, mount: str, secret: str, items: list[Body] | None = None
+) -> tuple[Body, Body]:
+    """A Secret volume and its read-only mount."""
+    volume: Body = {"name": name, "secret": {"secretName": secret}}
+    if items is not None:
+        volume["secret"]["items"] = items
+    return volume, {"name": name, "mountPath": mount, "readOnly": True}
+
+
+def build_gateway(spec: FleetSpec, owner: Body) -> Body:
+    """The gateway's Deployment: the workers' pod security (restricted, a
+    read-only root, /tmp on an emptyDir), no service account token (it
+    calls no API), ready while some worker is (GET /health)."""
+    gateway = spec.gateway
+    assert gateway is not None, "build_gateway needs spec.gateway"
+    secrets = []
+    if spec.tls_secret:
+        secrets.append(_secret_volume("tls", TLS_DIR, spec.tls_secret))
+    for name, mount, key in (
+        ("token", TOKEN_DIR, spec.token_secret),
+        ("gateway-token", GATEWAY_TOKEN_DIR, gateway.token_secret),
+    ):
+        if key is not None:
+            items = [{"key": key.key, "path": TOKEN_FILE}]
+            secrets.append(_secret_volume(name, mount, key.name, items))
+    container: Body = {
+        "name": GATEWAY_COMPONENT,
+        "image": gateway.image,
+        "imagePullPolicy": spec.worker.pull_policy,
+        "command": gateway_command(spec, gateway),
+        "ports": [
+            {"name": HTTP_PORT_NAME, "containerPort": gateway.port, "protocol": "TCP"},
+            {"name": GRPC_PORT_NAME, "containerPort": gateway.grpc_port, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": HTTP_PORT_NAME},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        # Alive while it listens: no ready worker is not the gateway's fault.
+        "livenessProbe": {
+            "tcpSocket": {"port": HTTP_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP_DIR}, *(m for _, m in secrets)],
+    }
+    pod: Body = {
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *(v for v, _ in secrets)],
+    }
+    if spec.worker.node_selector:
+        pod["nodeSelector"] = dict(spec.worker.node_selector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(spec, owner, GATEWAY_COMPONENT),
+        "spec": {
+            "replicas": gateway.replicas,
+            "selector": {"matchLabels": selector_labels(spec, GATEWAY_COMPONENT)},
+            "template": {
+                "metadata": {"labels": labels(spec, GATEWAY_COMPONENT)},
+                "spec": pod,
+            },
+        },
+    }
+
+
+def build_gateway_service(spec: FleetSpec, owner: Body) -> Body:
+    """The gateway's Service: a ClusterIP (clients want one address; the
+    gateway spreads their requests over the workers itself)."""
+    gateway = spec.gateway
+    assert gateway is not None, "build_gateway_service needs spec.gateway"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, owner, GATEWAY_COMPONENT),
+        "spec": {
+            "selector": selector_labels(spec, GATEWAY_COMPONENT),
+            "ports": [
+                {
+                    "name": HTTP_PORT_NAME,
+                    "port": gateway.port,
+                    "targetPort": HTTP_PORT_NAME,
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+                {
+                    "name": GRPC_PORT_NAME,
+                    "port": gateway.grpc_port,
+                    "targetPort": GRPC_PORT_NAME,
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+            ],
+        },
+    }
+
+
+def build_gateway_stopped(spec: FleetSpec) -> Body:
+    """The patch that scales a gateway the spec no longer enables to zero.
+    The operator's RBAC has no delete verb (owner references remove a
+    fleet's children with it), so a disabled gateway stays as an empty
+    Deployment and its Service until the fleet goes."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": gateway_name(spec), "namespace": spec.namespace},
+        "spec": {"replicas": 0},
+    }
+
+
 def build_children(spec: FleetSpec, owner: Body) -> list[Body]:
-    """Every child of a fleet, Service first (a StatefulSet names it)."""
-    return [build_service(spec, owner), build_workload(spec, owner)]
+    """Every child of a fleet, Service first (a StatefulSet names it); the
+    gateway's too when the spec enables it."""
+    children = [build_service(spec, owner), build_workload(spec, owner)]
+    if spec.gateway is not None:
+        children += [build_gateway_service(spec, owner), build_gateway(spec, owner)]
+    return children

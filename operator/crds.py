@@ -240,6 +240,30 @@ def fleet_spec_schema() -> Schema:
         },
         required=("tokenSecretRef",),
     )
+    gateway = obj(
+        "The fleet's gateway: one HTTP (TGI and OpenAI APIs) and gRPC endpoint that routes "
+        "each request by the workers' plans, load and adapters (`elasticfleet gateway`).",
+        {
+            "enabled": boolean("Deploy the gateway (a Deployment and a Service).", default=False),
+            "replicas": integer("Gateway pods.", minimum=1, maximum=100, default=1),
+            "port": integer("HTTP port of the gateway.", minimum=1, maximum=65535, default=8080),
+            "grpcPort": integer(
+                "gRPC port of the gateway (Worker/Generate passthrough).",
+                minimum=1,
+                maximum=65535,
+                default=50052,
+            ),
+            "image": string(
+                "Container image holding elasticfleet (default: the workers' image).",
+                maxLength=1024,
+            ),
+            "tokenSecretRef": _secret_key(
+                "A Secret key holding the bearer token the gateway requires of its clients on "
+                "every route but /health and /metrics; without it the gateway is open."
+            ),
+        },
+        rules=(("self.port != self.grpcPort", "port and grpcPort must differ"),),
+    )
     adapter = obj(
         "An AdapterSet this fleet serves.",
         {
@@ -274,6 +298,7 @@ def fleet_spec_schema() -> Schema:
             "redis": redis,
             "tls": tls,
             "auth": auth,
+            "gateway": gateway,
         },
         # No rule that adapters need spec.redis: the API server cannot know
         # whether the operator has a default store for the fleet's

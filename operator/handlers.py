@@ -57,7 +57,7 @@ from elasticfleet.operator.fleet_access import (
     fleet_credentials,
     store_address,
 )
-from elasticfleet.operator.kube import KubeApi, KubeError
+from elasticfleet.operator.kube import KubeApi, KubeError, object_path
 from elasticfleet.operator.spec import (
     DefaultStore,
     FleetSpec,
@@ -65,7 +65,7 @@ from elasticfleet.operator.spec import (
     SecretUnavailable,
     SpecError,
 )
-from elasticfleet.operator.status import FleetStatus, read_conditions
+from elasticfleet.operator.status import FleetStatus, GatewayStatus, read_conditions
 from elasticfleet.worker.adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,8 @@ async def reconcile(
     patch: kopf.Patch,
     **_: Any,
 ) -> None:
-    """Create or patch the fleet's Service and workload."""
+    """Create or patch the fleet's Service and workload (and its gateway's
+    Deployment and Service, whose address goes into the status)."""
     generation = int(meta.get("generation", 0))
     conditions = read_conditions(status)
     try:
@@ -230,6 +231,8 @@ async def reconcile(
     try:
         for child in build.build_children(fleet, build.owner_reference(name, uid)):
             await api.apply(child)
+        if fleet.gateway is None:
+            await _stop_gateway(api, fleet)
     except KubeError as error:
         raise kopf.TemporaryError(f"creating children: {error}", delay=RETRY_DELAY_S) from error
     # Conditions are otherwise the control timer's: a list written from two
@@ -246,7 +249,21 @@ async def reconcile(
             now=utc_now(),
             generation=generation,
         )
-    patch.status.update(FleetStatus(observed_generation=generation, conditions=cleared).to_dict())
+    gateway = None
+    if fleet.gateway is not None:
+        url, grpc_address = build.gateway_url(fleet)
+        gateway = GatewayStatus(url=url, grpc_address=grpc_address)
+    accepted = FleetStatus(observed_generation=generation, conditions=cleared, gateway=gateway)
+    patch.status.update(accepted.to_dict())
+    if gateway is None and status.get("gateway") is not None:
+        patch.status["gateway"] = None  # a merge patch's null removes it
+
+
+async def _stop_gateway(api: KubeApi, fleet: FleetSpec) -> None:
+    """Scale to zero a gateway the spec no longer enables, if there is one."""
+    path = object_path("Deployment", fleet.namespace, build.gateway_name(fleet))
+    if await api.get(path) is not None:
+        await api.apply(build.build_gateway_stopped(fleet))
 
 
 @kopf.on.delete(*FLEETS)

@@ -24,6 +24,7 @@ from elasticfleet.worker.adapters.store import DEFAULT_PREFIX
 # DNS-1035 label of at most 63 characters.
 WORKER_SUFFIX = "-worker"
 MAX_FLEET_NAME = 63 - len(WORKER_SUFFIX)
+GATEWAY_SUFFIX = "-gateway"
 
 
 class SecretUnavailable(Exception):
@@ -100,6 +101,17 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """The fleet's gateway, when spec.gateway.enabled (build.py deploys it)."""
+
+    image: str
+    replicas: int = 1
+    port: int = 8080
+    grpc_port: int = 50052
+    token_secret: SecretKey | None = None
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     """Where the adapter store is."""
 
@@ -167,6 +179,7 @@ class FleetSpec:
     redis: RedisSettings | None = None
     tls_secret: str | None = None
     token_secret: SecretKey | None = None
+    gateway: GatewaySettings | None = None
 
     @classmethod
     def parse(
@@ -251,7 +264,27 @@ class FleetSpec:
             redis=redis,
             tls_secret=(raw.get("tls") or {}).get("secretName"),
             token_secret=_secret((raw.get("auth") or {}).get("tokenSecretRef")),
+            gateway=_gateway(name, raw.get("gateway"), worker["image"]),
         )
+
+
+def _gateway(name: str, raw: dict[str, Any] | None, worker_image: str) -> GatewaySettings | None:
+    if not raw or not raw.get("enabled"):
+        return None
+    if len(name) + len(GATEWAY_SUFFIX) > 63:
+        raise SpecError(
+            f"fleet name {name!r} is too long for a gateway: its Service name "
+            f"({name}{GATEWAY_SUFFIX}) must fit 63 characters"
+        )
+    if raw["port"] == raw["grpcPort"]:
+        raise SpecError("spec.gateway.port and spec.gateway.grpcPort must differ")
+    return GatewaySettings(
+        image=raw.get("image") or worker_image,
+        replicas=raw["replicas"],
+        port=raw["port"],
+        grpc_port=raw["grpcPort"],
+        token_secret=_secret(raw.get("tokenSecretRef")),
+    )
 
 
 def _secret(raw: dict[str, str] | None) -> SecretKey | None:

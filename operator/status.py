@@ -248,6 +248,18 @@ class PlanRecord(ApiObject):
 
 
 @dataclass(frozen=True)
+class GatewayStatus(ApiObject):
+    """Where clients reach the fleet's gateway (spec.gateway), by its
+    Service's name; the reconcile handler writes it, and removes it when the
+    spec disables the gateway."""
+
+    url: str = field(default="", metadata=api("HTTP URL of the gateway.", max_length=512))
+    grpc_address: str = field(
+        default="", metadata=api("host:port of the gateway's gRPC endpoint.", max_length=512)
+    )
+
+
+@dataclass(frozen=True)
 class FleetStatus(ApiObject):
     """An ElasticFleet's status, or a patch of it: None fields are left as
     they are (see the module docstring)."""
@@ -284,6 +296,9 @@ class FleetStatus(ApiObject):
             "Label selector of the worker pods, as a string (the /scale subresource's).",
             max_length=1024,
         ),
+    )
+    gateway: GatewayStatus | None = field(
+        default=None, metadata=api("Where the fleet's gateway serves, while one is enabled.")
     )
 
 
