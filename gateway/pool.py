@@ -116,7 +116,7 @@ class _Worker:
     view: WorkerView
     client: AsyncWorkerClient
     heard_at: float = 0.0
-    loading: dict[str, asyncio.Lock] = field(default_factory=dict)
+    loading_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     gone: bool = False
 
 
@@ -273,8 +273,9 @@ class WorkerPool:
             decision = await self._wait(adapter, max_ratio, exclude, decision)
         worker = self._workers[decision.worker]
         worker.view.streams += 1
-        if adapter is not None:
-            self.metrics.affinity.labels("load" if decision.load_adapter else "hit").inc()
+        if decision.load_adapter and adapter is not None:
+            # Marked before any await, so the next request for it comes here.
+            worker.view.loading.add(str(adapter))
         return worker, decision.load_adapter
 
     async def _wait(
@@ -329,23 +330,33 @@ class WorkerPool:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _load_adapter(self, worker: _Worker, adapter: AdapterRef) -> None:
-        """Load the task onto the worker, keeping the tasks it already holds
-        (LoadAdapter replaces a set's tasks); one load per set at a time."""
-        lock = worker.loading.setdefault(adapter.name, asyncio.Lock())
-        async with lock:
-            if worker.view.serves(adapter):  # loaded while this waited
-                return
-            held = worker.view.adapters.get(adapter.name)
-            tasks: list[str] = []
-            if adapter.task is not None:
-                tasks = sorted({*(held.tasks if held else ()), adapter.task})
-            response = await self._client(worker).load_adapter(adapter.name, "", tasks)
-            info = response.adapter
-            worker.view.adapters = {
-                **worker.view.adapters,
-                info.name: LoadedAdapter(tuple(info.tasks), info.has_router),
-            }
+    async def _ensure_adapter(self, worker: _Worker, adapter: AdapterRef, marked: bool) -> None:
+        """Make sure the worker has the adapter, loading it if need be
+        (keeping the tasks it already holds: LoadAdapter replaces a set's
+        tasks); one load per set at a time, so a request routed here
+        while an earlier one loads waits for that load. Counts a hit, or
+        a load where this request made one. `marked`: routing marked the
+        load pending for this request, which clears the mark."""
+        lock = worker.loading_locks.setdefault(adapter.name, asyncio.Lock())
+        try:
+            async with lock:
+                if worker.view.has_loaded(adapter):
+                    self.metrics.affinity.labels("hit").inc()
+                    return
+                self.metrics.affinity.labels("load").inc()
+                held = worker.view.adapters.get(adapter.name)
+                tasks: list[str] = []
+                if adapter.task is not None:
+                    tasks = sorted({*(held.tasks if held else ()), adapter.task})
+                response = await self._client(worker).load_adapter(adapter.name, "", tasks)
+                info = response.adapter
+                worker.view.adapters = {
+                    **worker.view.adapters,
+                    info.name: LoadedAdapter(tuple(info.tasks), info.has_router),
+                }
+        finally:
+            if marked:
+                worker.view.loading.discard(str(adapter))
 
     async def open(
         self,
@@ -366,8 +377,8 @@ class WorkerPool:
             name = worker.view.name
             call = None
             try:
-                if load and adapter is not None:
-                    await self._load_adapter(worker, adapter)
+                if adapter is not None:
+                    await self._ensure_adapter(worker, adapter, marked=load)
                 call = self._client(worker).stub.Generate(request, metadata=worker.client.metadata)
                 first = await call.read()
             except grpc.aio.AioRpcError as error:

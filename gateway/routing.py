@@ -13,14 +13,17 @@ The rules, in order:
 3. **Capacity.** A worker with `max_streams` of the gateway's streams open
    takes no more until one ends; all full: the request waits.
 4. **Adapter affinity.** A request for an adapter task goes to the least
-   loaded eligible worker that has the task loaded (a hit). When none has
-   it, or every holder carries `spread_after` more streams than the least
-   loaded eligible worker, the least loaded worker is asked to load it (a
-   miss; LoadAdapter charges it to that worker's budget). So a popular
-   task spreads to more workers, at most one load per worker and task.
+   loaded eligible worker that has the task loaded, or is loading it for
+   an earlier request (a hit). When none has it, or every holder carries
+   `spread_after` more streams than the least loaded eligible worker, the
+   least loaded worker is asked to load it (a miss; LoadAdapter charges it
+   to that worker's budget). So a popular task spreads to more workers, at
+   most one load per worker and task.
 5. **Load.** Among the eligible, the fewest requests running and waiting
    (the larger of the worker's own count and the gateway's open streams,
-   which is fresher between two polls), then the most free KV.
+   which is fresher between two polls); at equal load the better predicted
+   quality (so idle capacity and new adapter copies go to the workers that
+   can serve every floor), then the most free KV.
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ class WorkerView:
     queue_depth: int = 0
     active: int = 0
     adapters: Mapping[str, LoadedAdapter] = field(default_factory=dict)
+    # Adapters (`set:task`, or `set`) the gateway is loading onto it now.
+    loading: set[str] = field(default_factory=set)
     # The gateway's streams open on it now.
     streams: int = 0
 
@@ -105,6 +110,10 @@ class WorkerView:
         return self.ratio is not None and self.ratio <= max_ratio
 
     def serves(self, adapter: AdapterRef) -> bool:
+        """Whether it has the adapter loaded, or is loading it."""
+        return self.has_loaded(adapter) or str(adapter) in self.loading
+
+    def has_loaded(self, adapter: AdapterRef) -> bool:
         loaded = self.adapters.get(adapter.name)
         return loaded is not None and loaded.serves(adapter.task)
 
@@ -125,7 +134,10 @@ class NoRoute:
 
 
 def _least_loaded(views: Iterable[WorkerView]) -> WorkerView:
-    return min(views, key=lambda v: (v.load, -v.free_kv_bytes, v.name))
+    def key(v: WorkerView) -> tuple[int, float, int, str]:
+        return (v.load, math.inf if v.ratio is None else v.ratio, -v.free_kv_bytes, v.name)
+
+    return min(views, key=key)
 
 
 def describe_ratios(views: Iterable[WorkerView]) -> str:

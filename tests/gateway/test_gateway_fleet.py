@@ -10,11 +10,10 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from fleet_helpers import (
     worker_args,
 )
 from valkey_server import TestRedisServer
+from waiting import wait_for
 
 from elasticfleet.gateway.pool import PlanRatios, PoolOptions
 from elasticfleet.gateway.server import Gateway, GatewayOptions
@@ -197,7 +197,7 @@ def test_the_waiting_queue_is_bounded_and_answers_429_then_503(fleet: Fleet) -> 
     try:
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(post, f"{url}/generate", {"inputs": "abc"})
-            wait_until(lambda: gateway.service.pool.waiting == 1)
+            wait_for("a waiting request", lambda: gateway.service.pool.waiting == 1)
             assert metric(scrape(url), "elasticfleet_gateway_queue_depth") == 1
             status, headers, body = post(f"{url}/generate", {"inputs": "abc"})
             assert status == 429 and headers["Retry-After"] == "1"
@@ -208,7 +208,7 @@ def test_the_waiting_queue_is_bounded_and_answers_429_then_503(fleet: Fleet) -> 
         # Once the slot frees, a waiting request goes ahead.
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(post, f"{url}/generate", {"inputs": "abc"})
-            wait_until(lambda: gateway.service.pool.waiting == 1)
+            wait_for("a waiting request", lambda: gateway.service.pool.waiting == 1)
             fleet.loop.run(held.close())
             assert waiting.result(30)[0] == 200
     finally:
@@ -233,13 +233,6 @@ def open_stream(connection: http.client.HTTPConnection, body: dict[str, Any]) ->
     return response.readline().decode()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_a_client_that_disconnects_cancels_the_workers_request(fleet: Fleet) -> None:
     worker = fleet.workers["good-1"]
     gateway = small_gateway(fleet, {"w": worker.address})
@@ -249,8 +242,8 @@ def test_a_client_that_disconnects_cancels_the_workers_request(fleet: Fleet) -> 
         connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
         assert open_stream(connection, body).startswith("data:")
         connection.close()  # the client goes away mid-stream
-        wait_until(lambda: worker_counter(worker, "cancelled") == cancelled + 1)
-        wait_until(lambda: gateway.service.pool.views[0].streams == 0)
+        wait_for("the cancel", lambda: worker_counter(worker, "cancelled") == cancelled + 1)
+        wait_for("no stream", lambda: gateway.service.pool.views[0].streams == 0)
     finally:
         fleet.loop.run(gateway.stop())
     # The same over the gRPC passthrough: cancelling the call cancels upstream.
@@ -259,10 +252,11 @@ def test_a_client_that_disconnects_cancels_the_workers_request(fleet: Fleet) -> 
         call: Any = client.generate(generate_request("abc", max_new_tokens=250, ignore_eos=True))
         next(call)
         call.cancel()
-        wait_until(
+        wait_for(
+            "the cancel",
             lambda: (
                 sum(worker_counter(w, "cancelled") for w in fleet.workers.values()) == before + 1
-            )
+            ),
         )
 
 

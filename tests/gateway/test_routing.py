@@ -75,6 +75,19 @@ def test_adapter_requests_go_to_a_holder_else_load_on_the_least_loaded() -> None
     assert choose(views, adapter=AdapterRef("set")) == Route("a")
 
 
+def test_a_load_under_way_counts_as_holding_the_task() -> None:
+    """A burst for a task nobody has loads it once, not once per worker."""
+    views = [view("a", active=3, loading={"set:qa"}), view("b")]
+    assert choose(views, adapter=QA) == Route("a")
+    assert choose(views, adapter=AdapterRef("set", "code")) == Route("b", load_adapter=True)
+
+
+def test_at_equal_load_the_better_plan_wins() -> None:
+    views = [view("a-heavy", ratio=2.0, free_kv_bytes=5000), view("b-dense"), view("c", ratio=None)]
+    assert choose(views) == Route("b-dense")
+    assert choose(views, adapter=QA) == Route("b-dense", load_adapter=True)
+
+
 def test_a_popular_task_spreads_once_its_holders_are_far_busier() -> None:
     views = [view("a", active=10, adapters=holding("qa")), view("b", active=1)]
     assert choose(views, adapter=QA, spread_after=8) == Route("b", load_adapter=True)
