@@ -14,29 +14,27 @@ import grpc
 
 
 class Kind(enum.Enum):
-    """Kinds of failure, with the HTTP status and gRPC code each maps to."""
+    """Kinds of failure, each with the gRPC code it maps to (each HTTP API
+    maps the kinds to its own status codes)."""
 
     # The request is malformed or asks for something unsupported.
-    INVALID = (422, grpc.StatusCode.INVALID_ARGUMENT)
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
     # No credentials, or the wrong ones.
-    UNAUTHORIZED = (401, grpc.StatusCode.UNAUTHENTICATED)
+    UNAUTHORIZED = grpc.StatusCode.UNAUTHENTICATED
     # The model or adapter it names does not exist.
-    NOT_FOUND = (404, grpc.StatusCode.NOT_FOUND)
+    NOT_FOUND = grpc.StatusCode.NOT_FOUND
     # The waiting queue is full, or the workers refused for capacity.
-    OVERLOADED = (429, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    OVERLOADED = grpc.StatusCode.RESOURCE_EXHAUSTED
     # No worker could take it within the wait bound (none up, none meets
     # the quality floor), or a worker failed before the first token twice.
-    UNAVAILABLE = (503, grpc.StatusCode.UNAVAILABLE)
+    UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
     # A worker failed after generation started, or in a way it should not.
-    GENERATION = (500, grpc.StatusCode.INTERNAL)
-
-    @property
-    def http_status(self) -> int:
-        return self.value[0]
+    GENERATION = grpc.StatusCode.INTERNAL
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
-        return self.value[1]
+        code: grpc.StatusCode = self.value
+        return code
 
 
 class GatewayError(Exception):

@@ -21,15 +21,17 @@ needs the gateway's own bearer token when it has one.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from elasticfleet.gateway.errors import GatewayError
+from elasticfleet.gateway.errors import GatewayError, Kind
 from elasticfleet.gateway.openai_api import add_openai_routes, openai_error
 from elasticfleet.gateway.service import GatewayService
 from elasticfleet.gateway.tgi import MAX_STOP, add_tgi_routes, tgi_error
 
+log = logging.getLogger(__name__)
 SERVICE = web.AppKey("service", GatewayService)
 OPEN_ROUTES = ("/health", "/metrics")
 # A prompt is at most 256 KiB (the worker's limit); the rest is JSON framing.
@@ -64,6 +66,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as error:  # aiohttp's own: unknown path, wrong method, body too big
         service.metrics.count(route, error.status)
         raise
+    except Exception as error:  # a bug: the client gets its API's shape, the log the rest
+        log.exception("gateway error on %s", request.path)
+        internal = GatewayError(Kind.GENERATION, f"internal error ({type(error).__name__})")
+        response = error_response(request.path, internal)
     service.metrics.count(route, response.status)
     return response
 

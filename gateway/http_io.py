@@ -1,5 +1,6 @@
-"""What both HTTP APIs do with a request and a worker's stream: read a JSON
-body, relay the stream as server-sent events, or collect it whole.
+"""What both HTTP APIs do with a request and a worker's stream: read and
+check a JSON body, relay the stream as server-sent events, or collect it
+whole.
 
 Errors before the first token are answered with a status code (the
 stream's headers are sent only once a worker has produced its first
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from elasticfleet.gateway.errors import GatewayError, Kind
 from elasticfleet.gateway.pool import Upstream
+from elasticfleet.gateway.routing import check_ratio
 from elasticfleet.gateway.service import RATIO_RESPONSE_HEADER, WORKER_HEADER
 from elasticfleet.worker.serving.client import CompletionResult
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
@@ -31,6 +33,41 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(Kind.INVALID, "the body must be a JSON object")
     return body
+
+
+def invalid(message: str) -> GatewayError:
+    return GatewayError(Kind.INVALID, message)
+
+
+def number(body: dict[str, Any], name: str, low: float, high: float, integer: bool = False) -> Any:
+    """`body[name]`: None when absent, else a number (an integer where
+    asked) within [low, high]; GatewayError INVALID otherwise."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        raise invalid(f"`{name}` must be {'an integer' if integer else 'a number'}")
+    if not low <= value <= high:
+        raise invalid(f"`{name}` must be between {low} and {high}, got {value}")
+    return value
+
+
+def refuse_unsupported(body: dict[str, Any], table: dict[str, tuple[object, ...]]) -> None:
+    """Refuse a parameter the workers cannot honour, unless it holds one of
+    the values that mean "off" (table: name -> those values)."""
+    for name, off in table.items():
+        if body.get(name) not in off:
+            raise invalid(f"`{name}` is not supported by this server")
+
+
+def quality_floor(body: dict[str, Any], header: str | None) -> float | None:
+    """The request's quality floor: the body's `max_perplexity_ratio`, else
+    the X-Max-Perplexity-Ratio header; None for neither."""
+    value = body.get("max_perplexity_ratio")
+    try:
+        return check_ratio(value if value is not None else header, "max_perplexity_ratio")
+    except ValueError as error:
+        raise invalid(str(error)) from None
 
 
 def upstream_headers(upstream: Upstream) -> dict[str, str]:

@@ -28,8 +28,17 @@ from typing import Any
 from aiohttp import web
 
 from elasticfleet.gateway.errors import GatewayError, Kind
-from elasticfleet.gateway.http_io import collect, read_json, relay, upstream_headers
-from elasticfleet.gateway.routing import AdapterRef, check_ratio
+from elasticfleet.gateway.http_io import (
+    collect,
+    invalid,
+    number,
+    quality_floor,
+    read_json,
+    refuse_unsupported,
+    relay,
+    upstream_headers,
+)
+from elasticfleet.gateway.routing import AdapterRef
 from elasticfleet.gateway.service import RATIO_HEADER, Admission, GatewayService
 from elasticfleet.worker.serving.client import FINISH_NAMES, generate_request
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
@@ -65,46 +74,27 @@ def openai_error(error: GatewayError) -> tuple[int, dict[str, Any]]:
     return status, {"error": {"message": error.message, "type": kind, "param": None, "code": code}}
 
 
-def _invalid(message: str) -> GatewayError:
-    return GatewayError(Kind.INVALID, message)
-
-
 def render_chat(messages: object) -> str:
     """ChatML for OpenAI chat messages, ending with the assistant's turn."""
     if not isinstance(messages, list) or not messages:
-        raise _invalid("`messages` must be a non-empty list")
+        raise invalid("`messages` must be a non-empty list")
     turns: list[tuple[str, str]] = []
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise _invalid(f"each message needs a role among {', '.join(ROLES)}")
+            raise invalid(f"each message needs a role among {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise _invalid("only text content parts are supported")
+                raise invalid("only text content parts are supported")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
-            raise _invalid("each message's `content` must be a string or text parts")
+            raise invalid("each message's `content` must be a string or text parts")
         turns.append((role, content))
     if turns[0][0] != "system":
         turns.insert(0, ("system", DEFAULT_SYSTEM_PROMPT))
     rendered = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
     return rendered + "<|im_start|>assistant\n"
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float, integer: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (integer and not isinstance(value, int))
-    ):
-        raise _invalid(f"`{name}` must be {'an integer' if integer else 'a number'}")
-    if not low <= value <= high:
-        raise _invalid(f"`{name}` must be between {low} and {high}, got {value}")
-    return value
 
 
 class ChatOrCompletion:
@@ -113,9 +103,7 @@ class ChatOrCompletion:
     def __init__(
         self, service: GatewayService, body: dict[str, Any], chat: bool, header: str | None
     ) -> None:
-        for name, off in UNSUPPORTED.items():
-            if body.get(name) not in off:
-                raise _invalid(f"`{name}` is not supported by this server")
+        refuse_unsupported(body, UNSUPPORTED)
         self.chat = chat
         self.model = self._model(service, body.get("model"))
         if chat:
@@ -127,27 +115,23 @@ class ChatOrCompletion:
             if isinstance(given, list) and len(given) == 1:
                 given = given[0]
             if not isinstance(given, str) or not given:
-                raise _invalid("`prompt` must be a non-empty string (one prompt per request)")
+                raise invalid("`prompt` must be a non-empty string (one prompt per request)")
             prompt = given
         self.echo = "" if chat or not body.get("echo") else prompt
-        max_tokens = _number(body, "max_tokens", 1, 1_000_000, integer=True)
-        temperature = _number(body, "temperature", 0.0, 2.0)
-        top_p = _number(body, "top_p", 0.0, 1.0)
-        seed = _number(body, "seed", 0, (1 << 63) - 1, integer=True)
+        max_tokens = number(body, "max_tokens", 1, 1_000_000, integer=True)
+        temperature = number(body, "temperature", 0.0, 2.0)
+        top_p = number(body, "top_p", 0.0, 1.0)
+        seed = number(body, "seed", 0, (1 << 63) - 1, integer=True)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise _invalid("`stop` must be a string or a list of strings")
+            raise invalid("`stop` must be a string or a list of strings")
         if len(stop) > MAX_STOP:
-            raise _invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
+            raise invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
         options = body.get("stream_options") or {}
         self.stream = bool(body.get("stream"))
         self.include_usage = self.stream and bool(options.get("include_usage"))
-        try:
-            ratio = body.get("max_perplexity_ratio")
-            max_ratio = check_ratio(ratio if ratio is not None else header, "max_perplexity_ratio")
-        except ValueError as error:
-            raise _invalid(str(error)) from None
+        max_ratio = quality_floor(body, header)
         adapter = self.adapter
         # OpenAI's defaults: temperature 1 (sampling), 16 tokens for completions.
         request = generate_request(
@@ -170,7 +154,7 @@ class ChatOrCompletion:
 
     def _model(self, service: GatewayService, model: object) -> str:
         if not isinstance(model, str) or not model:
-            raise _invalid("`model` is required: the base model or <adapterset>:<task>")
+            raise invalid("`model` is required: the base model or <adapterset>:<task>")
         if model == service.model_name:
             self.adapter = None
             return model
@@ -179,7 +163,7 @@ class ChatOrCompletion:
             try:
                 self.adapter = AdapterRef.parse(model)
             except ValueError as error:
-                raise _invalid(str(error)) from None
+                raise invalid(str(error)) from None
             return model
         raise GatewayError(
             Kind.NOT_FOUND,

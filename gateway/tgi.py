@@ -28,8 +28,17 @@ from typing import Any
 from aiohttp import web
 
 from elasticfleet.gateway.errors import GatewayError, Kind
-from elasticfleet.gateway.http_io import collect, read_json, relay, upstream_headers
-from elasticfleet.gateway.routing import AdapterRef, check_ratio
+from elasticfleet.gateway.http_io import (
+    collect,
+    invalid,
+    number,
+    quality_floor,
+    read_json,
+    refuse_unsupported,
+    relay,
+    upstream_headers,
+)
+from elasticfleet.gateway.routing import AdapterRef
 from elasticfleet.gateway.service import RATIO_HEADER, Admission, GatewayService
 from elasticfleet.worker.serving.client import FINISH_NAMES, CompletionResult, generate_request
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
@@ -46,7 +55,7 @@ ERROR_TYPES = {
     Kind.GENERATION: (424, "generation"),
 }
 # name -> the value that means "off" (None: absent); anything else is refused.
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "best_of": (None, 1),
     "repetition_penalty": (None, 1.0),
     "frequency_penalty": (None, 0.0, 1.0),
@@ -64,48 +73,27 @@ def tgi_error(error: GatewayError) -> tuple[int, dict[str, str]]:
     return status, {"error": error.message, "error_type": error_type}
 
 
-def _invalid(message: str) -> GatewayError:
-    return GatewayError(Kind.INVALID, message)
-
-
-def _number(params: dict[str, Any], name: str, kind: type, low: float, high: float) -> Any:
-    value = params.get(name)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (kind is int and not isinstance(value, int))
-    ):
-        raise _invalid(f"`{name}` must be {'an integer' if kind is int else 'a number'}")
-    if not low <= value <= high:
-        raise _invalid(f"`{name}` must be between {low} and {high}, got {value}")
-    return value
-
-
 def parse_request(
     body: dict[str, Any], header_ratio: str | None
 ) -> tuple[Admission, dict[str, Any]]:
     """The worker request a TGI body asks for, and its parameters."""
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
-        raise _invalid("`inputs` must be a non-empty string")
+        raise invalid("`inputs` must be a non-empty string")
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
-        raise _invalid("`parameters` must be an object")
-    for name, off in UNSUPPORTED.items():
-        if params.get(name) not in off:
-            raise _invalid(f"`{name}` is not supported by this server")
-    max_new = _number(params, "max_new_tokens", int, 1, 1_000_000) or DEFAULT_MAX_NEW_TOKENS
-    temperature = _number(params, "temperature", float, 1e-3, 100.0)
-    top_k = _number(params, "top_k", int, 1, 1 << 31)
-    top_p = _number(params, "top_p", float, 1e-9, 1.0)
-    seed = _number(params, "seed", int, 0, (1 << 64) - 1)
+        raise invalid("`parameters` must be an object")
+    refuse_unsupported(params, UNSUPPORTED)
+    max_new = number(params, "max_new_tokens", 1, 1_000_000, integer=True)
+    temperature = number(params, "temperature", 1e-3, 100.0)
+    top_k = number(params, "top_k", 1, 1 << 31, integer=True)
+    top_p = number(params, "top_p", 1e-9, 1.0)
+    seed = number(params, "seed", 0, (1 << 64) - 1, integer=True)
     stop = params.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise _invalid("`stop` must be a list of non-empty strings")
+        raise invalid("`stop` must be a list of non-empty strings")
     if len(stop) > MAX_STOP:
-        raise _invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
+        raise invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
     # TGI samples when asked to, or when a sampling knob is set.
     sample = bool(params.get("do_sample")) or any(
         v is not None for v in (temperature, top_k, top_p)
@@ -113,15 +101,12 @@ def parse_request(
     adapter_id = params.get("adapter_id")
     try:
         adapter = None if adapter_id in (None, "") else AdapterRef.parse(str(adapter_id))
-        ratio = params.get("max_perplexity_ratio")
-        max_ratio = check_ratio(
-            ratio if ratio is not None else header_ratio, "max_perplexity_ratio"
-        )
     except ValueError as error:
-        raise _invalid(str(error)) from None
+        raise invalid(str(error)) from None
+    max_ratio = quality_floor(params, header_ratio)
     request = generate_request(
         inputs,
-        max_new_tokens=max_new,
+        max_new_tokens=max_new or DEFAULT_MAX_NEW_TOKENS,
         temperature=(temperature or 1.0) if sample else 0.0,
         top_k=top_k or 0,
         top_p=top_p or 0.0,
