@@ -27,17 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
+from elasticfleet.gateway import http_io
 from elasticfleet.gateway.errors import GatewayError, Kind
-from elasticfleet.gateway.http_io import (
-    collect,
-    invalid,
-    number,
-    quality_floor,
-    read_json,
-    refuse_unsupported,
-    relay,
-    upstream_headers,
-)
 from elasticfleet.gateway.routing import AdapterRef
 from elasticfleet.gateway.service import RATIO_HEADER, Admission, GatewayService
 from elasticfleet.worker.serving.client import FINISH_NAMES, generate_request
@@ -77,19 +68,19 @@ def openai_error(error: GatewayError) -> tuple[int, dict[str, Any]]:
 def render_chat(messages: object) -> str:
     """ChatML for OpenAI chat messages, ending with the assistant's turn."""
     if not isinstance(messages, list) or not messages:
-        raise invalid("`messages` must be a non-empty list")
+        raise http_io.invalid("`messages` must be a non-empty list")
     turns: list[tuple[str, str]] = []
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise invalid(f"each message needs a role among {', '.join(ROLES)}")
+            raise http_io.invalid(f"each message needs a role among {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise invalid("only text content parts are supported")
+                raise http_io.invalid("only text content parts are supported")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
-            raise invalid("each message's `content` must be a string or text parts")
+            raise http_io.invalid("each message's `content` must be a string or text parts")
         turns.append((role, content))
     if turns[0][0] != "system":
         turns.insert(0, ("system", DEFAULT_SYSTEM_PROMPT))
@@ -103,7 +94,7 @@ class ChatOrCompletion:
     def __init__(
         self, service: GatewayService, body: dict[str, Any], chat: bool, header: str | None
     ) -> None:
-        refuse_unsupported(body, UNSUPPORTED)
+        http_io.refuse_unsupported(body, UNSUPPORTED)
         self.chat = chat
         self.model = self._model(service, body.get("model"))
         if chat:
@@ -115,23 +106,25 @@ class ChatOrCompletion:
             if isinstance(given, list) and len(given) == 1:
                 given = given[0]
             if not isinstance(given, str) or not given:
-                raise invalid("`prompt` must be a non-empty string (one prompt per request)")
+                raise http_io.invalid(
+                    "`prompt` must be a non-empty string (one prompt per request)"
+                )
             prompt = given
         self.echo = "" if chat or not body.get("echo") else prompt
-        max_tokens = number(body, "max_tokens", 1, 1_000_000, integer=True)
-        temperature = number(body, "temperature", 0.0, 2.0)
-        top_p = number(body, "top_p", 0.0, 1.0)
-        seed = number(body, "seed", 0, (1 << 63) - 1, integer=True)
+        max_tokens = http_io.number(body, "max_tokens", 1, 1_000_000, integer=True)
+        temperature = http_io.number(body, "temperature", 0.0, 2.0)
+        top_p = http_io.number(body, "top_p", 0.0, 1.0)
+        seed = http_io.number(body, "seed", 0, (1 << 63) - 1, integer=True)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise invalid("`stop` must be a string or a list of strings")
+            raise http_io.invalid("`stop` must be a string or a list of strings")
         if len(stop) > MAX_STOP:
-            raise invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
+            raise http_io.invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
         options = body.get("stream_options") or {}
         self.stream = bool(body.get("stream"))
         self.include_usage = self.stream and bool(options.get("include_usage"))
-        max_ratio = quality_floor(body, header)
+        max_ratio = http_io.quality_floor(body, header)
         adapter = self.adapter
         # OpenAI's defaults: temperature 1 (sampling), 16 tokens for completions.
         request = generate_request(
@@ -154,7 +147,7 @@ class ChatOrCompletion:
 
     def _model(self, service: GatewayService, model: object) -> str:
         if not isinstance(model, str) or not model:
-            raise invalid("`model` is required: the base model or <adapterset>:<task>")
+            raise http_io.invalid("`model` is required: the base model or <adapterset>:<task>")
         if model == service.model_name:
             self.adapter = None
             return model
@@ -163,7 +156,7 @@ class ChatOrCompletion:
             try:
                 self.adapter = AdapterRef.parse(model)
             except ValueError as error:
-                raise invalid(str(error)) from None
+                raise http_io.invalid(str(error)) from None
             return model
         raise GatewayError(
             Kind.NOT_FOUND,
@@ -272,14 +265,14 @@ def _error_event(error: GatewayError) -> dict[str, Any]:
 def add_openai_routes(app: web.Application, service: GatewayService) -> None:
     async def run(request: web.Request, chat: bool) -> web.StreamResponse:
         started = time.monotonic()
-        body = await read_json(request)
+        body = await http_io.read_json(request)
         parsed = ChatOrCompletion(service, body, chat, request.headers.get(RATIO_HEADER))
         upstream = await service.open(parsed.admission, "openai", started)
         if parsed.stream:
             chunks = _Chunks(parsed)
-            return await relay(request, upstream, chunks, _error_event, chunks.finish)
-        headers = upstream_headers(upstream)
-        result = await collect(upstream)
+            return await http_io.relay(request, upstream, chunks, _error_event, chunks.finish)
+        headers = http_io.upstream_headers(upstream)
+        result = await http_io.collect(upstream)
         completion = len(result.token_ids)
         body = parsed.whole(result.text, result.finish_reason, result.prompt_tokens, completion)
         return web.json_response(body, headers=headers)

@@ -27,17 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
+from elasticfleet.gateway import http_io
 from elasticfleet.gateway.errors import GatewayError, Kind
-from elasticfleet.gateway.http_io import (
-    collect,
-    invalid,
-    number,
-    quality_floor,
-    read_json,
-    refuse_unsupported,
-    relay,
-    upstream_headers,
-)
 from elasticfleet.gateway.routing import AdapterRef
 from elasticfleet.gateway.service import RATIO_HEADER, Admission, GatewayService
 from elasticfleet.worker.serving.client import FINISH_NAMES, CompletionResult, generate_request
@@ -79,21 +70,21 @@ def parse_request(
     """The worker request a TGI body asks for, and its parameters."""
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
-        raise invalid("`inputs` must be a non-empty string")
+        raise http_io.invalid("`inputs` must be a non-empty string")
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
-        raise invalid("`parameters` must be an object")
-    refuse_unsupported(params, UNSUPPORTED)
-    max_new = number(params, "max_new_tokens", 1, 1_000_000, integer=True)
-    temperature = number(params, "temperature", 1e-3, 100.0)
-    top_k = number(params, "top_k", 1, 1 << 31, integer=True)
-    top_p = number(params, "top_p", 1e-9, 1.0)
-    seed = number(params, "seed", 0, (1 << 64) - 1, integer=True)
+        raise http_io.invalid("`parameters` must be an object")
+    http_io.refuse_unsupported(params, UNSUPPORTED)
+    max_new = http_io.number(params, "max_new_tokens", 1, 1_000_000, integer=True)
+    temperature = http_io.number(params, "temperature", 1e-3, 100.0)
+    top_k = http_io.number(params, "top_k", 1, 1 << 31, integer=True)
+    top_p = http_io.number(params, "top_p", 1e-9, 1.0)
+    seed = http_io.number(params, "seed", 0, (1 << 64) - 1, integer=True)
     stop = params.get("stop") or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise invalid("`stop` must be a list of non-empty strings")
+        raise http_io.invalid("`stop` must be a list of non-empty strings")
     if len(stop) > MAX_STOP:
-        raise invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
+        raise http_io.invalid(f"`stop` has {len(stop)} sequences; at most {MAX_STOP}")
     # TGI samples when asked to, or when a sampling knob is set.
     sample = bool(params.get("do_sample")) or any(
         v is not None for v in (temperature, top_k, top_p)
@@ -102,8 +93,8 @@ def parse_request(
     try:
         adapter = None if adapter_id in (None, "") else AdapterRef.parse(str(adapter_id))
     except ValueError as error:
-        raise invalid(str(error)) from None
-    max_ratio = quality_floor(params, header_ratio)
+        raise http_io.invalid(str(error)) from None
+    max_ratio = http_io.quality_floor(params, header_ratio)
     request = generate_request(
         inputs,
         max_new_tokens=max_new or DEFAULT_MAX_NEW_TOKENS,
@@ -198,14 +189,14 @@ def _error_event(error: GatewayError) -> dict[str, str]:
 def add_tgi_routes(app: web.Application, service: GatewayService) -> None:
     async def run(request: web.Request, stream: bool | None) -> web.StreamResponse:
         started = time.monotonic()
-        body = await read_json(request)
+        body = await http_io.read_json(request)
         admission, params = parse_request(body, request.headers.get(RATIO_HEADER))
         streaming = bool(body.get("stream")) if stream is None else stream
         upstream = await service.open(admission, "tgi", started)
         if streaming:
-            return await relay(request, upstream, _Events(admission, params), _error_event)
-        headers = upstream_headers(upstream)
-        response = _response(admission, params, await collect(upstream))
+            return await http_io.relay(request, upstream, _Events(admission, params), _error_event)
+        headers = http_io.upstream_headers(upstream)
+        response = _response(admission, params, await http_io.collect(upstream))
         # The compat route answers a list of one, as TGI does.
         return web.json_response([response] if stream is None else response, headers=headers)
 
