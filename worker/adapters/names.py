@@ -16,6 +16,7 @@ and uses only ASCII classes: `$` and `\\w` mean different things in the two.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 # Names end up in Redis keys and part names; keep them to a safe alphabet
 # (no '.': names are also torch module keys). At most 63 characters.
@@ -44,7 +45,7 @@ _NAME = re.compile(NAME)
 _VERSION = re.compile(ADAPTER_VERSION)
 
 
-def is_valid_name(name: object) -> bool:
+def is_valid_name(name: object) -> TypeGuard[str]:
     """Whether `name` is a valid adapter or task name. A whole-string match:
     `re.match` with `$` would also take a name ending in a newline, which
     RE2 (the API server) refuses."""
