@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from elasticfleet.operator.crds import API_VERSION, FLEET_KIND
-from elasticfleet.operator.spec import WORKER_SUFFIX, FleetSpec, SecretKey
+from elasticfleet.operator.crds import API_VERSION, FLEET_KIND, WORKER_SUFFIX
+from elasticfleet.operator.spec import FleetSpec, SecretKey
 
 FLEET_LABEL = "elasticfleet.io/fleet"
 COMPONENT = "worker"

@@ -82,12 +82,24 @@ def validation_errors(
     if not isinstance(name, str) or not is_dns1123_subdomain(name):
         return [f"metadata.name: {name!r} is not a DNS-1123 subdomain"]
     schema = openapi_schema(crd)
-    value = with_defaults(schema, obj)
-    previous = _MISSING if old is None else with_defaults(schema, old)
+    value = with_defaults(schema, _decoded(obj))
+    previous = _MISSING if old is None else with_defaults(schema, _decoded(old))
     errors = _schema_errors(schema, value)
     if not errors:
         errors.extend(_cel_errors(schema, value, previous, ""))
     return errors
+
+
+def _decoded(value: Any) -> Any:
+    """`value` as the API server decodes its JSON: an integer that does not
+    fit an int64 becomes a float64."""
+    if isinstance(value, dict):
+        return {key: _decoded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decoded(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return float(value)
+    return value
 
 
 def status_errors(schema: dict[str, Any], status: Any) -> list[str]:
