@@ -130,12 +130,13 @@ def _once(
 ) -> Callable[[Schema], st.SearchStrategy[Any]]:
     """`make`, building each schema node's strategy once (building them is
     what took most of the time, not drawing)."""
-    built: dict[int, st.SearchStrategy[Any]] = {}
+    # By identity, and each schema kept, so that no other node reuses its id.
+    built: dict[int, tuple[Schema, st.SearchStrategy[Any]]] = {}
 
     def cached(schema: Schema) -> st.SearchStrategy[Any]:
         if id(schema) not in built:
-            built[id(schema)] = make(schema)
-        return built[id(schema)]
+            built[id(schema)] = (schema, make(schema))
+        return built[id(schema)][1]
 
     return cached
 
