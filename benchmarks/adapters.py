@@ -38,13 +38,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from elasticfleet.agent.tasks import corpus_tasks
-from elasticfleet.worker.adapters.format import ALL_MODULES, AdapterSpec
+from elasticfleet.worker.adapters.format import AdapterSpec
 from elasticfleet.worker.adapters.layer import (
     AdapterBatch,
     AdapterChoice,
     AdapterSet,
     tensor_prefix,
 )
+from elasticfleet.worker.adapters.names import ALL_MODULES
 from elasticfleet.worker.adapters.training import (
     LAYOUTS,
     AdapterTrainingConfig,

@@ -333,7 +333,7 @@ def _names(text: str) -> list[str]:
 
 def _train(args: argparse.Namespace) -> int:
     from elasticfleet.agent.tasks import corpus_tasks
-    from elasticfleet.worker.adapters.format import ALL_MODULES
+    from elasticfleet.worker.adapters.names import ALL_MODULES
     from elasticfleet.worker.adapters.training import (
         AdapterTrainingConfig,
         evaluate,

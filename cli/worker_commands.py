@@ -34,6 +34,7 @@ from elasticfleet.cli.options import (
     sampling_options,
     token_options,
 )
+from elasticfleet.worker.serving.limits import MAX_THREADS
 
 if TYPE_CHECKING:
     from elasticfleet.worker.adapters.cache import AdapterCache
@@ -98,7 +99,11 @@ def register(commands: Commands) -> None:
     worker.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
     worker.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     worker.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on shutdown")
-    worker.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    worker.add_argument(
+        "--threads",
+        type=_threads,
+        help=f"torch threads, 1-{MAX_THREADS} (default: torch's choice)",
+    )
     worker.add_argument(
         "--simulated-device",
         type=Path,
@@ -136,6 +141,14 @@ def register(commands: Commands) -> None:
     generate.add_argument("--tls", action="store_true", help="connect with TLS")
     generate.add_argument("--tls-ca", type=Path, help="PEM roots to verify the worker with")
     token_options(generate)
+
+
+def _threads(text: str) -> int:
+    """--threads, refused beyond MAX_THREADS (torch would crash on it)."""
+    threads = int(text)
+    if not 1 <= threads <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be 1-{MAX_THREADS}, got {threads}")
+    return threads
 
 
 def _limit_heap_retention() -> bool:

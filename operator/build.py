@@ -17,14 +17,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from elasticfleet.operator.crds import API_VERSION, FLEET_KIND
-from elasticfleet.operator.spec import (
-    GATEWAY_SUFFIX,
-    WORKER_SUFFIX,
-    FleetSpec,
-    GatewaySettings,
-    SecretKey,
-)
+from elasticfleet.operator.crds import API_VERSION, FLEET_KIND, GATEWAY_SUFFIX, WORKER_SUFFIX
+from elasticfleet.operator.spec import FleetSpec, GatewaySettings, SecretKey
 
 FLEET_LABEL = "elasticfleet.io/fleet"
 COMPONENT = "worker"

@@ -20,7 +20,25 @@ import yaml
 
 from elasticfleet.agent.registry import SERVING_POLICIES, describe_serving_policies
 from elasticfleet.operator.status import MAX_WORKERS, AdapterSetStatus, FleetStatus
+from elasticfleet.operator.syntax import (
+    CONFIG_MAP_KEY,
+    DNS_1035_LABEL,
+    DNS_SUBDOMAIN,
+    FLAG_PATH,
+    IMAGE,
+    IMAGE_ID,
+    KEY_PREFIX,
+    LABEL_KEY,
+    LABEL_KEY_PREFIX,
+    LABEL_VALUE,
+    MAX_IMAGE,
+    MAX_LABEL_VALUE,
+    QUANTITY,
+    REDIS_URL,
+    matches,
+)
 from elasticfleet.operator.wire import (
+    Rule,
     Schema,
     array,
     boolean,
@@ -29,7 +47,20 @@ from elasticfleet.operator.wire import (
     obj,
     schema_of,
     string,
+    validated,
 )
+from elasticfleet.worker.adapters.names import (
+    ADAPTER_VERSION,
+    ALL_MODULES,
+    MAX_NAME,
+    MAX_RANK,
+    MAX_TASKS,
+    MAX_TEXT,
+    MAX_VERSION_DIGITS,
+    NAME,
+    is_valid_name,
+)
+from elasticfleet.worker.serving.limits import MAX_THREADS
 
 GROUP = "elasticfleet.io"
 VERSION = "v1alpha1"
@@ -41,12 +72,135 @@ ADAPTER_PLURAL = "adaptersets"
 PEERING_GROUP = "kopf.dev"
 
 WORKLOADS = ("Deployment", "StatefulSet")
-ADAPTER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The largest integer a Kubernetes int64 field holds; byte counts beyond it
+# would overflow the worker's uint64 budget on the way.
+MAX_INT64 = 2**63 - 1
+MAX_DNS_SUBDOMAIN = 253
 
-# A DNS-1123 label (names of objects, tasks) and subdomain (Secrets, nodes).
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# Kubernetes resource quantities such as 500m, 2, 16Gi, 1.5e9.
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# The fleet's workers' Service and workload are named <fleet>-worker. A
+# Service name is a DNS-1035 label of at most 63 characters. A StatefulSet
+# also labels each pod with controller-revision-hash: <statefulset>-<hash of
+# up to 10 characters>, a label value of at most 63, so its name must be at
+# most 52 (kubernetes/kubernetes#64023).
+WORKER_SUFFIX = "-worker"
+MAX_FLEET_NAME = 63 - len(WORKER_SUFFIX)
+MAX_STATEFUL_FLEET_NAME = 63 - len("-") - 10 - len(WORKER_SUFFIX)
+# The gateway's Deployment and Service are named <fleet>-gateway.
+GATEWAY_SUFFIX = "-gateway"
+MAX_GATEWAY_FLEET_NAME = 63 - len(GATEWAY_SUFFIX)
+
+# The CEL rules of both CRDs, each with its Python twin (wire.Rule), which
+# schema_check.py runs where the operator reads a spec. Rules at the root of
+# a CRD's schema read self.metadata.name.
+PORTS_DIFFER = Rule(
+    "self.port != self.metricsPort",
+    "port and metricsPort must differ",
+    lambda worker: worker["port"] != worker["metricsPort"],
+)
+ONE_BUDGET = Rule(
+    "has(self.fraction) != has(self.bytes)",
+    "set exactly one of budget.fraction and budget.bytes",
+    lambda budget: ("fraction" in budget) != ("bytes" in budget),
+)
+STATIC_RATIO = Rule(
+    "!has(self.staticRatio) || self.policy == 'static'",
+    "staticRatio applies only to policy static",
+    lambda policy: "staticRatio" not in policy or policy["policy"] == "static",
+)
+ONE_URL = Rule(
+    "has(self.url) != has(self.urlSecretRef)",
+    "set exactly one of redis.url and redis.urlSecretRef",
+    lambda redis: ("url" in redis) != ("urlSecretRef" in redis),
+)
+IMAGE_NOT_ID = Rule(
+    f"!self.matches(r'{IMAGE_ID}')",
+    "a bare 64-character hex string is an image ID, which the kubelet refuses: name the "
+    "repository (repository@sha256:<hex> pins a digest)",
+    lambda image: not matches(IMAGE_ID, image),
+)
+NOT_NEGATIVE = Rule(
+    "!self.startsWith('-')",
+    "must not be negative: Kubernetes refuses negative requests and limits",
+    lambda quantity: not quantity.startswith("-"),
+)
+LABEL_KEYS = Rule(
+    f"self.all(k, k.matches(r'{LABEL_KEY}') && "
+    f"(!k.contains('/') || k.matches(r'{LABEL_KEY_PREFIX}')))",
+    "nodeSelector keys must be label keys: an optional DNS subdomain prefix of at most 253 "
+    "characters and '/', then 1-63 letters, digits, '-', '_' or '.', starting and ending "
+    "with a letter or digit",
+    lambda selector: all(
+        matches(LABEL_KEY, key) and ("/" not in key or matches(LABEL_KEY_PREFIX, key))
+        for key in selector
+    ),
+)
+FLEET_NAME = Rule(
+    f"self.metadata.name.matches(r'{DNS_1035_LABEL}')",
+    "metadata.name must start with a lowercase letter and hold only lowercase letters, digits "
+    "and '-', ending with a letter or digit: the fleet's Service is <name>-worker, a DNS-1035 "
+    "label; rename the fleet",
+    lambda fleet: matches(DNS_1035_LABEL, fleet["metadata"]["name"]),
+)
+FLEET_NAME_LENGTH = Rule(
+    f"self.metadata.name.size() <= {MAX_FLEET_NAME}",
+    f"metadata.name must be at most {MAX_FLEET_NAME} characters: the fleet's Service is "
+    "<name>-worker, at most 63; rename the fleet",
+    lambda fleet: len(fleet["metadata"]["name"]) <= MAX_FLEET_NAME,
+)
+STATEFUL_FLEET_NAME_LENGTH = Rule(
+    f"self.spec.workload != 'StatefulSet' || self.metadata.name.size() <= "
+    f"{MAX_STATEFUL_FLEET_NAME}",
+    f"a StatefulSet fleet's metadata.name must be at most {MAX_STATEFUL_FLEET_NAME} "
+    "characters: each pod's controller-revision-hash label is <name>-worker-<hash>, at most "
+    "63; rename the fleet or use workload Deployment",
+    lambda fleet: (
+        fleet["spec"]["workload"] != "StatefulSet"
+        or len(fleet["metadata"]["name"]) <= MAX_STATEFUL_FLEET_NAME
+    ),
+)
+GATEWAY_PORTS_DIFFER = Rule(
+    "self.port != self.grpcPort",
+    "port and grpcPort must differ",
+    lambda gateway: gateway["port"] != gateway["grpcPort"],
+)
+GATEWAY_FLEET_NAME_LENGTH = Rule(
+    "!has(self.spec.gateway) || !self.spec.gateway.enabled || "
+    f"self.metadata.name.size() <= {MAX_GATEWAY_FLEET_NAME}",
+    f"with spec.gateway.enabled, metadata.name must be at most {MAX_GATEWAY_FLEET_NAME} "
+    "characters: the gateway's Service is <name>-gateway, at most 63; rename the fleet",
+    lambda fleet: (
+        not fleet["spec"].get("gateway", {}).get("enabled", False)
+        or len(fleet["metadata"]["name"]) <= MAX_GATEWAY_FLEET_NAME
+    ),
+)
+STORE_NAME = Rule(
+    f"(has(self.spec.store) && has(self.spec.store.name)) || self.metadata.name.matches(r'{NAME}')",
+    "without spec.store.name, metadata.name is the adapter's name in the store, which must be "
+    "1-63 lowercase letters, digits, '-' or '_' (no '.'): set spec.store.name or rename the "
+    "AdapterSet",
+    lambda adapter_set: (
+        "name" in adapter_set["spec"].get("store", {})
+        or is_valid_name(adapter_set["metadata"]["name"])
+    ),
+)
+RULES = {
+    rule.cel: rule
+    for rule in (
+        PORTS_DIFFER,
+        ONE_BUDGET,
+        STATIC_RATIO,
+        ONE_URL,
+        IMAGE_NOT_ID,
+        NOT_NEGATIVE,
+        LABEL_KEYS,
+        FLEET_NAME,
+        FLEET_NAME_LENGTH,
+        STATEFUL_FLEET_NAME_LENGTH,
+        GATEWAY_PORTS_DIFFER,
+        GATEWAY_FLEET_NAME_LENGTH,
+        STORE_NAME,
+    )
+}
 
 
 def _immutable(node: Schema, what: str) -> Schema:
@@ -59,12 +213,23 @@ def _secret_key(description: str) -> Schema:
         description,
         {
             "name": string(
-                "Name of the Secret, in the custom resource's namespace.", maxLength=253
+                "Name of the Secret, in the custom resource's namespace.",
+                pattern=DNS_SUBDOMAIN,
+                maxLength=MAX_DNS_SUBDOMAIN,
             ),
-            "key": string("Key within the Secret whose value is used.", maxLength=253, minLength=1),
+            "key": string(
+                "Key within the Secret whose value is used.",
+                pattern=CONFIG_MAP_KEY,
+                maxLength=MAX_DNS_SUBDOMAIN,
+            ),
         },
         required=("name", "key"),
     )
+
+
+def _quantity(description: str) -> Schema:
+    # No request needs 64 characters; the bound keeps every string bounded.
+    return validated(string(description, pattern=QUANTITY, maxLength=64), NOT_NEGATIVE)
 
 
 def fleet_spec_schema() -> Schema:
@@ -79,7 +244,9 @@ def fleet_spec_schema() -> Schema:
             ),
             "path": string(
                 "Model directory inside the worker image (config.json + model.safetensors); "
-                "empty means the worker prepares its default model into its cache.",
+                "empty means the worker prepares its default model into its cache. It is "
+                "the worker's --model flag, so it must not start with '-'.",
+                pattern=FLAG_PATH,
                 maxLength=4096,
             ),
         },
@@ -94,14 +261,22 @@ def fleet_spec_schema() -> Schema:
                 maximum=16,
                 default=0,
             ),
-            "cpu": string("CPU request and limit, a Kubernetes quantity.", pattern=QUANTITY),
-            "memory": string("Memory request and limit, a Kubernetes quantity.", pattern=QUANTITY),
+            "cpu": _quantity("CPU request and limit, a Kubernetes quantity (e.g. 500m, 2)."),
+            "memory": _quantity("Memory request and limit, a Kubernetes quantity (e.g. 6Gi)."),
         },
     )
     worker = obj(
         "How each worker pod runs.",
         {
-            "image": string("Container image holding elasticfleet.", minLength=1, maxLength=1024),
+            "image": validated(
+                string(
+                    "Container image holding elasticfleet: [registry[:port]/]repository"
+                    "[:tag][@digest], as the kubelet reads it (the repository lowercase).",
+                    pattern=IMAGE,
+                    maxLength=MAX_IMAGE,
+                ),
+                IMAGE_NOT_ID,
+            ),
             "imagePullPolicy": string(
                 "When the kubelet pulls the image.",
                 enum=["Always", "IfNotPresent", "Never"],
@@ -116,17 +291,26 @@ def fleet_spec_schema() -> Schema:
             ),
             "maxBatch": integer("Most sequences per decode step.", minimum=1, maximum=4096),
             "maxQueue": integer("Most requests waiting for memory.", minimum=0, maximum=100000),
-            "threads": integer("Torch threads per worker (default: torch's choice).", minimum=1),
+            "threads": integer(
+                "Torch threads per worker (default: torch's choice).",
+                minimum=1,
+                maximum=MAX_THREADS,
+            ),
             "resources": resources,
-            "nodeSelector": {
-                "type": "object",
-                "description": "Node labels a worker pod must match.",
-                "additionalProperties": {"type": "string"},
-                "maxProperties": 64,
-            },
+            "nodeSelector": validated(
+                {
+                    "type": "object",
+                    "description": "Node labels a worker pod must match (label keys and values).",
+                    "additionalProperties": string(
+                        "A label value.", pattern=LABEL_VALUE, maxLength=MAX_LABEL_VALUE
+                    ),
+                    "maxProperties": 64,
+                },
+                LABEL_KEYS,
+            ),
         },
         required=("image",),
-        rules=(("self.port != self.metricsPort", "port and metricsPort must differ"),),
+        rules=(PORTS_DIFFER,),
     )
     budget = obj(
         "Each worker's memory budget for weights, KV cache and adapters: a fraction of its "
@@ -139,14 +323,9 @@ def fleet_spec_schema() -> Schema:
                 exclusiveMinimum=True,
                 maximum=1,
             ),
-            "bytes": integer("Budget in bytes.", minimum=1),
+            "bytes": integer("Budget in bytes.", minimum=1, maximum=MAX_INT64),
         },
-        rules=(
-            (
-                "has(self.fraction) != has(self.bytes)",
-                "set exactly one of budget.fraction and budget.bytes",
-            ),
-        ),
+        rules=(ONE_BUDGET,),
     )
     quality = obj(
         "The least quality a plan may have; a plan predicted to be worse is not pushed and the "
@@ -174,7 +353,10 @@ def fleet_spec_schema() -> Schema:
             ),
             "budget": budget,
             "headroomBytes": integer(
-                "Bytes of device memory left unbudgeted on every worker.", minimum=0, default=0
+                "Bytes of device memory left unbudgeted on every worker.",
+                minimum=0,
+                maximum=MAX_INT64,
+                default=0,
             ),
             "qualityFloor": quality,
             "planIntervalSeconds": integer(
@@ -185,12 +367,7 @@ def fleet_spec_schema() -> Schema:
             ),
         },
         required=("budget",),
-        rules=(
-            (
-                "!has(self.staticRatio) || self.policy == 'static'",
-                "staticRatio applies only to policy static",
-            ),
-        ),
+        rules=(STATIC_RATIO,),
     )
     redis = obj(
         "The Redis server the adapters are stored in: a URL, or a Secret holding it. Without "
@@ -198,22 +375,21 @@ def fleet_spec_schema() -> Schema:
         "Valkey); a fleet elsewhere that serves adapters needs it.",
         {
             "url": string(
-                "redis:// or rediss:// (TLS) URL, without a password.",
-                pattern=r"^rediss?://[^\s]+$",
+                "redis:// or rediss:// (TLS) URL: [user@]host[:port][/db], without a password "
+                "(passwordSecretRef holds it) or query options (urlSecretRef may hold those).",
+                pattern=REDIS_URL,
                 maxLength=2048,
             ),
             "urlSecretRef": _secret_key("A Secret key holding the URL (it may carry a password)."),
             "passwordSecretRef": _secret_key("A Secret key holding the Redis password."),
             "prefix": string(
-                "Key prefix of the adapter store.", maxLength=256, default="elasticfleet:"
+                "Key prefix of the adapter store: printable ASCII without spaces.",
+                pattern=KEY_PREFIX,
+                maxLength=256,
+                default="elasticfleet:",
             ),
         },
-        rules=(
-            (
-                "has(self.url) != has(self.urlSecretRef)",
-                "set exactly one of redis.url and redis.urlSecretRef",
-            ),
-        ),
+        rules=(ONE_URL,),
     )
     tls = obj(
         "TLS between the operator, clients and the workers' gRPC endpoints.",
@@ -223,8 +399,8 @@ def fleet_spec_schema() -> Schema:
                 "cover *.<fleet>-worker.<namespace>.svc (the operator verifies each worker, "
                 "reached by IP, as its pod's name under the headless Service) and are "
                 "verified against ca.crt (else tls.crt).",
-                minLength=1,
-                maxLength=253,
+                pattern=DNS_SUBDOMAIN,
+                maxLength=MAX_DNS_SUBDOMAIN,
             ),
         },
         required=("secretName",),
@@ -253,22 +429,29 @@ def fleet_spec_schema() -> Schema:
                 maximum=65535,
                 default=50052,
             ),
-            "image": string(
-                "Container image holding elasticfleet (default: the workers' image).",
-                maxLength=1024,
+            "image": validated(
+                string(
+                    "Container image holding elasticfleet (default: the workers' image), as "
+                    "spec.worker.image.",
+                    pattern=IMAGE,
+                    maxLength=MAX_IMAGE,
+                ),
+                IMAGE_NOT_ID,
             ),
             "tokenSecretRef": _secret_key(
                 "A Secret key holding the bearer token the gateway requires of its clients on "
                 "every route but /health and /metrics; without it the gateway is open."
             ),
         },
-        rules=(("self.port != self.grpcPort", "port and grpcPort must differ"),),
+        rules=(GATEWAY_PORTS_DIFFER,),
     )
     adapter = obj(
         "An AdapterSet this fleet serves.",
         {
             "name": string(
-                "Name of the AdapterSet, in the fleet's namespace.", pattern=DNS_LABEL, maxLength=63
+                "Name of the AdapterSet, in the fleet's namespace.",
+                pattern=DNS_SUBDOMAIN,
+                maxLength=MAX_DNS_SUBDOMAIN,
             ),
         },
         required=("name",),
@@ -317,14 +500,15 @@ def adapter_spec_schema() -> Schema:
         "Where the adapter set lives in the fleet's Redis store.",
         {
             "name": string(
-                "Name of the adapter in the store (default: the AdapterSet's name).",
-                minLength=1,
-                maxLength=128,
+                "Name of the adapter in the store (default: the AdapterSet's name): 1-63 "
+                "lowercase letters, digits, '-' or '_', as the store names adapters.",
+                pattern=NAME,
+                maxLength=MAX_NAME,
             ),
             "version": string(
-                "Version to serve; empty serves the store's current version.",
-                pattern=r"^[0-9]*$",
-                maxLength=20,
+                "Version to serve, a positive integer; empty serves the store's current version.",
+                pattern=ADAPTER_VERSION,
+                maxLength=MAX_VERSION_DIGITS,
             ),
         },
     )
@@ -332,28 +516,32 @@ def adapter_spec_schema() -> Schema:
         "An AsymLoRA adapter set: one shared A per adapted module, one B head per task.",
         {
             "baseModel": _immutable(
-                string("Base model it was trained for.", minLength=1, maxLength=253), "baseModel"
+                string("Base model it was trained for.", minLength=1, maxLength=MAX_TEXT),
+                "baseModel",
             ),
             "tasks": array(
                 "Task heads, one B matrix each.",
-                string("A task name.", pattern=DNS_LABEL, maxLength=63),
+                string(
+                    "A task name: 1-63 lowercase letters, digits, '-' or '_'.",
+                    pattern=NAME,
+                    maxLength=MAX_NAME,
+                ),
                 minItems=1,
-                maxItems=64,
+                maxItems=MAX_TASKS,
                 **{"x-kubernetes-list-type": "set"},
             ),
-            "rank": _immutable(integer("LoRA rank.", minimum=1, maximum=256), "rank"),
+            "rank": _immutable(integer("LoRA rank.", minimum=1, maximum=MAX_RANK), "rank"),
             "alpha": number(
                 "LoRA scaling numerator (scale = alpha / rank).",
                 minimum=0,
                 exclusiveMinimum=True,
-                maximum=4096,
             ),
             "modules": _immutable(
                 array(
                     "Projections adapted in every layer.",
-                    string("A projection.", enum=list(ADAPTER_MODULES)),
+                    string("A projection.", enum=list(ALL_MODULES)),
                     minItems=1,
-                    maxItems=len(ADAPTER_MODULES),
+                    maxItems=len(ALL_MODULES),
                     **{"x-kubernetes-list-type": "set"},
                 ),
                 "modules",
@@ -394,6 +582,7 @@ def _crd(
     columns: list[Schema],
     description: str,
     subresources: Schema,
+    rules: tuple[Rule, ...],
 ) -> dict[str, Any]:
     schema = obj(
         description,
@@ -405,6 +594,7 @@ def _crd(
             "status": status,
         },
         required=("spec",),
+        rules=rules,
     )
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -464,6 +654,7 @@ def fleet_crd() -> dict[str, Any]:
                 "labelSelectorPath": ".status.selector",
             },
         },
+        (FLEET_NAME, FLEET_NAME_LENGTH, STATEFUL_FLEET_NAME_LENGTH, GATEWAY_FLEET_NAME_LENGTH),
     )
 
 
@@ -487,6 +678,7 @@ def adapter_crd() -> dict[str, Any]:
         columns,
         "An AsymLoRA adapter set kept in Redis, served by ElasticFleets.",
         {"status": {}},
+        (STORE_NAME,),
     )
 
 

@@ -4,9 +4,11 @@ An API server validates a custom resource against its CRD before storing
 it, but the controller cannot rely on that alone: an object stored before a
 CRD upgrade, or served by an API emulator that validates nothing, reaches
 the handlers as it is. So `FleetSpec.parse` fills in the CRD's defaults
-(from crds.py, so there is one set) and re-checks what the controller
-depends on, raising `SpecError` with a message that says what to fix; the
-handlers turn that into a permanent error and a Degraded condition.
+(from crds.py, so there is one set) and checks the fleet against the CRD as
+the API server would (schema_check.py: the same bounds, patterns and
+rules), raising `SpecError` with a message that says what to fix; the
+handlers turn that into a permanent error and a Degraded condition. What the
+CRD admits, the builders turn into children Kubernetes accepts.
 """
 
 from __future__ import annotations
@@ -17,14 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from elasticfleet.agent.registry import SERVING_POLICIES
-from elasticfleet.operator.crds import WORKLOADS, fleet_spec_schema, with_defaults
+from elasticfleet.operator import schema_check
+from elasticfleet.operator.crds import fleet_crd, with_defaults
 from elasticfleet.worker.adapters.store import DEFAULT_PREFIX
-
-# Names derived from the fleet's add this suffix; a Service name is a
-# DNS-1035 label of at most 63 characters.
-WORKER_SUFFIX = "-worker"
-MAX_FLEET_NAME = 63 - len(WORKER_SUFFIX)
-GATEWAY_SUFFIX = "-gateway"
 
 
 class SecretUnavailable(Exception):
@@ -192,33 +189,14 @@ class FleetSpec:
         """The spec of fleet `namespace/name`, or SpecError saying what to
         fix. Without spec.redis, a fleet in the namespace of
         `default_store` gets that store."""
-        if len(name) > MAX_FLEET_NAME:
-            raise SpecError(
-                f"fleet name {name!r} is longer than {MAX_FLEET_NAME} characters; its "
-                f"workers' Service name ({name}{WORKER_SUFFIX}) must fit 63"
-            )
-        raw = with_defaults(fleet_spec_schema(), spec)
-        try:
-            model = raw["model"]
-            worker = raw["worker"]
-            policy = raw["memoryPolicy"]
-            budget = policy["budget"]
-        except KeyError as missing:
-            raise SpecError(f"spec lacks {missing.args[0]}") from None
-        except TypeError:
-            raise SpecError(
-                "spec.model, spec.worker and spec.memoryPolicy must be objects"
-            ) from None
-        if not model.get("name"):
-            raise SpecError("spec.model.name is required")
-        if not worker.get("image"):
-            raise SpecError("spec.worker.image is required")
-        if raw["workload"] not in WORKLOADS:
-            raise SpecError(f"spec.workload must be one of {', '.join(WORKLOADS)}")
+        fleet = _checked(name, spec)
+        raw = fleet["spec"]
+        model, worker, policy = raw["model"], raw["worker"], raw["memoryPolicy"]
+        budget = policy["budget"]
         resources = worker.get("resources", {})
         floor = policy.get("qualityFloor")
         adapters = tuple(a["name"] for a in raw.get("adapters", []))
-        redis = None if raw.get("redis") is None else _redis(raw["redis"])
+        redis = _redis(raw["redis"]) if "redis" in raw else None
         if redis is None and default_store is not None and default_store.namespace == namespace:
             redis = default_store.redis
         if adapters and redis is None:
@@ -230,8 +208,6 @@ class FleetSpec:
             raise SpecError(
                 f"spec.adapters need spec.redis: the store they are fetched from{where}"
             )
-        if worker["port"] == worker["metricsPort"]:
-            raise SpecError("spec.worker.port and spec.worker.metricsPort must differ")
         return cls(
             name=name,
             namespace=namespace,
@@ -264,20 +240,13 @@ class FleetSpec:
             redis=redis,
             tls_secret=(raw.get("tls") or {}).get("secretName"),
             token_secret=_secret((raw.get("auth") or {}).get("tokenSecretRef")),
-            gateway=_gateway(name, raw.get("gateway"), worker["image"]),
+            gateway=_gateway(raw.get("gateway"), worker["image"]),
         )
 
 
-def _gateway(name: str, raw: dict[str, Any] | None, worker_image: str) -> GatewaySettings | None:
+def _gateway(raw: dict[str, Any] | None, worker_image: str) -> GatewaySettings | None:
     if not raw or not raw.get("enabled"):
         return None
-    if len(name) + len(GATEWAY_SUFFIX) > 63:
-        raise SpecError(
-            f"fleet name {name!r} is too long for a gateway: its Service name "
-            f"({name}{GATEWAY_SUFFIX}) must fit 63 characters"
-        )
-    if raw["port"] == raw["grpcPort"]:
-        raise SpecError("spec.gateway.port and spec.gateway.grpcPort must differ")
     return GatewaySettings(
         image=raw.get("image") or worker_image,
         replicas=raw["replicas"],
@@ -287,17 +256,25 @@ def _gateway(name: str, raw: dict[str, Any] | None, worker_image: str) -> Gatewa
     )
 
 
+def _checked(name: str, spec: Any) -> dict[str, Any]:
+    """Fleet `name` with `spec`, defaulted, or SpecError with every reason
+    the API server would refuse it (schema_check.py)."""
+    schema = fleet_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    fleet: dict[str, Any] = with_defaults(schema, {"metadata": {"name": name}, "spec": spec})
+    errors = schema_check.check(schema, fleet)
+    if errors:
+        raise SpecError("; ".join(errors))
+    return fleet
+
+
 def _secret(raw: dict[str, str] | None) -> SecretKey | None:
     return None if raw is None else SecretKey(raw["name"], raw["key"])
 
 
 def _redis(raw: dict[str, Any]) -> RedisSettings:
-    settings = RedisSettings(
+    return RedisSettings(
         url=raw.get("url"),
         url_secret=_secret(raw.get("urlSecretRef")),
         password_secret=_secret(raw.get("passwordSecretRef")),
         prefix=raw["prefix"],
     )
-    if (settings.url is None) == (settings.url_secret is None):
-        raise SpecError("set exactly one of spec.redis.url and spec.redis.urlSecretRef")
-    return settings

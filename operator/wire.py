@@ -37,7 +37,7 @@ import dataclasses
 import math
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any, ClassVar, Self, Union, get_args, get_origin, get_type_hints
@@ -53,20 +53,36 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A CEL validation rule, the message the API server answers when it
+    fails, and the same predicate in Python (`holds`, given the node's
+    value), which the operator runs on what it reads (schema_check.py): the
+    API server and the operator must refuse the same objects."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def validated(node: Schema, *rules: Rule) -> Schema:
+    """`node` with `rules` added to its x-kubernetes-validations."""
+    added = [{"rule": rule.cel, "message": rule.message} for rule in rules]
+    return {**node, "x-kubernetes-validations": [*node.get("x-kubernetes-validations", []), *added]}
+
+
 def obj(
     description: str,
     properties: dict[str, Schema],
     *,
     required: tuple[str, ...] = (),
-    rules: tuple[tuple[str, str], ...] = (),
+    rules: tuple[Rule, ...] = (),
 ) -> Schema:
-    """An object node; `rules` are (CEL rule, message) pairs."""
+    """An object node, validated by `rules`."""
     node: Schema = {"type": "object", "description": description, "properties": properties}
     if required:
         node["required"] = list(required)
-    if rules:
-        node["x-kubernetes-validations"] = [{"rule": r, "message": m} for r, m in rules]
-    return node
+    return validated(node, *rules) if rules else node
 
 
 def string(description: str, **extra: Any) -> Schema:
@@ -188,7 +204,9 @@ def _bounded(owner: str, kind: type, spec: FieldSpec, value: Any) -> Any:
     if kind is str:
         if spec.max_length is not None:
             value = value[: spec.max_length]
-        if spec.pattern is not None and not re.search(spec.pattern, value):
+        # Whole-string, as RE2 matches the anchored patterns the API server
+        # checks (Python's `$` would also let a final newline through).
+        if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
             raise ValueError(f"{owner}: {value!r} does not match {spec.pattern}")
     elif kind in (int, float):
         if kind is float and not math.isfinite(value):

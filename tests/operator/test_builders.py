@@ -74,16 +74,23 @@ def test_parse_reads_the_example() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (_raw(memoryPolicy={"budget": {}}), "set exactly one of memoryPolicy.budget"),
+        (
+            _raw(memoryPolicy={"budget": {}}),
+            "spec.memoryPolicy.budget: set exactly one of budget.fraction",
+        ),
         (
             _raw(memoryPolicy={"budget": {"fraction": 0.5}, "staticRatio": 0.2}),
             "staticRatio applies only to policy static",
         ),
-        (_raw(memoryPolicy={"budget": {"bytes": 5}, "policy": "x"}), "policy 'x' is not one"),
+        (
+            _raw(memoryPolicy={"budget": {"bytes": 5}, "policy": "x"}),
+            "policy: 'x' is not one of rl",
+        ),
         (_raw(redis=None) | {"adapters": [{"name": "a"}]}, "adapters need spec.redis"),
         ({"worker": {"image": "i"}, "memoryPolicy": {"budget": {"bytes": 5}}}, "lacks model"),
-        (_raw(worker={"image": "i", "port": 9090}), "port and spec.worker.metricsPort"),
-        (_raw(redis={"prefix": "p"}), "exactly one of spec.redis.url"),
+        (_raw(worker={"image": "i", "port": 9090}), "spec.worker: port and metricsPort"),
+        (_raw(redis={"prefix": "p"}), "spec.redis: set exactly one of redis.url"),
+        (_raw(replicas="2"), "spec.replicas: must be of type integer, got '2'"),
     ],
 )
 def test_parse_errors_say_what_to_fix(raw: dict[str, Any], message: str) -> None:
@@ -93,7 +100,7 @@ def test_parse_errors_say_what_to_fix(raw: dict[str, Any], message: str) -> None
 
 
 def test_fleet_name_must_leave_room_for_the_service_name() -> None:
-    with pytest.raises(SpecError, match="longer than 56 characters"):
+    with pytest.raises(SpecError, match=r"metadata\.name must be at most 56 characters"):
         FleetSpec.parse("x" * 57, "ns", _raw())
     assert worker_command(FleetSpec.parse("x" * 56, "ns", _raw()))
 

@@ -13,7 +13,9 @@ import yaml
 from crd_check import openapi_schema, schema_nodes, validation_errors
 
 from elasticfleet.cli import main
+from elasticfleet.operator import syntax
 from elasticfleet.operator.crds import (
+    RULES,
     adapter_crd,
     all_crds,
     fleet_crd,
@@ -39,6 +41,46 @@ def test_every_node_is_described_and_typed(crd: dict[str, Any]) -> None:
         assert node.get("description", "").strip(), f"{path} has no description"
         assert "type" in node, f"{path} has no type"
         assert "x-kubernetes-preserve-unknown-fields" not in node, path
+
+
+def _spec_nodes(crd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    nodes = schema_nodes(openapi_schema(crd))
+    return [(path, node) for path, node in nodes if not path.startswith(".status")]
+
+
+@pytest.mark.parametrize("crd", all_crds(), ids=lambda crd: crd["spec"]["names"]["kind"])
+def test_every_spec_value_is_bounded(crd: dict[str, Any]) -> None:
+    """Numbers have a minimum and a maximum (threads: 10**12 crashed the
+    worker) and strings a length bound, so nothing a spec hands on is
+    unbounded. The one exception, alpha, is bounded as the store bounds it:
+    positive and finite (JSON has no infinity)."""
+    for path, node in _spec_nodes(crd):
+        if node["type"] in ("integer", "number") and path != ".spec.alpha":
+            assert {"minimum", "maximum"} <= set(node), path
+        if node["type"] == "string" and path not in (".apiVersion", ".kind"):
+            assert "maxLength" in node or "enum" in node, path
+        if node["type"] == "object" and "additionalProperties" in node:
+            assert "maxProperties" in node, path
+
+
+def test_every_schema_pattern_is_named_in_words() -> None:
+    """schema_check's messages say what a value must be, not a regex."""
+    for crd in all_crds():
+        for path, node in _spec_nodes(crd):
+            for holder in (node, node.get("items"), node.get("additionalProperties")):
+                if isinstance(holder, dict) and "pattern" in holder:
+                    assert holder["pattern"] in syntax.PATTERN_NAMES, path
+
+
+@pytest.mark.parametrize("crd", all_crds(), ids=lambda crd: crd["spec"]["names"]["kind"])
+def test_every_rule_has_its_python_twin(crd: dict[str, Any]) -> None:
+    """FleetSpec.parse runs the Python twin of each CEL rule (crds.RULES);
+    a rule without one would be enforced by the API server only."""
+    for path, node in schema_nodes(openapi_schema(crd)):
+        for rule in node.get("x-kubernetes-validations", []):
+            if "oldSelf" not in rule["rule"]:
+                assert rule["rule"] in RULES, path
+                assert RULES[rule["rule"]].message == rule["message"], path
 
 
 @pytest.mark.parametrize("crd", all_crds(), ids=lambda crd: crd["spec"]["names"]["kind"])

@@ -68,7 +68,8 @@ def test_the_spec_parses_the_gateway_with_its_defaults() -> None:
     assert spec(off).gateway is None
     del off["spec"]["gateway"]
     assert spec(off).gateway is None
-    with pytest.raises(SpecError, match="too long for a gateway"):
+    spec(fleet(), name="f" * 55)
+    with pytest.raises(SpecError, match="the gateway's Service is <name>-gateway"):
         spec(fleet(), name="f" * 56)
     with pytest.raises(SpecError, match="must differ"):
         spec(fleet(port=1, grpcPort=1))

@@ -318,6 +318,8 @@ def test_times_are_kept_to_the_second_in_utc() -> None:
             "does not match",
         ),
         (lambda: AdapterSetStatus(digest="sha256:abc"), "does not match"),
+        # RE2, the API server's regex, reads `$` as the end of the text only.
+        (lambda: AdapterSetStatus(digest="0" * 64 + "\n"), "does not match"),
     ],
 )
 def test_values_off_the_schema_are_refused(build: Any, message: str) -> None:

@@ -185,13 +185,20 @@ def test_an_invalid_name_or_version_is_invalid_argument_in_bounded_words(
     redis_url: str, plain_model: ElasticLlama
 ) -> None:
     host = _host(redis_url, plain_model)
-    for name in ("x" * 10_000, "Bad Name", "", "a.b"):
+    # "multi\n": the store matched names with `$`, which in Python also
+    # matches before a final newline (the AdapterSet CRD's RE2 does not).
+    for name in ("x" * 10_000, "Bad Name", "", "a.b", "multi\n"):
         with pytest.raises(InvalidArgument, match=r"adapter name .* is invalid") as caught:
             host.load(name, "", [], ROOM)
         assert len(str(caught.value)) < 250
     with pytest.raises(InvalidArgument, match=r"positive integer, got '99999.*\(5000 char") as e:
         host.load("multi", "9" * 5000, [], ROOM)
     assert len(str(e.value)) < 250
+    # Versions are ASCII digits, as the CRD's spec.store.version: str.isdigit
+    # took other scripts' digits too.
+    for version in ("0", "00", "\u0661", "1\n", "-1", "9" * 19):
+        with pytest.raises(InvalidArgument, match="adapter version must be a positive integer"):
+            host.load("multi", version, [], ROOM)
 
 
 def test_an_adapter_for_other_shapes_is_failed_precondition_and_forgotten(

@@ -17,13 +17,14 @@ import pytest
 from serving_helpers import certificate_pairs
 from tokenizers import Tokenizer
 
-from elasticfleet.cli import main
+from elasticfleet.cli import build_parser, main
 from elasticfleet.cli.worker_commands import _serve
 from elasticfleet.worker.model.generation import TOKENIZER_FILE
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.serving import readiness
 from elasticfleet.worker.serving.client import WorkerClient, generate_request
 from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.limits import MAX_THREADS
 from elasticfleet.worker.serving.process import WorkerProcess, WorkerStartError
 from elasticfleet.worker.serving.readiness import WorkerReady, read_ready_file
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, WorkerServer
@@ -256,3 +257,16 @@ def test_the_worker_serves_metrics_on_the_metrics_host(
         assert worker.stop() == 0
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize("threads", ["0", "1025", str(10**12), "two"])
+def test_threads_beyond_what_torch_takes_are_an_argument_error(
+    threads: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.set_num_threads(10**12) raised only once the worker started; the
+    ElasticFleet CRD bounds spec.worker.threads by the same MAX_THREADS."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["worker", "--threads", threads])
+    assert exited.value.code == 2
+    assert "argument --threads" in capsys.readouterr().err
+    assert build_parser().parse_args(["worker", "--threads", str(MAX_THREADS)]).threads == 1024

@@ -43,32 +43,26 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save, save_file
 
+from elasticfleet.worker.adapters.names import (
+    ALL_MODULES,
+    ATTENTION_MODULES,
+    FFN_MODULES,
+    MAX_LAYERS,
+    MAX_RANK,
+    MAX_TASKS,
+    MAX_TEXT,
+    is_valid_name,
+)
 from elasticfleet.worker.model.plan import PruningPlan
 
 SPEC_FILE = "adapter.json"
 TENSORS_FILE = "adapter.safetensors"
 
-# Bounds on what a spec may declare. A spec sizes loops and allocations
-# (tensor names, parts, stacked heads), so an absurd one must fail before
-# them. Models we serve have at most a few hundred layers; the AdapterSet
-# CRD allows 64 tasks and rank 256 (a plain-LoRA baseline of the same size
-# may need a larger rank, hence the wider bound here).
-MAX_LAYERS = 256
-MAX_TASKS = 64
-MAX_RANK = 4096
-MAX_TEXT = 253  # the base model's name, as long as a Kubernetes name
 MAX_SPEC_BYTES = 64 << 10  # adapter.json
 # A manifest of MAX_LAYERS layers x (MAX_TASKS + 2) parts of every block,
 # with long task names, is about 6 MB.
 MAX_MANIFEST_BYTES = 8 << 20
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
-ALL_MODULES = ATTENTION_MODULES + FFN_MODULES
-
-# Names end up in Redis keys and part names; keep them to a safe alphabet.
-# (no '.': names are also torch module keys).
-NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 TENSOR_PATTERN = re.compile(r"^layers\.(\d+)\.([a-z_]+)\.(A|router|B\.(.+))$")
 
 
@@ -94,7 +88,7 @@ def clipped(error: object, limit: int = 200) -> str:
 
 def check_name(kind: str, name: object) -> str:
     """`name` if it is a valid adapter or task name, else an AdapterFormatError saying why."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not is_valid_name(name):
         raise AdapterFormatError(
             f"{kind} name {shown(name)} is invalid: use 1-63 lowercase letters, digits, '-' or "
             "'_', starting and ending with a letter or digit"

@@ -41,6 +41,7 @@ from elasticfleet.worker.adapters.interface import (
     AdapterRequest,
 )
 from elasticfleet.worker.adapters.layer import AdapterBatch, AdapterChoice, AdapterSet, AsymLoRA
+from elasticfleet.worker.adapters.names import is_valid_version
 from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
@@ -320,6 +321,6 @@ def _version(text: str) -> int | None:
     """'' means the current version; otherwise a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+    if not is_valid_version(text):
         raise InvalidArgument(f"adapter version must be a positive integer, got {shown(text)}")
     return int(text)

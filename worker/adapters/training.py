@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from elasticfleet.worker.adapters.format import ALL_MODULES, AdapterSpec
+from elasticfleet.worker.adapters.format import AdapterSpec
 from elasticfleet.worker.adapters.layer import (
     AdapterBatch,
     AdapterChoice,
     AdapterSet,
     projection_shape,
 )
+from elasticfleet.worker.adapters.names import ALL_MODULES
 from elasticfleet.worker.model.llama import ElasticLlama
 
 LAYOUTS = ("asym", "shared", "separate", "router")
