@@ -15,7 +15,10 @@ What this adds, and why:
   guards its patches with one on `resourceVersion`) is 422 Invalid, not 500,
   so kopf waits for the newer object instead of retrying the stale patch;
   404s say NotFound and 409s AlreadyExists;
-- discovery for the built-in kinds the operator and the chart use;
+- discovery for the built-in kinds the operator and the chart use, a
+  Secret's `stringData` stored as `data`, and 415 for a body that is not
+  JSON (kubectl create sends built-in kinds as protobuf, which kmock cannot
+  read: apply them instead);
 - CustomResourceDefinitions that take effect: a created or updated CRD is
   marked Established and serves its resource (kind, short names,
   categories, subresources, printer columns, schema), so `kubectl apply` of
@@ -193,6 +196,16 @@ class ApiEmulator(kmock.KubernetesEmulator):
             raise unauthorized()
         attributes = Attributes.of(request.method.value, request.url.path, request.params)
         self._authorize(user, attributes)
+        if request.body and "json" not in request.headers.get("Content-Type", "json"):
+            # kubectl create sends built-in kinds as protobuf, which kmock
+            # cannot read (kubectl apply sends JSON): refused as a server
+            # refuses a format it does not know, not a 500.
+            message = (
+                "the body of the request was in an unknown format - accepted media types "
+                "include: application/json, application/json-patch+json, "
+                "application/merge-patch+json, application/strategic-merge-patch+json"
+            )
+            raise kmock.KubernetesError(status=415, reason="UnsupportedMediaType", message=message)
         if attributes.verb == "create" and attributes.full_resource == "serviceaccounts/token":
             return self._token_request(attributes)
         writes = (enums.action.CREATE, enums.action.UPDATE)
@@ -278,6 +291,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
         crd = self._crds.get(request.resource)
         if crd is not None:
             new = self._custom_resource(crd, user, attributes, old, new)
+        if new.get("kind") == "Secret" and "stringData" in new:  # stored as data
+            encoded = {
+                k: base64.b64encode(v.encode()).decode() for k, v in new["stringData"].items()
+            }
+            new["data"] = {**new.get("data", {}), **encoded}
+            del new["stringData"]
         meta = new.setdefault("metadata", {})
         if old is None:
             if request.namespace and not meta.get("namespace"):
