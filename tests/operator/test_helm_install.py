@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from test_kubectl import EXAMPLES, KUBECTL
 from test_operator_kopf import _condition
 from test_operator_workers import BLOCKS, TASKS, publish_adapter
 from tiny_fleet import DEVICE_BYTES, Kubelet, squeeze
-from valkey_server import TestRedisServer
+from valkey_server import TestRedisServer, free_port
 from waiting import wait_for
 
 from elasticfleet.worker.serving.client import WorkerClient
@@ -62,13 +61,6 @@ pytestmark = [
 FLEETS = "elasticfleet.io/v1alpha1/elasticfleets"
 PASSWORD = "store-password-1"
 STORE_SECRET = "adapter-store"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def run(*command: str, stdin: str | None = None, timeout: float = 60) -> str:
