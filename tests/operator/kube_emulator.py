@@ -50,10 +50,10 @@ Not added: watches still replay every object as ADDED (kopf's handling is
 idempotent over its last-handled state, so a replay changes nothing), label
 selectors are ignored (kopf filters labels itself), built-in kinds are
 neither validated nor defaulted, strategic merge patches merge as JSON
-merge patches (lists replaced), namespaces are not objects (kmock cannot
-route the cluster-scoped `/api/v1/namespaces`, so the operator runs with
-`--all-namespaces`, which never lists them; discovery still names them),
-and garbage collection through owner references does not run.
+merge patches (lists replaced), namespaces are not objects of their own
+(the list of them, which kopf reads when it serves named namespaces, names
+those objects live in; none can be created or deleted), and garbage
+collection through owner references does not run.
 
 `EmulatedCluster` serves it over HTTPS (kube_auth.py says why) on 127.0.0.1
 on a free port in a thread of its own, so a test thread can block in
@@ -73,7 +73,7 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,12 +190,47 @@ class ApiEmulator(kmock.KubernetesEmulator):
             if res == wanted and not obj.deleted and namespace in (None, ns)
         ]
 
-    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        user = self._tokens.get(_bearer_token(request.headers))
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Namespaces are served here: kmock's path parser fails on the
+        cluster-scoped /api/v1/namespaces, which kopf lists and watches when
+        it serves named namespaces. A namespace exists once an object lives
+        in it; the watch announces none later (kopf watches from its list)."""
+        if raw_request.path.rstrip("/") != "/api/v1/namespaces":
+            return await super().__call__(raw_request)
+        query = raw_request.query
+        try:
+            self._identify(raw_request.method, raw_request.path, query, raw_request.headers)
+        except kmock.KubernetesError as error:
+            return await self._render_error(error)
+        if query.get("watch") not in ("true", "1"):
+            names = {str(ns) for (_, ns, _), obj in self._objects.items() if ns and not obj.deleted}
+            items = [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+                for name in sorted(names)
+            ]
+            version = {"resourceVersion": str(next(self._versions))}
+            listing = {"kind": "NamespaceList", "apiVersion": "v1", "metadata": version}
+            return aiohttp.web.json_response({**listing, "items": items})
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        await asyncio.sleep(float(query.get("timeoutSeconds", 3600)))
+        return response
+
+    def _identify(
+        self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str]
+    ) -> tuple[User, Attributes]:
+        """Who asks (401 if no one known) and whether they may (403)."""
+        user = self._tokens.get(_bearer_token(headers))
         if user is None:
             raise unauthorized()
-        attributes = Attributes.of(request.method.value, request.url.path, request.params)
+        attributes = Attributes.of(method, path, query)
         self._authorize(user, attributes)
+        return user, attributes
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        user, attributes = self._identify(
+            request.method.value, request.url.path, request.params, request.headers
+        )
         if request.body and "json" not in request.headers.get("Content-Type", "json"):
             # kubectl create sends built-in kinds as protobuf, which kmock
             # cannot read (kubectl apply sends JSON): refused as a server
@@ -240,7 +275,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
     ) -> aiohttp.web.StreamResponse:
         """A create or patch, admitted (below) and stored in one step under
         the store's lock, so concurrent patches apply to what each finds;
-        kmock's routing then answers with the stored object."""
+        the answer is the stored object (201 Created, or 200)."""
         resource = request.resource
         assert resource is not None
         async with self._lock:
@@ -268,14 +303,10 @@ class ApiEmulator(kmock.KubernetesEmulator):
             raw = self._objects[key].raw
             await self._buses[resource].put({"type": event, "object": raw})
             meta = raw.get("metadata", {})
-            released = bool(meta.get("deletionTimestamp")) and not meta.get("finalizers")
-        try:
-            return await super(kmock.KubernetesEmulator, self)._handle(request)
-        finally:
-            if released:  # its last finalizer removed: the object goes
-                async with self._lock:
-                    self._objects[key].delete()
-                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                self._objects[key].delete()  # its last finalizer removed: it goes
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
+        return aiohttp.web.json_response(raw, status=201 if old is None else 200)
 
     def _admit(
         self,
@@ -533,7 +564,7 @@ def _now() -> str:
     return timestamp(datetime.now(UTC))
 
 
-def _bearer_token(headers: Any) -> str:
+def _bearer_token(headers: Mapping[str, str]) -> str:
     for name, value in headers.items():
         if name.lower() == "authorization" and value.startswith("Bearer "):
             return str(value[len("Bearer ") :])

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 from conftest import TINY_MODEL
-from helm_chart import CHART, HELM, NAMESPACE, RELEASE, one, render_text, requires_helm
+from helm_chart import CHART, HELM, NAMESPACE, RELEASE, render_text, requires_helm
 from kube_emulator import EmulatedCluster
 from operator_pod import OperatorPod
 from test_kubectl import EXAMPLES, KUBECTL
@@ -86,15 +86,24 @@ def apply(kubeconfig: Path, manifests: str) -> str:
     return kubectl(kubeconfig, "apply", "--validate=false", "-f", "-", stdin=manifests)
 
 
+def install(kubeconfig: Path, chart: str) -> str:
+    """The rendered chart applied in the order helm installs it: the CRDs
+    first, then what may be of their kinds (the peering object)."""
+    documents = [d for d in yaml.safe_load_all(chart) if d]
+    crds = [d for d in documents if d["kind"] == "CustomResourceDefinition"]
+    rest = [d for d in documents if d["kind"] != "CustomResourceDefinition"]
+    return apply(kubeconfig, yaml.safe_dump_all(crds)) + apply(kubeconfig, yaml.safe_dump_all(rest))
+
+
 def values(store_url: str, profiles: Path) -> list[str]:
-    """The chart's settings for this machine: the external store, free
-    ports for the operator's endpoints, and the tiny model's profile."""
+    """The chart's settings for this machine: the external store, a free
+    port for the liveness endpoint (the metrics port is never opened here:
+    operator_pod.py), and the tiny model's profile."""
     return [
         "valkey.enabled=false",
         f"redis.url={store_url}",
         f"redis.existingSecret={STORE_SECRET}",
         f"health.port={free_port()}",
-        f"metrics.port={free_port()}",
         "extraEnv[0].name=ELASTICFLEET_PROFILES",
         f"extraEnv[0].value={profiles}",
     ]
@@ -120,10 +129,12 @@ def examples(model: Path) -> str:
 
 
 def granted(chart: str) -> set[tuple[str, str, str]]:
-    """(group, resource, verb) of every rule the rendered ClusterRole grants."""
-    role = one([d for d in yaml.safe_load_all(chart) if d], "ClusterRole")
+    """(group, resource, verb) of every rule the rendered Roles and
+    ClusterRoles grant (where they apply, the emulator checks)."""
     return {
         (group, resource, verb)
+        for role in yaml.safe_load_all(chart)
+        if role and role["kind"] in ("ClusterRole", "Role")
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
@@ -160,8 +171,22 @@ def with_notes_field(folder: Path) -> Path:
     return chart
 
 
+@pytest.mark.parametrize(
+    "scope",
+    [
+        pytest.param([], id="cluster-rbac"),
+        # With kopf's peering: a ClusterKopfPeering.
+        pytest.param(["peering.enabled=true"], id="cluster-rbac-peering"),
+        # A Role in the release's namespace (there, a KopfPeering) and the
+        # few cluster-wide reads in a ClusterRole.
+        pytest.param(
+            ["rbac.scope=namespaced", f"watchNamespaces[0]={NAMESPACE}", "peering.enabled=true"],
+            id="namespaced-rbac-peering",
+        ),
+    ],
+)
 def test_helm_install_runs_a_fleet_under_the_charts_rbac(
-    tiny_profiles: Path, tiny_worker_model: Path, tmp_path: Path
+    scope: list[str], tiny_profiles: Path, tiny_worker_model: Path, tmp_path: Path
 ) -> None:
     store = TestRedisServer(password=PASSWORD)
     store.start()
@@ -169,7 +194,7 @@ def test_helm_install_runs_a_fleet_under_the_charts_rbac(
     (tmp_path / "workers").mkdir()
     try:
         version = publish_adapter(f"redis://:{PASSWORD}@127.0.0.1:{store.port}/0")
-        settings = values(store.url, tiny_profiles)
+        settings = values(store.url, tiny_profiles) + scope
         chart = render_text(*settings)
         with (
             EmulatedCluster(kubeconfig, crds_installed=False) as cluster,
@@ -195,7 +220,7 @@ def run_installed_chart(
     """Install, run the operator from its Deployment, apply the examples;
     the fleet serves, a squeeze shrinks its plan, its spec changes reach
     its children; nothing was denied or refused."""
-    out = apply(kubeconfig, chart)
+    out = install(kubeconfig, chart)
     for created in ("customresourcedefinition.apiextensions.k8s.io/elasticfleets.elasticfleet.io",
                     "serviceaccount/ef-elasticfleet", "clusterrole.rbac.authorization.k8s.io/",
                     "configmap/ef-elasticfleet", "deployment.apps/ef-elasticfleet"):  # fmt: skip
@@ -278,7 +303,7 @@ def upgrade_the_crds(kubeconfig: Path, settings: list[str], folder: Path) -> Non
     note = '{"spec": {"notes": "the team\'s fleet"}}'
     kubectl(kubeconfig, "patch", "ef", "smollm2", "--type", "merge", "-p", note)
     assert "notes" not in kubectl(kubeconfig, "get", "ef", "smollm2", "-o", "yaml")
-    out = apply(kubeconfig, render_text(*settings, chart=with_notes_field(folder)))
+    out = install(kubeconfig, render_text(*settings, chart=with_notes_field(folder)))
     crd = "customresourcedefinition.apiextensions.k8s.io/elasticfleets.elasticfleet.io"
     assert f"{crd} configured" in out and "deployment.apps/ef-elasticfleet unchanged" in out
     names = kubectl(kubeconfig, "get", "ef,adset", "-o", "name").split()

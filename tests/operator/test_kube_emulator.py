@@ -158,7 +158,7 @@ def test_block_owner_deletion_needs_the_owners_finalizers(cluster: EmulatedClust
           "verbs": ["update"]}],
         namespace="a",
     )  # fmt: skip
-    assert cluster.request("POST", path, child, token=token)[0] == 200
+    assert cluster.request("POST", path, child, token=token)[0] == 201
 
 
 def test_custom_resources_are_validated_on_every_write(cluster: EmulatedCluster) -> None:
@@ -209,3 +209,14 @@ def test_custom_resources_are_stored_as_the_server_stores_them(cluster: Emulated
     assert int(annotated["metadata"]["resourceVersion"]) > int(
         patched["metadata"]["resourceVersion"]
     )
+
+
+def test_generated_names_are_unique(cluster: EmulatedCluster) -> None:
+    """kopf posts its Events with generateName only."""
+    event = {"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": "kopf-event-"}}
+    names = set()
+    for _ in range(2):
+        code, created = cluster.request("POST", "/api/v1/namespaces/a/events", event)
+        assert code == 201 and created["metadata"]["name"].startswith("kopf-event-")
+        names.add(created["metadata"]["name"])
+    assert len(names) == len(cluster.objects("v1/events")) == 2
