@@ -702,3 +702,11 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulate
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     with EmulatedCluster(kubeconfig) as emulated:
         yield emulated
+
+
+@pytest.fixture
+def new_cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
+    """An emulated cluster without our CRDs, as before `helm install`; the
+    admin's kubeconfig is its `kubeconfig` ($KUBECONFIG is left alone)."""
+    with EmulatedCluster(tmp_path / "admin.kubeconfig", crds_installed=False) as emulated:
+        yield emulated

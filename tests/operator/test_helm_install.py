@@ -16,11 +16,14 @@ chart's own settings. The external path is used unchanged, and through it
 the default store fleets of the release's namespace get (URL from the
 ConfigMap, password from the Secret; tests/chart renders the Valkey).
 
-What it proves: the fleet becomes Available, a squeeze gets a smaller plan,
-every write the operator made passed the CRDs' schemas (the server refused
-none), and the server denied the operator nothing, while the operator used
+What it proves, for each RBAC layout the chart renders (cluster-wide, with
+kopf's peering, per namespace with peering): the fleet becomes Available, a
+squeeze gets a smaller plan, spec changes reach the fleet's children and a
+deleted fleet is released; every write passed the CRDs' schemas (the server
+refused none), and the server denied the operator nothing while it used
 every permission the chart grants (the rules are the least that works). A
-chart upgrade that adds a CRD field updates the CRD and keeps the fleets.
+chart upgrade that adds a CRD field updates the CRD and keeps the custom
+resources.
 
 For people with a cluster, `test_helm_install_on_a_real_cluster` runs the
 same install against the current kubeconfig context when
@@ -39,7 +42,6 @@ import pytest
 import yaml
 from conftest import TINY_MODEL
 from helm_chart import CHART, HELM, NAMESPACE, RELEASE, render_text, requires_helm
-from kube_emulator import EmulatedCluster
 from operator_pod import OperatorPod
 from test_kubectl import EXAMPLES, KUBECTL
 from test_operator_kopf import _condition
@@ -52,6 +54,10 @@ from elasticfleet.worker.serving.client import WorkerClient
 
 if TYPE_CHECKING:
     from kube_auth import Decision
+    from kube_emulator import EmulatedCluster
+
+# Fixture: new_cluster (the emulated API without our CRDs).
+pytest_plugins = ["kube_emulator"]
 
 pytestmark = [
     requires_helm,
@@ -186,24 +192,23 @@ def with_notes_field(folder: Path) -> Path:
     ],
 )
 def test_helm_install_runs_a_fleet_under_the_charts_rbac(
-    scope: list[str], tiny_profiles: Path, tiny_worker_model: Path, tmp_path: Path
+    scope: list[str],
+    new_cluster: EmulatedCluster,
+    tiny_profiles: Path,
+    tiny_worker_model: Path,
+    tmp_path: Path,
 ) -> None:
     store = TestRedisServer(password=PASSWORD)
     store.start()
-    kubeconfig = tmp_path / "admin.kubeconfig"
     (tmp_path / "workers").mkdir()
     try:
         version = publish_adapter(f"redis://:{PASSWORD}@127.0.0.1:{store.port}/0")
         settings = values(store.url, tiny_profiles) + scope
         chart = render_text(*settings)
-        with (
-            EmulatedCluster(kubeconfig, crds_installed=False) as cluster,
-            Kubelet(cluster, tmp_path / "workers", namespace=NAMESPACE) as kubelet,
-        ):
-            run_installed_chart(
-                cluster, kubelet, kubeconfig, chart, tiny_worker_model, tmp_path, version
-            )
-            upgrade_the_crds(kubeconfig, settings, tmp_path)
+        with Kubelet(new_cluster, tmp_path / "workers", namespace=NAMESPACE) as kubelet:
+            run_installed_chart(new_cluster, kubelet, chart, tiny_worker_model, tmp_path, version)
+            upgrade_the_crds(new_cluster.kubeconfig, settings, tmp_path)
+        assert new_cluster.emulator.refusals == []
     finally:
         store.close()
 
@@ -211,7 +216,6 @@ def test_helm_install_runs_a_fleet_under_the_charts_rbac(
 def run_installed_chart(
     cluster: EmulatedCluster,
     kubelet: Kubelet,
-    kubeconfig: Path,
     chart: str,
     model: Path,
     folder: Path,
@@ -220,6 +224,7 @@ def run_installed_chart(
     """Install, run the operator from its Deployment, apply the examples;
     the fleet serves, a squeeze shrinks its plan, its spec changes reach
     its children; nothing was denied or refused."""
+    kubeconfig = cluster.kubeconfig
     out = install(kubeconfig, chart)
     for created in ("customresourcedefinition.apiextensions.k8s.io/elasticfleets.elasticfleet.io",
                     "serviceaccount/ef-elasticfleet", "clusterrole.rbac.authorization.k8s.io/",
@@ -285,14 +290,13 @@ def run_installed_chart(
             60,
         )
         assert used(operators(cluster.emulator.decisions)) == grants
-        assert operators(cluster.emulator.denials()) == []
-        assert [r for r in cluster.emulator.refusals if r.user.name == account] == []
+        assert cluster.emulator.denials() == []
         assert _condition(fleet("smollm2-gpu"), "Degraded")["reason"] == "SecretUnavailable"
         assert cluster.objects("apps/v1/statefulsets", NAMESPACE)
         # Deleted: the operator releases its finalizer (children go by owner references).
         kubectl(kubeconfig, "delete", "ef", "smollm2-gpu", "--wait=false")
         wait_for("the GPU fleet to go", lambda: not fleet("smollm2-gpu"), 30)
-        assert operators(cluster.emulator.denials()) == []
+        assert cluster.emulator.denials() == []
         assert operator.stop() == 0, operator.log.read_text()
 
 
