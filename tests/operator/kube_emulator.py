@@ -8,7 +8,10 @@ What this adds, and why:
   anything but metadata and status) and a `resourceVersion` that grows on
   every write (kopf waits to see its own patches' versions come back);
 - `metadata.namespace` on objects created through a namespaced URL;
-- lists that say their `kind` and a real `resourceVersion`;
+- lists that say their `kind` and a real `resourceVersion`, and watches
+  from the `resourceVersion` asked for (kopf lists, then watches from the
+  list's version: a replay of older versions would make it act on them
+  again);
 - the core group's discovery as `v1`, not `/v1`, and subresources without
   the short names of their resource (kubectl would call them ambiguous);
 - Kubernetes' error statuses and reasons: a failed JSON-patch `test` (kopf
@@ -46,9 +49,8 @@ What this adds, and why:
   does) gets the CRD's printer columns, evaluated with the JSONPath subset
   printer columns use (`.a.b` and `[?(@.key=="value")]` filters).
 
-Not added: watches still replay every object as ADDED (kopf's handling is
-idempotent over its last-handled state, so a replay changes nothing), label
-selectors are ignored (kopf filters labels itself), built-in kinds are
+Not added: a watch sends what changed since its resourceVersion as ADDED
+(no history of changes is kept), label selectors are ignored (kopf filters labels itself), built-in kinds are
 neither validated nor defaulted, strategic merge patches merge as JSON
 merge patches (lists replaced), namespaces are not objects of their own
 (the list of them, which kopf reads when it serves named namespaces, names
@@ -58,8 +60,8 @@ collection through owner references does not run.
 `EmulatedCluster` serves it over HTTPS (kube_auth.py says why) on 127.0.0.1
 on a free port in a thread of its own, so a test thread can block in
 `kopf.testing.KopfRunner`, and writes an admin kubeconfig that points at it;
-test modules get it as the `cluster` fixture with
-`pytest_plugins = ["kube_emulator"]`.
+test modules get it as the `cluster` fixture (or `new_cluster`, without our
+CRDs) with `pytest_plugins = ["kube_emulator"]`.
 """
 
 from __future__ import annotations
