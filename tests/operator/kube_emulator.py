@@ -50,12 +50,13 @@ What this adds, and why:
   printer columns use (`.a.b` and `[?(@.key=="value")]` filters).
 
 Not added: a watch sends what changed since its resourceVersion as ADDED
-(no history of changes is kept), label selectors are ignored (kopf filters labels itself), built-in kinds are
-neither validated nor defaulted, strategic merge patches merge as JSON
-merge patches (lists replaced), namespaces are not objects of their own
-(the list of them, which kopf reads when it serves named namespaces, names
-those objects live in; none can be created or deleted), and garbage
-collection through owner references does not run.
+(no history of changes is kept), label selectors are ignored (kopf filters
+labels itself), built-in kinds are neither validated nor defaulted,
+strategic merge patches merge as JSON merge patches (lists replaced),
+namespaces are not objects of their own (the list of them, which kopf
+reads when it serves named namespaces, names those objects live in; none
+can be created or deleted), and garbage collection through owner
+references does not run.
 
 `EmulatedCluster` serves it over HTTPS (kube_auth.py says why) on 127.0.0.1
 on a free port in a thread of its own, so a test thread can block in
