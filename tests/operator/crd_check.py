@@ -7,11 +7,13 @@ object had a value, as in Kubernetes.
 
 kubernetes-validate skips custom resources, so this is where the schemas'
 rules are proven; the Kubernetes API emulator the integration tests use
-checks every status write with `status_errors`.
+prunes every write of a custom resource (`prune`) and checks the object it
+makes (`validation_errors`).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import celpy
@@ -38,7 +40,7 @@ def validation_errors(
     previous = _MISSING if old is None else with_defaults(schema, old)
     errors = _schema_errors(schema, value)
     if not errors:
-        errors.extend(_cel_errors(schema, value, previous, "", celpy.Environment()))
+        errors.extend(_cel_errors(schema, value, previous, ""))
     return errors
 
 
@@ -48,7 +50,7 @@ def status_errors(schema: dict[str, Any], status: Any) -> list[str]:
     CRD's status schema (which has no defaults)."""
     errors = _schema_errors(schema, status, "status")
     if not errors:
-        errors.extend(_cel_errors(schema, status, _MISSING, ".status", celpy.Environment()))
+        errors.extend(_cel_errors(schema, status, _MISSING, ".status"))
     return errors
 
 
@@ -60,9 +62,36 @@ def _schema_errors(schema: dict[str, Any], value: Any, *prefix: str) -> list[str
     ]
 
 
-def _cel_errors(
-    schema: dict[str, Any], value: Any, old: Any, path: str, env: celpy.Environment
-) -> list[str]:
+def prune(schema: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without the fields its structural schema does not declare, as
+    an API server stores a custom resource: unknown fields are dropped
+    silently, not refused (unless x-kubernetes-preserve-unknown-fields).
+    The root's `metadata` is the server's own and is kept whole."""
+    pruned: dict[str, Any] = _prune(schema, obj)
+    if "metadata" in obj:
+        pruned["metadata"] = obj["metadata"]
+    return pruned
+
+
+def _prune(schema: dict[str, Any], value: Any) -> Any:
+    if isinstance(value, list) and "items" in schema:
+        return [_prune(schema["items"], item) for item in value]
+    if not isinstance(value, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value
+    if isinstance(schema.get("additionalProperties"), dict):
+        return {key: _prune(schema["additionalProperties"], item) for key, item in value.items()}
+    properties: dict[str, Any] = schema.get("properties", {})
+    return {key: _prune(properties[key], item) for key, item in value.items() if key in properties}
+
+
+@cache
+def _program(rule: str) -> celpy.Runner:
+    """A rule compiled once: the emulated API server checks every write."""
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list[str]:
     errors = []
     for rule in schema.get("x-kubernetes-validations", []):
         transition = "oldSelf" in rule["rule"]
@@ -71,14 +100,13 @@ def _cel_errors(
         activation = {"self": json_to_cel(value)}
         if transition:
             activation["oldSelf"] = json_to_cel(old)
-        program = env.program(env.compile(rule["rule"]))
-        if not bool(program.evaluate(activation)):
+        if not bool(_program(rule["rule"]).evaluate(activation)):
             errors.append(f"{path or '<root>'}: {rule['message']}")
     if isinstance(value, dict):
         for name, child in schema.get("properties", {}).items():
             if name in value:
                 previous = old.get(name, _MISSING) if isinstance(old, dict) else _MISSING
-                errors.extend(_cel_errors(child, value[name], previous, f"{path}.{name}", env))
+                errors.extend(_cel_errors(child, value[name], previous, f"{path}.{name}"))
     return errors
 
 
