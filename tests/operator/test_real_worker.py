@@ -2,7 +2,7 @@
 WorkerServer and Engine on the tiny random model, on 127.0.0.1), with the
 tiny model's own block profile found through $ELASTICFLEET_PROFILES.
 
-The worker's device is simulated (`ServerOptions.simulated_device`): the
+The worker's device is simulated (`telemetry.SimulatedDevice`): the
 test writes what other processes hold into its file, squeezing the worker
 and letting go again.
 """
@@ -33,6 +33,7 @@ from elasticfleet.worker.serving.client import AsyncWorkerClient
 from elasticfleet.worker.serving.engine import Engine
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions
+from elasticfleet.worker.serving.telemetry import SimulatedDevice
 
 
 def test_loop_plans_a_real_worker(
@@ -40,10 +41,10 @@ def test_loop_plans_a_real_worker(
 ) -> None:
     model = ElasticLlama.from_pretrained(tiny_model_dir, packed=False)
     tokenizer = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
-    engine = Engine(model, tokenizer, budget_bytes=2**20)
     device = tmp_path / "device.json"
     squeeze(device, 0)
-    options = ServerOptions(model_name=TINY_MODEL, simulated_device=device)
+    engine = Engine(model, tokenizer, budget_bytes=2**20, device=SimulatedDevice(device))
+    options = ServerOptions(model_name=TINY_MODEL)
     running = BackgroundServer(engine, options)
     spec = FleetSpec.parse(
         "tiny",
@@ -83,6 +84,7 @@ def test_loop_plans_a_real_worker(
             own = stats.memory.weight_bytes + stats.memory.kv_reserved_bytes
             assert stats.device.total_bytes == DEVICE_BYTES
             assert stats.device.used_bytes == DEVICE_BYTES - weights + own
+            assert stats.device.own_bytes == own
             assert stats.device.source == pb.MEMORY_SOURCE_SIMULATED
             assert [e.reason for e in sink.events] == ["PlanChanged"]
 
