@@ -1,8 +1,8 @@
 """In-process stand-ins for the control loop's collaborators: workers that
 answer GetStats and ApplyPlan like the real server (memory from the shared
 memory model, FAILED_PRECONDITION when a plan's weights exceed the budget,
-gRPC errors when down), fake time, and a sink that records what the loop
-would write to Kubernetes."""
+gRPC errors when down), workers on a GPU with a caching allocator, fake
+time, and a sink that records what the loop would write to Kubernetes."""
 
 from __future__ import annotations
 
@@ -179,6 +179,78 @@ class FakeWorker:
 
     async def close(self) -> None:
         self.closed = True
+
+
+@dataclass
+class DeviceWorker(FakeWorker):
+    """A FakeWorker on a GPU with a caching allocator, reporting its own
+    device bytes the way workers do since DeviceMemory.own_bytes.
+
+    Other processes want `others_bytes` and hold what the worker leaves
+    free (they cannot take what it has reserved). The worker's allocator
+    reserves what it allocates (its weights and KV, by the memory model)
+    and, with `caching`, keeps what it frees until the worker releases its
+    cache, which it does after each plan switch when `releases`. Each reading
+    (GetStats, and ApplyPlan's answer) is of one moment: the device and the
+    worker's reserved bytes as `own_bytes`, unless `reports_own` is off (a
+    worker from before the field: the operator then counts its tensors).
+    `seen_others` keeps what the others held at each GetStats, the truth a
+    test checks the loop's budgets against."""
+
+    caching: bool = True
+    releases: bool = True
+    reports_own: bool = True
+    reserved_bytes: int = 0
+    seen_others: list[int] = field(default_factory=list)
+
+    def own_bytes(self) -> tuple[int, int]:
+        """(weight bytes, KV bytes) with as many of the running sequences as
+        fit the budget, as the worker's admission lets run."""
+        config, dtype = self.profile.config, self.profile.dtype
+        for rows in range(self.active, 0, -1):
+            estimate = predict_memory(config, self.plan, rows, int(self.sequence_p90), dtype)
+            if estimate.total_bytes <= self.budget_bytes:
+                return estimate.weight_bytes, estimate.kv_bytes
+        return predict_memory(config, self.plan, 0, 0, dtype).weight_bytes, 0
+
+    def others_held(self) -> int:
+        return max(min(self.others_bytes, self.total_bytes - self.reserved_bytes), 0)
+
+    def device(self) -> pb.DeviceMemory:
+        """Read the device now, the allocator first (what the worker holds)."""
+        allocated = sum(self.own_bytes())
+        self.reserved_bytes = max(self.reserved_bytes, allocated) if self.caching else allocated
+        used = self.others_held() + self.reserved_bytes
+        device = pb.DeviceMemory(
+            total_bytes=self.total_bytes,
+            used_bytes=used,
+            free_bytes=max(self.total_bytes - used, 0),
+            source=pb.MEMORY_SOURCE_NVML,
+        )
+        if self.reports_own:
+            device.own_bytes = self.reserved_bytes
+        return device
+
+    async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
+        response = await super().get_stats(timeout=timeout)
+        response.device.CopyFrom(self.device())
+        self.seen_others.append(self.others_held())
+        return response
+
+    async def apply_plan(
+        self,
+        plan_id: str,
+        keep_mask: Sequence[bool],
+        budget_bytes: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> pb.ApplyPlanResponse:
+        response = await super().apply_plan(plan_id, keep_mask, budget_bytes, timeout=timeout)
+        if self.releases:
+            self.reserved_bytes = 0  # what is allocated stays reserved at the next reading
+        if self.reports_own:
+            response.device.CopyFrom(self.device())
+        return response
 
 
 class FakeFleet:
