@@ -94,16 +94,9 @@ class FakeWorker:
         self._reachable()
         if self.stats_errors:
             raise self.stats_errors.pop(0)
-        memory = self.memory()
-        used = self.others_bytes + memory.weight_bytes + memory.kv_reserved_bytes
         return pb.GetStatsResponse(
-            device=pb.DeviceMemory(
-                total_bytes=self.total_bytes,
-                used_bytes=used,
-                free_bytes=max(self.total_bytes - used, 0),
-                source=pb.MEMORY_SOURCE_HOST,
-            ),
-            memory=memory,
+            device=self.device(),
+            memory=self.memory(),
             active_sequences=self.active,
             mix=pb.RequestMix(
                 window_seconds=60,
@@ -116,6 +109,30 @@ class FakeWorker:
             keep_mask=self.plan.to_mask(),
             model=self.model,
         )
+
+    def device(self) -> pb.DeviceMemory:
+        """The device as GetStats reads it, without own_bytes (as workers
+        from before the field report it)."""
+        return self.reading(self.others_bytes + sum(self.own_bytes()), None, pb.MEMORY_SOURCE_HOST)
+
+    def reading(
+        self, used: int, own: int | None, source: pb.MemorySource.ValueType
+    ) -> pb.DeviceMemory:
+        """The device with `used` bytes in use, `own` of them the worker's
+        (None: not reported)."""
+        free = max(self.total_bytes - used, 0)
+        return pb.DeviceMemory(
+            total_bytes=self.total_bytes,
+            used_bytes=used,
+            free_bytes=free,
+            source=source,
+            own_bytes=own,
+        )
+
+    def switched(self) -> pb.DeviceMemory | None:
+        """What ApplyPlan's answer says of the device after a switch: nothing,
+        as from workers before the field."""
+        return None
 
     async def apply_plan(
         self,
@@ -142,6 +159,7 @@ class FakeWorker:
             bytes_after=sum(self.own_bytes()),
             kept_blocks=plan.kept_blocks,
             memory=self.memory(),
+            device=self.switched(),
         )
 
     def _reachable(self) -> None:
@@ -219,38 +237,20 @@ class DeviceWorker(FakeWorker):
     def device(self) -> pb.DeviceMemory:
         """Read the device now, the allocator first (what the worker holds)."""
         allocated = sum(self.own_bytes())
-        self.reserved_bytes = max(self.reserved_bytes, allocated) if self.caching else allocated
-        used = self.others_held() + self.reserved_bytes
-        device = pb.DeviceMemory(
-            total_bytes=self.total_bytes,
-            used_bytes=used,
-            free_bytes=max(self.total_bytes - used, 0),
-            source=pb.MEMORY_SOURCE_NVML,
-        )
-        if self.reports_own:
-            device.own_bytes = self.reserved_bytes
-        return device
+        reserved = max(self.reserved_bytes, allocated) if self.caching else allocated
+        self.reserved_bytes = reserved
+        own = reserved if self.reports_own else None
+        return self.reading(self.others_held() + reserved, own, pb.MEMORY_SOURCE_NVML)
 
     async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
         response = await super().get_stats(timeout=timeout)
-        response.device.CopyFrom(self.device())
         self.seen_others.append(self.others_held())
         return response
 
-    async def apply_plan(
-        self,
-        plan_id: str,
-        keep_mask: Sequence[bool],
-        budget_bytes: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> pb.ApplyPlanResponse:
-        response = await super().apply_plan(plan_id, keep_mask, budget_bytes, timeout=timeout)
+    def switched(self) -> pb.DeviceMemory | None:
         if self.releases:
             self.reserved_bytes = 0  # what is allocated stays reserved at the next reading
-        if self.reports_own:
-            response.device.CopyFrom(self.device())
-        return response
+        return self.device() if self.reports_own else None
 
 
 class FakeFleet:

@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, cast
@@ -99,14 +99,8 @@ MEMORY_SOURCES = {
 
 
 def device_message(device: DeviceMemory) -> pb.DeviceMemory:
-    return pb.DeviceMemory(
-        total_bytes=device.total_bytes,
-        used_bytes=device.used_bytes,
-        free_bytes=device.free_bytes,
-        source=MEMORY_SOURCES[device.source],
-        detail=device.detail,
-        own_bytes=device.own_bytes,
-    )
+    """The message for a device reading: the same fields, the source as the enum."""
+    return pb.DeviceMemory(**{**asdict(device), "source": MEMORY_SOURCES[device.source]})
 
 
 def worker_memory(picture: EnginePicture) -> pb.WorkerMemory:
