@@ -199,7 +199,7 @@ def _own_on_gpu(pynvml: Any, handle: Any, allocated_bytes: int) -> tuple[int, st
     """This process's bytes on the GPU, and how they were measured."""
     try:
         processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except pynvml.NVMLError:  # e.g. NotSupported, NoPermission: the next measure serves
+    except pynvml.NVMLError:  # e.g. NotSupported, NoPermission: measure it another way
         processes = []
     pid = os.getpid()
     figures = [p.usedGpuMemory for p in processes if p.pid == pid]
@@ -273,8 +273,8 @@ class SimulatedDevice:
         self._reserved = max(self._reserved, allocated_bytes) if caching else allocated_bytes
         own = self._reserved
         used = min(total, others + own)
-        how = "a caching allocator's reserved bytes" if caching else "the worker's tensors"
-        detail = f"simulated by {self.path}; own bytes: {how}"
+        how = "own bytes: a caching allocator's reserved bytes" if caching else OWN_FROM_TENSORS
+        detail = f"simulated by {self.path}; {how}"
         return DeviceMemory(total, used, total - used, own, "simulated", detail)
 
     def release_cache(self) -> None:
