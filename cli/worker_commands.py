@@ -109,7 +109,9 @@ def register(commands: Commands) -> None:
         type=Path,
         metavar="FILE",
         help='report this device instead of the GPU or host: JSON {"total_bytes": T, '
-        '"others_bytes": O}, re-read on every stats call (demos and tests without a GPU)',
+        '"others_bytes": O}, re-read on every stats call (demos and tests without a GPU); '
+        'with "caching_allocator": true, memory the worker frees stays its own until a '
+        "plan switch releases it, as with a GPU's caching allocator",
     )
     store = worker.add_argument_group(
         "adapter store",
@@ -177,12 +179,13 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.serving.engine import Engine
     from elasticfleet.worker.serving.readiness import remove_ready_file
     from elasticfleet.worker.serving.server import ServerOptions, WorkerServer, server_tls
-    from elasticfleet.worker.serving.telemetry import read_device
+    from elasticfleet.worker.serving.telemetry import open_device
 
     try:
         if args.ready_file is not None:  # before the model loads: none may say "ready" till then
             remove_ready_file(args.ready_file)
-        device = read_device(args.simulated_device, own_bytes=0)
+        device = open_device(args.simulated_device)
+        memory = device.read(allocated_bytes=0)  # before the model loads
         # Credentials are checked before the model loads, to fail in one line and at once.
         token = bearer_token(args)
         server_tls(args.tls_cert, args.tls_key)
@@ -192,7 +195,7 @@ def _worker(args: argparse.Namespace) -> int:
     _limit_heap_retention()
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = args.budget_bytes or int(args.budget_fraction * device.free_bytes)
+    budget = args.budget_bytes or int(args.budget_fraction * memory.free_bytes)
     path = args.model or prepare_model(args.cache_dir, progress=False)
     model = ElasticLlama.from_pretrained(path)
     layers = model.config.num_hidden_layers
@@ -208,6 +211,7 @@ def _worker(args: argparse.Namespace) -> int:
         prefill_group=args.prefill_group,
         max_admit_delay=args.max_admit_delay,
         adapters=adapters,
+        device=device,
     )
     options = ServerOptions(
         host=args.host,
@@ -221,10 +225,9 @@ def _worker(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         default_max_new_tokens=args.default_max_new_tokens,
         drain_timeout_s=args.drain_timeout,
-        simulated_device=args.simulated_device,
     )
     server = WorkerServer(engine, options)
-    return asyncio.run(_serve(server, budget, device.detail, args.ready_file))
+    return asyncio.run(_serve(server, budget, memory.detail, args.ready_file))
 
 
 def _adapter_cache(args: argparse.Namespace) -> AdapterCache | None:

@@ -4,9 +4,24 @@ budget, the load, and the quality a plan may not fall below.
 Budget (docs/architecture.md, "The path of a plan"): of the device's total
 memory, what other processes hold is not ours to plan with, nor is the
 fleet's headroom; the budget is the spec's fraction of the rest, or its
-fixed bytes capped by the rest. "Other processes" is the device's used
-memory minus the worker's own (weights, KV cache, adapters), so the budget
-does not shrink because the worker itself grew into it.
+fixed bytes capped by the rest. So the budget depends only on the others:
+it does not shrink because the worker itself grew into the device, nor grow
+because it shrank, and a plan that fits it stays in force until the load or
+the others' memory changes.
+
+"Other processes" is the device's used memory minus the worker's own, both
+from one reading the worker took (GetStats' `device.own_bytes`, from
+Engine.snapshot). Figures from different moments count what the worker freed
+or took in between as someone else's: "used" from before a plan switch and
+the weights from after it, or a finished request's KV cache freed between
+the two, and a budget derived from them is too large or too small. The
+worker's own is what its process holds on the device, not only its live
+tensors: NVML's figure for the process, else the allocator's reserved bytes.
+With a caching allocator freed blocks stay reserved, so pruning does not
+lower "used"; counting only the tensors, every block dropped would look like
+another process growing, and the loop would prune further and further. A
+worker that does not report its own bytes is taken to hold its tensors
+(weights, reserved KV cache, adapters), as workers were before the field.
 
 Load: the policy plans for the worker's windowed request mix, a high
 percentile of running sequences and of prompt plus output tokens, so a plan
@@ -38,11 +53,12 @@ class QualityFloorError(ValueError):
 
 @dataclass(frozen=True)
 class DeviceFigures:
-    """A worker's device memory and its own share of it, in bytes."""
+    """A worker's device memory and its own share of it, in bytes, read at
+    one moment (see the module docstring)."""
 
     total_bytes: int
     used_bytes: int
-    own_bytes: int  # weights + reserved KV + adapters
+    own_bytes: int  # what the worker's process holds of used_bytes
 
     @property
     def others_bytes(self) -> int:

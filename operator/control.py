@@ -6,8 +6,10 @@ handlers (or anything else) call `tick` with the fleet's ready workers; one
 tick:
 
 1. asks every worker for GetStats, concurrently;
-2. derives each worker's budget from the device memory it reported and asks
-   the fleet's policy for a plan for its windowed load (budget.py);
+2. derives each worker's budget from the device memory it reported (what
+   other processes hold: the device's used bytes less the worker's own,
+   read at one moment) and asks the fleet's policy for a plan for its
+   windowed load (budget.py);
 3. pushes the plans (and budgets) that changed with ApplyPlan, concurrently,
    retrying transient failures per worker with exponential backoff;
 4. rolls out the fleet's adapter sets: loads the ones a worker lacks (or
@@ -597,7 +599,9 @@ class FleetController:
             )
         except Exception as error:
             return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
-        # What the worker holds now, not what it held when asked for stats.
+        # What the worker holds now, not what it held when asked for stats;
+        # the device too when the worker read it at the same moment (else
+        # its figures from before the switch stand beside the new weights).
         summary = plan_summary(plan, response.plan_id or identifier)
         status = replace(status, budget_bytes=budget, plan=summary)
         if response.HasField("memory"):  # a worker older than the field answers without it
@@ -605,6 +609,8 @@ class FleetController:
             status = replace(
                 status, weight_bytes=memory.weight_bytes, kv_bytes=memory.kv_reserved_bytes
             )
+        if response.HasField("device"):
+            status = replace(status, device=_device_status(response.device))
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:
             before = self._predicted(current, load)
@@ -625,7 +631,7 @@ class FleetController:
 
     def _observed(self, endpoint: WorkerEndpoint, stats: pb.GetStatsResponse) -> WorkerStatus:
         """The status entry for what a worker reported."""
-        memory, mix, device = stats.memory, stats.mix, stats.device
+        memory, mix = stats.memory, stats.mix
         keep = list(stats.keep_mask)
         plan = None
         if keep and len(keep) % 2 == 0 and any(keep):
@@ -637,12 +643,7 @@ class FleetController:
             reachable=True,
             message="",
             last_seen=self.clock(),
-            device=DeviceMemory(
-                device.total_bytes,
-                device.used_bytes,
-                device.free_bytes,
-                SOURCES.get(device.source, DeviceSource.UNKNOWN),
-            ),
+            device=_device_status(stats.device),
             budget_bytes=memory.budget_bytes,
             plan=plan,
             weight_bytes=memory.weight_bytes,
@@ -719,6 +720,24 @@ def _decision_key(
 
 
 def _device(stats: pb.GetStatsResponse) -> DeviceFigures:
-    memory = stats.memory
-    own = memory.weight_bytes + memory.kv_reserved_bytes + memory.adapter_bytes
-    return DeviceFigures(stats.device.total_bytes, stats.device.used_bytes, own)
+    """The figures a budget is derived from (budget.py): the worker's own
+    bytes as it read them with the device, at one moment; from a worker that
+    does not report them, its tensors (weights, reserved KV, adapters)."""
+    device = stats.device
+    if device.HasField("own_bytes"):
+        own = device.own_bytes
+    else:
+        memory = stats.memory
+        own = memory.weight_bytes + memory.kv_reserved_bytes + memory.adapter_bytes
+    return DeviceFigures(device.total_bytes, device.used_bytes, own)
+
+
+def _device_status(device: pb.DeviceMemory) -> DeviceMemory:
+    """How the status shows a device a worker reported."""
+    return DeviceMemory(
+        device.total_bytes,
+        device.used_bytes,
+        device.free_bytes,
+        SOURCES.get(device.source, DeviceSource.UNKNOWN),
+        device.own_bytes if device.HasField("own_bytes") else None,
+    )

@@ -114,6 +114,15 @@ class DeviceMemory(ApiObject):
     source: DeviceSource = field(
         default=DeviceSource.UNKNOWN, metadata=api("Where the figures come from.")
     )
+    own_bytes: int | None = field(
+        default=None,
+        metadata=api(
+            "Bytes of usedBytes that the worker's process holds, read at the same moment: "
+            "usedBytes minus ownBytes is what other processes hold. Absent for a worker "
+            "that does not report it.",
+            minimum=0,
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,11 @@ def template_args(
     *,
     api_versions: Iterable[str] = (),
     kube_version: str | None = None,
+    chart: Path = CHART,
 ) -> list[str]:
-    """`helm template` of the chart as release `ef` in namespace `elasticfleet`,
-    with kopf's CRDs from crds/ included."""
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds"]
+    """`helm template` of the chart (or a changed copy, `chart`) as release
+    `ef` in namespace `elasticfleet`, with kopf's CRDs from crds/ included."""
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--include-crds"]
     for path in values:
         args += ["--values", str(path)]
     for setting in settings:

@@ -13,7 +13,8 @@ name must be a DNS-1123 subdomain (ObjectMeta validation, before the schema).
 
 kubernetes-validate skips custom resources, so this is where the schemas'
 rules are proven; the Kubernetes API emulator the integration tests use
-checks every status write with `status_errors`.
+prunes every write of a custom resource (`prune`) and checks the object it
+makes (`validation_errors`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,28 @@ def _schema_errors(schema: dict[str, Any], value: Any, *prefix: str) -> list[str
         f"{'.'.join(str(p) for p in (*prefix, *error.absolute_path))}: {error.message}"
         for error in validator.iter_errors(value)
     ]
+
+
+def prune(schema: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without the fields its structural schema does not declare, as
+    an API server stores a custom resource: unknown fields are dropped
+    silently, not refused (unless x-kubernetes-preserve-unknown-fields).
+    The root's `metadata` is the server's own and is kept whole."""
+    pruned: dict[str, Any] = _prune(schema, obj)
+    if "metadata" in obj:
+        pruned["metadata"] = obj["metadata"]
+    return pruned
+
+
+def _prune(schema: dict[str, Any], value: Any) -> Any:
+    if isinstance(value, list) and "items" in schema:
+        return [_prune(schema["items"], item) for item in value]
+    if not isinstance(value, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value
+    if isinstance(schema.get("additionalProperties"), dict):
+        return {key: _prune(schema["additionalProperties"], item) for key, item in value.items()}
+    properties: dict[str, Any] = schema.get("properties", {})
+    return {key: _prune(properties[key], item) for key, item in value.items() if key in properties}
 
 
 def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list[str]:

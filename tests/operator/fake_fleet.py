@@ -1,8 +1,8 @@
 """In-process stand-ins for the control loop's collaborators: workers that
 answer GetStats and ApplyPlan like the real server (memory from the shared
 memory model, FAILED_PRECONDITION when a plan's weights exceed the budget,
-gRPC errors when down), fake time, and a sink that records what the loop
-would write to Kubernetes."""
+gRPC errors when down), workers on a GPU with a caching allocator, fake
+time, and a sink that records what the loop would write to Kubernetes."""
 
 from __future__ import annotations
 
@@ -94,16 +94,9 @@ class FakeWorker:
         self._reachable()
         if self.stats_errors:
             raise self.stats_errors.pop(0)
-        memory = self.memory()
-        used = self.others_bytes + memory.weight_bytes + memory.kv_reserved_bytes
         return pb.GetStatsResponse(
-            device=pb.DeviceMemory(
-                total_bytes=self.total_bytes,
-                used_bytes=used,
-                free_bytes=max(self.total_bytes - used, 0),
-                source=pb.MEMORY_SOURCE_HOST,
-            ),
-            memory=memory,
+            device=self.device(),
+            memory=self.memory(),
             active_sequences=self.active,
             mix=pb.RequestMix(
                 window_seconds=60,
@@ -116,6 +109,30 @@ class FakeWorker:
             keep_mask=self.plan.to_mask(),
             model=self.model,
         )
+
+    def device(self) -> pb.DeviceMemory:
+        """The device as GetStats reads it, without own_bytes (as workers
+        from before the field report it)."""
+        return self.reading(self.others_bytes + sum(self.own_bytes()), None, pb.MEMORY_SOURCE_HOST)
+
+    def reading(
+        self, used: int, own: int | None, source: pb.MemorySource.ValueType
+    ) -> pb.DeviceMemory:
+        """The device with `used` bytes in use, `own` of them the worker's
+        (None: not reported)."""
+        free = max(self.total_bytes - used, 0)
+        return pb.DeviceMemory(
+            total_bytes=self.total_bytes,
+            used_bytes=used,
+            free_bytes=free,
+            source=source,
+            own_bytes=own,
+        )
+
+    def switched(self) -> pb.DeviceMemory | None:
+        """What ApplyPlan's answer says of the device after a switch: nothing,
+        as from workers before the field."""
+        return None
 
     async def apply_plan(
         self,
@@ -142,6 +159,7 @@ class FakeWorker:
             bytes_after=sum(self.own_bytes()),
             kept_blocks=plan.kept_blocks,
             memory=self.memory(),
+            device=self.switched(),
         )
 
     def _reachable(self) -> None:
@@ -179,6 +197,60 @@ class FakeWorker:
 
     async def close(self) -> None:
         self.closed = True
+
+
+@dataclass
+class DeviceWorker(FakeWorker):
+    """A FakeWorker on a GPU with a caching allocator, reporting its own
+    device bytes the way workers do since DeviceMemory.own_bytes.
+
+    Other processes want `others_bytes` and hold what the worker leaves
+    free (they cannot take what it has reserved). The worker's allocator
+    reserves what it allocates (its weights and KV, by the memory model)
+    and, with `caching`, keeps what it frees until the worker releases its
+    cache, which it does after each plan switch when `releases`. Each reading
+    (GetStats, and ApplyPlan's answer) is of one moment: the device and the
+    worker's reserved bytes as `own_bytes`, unless `reports_own` is off (a
+    worker from before the field: the operator then counts its tensors).
+    `seen_others` keeps what the others held at each GetStats, the truth a
+    test checks the loop's budgets against."""
+
+    caching: bool = True
+    releases: bool = True
+    reports_own: bool = True
+    reserved_bytes: int = 0
+    seen_others: list[int] = field(default_factory=list)
+
+    def own_bytes(self) -> tuple[int, int]:
+        """(weight bytes, KV bytes) with as many of the running sequences as
+        fit the budget, as the worker's admission lets run."""
+        config, dtype = self.profile.config, self.profile.dtype
+        for rows in range(self.active, 0, -1):
+            estimate = predict_memory(config, self.plan, rows, int(self.sequence_p90), dtype)
+            if estimate.total_bytes <= self.budget_bytes:
+                return estimate.weight_bytes, estimate.kv_bytes
+        return predict_memory(config, self.plan, 0, 0, dtype).weight_bytes, 0
+
+    def others_held(self) -> int:
+        return max(min(self.others_bytes, self.total_bytes - self.reserved_bytes), 0)
+
+    def device(self) -> pb.DeviceMemory:
+        """Read the device now, the allocator first (what the worker holds)."""
+        allocated = sum(self.own_bytes())
+        reserved = max(self.reserved_bytes, allocated) if self.caching else allocated
+        self.reserved_bytes = reserved
+        own = reserved if self.reports_own else None
+        return self.reading(self.others_held() + reserved, own, pb.MEMORY_SOURCE_NVML)
+
+    async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
+        response = await super().get_stats(timeout=timeout)
+        self.seen_others.append(self.others_held())
+        return response
+
+    def switched(self) -> pb.DeviceMemory | None:
+        if self.releases:
+            self.reserved_bytes = 0  # what is allocated stays reserved at the next reading
+        return self.device() if self.reports_own else None
 
 
 class FakeFleet:

@@ -291,7 +291,7 @@ def test_an_adapter_set_is_checked_in_its_fleets_store(
         assert message.startswith("the store of fleet smollm2: ") and "redis" in message
         # The Secret's URL is malformed: said so, without repeating it.
         cluster.call("POST", "/api/v1/namespaces/ns/secrets", secret)
-        message = checked("InvalidStore", {"router": False})
+        message = checked("InvalidStore", {"tasks": ["code"]})
         assert message.startswith("the store of fleet smollm2: the URL in Secret redis (key url)")
         assert "s3cret" not in message and "localhost" not in message
         # Fixed: the set is found, in the fleet's store.

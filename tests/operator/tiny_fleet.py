@@ -27,6 +27,43 @@ def squeeze(device: Path, others_bytes: int) -> None:
     write_simulated_device(device, DEVICE_BYTES, others_bytes)
 
 
+def object_data(
+    cluster: EmulatedCluster, resource: str, namespace: str, name: str
+) -> dict[str, bytes]:
+    """The data of Secret or ConfigMap `name` ('v1/secrets' or 'v1/configmaps')."""
+    (found,) = [o for o in cluster.objects(resource, namespace) if o["metadata"]["name"] == name]
+    if resource == "v1/secrets":
+        return {key: base64.b64decode(value) for key, value in found.get("data", {}).items()}
+    return {key: str(value).encode() for key, value in found.get("data", {}).items()}
+
+
+def container_env(
+    cluster: EmulatedCluster, namespace: str, pod: str, container: dict[str, Any]
+) -> dict[str, str]:
+    """The environment a kubelet gives `container` of pod `pod`: its
+    envFrom ConfigMaps and Secrets, then its env (values, and references to
+    keys of Secrets and ConfigMaps and to the pod's name and namespace)."""
+    kinds = {"secretKeyRef": "v1/secrets", "configMapKeyRef": "v1/configmaps"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef") or source["secretRef"]
+        resource = "v1/configmaps" if "configMapRef" in source else "v1/secrets"
+        data = object_data(cluster, resource, namespace, ref["name"])
+        env.update({key: value.decode() for key, value in data.items()})
+    fields = {"metadata.name": pod, "metadata.namespace": namespace}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ((kind, ref),) = item["valueFrom"].items()
+        if kind == "fieldRef":
+            env[item["name"]] = fields[ref["fieldPath"]]
+        else:
+            data = object_data(cluster, kinds[kind], namespace, ref["name"])
+            env[item["name"]] = data[ref["key"]].decode()
+    return env
+
+
 def _set_flag(args: list[str], flag: str, value: str) -> None:
     if flag in args:
         args[args.index(flag) + 1] = value
@@ -46,7 +83,8 @@ class Kubelet:
     - the device is simulated: each worker reads its memory from a file of
       its own (`--simulated-device`), which `squeeze` rewrites;
     - `elasticfleet` is this Python's, the model cache a temporary folder;
-      Secret-backed variables and Secret volumes are read from the emulated
+      variables from Secrets, ConfigMaps and the pod's fields
+      (`container_env`) and Secret volumes are read from the emulated
       cluster (a volume as a folder of the pod's, its mount path rewritten
       in the arguments).
 
@@ -112,7 +150,7 @@ class Kubelet:
             _set_flag(args, flag, value)
         # Only what the container declares: nothing of the test's own settings.
         env = {name: "" for name in os.environ if name.startswith("ELASTICFLEET_")}
-        env.update({item["name"]: self._env_value(item) for item in container.get("env", [])})
+        env.update(container_env(self.cluster, self.namespace, pod, container))
         self._mount_secrets(pod, template["spec"], container, args)
         env["ELASTICFLEET_CACHE"] = str(self.folder / "cache")
         squeeze(self.device(pod), 0)
@@ -141,20 +179,6 @@ class Kubelet:
     def _start(self, pod: str, args: list[str], env: dict[str, str]) -> WorkerProcess:
         return WorkerProcess.start(args, self.folder / f"{pod}.log", env=env)
 
-    def _secret(self, name: str) -> dict[str, bytes]:
-        (secret,) = [
-            s
-            for s in self.cluster.objects("v1/secrets", self.namespace)
-            if s["metadata"]["name"] == name
-        ]
-        return {key: base64.b64decode(value) for key, value in secret["data"].items()}
-
-    def _env_value(self, item: dict[str, Any]) -> str:
-        if "value" in item:
-            return str(item["value"])
-        ref = item["valueFrom"]["secretKeyRef"]
-        return self._secret(ref["name"])[ref["key"]].decode()
-
     def _mount_secrets(
         self, pod: str, spec: dict[str, Any], container: dict[str, Any], args: list[str]
     ) -> None:
@@ -172,7 +196,8 @@ class Kubelet:
         for volume in self.secret_volumes[pod]:
             folder = self.folder / pod / volume["name"]
             folder.mkdir(parents=True, exist_ok=True)
-            data = self._secret(volume["secret"]["secretName"])
+            name = volume["secret"]["secretName"]
+            data = object_data(self.cluster, "v1/secrets", self.namespace, name)
             # `items` maps chosen keys to paths, as the kubelet does; else every key.
             items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
             for item in items:

@@ -39,6 +39,7 @@ from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient, WorkerClient, generate_request
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, status_code
+from elasticfleet.worker.serving.telemetry import SimulatedDevice
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
@@ -259,19 +260,27 @@ def test_metrics_are_served_with_the_prefix(served_model_dir: Path, one_thread: 
     assert 'elasticfleet_decode_step_seconds{quantile="0.99"}' in text
 
 
-def test_a_simulated_device_reports_its_file(
+def test_a_simulated_device_reports_its_file_and_the_workers_share(
     served_model_dir: Path, one_thread: None, tmp_path: Path
 ) -> None:
     device = tmp_path / "device.json"
     device.write_text(json.dumps({"total_bytes": 2**30, "others_bytes": 2**20}))
-    options = ServerOptions(simulated_device=device)
-    running = BackgroundServer(make_engine(served_model_dir), options)
+    engine = make_engine(served_model_dir, device=SimulatedDevice(device))
+    running = BackgroundServer(engine, ServerOptions())
     try:
         with WorkerClient(f"127.0.0.1:{running.port}") as client:
             stats = client.get_stats()
             assert stats.device.source == pb.MEMORY_SOURCE_SIMULATED
             assert stats.device.total_bytes == 2**30
             assert stats.device.used_bytes == 2**20 + stats.memory.weight_bytes
+            assert stats.device.own_bytes == stats.memory.weight_bytes  # read with it
+            # After a switch the device is read again, at the same moment as the memory.
+            layers = engine.model.config.num_hidden_layers
+            plan = PruningPlan.from_dropped(layers, ffn=[0])
+            switched = client.apply_plan("small", plan.to_mask())
+            own = switched.device.own_bytes
+            assert own == switched.memory.weight_bytes < stats.device.own_bytes
+            assert switched.device.used_bytes == 2**20 + own
             device.write_text("not json")
             with pytest.raises(grpc.RpcError) as raised:
                 client.get_stats()

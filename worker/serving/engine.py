@@ -6,7 +6,8 @@ One thread owns the model and its KV cache and runs iterations. Each one:
 1. applies the latest pruning plan pushed (plans change only here, between
    decode steps, never inside one). A plan that fits the budget only once
    some running requests finish waits for them, for a bounded time, and no
-   new request is admitted meanwhile; a newer plan supersedes it;
+   new request is admitted meanwhile; a newer plan supersedes it. What a
+   switch frees goes back to the device (its allocator's cache is released);
 2. drops cancelled requests, freeing their KV rows;
 3. admits waiting requests, first come first served, while the cache laid
    out for them still fits the memory budget (worker/serving/admission.py); while
@@ -15,7 +16,11 @@ One thread owns the model and its KV cache and runs iterations. Each one:
 4. prefills the newcomers (one forward over their prompts) and samples each
    one's first token;
 5. runs one decode step over every running sequence, samples, streams each
-   token to its request's sink, and releases finished requests at once.
+   token to its request's sink, and releases finished requests at once;
+6. gives memory back (a smaller KV cache, none when idle), measures what it
+   holds and, when asked (Engine.snapshot, for GetStats), reads the device
+   at that moment, so that the device's figures and the worker's describe
+   the same memory.
 
 Running sequences occupy the first rows of the cache; a finished row is
 filled by moving the last one into it, so every forward works on a view of
@@ -50,6 +55,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer
@@ -80,9 +86,16 @@ from elasticfleet.worker.model.kvcache import KVCache
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.admission import Admission, Layout
-from elasticfleet.worker.serving.telemetry import MixSnapshot, RequestMix
+from elasticfleet.worker.serving.telemetry import (
+    Device,
+    DeviceMemory,
+    MixSnapshot,
+    RequestMix,
+    SystemDevice,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Limits on what a caller sends, checked before any work is done, so that no
 # request can make the worker tokenize megabytes or echo an unbounded value
@@ -138,10 +151,10 @@ def _check_adapter_name(name: str) -> None:
     check_length("name", name, MAX_ADAPTER_NAME)
 
 
-def _settle(future: Future[PlanSwitch], error: Exception) -> None:
-    """Fail a plan's future, unless its caller already gave up on it (a
-    cancelled future cannot be set: doing so raised on the engine thread
-    and killed it)."""
+def _settle(future: Future[T], error: Exception) -> None:
+    """Fail a future (a plan's, a snapshot's), unless its caller already
+    gave up on it (a cancelled future cannot be set: doing so raised on the
+    engine thread and killed it)."""
     if future.set_running_or_notify_cancel():
         future.set_exception(error)
 
@@ -185,13 +198,16 @@ class EnginePicture:
 @dataclass(frozen=True)
 class PlanSwitch:
     """The outcome of a plan switch; `after` is the picture taken right
-    after it (so a caller learns what the worker now holds without asking)."""
+    after it (so a caller learns what the worker now holds without asking),
+    and `device` the device read at that moment (None when it could not be
+    read: GetStats says why)."""
 
     plan_id: str
     bytes_before: int
     after: EnginePicture
     effective_step: int
     kept_blocks: int
+    device: DeviceMemory | None
 
     @property
     def bytes_after(self) -> int:
@@ -205,6 +221,16 @@ class EngineStats:
     picture: EnginePicture
     queue_depth: int
     mix: MixSnapshot
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The engine's figures and its device's, taken together between two
+    iterations (Engine.snapshot): the device's `own_bytes` and the picture
+    describe the same memory."""
+
+    stats: EngineStats
+    device: DeviceMemory
 
 
 @dataclass(frozen=True)
@@ -284,6 +310,7 @@ class Engine:
         plan_id: str = "initial",
         prefill_group: int = 4,
         max_admit_delay: int = 3,
+        device: Device | None = None,
     ) -> None:
         if max_queue < 0 or max_batch < 1:
             raise ValueError(f"need max_queue >= 0 and max_batch >= 1, got {max_queue}/{max_batch}")
@@ -300,6 +327,10 @@ class Engine:
         self.max_admit_delay = max_admit_delay
         self.tokenizer = tokenizer
         self.adapters = adapters
+        # Where the model's memory lives (telemetry.Device): read with the
+        # engine's own figures at one moment, and its allocator's cache
+        # released after a plan switch. The GPU's, else the host's, by default.
+        self.device: Device = device or SystemDevice()
         # The loaded adapters' bytes change only on load, unload and plan
         # switches; every iteration reads them, so they are kept here.
         self._adapter_resident = 0
@@ -325,6 +356,7 @@ class Engine:
         self._queue: deque[_Request] = deque()
         self._in_flight: dict[str, _Request] = {}
         self._pending_plans: list[_PendingPlan] = []
+        self._snapshots: list[Future[Snapshot]] = []
         self._active: list[_Request] = []
         self._cache: KVCache | None = None
         self._step_lock = threading.Lock()
@@ -600,13 +632,23 @@ class Engine:
         self._set_plan(plan)
         self.plan_id = pending.plan_id
         self.counters.plan_changes += 1
+        # What the plan dropped goes back to the device, not to a cache of
+        # this process: otherwise pruning frees nothing another process can use.
+        self.device.release_cache()
         self._stats = self._measure()
+        device: DeviceMemory | None
+        try:
+            device = self.device.read(self._stats.total_bytes)
+        except Exception as error:  # the switch happened all the same
+            log.warning("the device could not be read after the plan switch: %s", error)
+            device = None
         return PlanSwitch(
             plan_id=pending.plan_id,
             bytes_before=before,
             after=self._stats,
             effective_step=self.step_count,
             kept_blocks=plan.kept_blocks,
+            device=device,
         )
 
     def _set_plan(self, plan: PruningPlan) -> None:
@@ -705,6 +747,7 @@ class Engine:
                 self.step_count += 1
             self._shrink()
             self._stats = self._measure()
+            self._serve_snapshots()
             if rows or switch:
                 iteration = Iteration(
                     rows=rows,
@@ -1001,6 +1044,49 @@ class Engine:
             queued = len(self._queue)
         return EngineStats(picture=self._stats, queue_depth=queued, mix=self.mix.snapshot())
 
+    def snapshot(self) -> Future[Snapshot]:
+        """The engine's figures and its device's, read together between two
+        iterations, once the one running now (if any) has finished.
+
+        What GetStats reports, so that the device's used bytes and the
+        worker's own come from one moment: the picture from the latest
+        iteration is older than the device (a request whose last token was
+        just sent still holds its KV cache in it), and the operator would
+        count the difference as other processes' memory. The engine's thread
+        takes it (no iteration changes memory meanwhile); an engine whose
+        thread has not started takes it at once in the caller's thread. The
+        future fails with ValueError when the device cannot be read, and
+        with Unavailable when the engine stops first."""
+        future: Future[Snapshot] = Future()
+        with self._lock:
+            self._check_running()
+            if self._thread is not None:
+                self._snapshots.append(future)
+                self._wake.notify_all()
+                return future
+        with self._step_lock:  # only the caller can be running iterations
+            self._stats = self._measure()
+            self._snapshots.append(future)
+            self._serve_snapshots()
+        return future
+
+    def _serve_snapshots(self) -> None:
+        """Answer the snapshots asked for, from one device reading, right
+        after the picture was taken (the caller holds the step lock)."""
+        with self._lock:
+            waiting, self._snapshots = self._snapshots, []
+        if not waiting:
+            return
+        try:
+            snapshot = Snapshot(self.stats(), self.device.read(self._stats.total_bytes))
+        except Exception as error:  # e.g. a broken simulated device file: the callers', not ours
+            for future in waiting:
+                _settle(future, error)
+            return
+        for future in waiting:
+            if future.set_running_or_notify_cancel():
+                future.set_result(snapshot)
+
     # -- the thread ---------------------------------------------------------------
 
     def start(self) -> None:
@@ -1014,7 +1100,13 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not (self._stop or self._queue or self._pending_plans or self._active):
+                    while not (
+                        self._stop
+                        or self._queue
+                        or self._pending_plans
+                        or self._active
+                        or self._snapshots
+                    ):
                         self._wake.wait()
                     if self._stop:
                         return
@@ -1103,6 +1195,9 @@ class Engine:
             for pending in self._pending_plans:
                 _settle(pending.future, error)
             self._pending_plans.clear()
+            for future in self._snapshots:
+                _settle(future, error)
+            self._snapshots.clear()
         for request in leftovers:
             if not request.cancelled:
                 self._emit(request, error)

@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, cast
@@ -64,10 +64,7 @@ from elasticfleet.worker.serving.engine import (
 from elasticfleet.worker.serving.metrics import MetricsServer
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.proto_gen import worker_pb2_grpc as pb_grpc
-from elasticfleet.worker.serving.telemetry import (
-    Histogram,
-    read_device,
-)
+from elasticfleet.worker.serving.telemetry import DeviceMemory, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +96,11 @@ MEMORY_SOURCES = {
     "host": pb.MEMORY_SOURCE_HOST,
     "simulated": pb.MEMORY_SOURCE_SIMULATED,
 }
+
+
+def device_message(device: DeviceMemory) -> pb.DeviceMemory:
+    """The message for a device reading: the same fields, the source as the enum."""
+    return pb.DeviceMemory(**{**asdict(device), "source": MEMORY_SOURCES[device.source]})
 
 
 def worker_memory(picture: EnginePicture) -> pb.WorkerMemory:
@@ -338,14 +340,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         tokenizer_pool: ThreadPoolExecutor,
         default_max_new_tokens: int = 256,
         plan_wait_s: float = 30.0,
-        simulated_device: Path | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.tokenizer_pool = tokenizer_pool
         self.default_max_new_tokens = default_max_new_tokens
         self.plan_wait_s = plan_wait_s
-        self.simulated_device = simulated_device
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -403,29 +403,23 @@ class WorkerService(pb_grpc.WorkerServicer):
             effective_step=switch.effective_step,
             kept_blocks=switch.kept_blocks,
             memory=worker_memory(switch.after),
+            device=None if switch.device is None else device_message(switch.device),
         )
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatsResponse:
-        self.engine.check_running()  # stale figures from a dead engine would mislead the operator
-        stats = self.engine.stats()
-        picture, mix = stats.picture, stats.mix
+        # The device's figures and the worker's own from one moment, between
+        # two iterations (Engine.snapshot); a dead engine answers Unavailable,
+        # since its stale figures would mislead the operator.
         try:
-            device = await asyncio.to_thread(
-                read_device, self.simulated_device, picture.total_bytes
-            )
+            snapshot = await asyncio.wrap_future(self.engine.snapshot())
         except ValueError as error:  # a broken simulated device file
             raise FailedPrecondition(str(error)) from None
-        source = MEMORY_SOURCES[device.source]
+        stats = snapshot.stats
+        picture, mix = stats.picture, stats.mix
         return pb.GetStatsResponse(
-            device=pb.DeviceMemory(
-                total_bytes=device.total_bytes,
-                used_bytes=device.used_bytes,
-                free_bytes=device.free_bytes,
-                source=source,
-                detail=device.detail,
-            ),
+            device=device_message(snapshot.device),
             memory=worker_memory(picture),
             queue_depth=stats.queue_depth,
             active_sequences=picture.active_sequences,
@@ -502,8 +496,6 @@ class ServerOptions:
     # Longest an ApplyPlan waits for running requests to make room.
     plan_wait_s: float = 30.0
     drain_timeout_s: float = 30.0
-    # Report this file's device instead of NVML's or the host's (telemetry.simulated_memory).
-    simulated_device: Path | None = None
 
 
 class WorkerServer:
@@ -547,7 +539,6 @@ class WorkerServer:
             self.tokenizer_pool,
             options.default_max_new_tokens,
             options.plan_wait_s,
-            options.simulated_device,
         )
         pb_grpc.add_WorkerServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -356,6 +356,7 @@ class ApplyPlanResponse(_message.Message):
     EFFECTIVE_STEP_FIELD_NUMBER: _builtins.int
     KEPT_BLOCKS_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """The plan now in force."""
     bytes_before: _builtins.int
@@ -370,6 +371,14 @@ class ApplyPlanResponse(_message.Message):
     def memory(self) -> Global___WorkerMemory:
         """The worker's memory right after the switch."""
 
+    @_builtins.property
+    def device(self) -> Global___DeviceMemory:
+        """The device read right after the switch (once the worker has given its
+        allocator's cache back), at the same moment as memory, with own_bytes.
+        Absent when the device could not be read (GetStats says why), and from
+        workers older than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -379,10 +388,11 @@ class ApplyPlanResponse(_message.Message):
         effective_step: _builtins.int = ...,
         kept_blocks: _builtins.int = ...,
         memory: Global___WorkerMemory | None = ...,
+        device: Global___DeviceMemory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_after", b"bytes_after", "bytes_before", b"bytes_before", "effective_step", b"effective_step", "kept_blocks", b"kept_blocks", "memory", b"memory", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_after", b"bytes_after", "bytes_before", b"bytes_before", "device", b"device", "effective_step", b"effective_step", "kept_blocks", b"kept_blocks", "memory", b"memory", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,6 +426,7 @@ class DeviceMemory(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    OWN_BYTES_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     """Total bytes."""
     used_bytes: _builtins.int
@@ -426,6 +437,17 @@ class DeviceMemory(_message.Message):
     """Where these figures come from."""
     detail: _builtins.str
     """Why the source was chosen, e.g. the NVML error when falling back to host."""
+    own_bytes: _builtins.int
+    """Bytes of used_bytes that this worker's process holds, read in the same
+    snapshot as the figures above, so that used_bytes - own_bytes is what
+    other processes hold at one moment (figures from different moments
+    would count memory the worker just freed, or just took, as theirs).
+    NVML's figure for this process where it has one, else the allocator's
+    reserved bytes (memory freed but kept for reuse is still the worker's:
+    no other process can have it), else the worker's own tensors (weights,
+    reserved KV cache, adapters). detail says which. Absent from workers
+    older than this field.
+    """
     def __init__(
         self,
         *,
@@ -434,12 +456,15 @@ class DeviceMemory(_message.Message):
         free_bytes: _builtins.int = ...,
         source: Global___MemorySource.ValueType = ...,
         detail: _builtins.str = ...,
+        own_bytes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_own_bytes", b"_own_bytes", "own_bytes", b"own_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "free_bytes", b"free_bytes", "source", b"source", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_own_bytes", b"_own_bytes", "detail", b"detail", "free_bytes", b"free_bytes", "own_bytes", b"own_bytes", "source", b"source", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__own_bytes: _TypeAlias = _typing.Literal["own_bytes"]  # noqa: Y015
+    _WhichOneofArgType__own_bytes: _TypeAlias = _typing.Literal["_own_bytes", b"_own_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__own_bytes) -> _WhichOneofReturnType__own_bytes | None: ...
 
 Global___DeviceMemory: _TypeAlias = DeviceMemory  # noqa: Y015
 
