@@ -20,8 +20,8 @@ from elasticfleet.operator.adapters import (
     store_name,
 )
 from elasticfleet.operator.spec import SecretUnavailable
-from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.adapters.weights import AdapterWeights
 
 MakeAdapter = Callable[..., AdapterWeights]
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
