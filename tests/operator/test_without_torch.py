@@ -13,20 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import without_torch
+from test_adapter_sets import adapter_set_spec
 
 from elasticfleet.worker.adapters.store import AdapterStore
 from elasticfleet.worker.adapters.weights import AdapterWeights
 
 SCRIPT = Path(without_torch.__file__)
-# What conftest's make_adapter() publishes: every module, rank 4, alpha 8, router.
-ADAPTER_SPEC = {
-    "baseModel": "tiny-llama",
-    "tasks": ["code", "qa"],
-    "rank": 4,
-    "alpha": 8,
-    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "router": True,
-}
+ADAPTER_SPEC = adapter_set_spec()
 
 
 def check_report(report: dict[str, Any]) -> None:
