@@ -22,10 +22,10 @@ Serving computes with numpy (float32) and reads the checkpoint with
 `safetensors.numpy`, never torch: the operator runs this policy (the CRD's
 default), and a network this small needs a few tiny matrix products per
 dropped block, so torch would be hundreds of MB in the operator's image for
-nothing. The trainable network (`QNetwork`, a torch module) and the
-conversions between it and `NetworkWeights` live in the training half
-(`elasticfleet.agent.rl.training`), which reads the same features here
-through `torch.from_numpy`. The features are computed exactly as the torch
+nothing. The trainable network (`QNetwork`, a torch module) lives in the
+training half (`elasticfleet.agent.rl.training`), with the conversions:
+it reads the features made here through `torch.from_numpy`, and hands a
+trained network back as `NetworkWeights`. The features are computed exactly as the torch
 code that trained the committed agent computed them (see
 `StateEncoder.encode`), so training still reproduces it bit for bit. The
 policy only reads the profile.
@@ -352,8 +352,11 @@ class RLPolicy:
         return self._tables[1]
 
     def decide(self, state: PolicyState) -> PruningPlan:
-        """Numpy's products here are far below the sizes at which its BLAS
-        starts threads, so a decision runs on the caller's thread alone."""
+        """Drop the best-valued kept block until the plan fits. A decision
+        runs on the caller's thread alone: the products are below the sizes
+        at which numpy's BLAS (OpenBLAS) splits work across threads (for
+        SmolLM2's agent, measured: the process spends no CPU time outside the
+        calling thread), so busy cores cannot stall it on a helper thread."""
         if self.network.num_blocks != state.profile.num_blocks:
             raise ValueError(
                 f"the agent was trained for {self.network.num_blocks} blocks, "
