@@ -25,8 +25,8 @@ dropped block, so torch would be hundreds of MB in the operator's image for
 nothing. The trainable network (`QNetwork`, a torch module) lives in the
 training half (`elasticfleet.agent.rl.training`), with the conversions:
 it reads the features made here through `torch.from_numpy`, and hands a
-trained network back as `NetworkWeights`. The features are computed exactly as the torch
-code that trained the committed agent computed them (see
+trained network back as `NetworkWeights`. The features are computed exactly
+as the torch code that trained the committed agent computed them (see
 `StateEncoder.encode`), so training still reproduces it bit for bit. The
 policy only reads the profile.
 """
