@@ -5,8 +5,11 @@ with, the local demo offers the ones that plan by budget, the policies
 benchmark runs them all, and `make_policy` builds any of them. Each reads
 this registry, so a new policy is added here once.
 
-The module imports no policy code at load time: printing the CRDs must not
-load torch. A policy's module is imported when one is built.
+The module imports no policy code at load time, so printing the CRDs loads
+none of it (nor numpy, which the RL agent computes with). A policy's module
+is imported when one is built. No serving policy's module imports torch,
+lazily or not: the operator builds them, and its image has no torch
+(tests/test_layering.py checks this on the registry's lazy imports too).
 """
 
 from __future__ import annotations

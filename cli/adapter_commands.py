@@ -239,7 +239,7 @@ def _mib(nbytes: int) -> str:
 
 @_reports_store_errors
 def _push(args: argparse.Namespace) -> int:
-    from elasticfleet.worker.adapters.format import AdapterWeights
+    from elasticfleet.worker.adapters.weights import AdapterWeights
 
     weights = AdapterWeights.load(args.directory)
     store = open_store(args)
@@ -288,7 +288,9 @@ def _list(args: argparse.Namespace) -> int:
 
 @_reports_store_errors
 def _pull(args: argparse.Namespace) -> int:
-    manifest, weights = open_store(args).fetch(args.name, args.version)
+    from elasticfleet.worker.adapters.weights import fetch
+
+    manifest, weights = fetch(open_store(args), args.name, args.version)
     path = weights.save(args.directory)
     print(
         f"pulled {manifest.name} version {manifest.version} "

@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # corpus_sources, not corpus: the corpus module loads torch, and commands
     # that need none (`operator crds`, any --help) must start without it.
+    # integrity, not prepare (which loads gguf and tokenizers): the operator's
+    # image has neither, nor torch.
     from elasticfleet.agent.corpus_sources import CorpusError
-    from elasticfleet.worker.model.prepare import ModelPrepareError
+    from elasticfleet.worker.model.integrity import ModelPrepareError
 
     args = build_parser().parse_args(argv)
     try:

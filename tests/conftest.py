@@ -13,8 +13,9 @@ from tokenizers import Tokenizer, models
 from valkey_server import TestRedisServer, TlsFront, self_signed_certificate
 
 from elasticfleet.agent.profiling import profile_model
-from elasticfleet.worker.adapters.format import AdapterSpec, AdapterWeights
+from elasticfleet.worker.adapters.format import AdapterSpec
 from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.adapters.weights import AdapterWeights
 from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.model.generation import TOKENIZER_FILE
 from elasticfleet.worker.model.llama import ElasticLlama

@@ -1,12 +1,19 @@
 """The package's layering, as docs/architecture.md states it, checked on the
 import graph of the source (tests/import_graph.py): no import cycles, no
-layer importing a higher one, and the operator never loading what only
-runs offline."""
+layer importing a higher one, the operator never loading what only runs
+offline nor torch, and the `operator` dependency group (what the operator's
+image installs) covering what the operator imports."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+import sys
+import tomllib
+
 import pytest
 from import_graph import (
+    ROOT,
     Contract,
     Graph,
     build_graph,
@@ -57,6 +64,24 @@ CONTRACTS = (
         "the gateway never imports the operator; the command line hands it what it needs",
     ),
 )
+#: What the operator's commands load (`operator run`, `crds`, `loop`): the
+#: kopf handlers, the control loop and the command group. The command line's
+#: own start (`cli.main`, whose command groups import every command's code
+#: lazily) is checked where it runs: tests/operator/test_without_torch.py.
+#: The gateway (`elasticfleet gateway`) runs from the same torch-free layer.
+OPERATOR_ENTRIES = (
+    f"{P}.operator.handlers",
+    f"{P}.operator.control",
+    f"{P}.cli.operator_commands",
+    f"{P}.gateway.server",
+    f"{P}.cli.gateway_commands",
+)
+#: Modules whose every import, lazy ones included, stays clear of torch, and why.
+TORCH_FREE = (
+    *((entry, "the operator's image has no torch") for entry in OPERATOR_ENTRIES),
+    (f"{P}.agent.profile", "the profile record loads without torch"),
+    (f"{P}.agent.quality", "the quality estimate loads without torch"),
+)
 #: Third-party packages a part must never import, and why.
 FORBIDDEN_PACKAGES = (
     (f"{P}.agent", ("grpc", "kopf", "kubernetes"), "policies have no Kubernetes or gRPC imports"),
@@ -102,11 +127,36 @@ def test_parts_keep_away_from_foreign_frameworks() -> None:
                 assert not names & set(packages), f"{module} imports {names & set(packages)}: {why}"
 
 
-def test_the_profile_record_and_the_gateway_load_without_torch(graph: Graph) -> None:
+def test_torch_stays_out_of_the_operator_and_the_profile_record(graph: Graph) -> None:
     imports = third_party(module_files(package_dirs()))
-    for entry in (f"{P}.agent.profile", f"{P}.agent.quality", f"{P}.gateway.server"):
-        heavy = [m for m in reachable(graph, entry) if "torch" in imports[m]]
-        assert not heavy, (entry, heavy)
+    for entry, why in TORCH_FREE:
+        heavy = sorted(m for m in reachable(graph, entry) if "torch" in imports[m])
+        assert not heavy, f"{entry} reaches {heavy}, which import torch: {why}"
+
+
+def _distribution(requirement: str) -> str:
+    """A requirement's distribution name, normalised (PEP 503)."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert name is not None, requirement
+    return re.sub(r"[-_.]+", "-", name[0]).lower()
+
+
+def test_the_operator_group_installs_what_the_operator_and_gateway_import(graph: Graph) -> None:
+    """The operator's image installs the package with --no-deps plus the
+    `operator` group: every third-party package the operator's modules
+    import must come from it, and the main list must hold each of its
+    requirements as it is (a plain install still gets everything)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    group = project["optional-dependencies"]["operator"]
+    assert set(group) <= set(project["dependencies"])
+    installs = {_distribution(requirement) for requirement in group}
+    imports = third_party(module_files(package_dirs()))
+    loaded = set().union(*(reachable(graph, entry) for entry in OPERATOR_ENTRIES))
+    names = set().union(*(imports[m] for m in loaded)) - set(sys.stdlib_module_names)
+    providers = importlib.metadata.packages_distributions()
+    for name in sorted(names):
+        found = {_distribution(d) for d in providers.get(name, [])}
+        assert found & installs, f"the operator imports {name}; the operator group lacks {found}"
 
 
 # -- the checks themselves ---------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The RAP agent's serving half: state features, the Q-network and the policy
-that runs it.
+"""The RAP agent's serving half: state features, the Q-network's weights and
+the policy that runs them.
 
 State (as in RAP): the memory budget, batch size, sequence length and the
 KV-cache share of memory, plus the current keep-mask. Action: drop one more
@@ -18,26 +18,31 @@ one max-pool over blocks so each block's value can depend on what the others
 offer (Q(s, a) = MLP(context(s), block(s, a), max over b of block(s, b))).
 About 15K parameters for SmolLM2's 60 blocks (RAP's is about 18K).
 
-Serving needs only torch and this module: `RLPolicy.load` reads the network
-from a safetensors checkpoint; nothing here trains (that is
-`elasticfleet.agent.rl.training`). The policy only reads the profile.
-Decisions run on one thread (`one_thread`) with the network's weights folded
-for single-state steps (`FoldedNetwork`).
+Serving computes with numpy (float32) and reads the checkpoint with
+`safetensors.numpy`, never torch: the operator runs this policy (the CRD's
+default), and a network this small needs a few tiny matrix products per
+dropped block, so torch would be hundreds of MB in the operator's image for
+nothing. The trainable network (`QNetwork`, a torch module) lives in the
+training half (`elasticfleet.agent.rl.training`), with the conversions:
+it reads the features made here through `torch.from_numpy`, and hands a
+trained network back as `NetworkWeights`. The features are computed exactly
+as the torch code that trained the committed agent computed them (see
+`StateEncoder.encode`), so training still reproduces it bit for bit. The
+policy only reads the profile.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
+import numpy as np
+import numpy.typing as npt
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from elasticfleet.agent.policy import PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
@@ -61,62 +66,63 @@ FEATURES_VERSION = 2
 COST_CAP = 3.0  # log-perplexity increases in features are clipped to +-this
 RATIO_CAP = 4.0  # byte ratios are capped here, then divided by it
 
+Floats = npt.NDArray[np.float32]
+Indices = npt.NDArray[np.int64]
+Bits = npt.NDArray[np.bool_]
+
 
 @dataclass(frozen=True)
 class ProfileTables:
     """What the features need from a profile, independent of the load."""
 
-    rank: torch.Tensor  # [N] GSI rank of each block (0 = least important)
-    by_rank: torch.Tensor  # [N] blocks in rank order
-    cost: torch.Tensor  # [N] log(estimate / dense) if the block were the deepest dropped
-    step: torch.Tensor  # [N] the log-perplexity GSI measured for removing the block
-    static: torch.Tensor  # [N, 5] attention, depth, rank, cost, step (scaled)
+    rank: Indices  # [N] GSI rank of each block (0 = least important)
+    by_rank: Indices  # [N] blocks in rank order
+    cost: Floats  # [N] log(estimate / dense) if the block were the deepest dropped
+    step: Floats  # [N] the log-perplexity GSI measured for removing the block
+    static: Floats  # [N, 5] attention, depth, rank, cost, step (scaled)
     # [N, N]: row r is every block's added-cost feature once the deepest
     # dropped block has GSI rank r (a drop then updates it with one copy).
-    added: torch.Tensor
+    added: Floats
 
     @classmethod
     def of(cls, profile: ModelProfile) -> ProfileTables:
         blocks = profile.num_blocks
         layers = profile.config.num_hidden_layers
-        order = profile.importance_rank()
-        rank = torch.empty(blocks, dtype=torch.long)
-        rank[torch.tensor(order)] = torch.arange(blocks)
+        by_rank = np.array(profile.importance_rank(), dtype=np.int64)
+        rank = np.empty(blocks, dtype=np.int64)
+        rank[by_rank] = np.arange(blocks)
         quality = ProfileQuality(profile)
         dense = math.log(profile.dense_perplexity)
-        cost = torch.tensor(
+        cost = np.array(
             [
                 math.log(quality(PruningPlan.without_blocks(layers, [b]))) - dense
                 for b in range(blocks)
             ],
-            dtype=torch.float32,
+            dtype=np.float32,
         )
-        step = torch.tensor(block_importance(profile), dtype=torch.float32)
-        static = torch.stack(
+        step = np.array(block_importance(profile), dtype=np.float32)
+        static = np.stack(
             [
-                torch.tensor([1.0 - b % 2 for b in range(blocks)]),
-                torch.tensor([(b // 2) / max(layers - 1, 1) for b in range(blocks)]),
-                rank.float() / blocks,
-                cost.clamp(-COST_CAP, COST_CAP),
-                (10 * step).clamp(max=2.0),
+                np.array([1.0 - b % 2 for b in range(blocks)], dtype=np.float32),
+                np.array([(b // 2) / max(layers - 1, 1) for b in range(blocks)], dtype=np.float32),
+                rank.astype(np.float32) / blocks,
+                cost.clip(-COST_CAP, COST_CAP),
+                np.minimum(10 * step, 2.0),
             ],
-            dim=1,
+            axis=1,
         )
-        costs = cost.tolist()
-        added = torch.stack(
-            [
-                torch.where(rank > r, cost - costs[order[r]], 0.0).clamp(-COST_CAP, COST_CAP)
-                for r in range(blocks)
-            ]
-        )
-        return cls(rank, torch.tensor(order), cost, step, static, added)
+        # Row r: each block ranked deeper than r adds its cost less that of
+        # the block of rank r; the others add nothing.
+        deeper = rank[None, :] > np.arange(blocks)[:, None]
+        added = np.where(deeper, cost[None, :] - cost[by_rank][:, None], np.float32(0))
+        return cls(rank, by_rank, cost, step, static, added.clip(-COST_CAP, COST_CAP))
 
 
 class StateEncoder:
     """One decision as an episode: the plan so far (keep-mask, bytes over
     budget, deepest-ranked dropped block) and the network's inputs for it.
     Load-dependent figures are computed once per state; each drop updates the
-    rest in place, so a step costs a handful of small tensor operations."""
+    rest in place, so a step costs a handful of small array operations."""
 
     def __init__(self, state: PolicyState, tables: ProfileTables) -> None:
         profile = state.profile
@@ -125,7 +131,7 @@ class StateEncoder:
         self.tables = tables
         self.dense_bytes = dense.total_bytes
         self.savings_bytes = [state.block_savings(b) for b in range(blocks)]
-        self.savings = torch.tensor(self.savings_bytes, dtype=torch.float32)
+        self.savings = np.array(self.savings_bytes, dtype=np.float32)
         self.ranked_savings = self.savings[tables.by_rank]
         total = float(dense.total_bytes)
         self._ranks = tables.rank.tolist()
@@ -137,32 +143,29 @@ class StateEncoder:
         self.kept_count = blocks
         self.deepest = -1  # GSI rank of the deepest dropped block
         self.current = 0.0  # the estimate's log-perplexity increase so far
-        self._keep_ranked = torch.ones(blocks)
+        self._keep_ranked = np.ones(blocks, dtype=np.float32)
         # -inf for dropped blocks, added to Q-values to mask them.
-        self.dropped_mask = torch.zeros(blocks)
-        self._load = torch.zeros(LOAD_FEATURES + blocks)
-        self._load[:LOAD_FEATURES] = torch.tensor(
+        self.dropped_mask = np.zeros(blocks, dtype=np.float32)
+        self._load = np.ones(LOAD_FEATURES + blocks, dtype=np.float32)  # then the keep-mask
+        self._load[:LOAD_FEATURES] = [
+            state.budget_bytes / total,  # how hard the budget squeezes
+            max(self.excess, 0) / total,  # bytes still to free
+            math.log2(state.batch_size) / 8,
+            math.log2(state.seq_len) / 16,
+            dense.kv_bytes / total,  # RAP's KV-cache ratio
+            1.0,  # share of blocks kept
+            0.0,  # estimated cost so far
+        ]
+        freed = np.minimum(self.savings / total * blocks, RATIO_CAP) / RATIO_CAP
+        self._blocks = np.concatenate(
             [
-                state.budget_bytes / total,  # how hard the budget squeezes
-                max(self.excess, 0) / total,  # bytes still to free
-                math.log2(state.batch_size) / 8,
-                math.log2(state.seq_len) / 16,
-                dense.kv_bytes / total,  # RAP's KV-cache ratio
-                1.0,  # share of blocks kept
-                0.0,  # estimated cost so far
-            ]
-        )
-        self._load[LOAD_FEATURES:] = 1.0  # the keep-mask
-        freed = (self.savings / total * blocks).clamp(max=RATIO_CAP) / RATIO_CAP
-        self._blocks = torch.cat(
-            [
-                torch.ones(blocks, 1),  # kept
+                np.ones((blocks, 1), dtype=np.float32),  # kept
                 tables.static,
                 freed[:, None],
-                tables.cost.clamp(-COST_CAP, COST_CAP)[:, None],  # added cost now
-                torch.zeros(blocks, 4),  # byte ratios and fit bits, filled by encode
+                tables.cost.clip(-COST_CAP, COST_CAP)[:, None],  # added cost now
+                np.zeros((blocks, 4), dtype=np.float32),  # byte ratios and fit bits (encode)
             ],
-            dim=1,
+            axis=1,
         )
 
     @property
@@ -174,11 +177,11 @@ class StateEncoder:
         """Over budget with one block left: nothing more may be dropped."""
         return self.kept_count <= 1 and not self.fits
 
-    def legal(self) -> torch.Tensor:
+    def legal(self) -> Bits:
         """Blocks that may be dropped next: kept ones, unless only one is left."""
         if self.kept_count <= 1:
-            return torch.zeros(len(self.kept), dtype=torch.bool)
-        return torch.tensor(self.kept)
+            return np.zeros(len(self.kept), dtype=np.bool_)
+        return np.array(self.kept)
 
     def plan(self) -> PruningPlan:
         return PruningPlan.from_mask(self.kept)
@@ -198,24 +201,32 @@ class StateEncoder:
             self.deepest, self.current = rank, self._costs[block]
             self._blocks[:, 7] = self.tables.added[rank]
 
-    def encode(self, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, copy: bool = True) -> tuple[Floats, Floats]:
         """(load [LOAD_FEATURES + N], blocks [N, BLOCK_FEATURES]) for the plan
-        so far; without `copy` they are views the next drop overwrites."""
-        load = self._load  # scalar writes: cheaper than one indexed write
+        so far; without `copy` they are views the next drop overwrites.
+
+        Every figure is the float32 value the torch code that trained the
+        committed agent computed, bit for bit: scalars round to float32
+        before they meet an array, as torch's do, and the running sum of
+        freed bytes accumulates in float64 and rounds each partial sum to
+        float32, as torch's CPU cumsum does (numpy's float32 cumsum would
+        accumulate in float32)."""
+        load = self._load
         load[1] = max(self.excess, 0) / self.dense_bytes  # bytes still to free
         load[5] = self.kept_count / len(self.kept)
         load[6] = min(self.current, COST_CAP)
-        need = max(self.excess, 1) * RATIO_CAP
-        reach = (self.ranked_savings * self._keep_ranked).cumsum(0).index_select(0, self._rank)
-        ratios = (torch.stack([self.savings, reach], dim=1) / need).clamp_(max=1.0)
+        need = np.float32(max(self.excess, 1) * RATIO_CAP)
+        ranked = self.ranked_savings * self._keep_ranked
+        reach = ranked.cumsum(dtype=np.float64).astype(np.float32)[self._rank]
+        ratios = np.minimum(np.stack([self.savings, reach], axis=1) / need, np.float32(1))
         self._blocks[:, 8:10] = ratios
         self._blocks[:, 10:] = ratios >= 1 / RATIO_CAP  # the ratio before capping is >= 1
         if copy:
-            return self._load.clone(), self._blocks.clone()
+            return self._load.copy(), self._blocks.copy()
         return self._load, self._blocks
 
 
-def encode_state(state: PolicyState, plan: PruningPlan) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_state(state: PolicyState, plan: PruningPlan) -> tuple[Floats, Floats]:
     """The network's inputs for `plan` under `state`: (load features then the
     keep-mask, per-block features)."""
     encoder = StateEncoder(state, ProfileTables.of(state.profile))
@@ -225,103 +236,109 @@ def encode_state(state: PolicyState, plan: PruningPlan) -> tuple[torch.Tensor, t
     return encoder.encode()
 
 
-class QNetwork(nn.Module):
-    """Q-value of dropping each block. A context MLP reads the state (load
-    features and keep-mask, one row); a narrow MLP shared by all blocks scores
-    each block from that context plus the block's own features. The per-block
-    part stays narrow so a decision step is a few tiny matrix products."""
+def parameter_shapes(num_blocks: int, hidden: int, block_hidden: int) -> dict[str, tuple[int, ...]]:
+    """The Q-network's parameters by name and shape, as its checkpoint (and
+    the training half's `QNetwork`, a state dict of these) holds them: a
+    context MLP reads the state (load features and keep-mask, one row) into
+    `hidden` then `block_hidden` units; a narrow layer shared by all blocks
+    reads each block's features (`block`), mixes in the max over blocks
+    (`pool`, `mix`) and scores it (`value`). The per-block part stays narrow
+    so a decision step is a few tiny matrix products."""
+    return {
+        "context_in.weight": (hidden, LOAD_FEATURES + num_blocks),
+        "context_in.bias": (hidden,),
+        "context_out.weight": (block_hidden, hidden),
+        "context_out.bias": (block_hidden,),
+        "block.weight": (block_hidden, BLOCK_FEATURES),
+        "block.bias": (block_hidden,),
+        "mix.weight": (block_hidden, block_hidden),
+        "mix.bias": (block_hidden,),
+        "pool.weight": (block_hidden, block_hidden),
+        "value.weight": (1, block_hidden),
+        "value.bias": (1,),
+    }
 
-    def __init__(self, num_blocks: int, hidden: int = 128, block_hidden: int = 32) -> None:
-        super().__init__()
-        self.num_blocks = num_blocks
-        self.hidden = hidden
-        self.block_hidden = block_hidden
-        self.context_in = nn.Linear(LOAD_FEATURES + num_blocks, hidden)
-        self.context_out = nn.Linear(hidden, block_hidden)
-        self.block = nn.Linear(BLOCK_FEATURES, block_hidden)
-        self.mix = nn.Linear(block_hidden, block_hidden)
-        self.pool = nn.Linear(block_hidden, block_hidden, bias=False)
-        self.value = nn.Linear(block_hidden, 1)
 
-    def forward(self, load: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        # Functional calls: a decision makes ~30 of these, module dispatch adds up.
-        # load [..., LOAD_FEATURES + N], blocks [..., N, BLOCK_FEATURES]
-        context = F.relu(F.linear(load, self.context_in.weight, self.context_in.bias))
-        context = F.linear(context, self.context_out.weight, self.context_out.bias)  # [..., Hb]
-        z = F.linear(blocks, self.block.weight, self.block.bias)  # [..., N, Hb]
-        z = F.relu(z + context.unsqueeze(-2))
-        # What the other blocks offer (e.g. the cheapest one that would make
-        # the plan fit) matters to each block's value: max-pool over blocks.
-        pooled = F.linear(z.amax(dim=-2), self.pool.weight)  # [..., Hb]
-        z = F.linear(z, self.mix.weight, self.mix.bias) + pooled.unsqueeze(-2)
-        z = F.relu(z)  # [..., N, Hb]
-        q = F.linear(z, self.value.weight, self.value.bias)  # [..., N, 1]
-        return q.squeeze(-1)  # [..., N]
+@dataclass(frozen=True)
+class NetworkWeights:
+    """A trained Q-network: its sizes and its float32 parameters by name
+    (`parameter_shapes`), checked when made, so a checkpoint for another
+    network fails at load rather than at the first decision."""
+
+    num_blocks: int
+    hidden: int
+    block_hidden: int
+    tensors: Mapping[str, Floats]
+
+    def __post_init__(self) -> None:
+        expected = parameter_shapes(self.num_blocks, self.hidden, self.block_hidden)
+        if set(self.tensors) != set(expected):
+            differ = sorted(set(self.tensors) ^ set(expected))
+            raise ValueError(f"the agent's parameters are not the network's: {', '.join(differ)}")
+        for name, shape in expected.items():
+            tensor = self.tensors[name]
+            if tensor.shape != shape or tensor.dtype != np.float32:
+                raise ValueError(
+                    f"the agent's {name} is {tensor.dtype} {list(tensor.shape)}, "
+                    f"the network's is float32 {list(shape)}"
+                )
 
 
 @dataclass(frozen=True)
 class FoldedNetwork:
-    """A QNetwork's weights laid out for one decision step: biases folded
-    where they can be, matrices pre-transposed, no module dispatch. A decision
-    takes up to ~30 steps, so the few microseconds each saves add up."""
+    """A network's weights laid out for one decision step: biases folded
+    where they can be, matrices transposed once to the layout the products
+    read, so a step is a handful of numpy calls. A decision takes up to ~30
+    steps, so the microseconds each saves add up."""
 
-    context_in: torch.Tensor  # [H, LOAD_FEATURES + N]
-    context_in_bias: torch.Tensor  # [H]
-    context_out: torch.Tensor  # [Hb, H]
-    context_out_bias: torch.Tensor  # [Hb]: the block layer's bias folded in
-    block_t: torch.Tensor  # [BLOCK_FEATURES, Hb]
-    pool: torch.Tensor  # [Hb, Hb]
-    mix_bias: torch.Tensor  # [Hb]
-    mix_t: torch.Tensor  # [Hb, Hb]
-    value: torch.Tensor  # [Hb]
+    context_in: Floats  # [LOAD_FEATURES + N, H]
+    context_in_bias: Floats  # [H]
+    context_out: Floats  # [H, Hb]
+    context_out_bias: Floats  # [Hb]: the block layer's bias folded in
+    block: Floats  # [BLOCK_FEATURES, Hb]
+    pool: Floats  # [Hb, Hb]
+    mix_bias: Floats  # [Hb]
+    mix: Floats  # [Hb, Hb]
+    value: Floats  # [Hb]
 
     @classmethod
-    def of(cls, network: QNetwork) -> FoldedNetwork:
-        with torch.no_grad():
-            return cls(
-                network.context_in.weight.detach().clone(),
-                network.context_in.bias.detach().clone(),
-                network.context_out.weight.detach().clone(),
-                (network.context_out.bias + network.block.bias).detach().clone(),
-                network.block.weight.detach().t().contiguous(),
-                network.pool.weight.detach().clone(),
-                network.mix.bias.detach().clone(),
-                network.mix.weight.detach().t().contiguous(),
-                network.value.weight.detach()[0].clone(),
-            )
+    def of(cls, network: NetworkWeights) -> FoldedNetwork:
+        w = network.tensors
 
-    def scores(self, load: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        def transposed(name: str) -> Floats:
+            return np.ascontiguousarray(w[name].T)
+
+        return cls(
+            transposed("context_in.weight"),
+            w["context_in.bias"].copy(),
+            transposed("context_out.weight"),
+            w["context_out.bias"] + w["block.bias"],
+            transposed("block.weight"),
+            transposed("pool.weight"),
+            w["mix.bias"].copy(),
+            transposed("mix.weight"),
+            w["value.weight"][0].copy(),
+        )
+
+    def scores(self, load: Floats, blocks: Floats) -> Floats:
         """The network's Q-values for one state ([N]) less the value bias, which
         no choice between blocks depends on."""
-        context = F.linear(load, self.context_in, self.context_in_bias).relu_()
-        context = F.linear(context, self.context_out, self.context_out_bias)  # [Hb]
-        z = torch.addmm(context, blocks, self.block_t).relu_()  # [N, Hb]
-        pooled = F.linear(z.amax(0), self.pool, self.mix_bias)  # [Hb]
-        z = torch.addmm(pooled, z, self.mix_t).relu_()  # [N, Hb]
-        return torch.mv(z, self.value)  # [N]
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread for a while. The agent's matrices are tiny: on
-    one thread a step takes microseconds, while a thread pool on busy cores can
-    stall each step for milliseconds waiting for a descheduled helper."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+        context = np.maximum(load @ self.context_in + self.context_in_bias, 0)  # [H]
+        context = context @ self.context_out + self.context_out_bias  # [Hb]
+        z = np.maximum(blocks @ self.block + context, 0)  # [N, Hb]
+        # What the other blocks offer (e.g. the cheapest one that would make
+        # the plan fit) matters to each block's value: max-pool over blocks.
+        pooled = z.max(axis=0) @ self.pool + self.mix_bias  # [Hb]
+        z = np.maximum(z @ self.mix + pooled, 0)  # [N, Hb]
+        scores: Floats = z @ self.value  # [N]
+        return scores
 
 
 @dataclass
 class RLPolicy:
     """Serves a trained Q-network: drop the best-valued block until the plan fits."""
 
-    network: QNetwork
+    network: NetworkWeights
     name: str = "rl"
 
     def __post_init__(self) -> None:
@@ -335,6 +352,11 @@ class RLPolicy:
         return self._tables[1]
 
     def decide(self, state: PolicyState) -> PruningPlan:
+        """Drop the best-valued kept block until the plan fits. A decision
+        runs on the caller's thread alone: the products are below the sizes
+        at which numpy's BLAS (OpenBLAS) splits work across threads (for
+        SmolLM2's agent, measured: the process spends no CPU time outside the
+        calling thread), so busy cores cannot stall it on a helper thread."""
         if self.network.num_blocks != state.profile.num_blocks:
             raise ValueError(
                 f"the agent was trained for {self.network.num_blocks} blocks, "
@@ -343,34 +365,31 @@ class RLPolicy:
         if self._folded is None:
             self._folded = FoldedNetwork.of(self.network)
         folded = self._folded
-        with one_thread(), torch.inference_mode():
-            episode = StateEncoder(state, self.tables(state.profile))
-            while not episode.fits:
-                if episode.stuck:
-                    plan = episode.plan()
-                    raise state.infeasible(self.name, plan, "even one kept block does not fit")
-                q = folded.scores(*episode.encode(copy=False)) + episode.dropped_mask
-                episode.drop(int(q.argmax()))
-            return episode.plan()
+        episode = StateEncoder(state, self.tables(state.profile))
+        while not episode.fits:
+            if episode.stuck:
+                plan = episode.plan()
+                raise state.infeasible(self.name, plan, "even one kept block does not fit")
+            q = folded.scores(*episode.encode(copy=False)) + episode.dropped_mask
+            episode.drop(int(q.argmax()))
+        return episode.plan()
 
     def save(self, path: str | Path, meta: dict[str, object] | None = None) -> None:
         """Weights as safetensors; shapes and training facts in its metadata."""
+        network = self.network
         info = {
-            "num_blocks": self.network.num_blocks,
-            "hidden": self.network.hidden,
-            "block_hidden": self.network.block_hidden,
+            "num_blocks": network.num_blocks,
+            "hidden": network.hidden,
+            "block_hidden": network.block_hidden,
             "features": FEATURES_VERSION,
         }
         metadata = {"agent": json.dumps(info), "meta": json.dumps(meta or {}, sort_keys=True)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
-        save_file(state, str(path), metadata=metadata)
+        save_file(dict(network.tensors), str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> RLPolicy:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
         if "agent" not in metadata:
             raise ValueError(f"{path}: not an elasticfleet RL checkpoint (no agent metadata)")
@@ -380,7 +399,9 @@ class RLPolicy:
                 f"{path}: agent trained on state features version {info.get('features', 1)}, "
                 f"this code uses version {FEATURES_VERSION}: retrain it (elasticfleet agent train)"
             )
-        network = QNetwork(int(info["num_blocks"]), int(info["hidden"]), int(info["block_hidden"]))
-        network.load_state_dict(load_file(str(path)))
-        network.eval()
+        sizes = (int(info["num_blocks"]), int(info["hidden"]), int(info["block_hidden"]))
+        try:
+            network = NetworkWeights(*sizes, load_file(str(path)))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         return cls(network)

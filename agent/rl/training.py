@@ -6,11 +6,15 @@ penalty). Each drop is rewarded with minus the log-perplexity it added
 (capped at 20x dense), less a small share of the block's own measured GSI
 step as a tie-break, so an episode's return is minus the plan's total cost.
 
-`train_agent` adds to the serving half (`elasticfleet.agent.rl.policy`) a
-replay buffer, a target network, epsilon-greedy exploration, a curriculum
-from loose to tight budgets and Double-DQN targets; the quality of a plan
-comes from a callable, either measured perplexity or the profile's estimate
-(`ProfileQuality`). The operator never loads this module.
+`train_agent` adds to the serving half (`elasticfleet.agent.rl.policy`) the
+trainable network (`QNetwork`, a torch module), a replay buffer, a target
+network, epsilon-greedy exploration, a curriculum from loose to tight budgets
+and Double-DQN targets; the quality of a plan comes from a callable, either
+measured perplexity or the profile's estimate (`ProfileQuality`). The serving
+half computes with numpy; this module is where torch is, so the conversions
+live here: the encoder's features enter the network through
+`torch.from_numpy`, and a trained network leaves as the serving half's
+`NetworkWeights` (`trained_policy`). The operator never loads this module.
 
 The committed agent (`DEFAULT_AGENT`) is reproduced by
 `elasticfleet agent train --episodes 2500 --seed 0` (the `TrainingConfig`
@@ -22,7 +26,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +40,11 @@ from elasticfleet.agent.profile import ModelProfile
 from elasticfleet.agent.rl.policy import (
     BLOCK_FEATURES,
     LOAD_FEATURES,
+    Floats,
+    NetworkWeights,
     ProfileTables,
-    QNetwork,
     RLPolicy,
     StateEncoder,
-    one_thread,
 )
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
@@ -53,6 +58,69 @@ RAP_SCENARIOS: tuple[tuple[int, int], ...] = (
     (1, 4096), (2, 2048), (4, 2048), (4, 4096), (8, 1024),
     (8, 2048), (8, 4096), (16, 512), (16, 1024), (16, 2048),
 )  # fmt: skip
+
+
+class QNetwork(nn.Module):
+    """The trainable Q-network: the layers `parameter_shapes` names (the
+    serving half's docstring says what each does), as torch modules. Its
+    state dict is what a checkpoint holds."""
+
+    def __init__(self, num_blocks: int, hidden: int = 128, block_hidden: int = 32) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.hidden = hidden
+        self.block_hidden = block_hidden
+        self.context_in = nn.Linear(LOAD_FEATURES + num_blocks, hidden)
+        self.context_out = nn.Linear(hidden, block_hidden)
+        self.block = nn.Linear(BLOCK_FEATURES, block_hidden)
+        self.mix = nn.Linear(block_hidden, block_hidden)
+        self.pool = nn.Linear(block_hidden, block_hidden, bias=False)
+        self.value = nn.Linear(block_hidden, 1)
+
+    def forward(self, load: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        # Functional calls: an episode makes ~30 of these, module dispatch adds up.
+        # load [..., LOAD_FEATURES + N], blocks [..., N, BLOCK_FEATURES]
+        context = F.relu(F.linear(load, self.context_in.weight, self.context_in.bias))
+        context = F.linear(context, self.context_out.weight, self.context_out.bias)  # [..., Hb]
+        z = F.linear(blocks, self.block.weight, self.block.bias)  # [..., N, Hb]
+        z = F.relu(z + context.unsqueeze(-2))
+        # What the other blocks offer (e.g. the cheapest one that would make
+        # the plan fit) matters to each block's value: max-pool over blocks.
+        pooled = F.linear(z.amax(dim=-2), self.pool.weight)  # [..., Hb]
+        z = F.linear(z, self.mix.weight, self.mix.bias) + pooled.unsqueeze(-2)
+        z = F.relu(z)  # [..., N, Hb]
+        q = F.linear(z, self.value.weight, self.value.bias)  # [..., N, 1]
+        return q.squeeze(-1)  # [..., N]
+
+
+def trained_policy(network: QNetwork) -> RLPolicy:
+    """The serving half's policy for `network`: its parameters as float32
+    numpy arrays (copies: training may go on)."""
+    tensors = {name: t.detach().numpy().copy() for name, t in network.state_dict().items()}
+    weights = NetworkWeights(network.num_blocks, network.hidden, network.block_hidden, tensors)
+    return RLPolicy(weights)
+
+
+def features_tensors(features: tuple[Floats, Floats]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's (load, blocks) as tensors sharing their memory."""
+    load, blocks = features
+    return torch.from_numpy(load), torch.from_numpy(blocks)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread for a while. The agent's matrices are tiny: on
+    one thread a step takes microseconds, while a thread pool on busy cores can
+    stall each step for milliseconds waiting for a descheduled helper."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def choose(
@@ -220,17 +288,17 @@ def _train(
             )
         state = random_state(profile, config, rng, progress_share)
         episode_state = StateEncoder(state, tables)
-        features = episode_state.encode()
+        features = features_tensors(episode_state.encode())
         log_previous = 0.0  # the estimate's log-perplexity increase so far, capped
         trajectory: list[_Step] = []
         while not episode_state.fits:
             if rng.random() < epsilon:
                 action = rng.choice([b for b, keep in enumerate(episode_state.kept) if keep])
             else:
-                action = choose(network, features, episode_state.legal())
+                action = choose(network, features, torch.from_numpy(episode_state.legal()))
             episode_state.drop(action)
-            following = episode_state.encode()
-            next_legal = episode_state.legal()
+            following = features_tensors(episode_state.encode())
+            next_legal = torch.from_numpy(episode_state.legal())
             done = episode_state.fits or episode_state.stuck
             # Each drop is charged the log-perplexity it adds, so credit lands on
             # the step that caused it; the sum over an episode is the plan's total.
@@ -263,7 +331,7 @@ def _train(
         "seconds": time.perf_counter() - started,
         "mean_reward_last_200": sum(recent) / max(len(recent), 1),
     }
-    return RLPolicy(network), stats
+    return trained_policy(network), stats
 
 
 def _remember(memory: ReplayBuffer, trajectory: Sequence[_Step], n_step: int) -> None:

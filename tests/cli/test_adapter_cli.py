@@ -13,7 +13,8 @@ import torch
 from valkey_server import TestRedisServer, free_port
 
 from elasticfleet.cli import main
-from elasticfleet.worker.adapters.format import SPEC_FILE, TENSORS_FILE, AdapterWeights
+from elasticfleet.worker.adapters.format import SPEC_FILE, TENSORS_FILE
+from elasticfleet.worker.adapters.weights import AdapterWeights
 
 MakeAdapter = Callable[..., AdapterWeights]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from elasticfleet.cli import main
-from elasticfleet.worker.adapters.format import AdapterWeights
+from elasticfleet.worker.adapters.weights import AdapterWeights
 
 SMALL = [
     "--sources", "python", "--steps", "2", "--window", "16", "--windows-per-task", "1",

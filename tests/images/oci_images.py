@@ -111,15 +111,23 @@ class UnpackedImage:
         uid: int = self.config["process"]["user"]["uid"]
         return uid
 
-    def bundle(self, where: Path, args: Sequence[str], mounts: Sequence[Mount] = ()) -> Path:
+    def bundle(
+        self,
+        where: Path,
+        args: Sequence[str],
+        mounts: Sequence[Mount] = (),
+        *,
+        entrypoint: Sequence[str] | None = None,
+    ) -> Path:
         """A bundle in `where` that runs ENTRYPOINT ARGS as the image says
-        (user, environment, working directory), on the host's network, with
-        the root file system read-only but for a tmpfs /tmp, and `mounts`
-        over the image's own."""
+        (user, environment, working directory; `entrypoint` replaces the
+        image's, as a pod's `command` does), on the host's network, with the
+        root file system read-only but for a tmpfs /tmp, and `mounts` over
+        the image's own."""
         config = copy.deepcopy(self.config)
         config["root"] = {"path": str(self.rootfs), "readonly": True}
         config["process"]["terminal"] = False
-        config["process"]["args"] = [*self.entrypoint, *args]
+        config["process"]["args"] = [*(entrypoint or self.entrypoint), *args]
         linux = config["linux"]
         linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "network"]
         replaced = {m.destination for m in mounts}

@@ -1,5 +1,6 @@
 """Smoke tests of the OCI images (scripts/build-images): their configs as
-both archives carry them, the operator image printing the CRDs, and the
+both archives carry them, the operator image printing the CRDs and working
+(handlers, rl decisions, an AdapterSet check) with no torch in it, and the
 worker image preparing its model into a volume and answering over gRPC, or
 using a volume prepared already, mounted read-only. Each image runs under
 runc as it would in a pod (tests/images/oci_images.py)."""
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,7 +31,10 @@ from oci_images import (
     require_archives,
     run,
 )
+from test_without_torch import ADAPTER_SPEC, SCRIPT, check_report
 
+from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.adapters.weights import AdapterWeights
 from elasticfleet.worker.model.prepare import MODEL_NAME
 from elasticfleet.worker.serving.client import WorkerClient, generate_request
 from elasticfleet.worker.serving.process import WorkerProcess
@@ -90,7 +94,9 @@ def test_the_docker_archive_names_the_image(image: str) -> None:
 
 
 def test_the_worker_image_adds_one_layer_to_the_operator_image() -> None:
-    """Both share the base layer (Debian, the venv, CPU torch)."""
+    """The operator image (Debian, the venv, the operator's packages; no
+    torch) is the worker's base; the worker adds torch, its other packages
+    and the GGUF in one layer."""
     require_archives("operator")
     require_archives("worker")
     layers = {}
@@ -122,6 +128,27 @@ def test_the_operator_image_runs_the_operator_command(
     done = run(operator_image.bundle(tmp_path / "help", ["operator", "run", "--help"]))
     assert done.returncode == 0, done.stderr
     assert "--peering" in done.stdout
+
+
+def test_the_operator_image_works_without_torch(
+    operator_image: UnpackedImage,
+    tmp_path: Path,
+    store: AdapterStore,
+    redis_url: str,
+    make_adapter: Callable[..., AdapterWeights],
+) -> None:
+    """tests/operator/without_torch.py, run by the image's Python: torch is
+    not installed, and the handlers load, the rl policy decides as it does
+    on the host and an AdapterSet check reads the host's Valkey."""
+    store.publish(make_adapter(name="demo"))
+    script = Mount(SCRIPT.parent, "/checks")
+    args = [f"/checks/{SCRIPT.name}", redis_url, "demo", json.dumps(ADAPTER_SPEC)]
+    python = "/opt/elasticfleet/bin/python"
+    done = run(operator_image.bundle(tmp_path / "check", args, [script], entrypoint=[python]))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert not report["torch_installed"]
+    check_report(report)
 
 
 def test_the_worker_image_prepares_its_model_into_a_volume_and_serves(

@@ -20,15 +20,16 @@ from elasticfleet.operator.adapters import (
     store_name,
 )
 from elasticfleet.operator.spec import SecretUnavailable
-from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.adapters.weights import AdapterWeights
 
 MakeAdapter = Callable[..., AdapterWeights]
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _spec(**changes: Any) -> dict[str, Any]:
-    # Matches conftest's make_adapter(): every module, rank 4, alpha 8, router.
+def adapter_set_spec(**changes: Any) -> dict[str, Any]:
+    """An AdapterSet spec matching conftest's make_adapter() (every module, rank 4,
+    alpha 8, router), with `changes`."""
     spec: dict[str, Any] = {
         "baseModel": "tiny-llama",
         "tasks": ["code", "qa"],
@@ -43,7 +44,7 @@ def _spec(**changes: Any) -> dict[str, Any]:
 def test_a_published_adapter_is_ready(store: AdapterStore, make_adapter: MakeAdapter) -> None:
     first = store.publish(make_adapter(name="demo", seed=1))
     second = store.publish(make_adapter(name="demo", seed=2))
-    check = check_adapter_set(store, "demo", _spec())
+    check = check_adapter_set(store, "demo", adapter_set_spec())
     assert check.ready and check.manifest == second
     status = adapter_status(check, [], now=NOW, generation=3)
     assert status.ready is True and status.version == str(second.version)
@@ -53,7 +54,7 @@ def test_a_published_adapter_is_ready(store: AdapterStore, make_adapter: MakeAda
     assert (ready.type, ready.status, ready.reason) == ("Ready", "True", "Published")
     assert ready.observed_generation == 3
     # A pinned version is checked as it is, under the store name the spec gives.
-    pinned = _spec(store={"name": "demo", "version": str(first.version)})
+    pinned = adapter_set_spec(store={"name": "demo", "version": str(first.version)})
     assert check_adapter_set(store, "renamed", pinned).manifest == first
     assert store_name("renamed", pinned) == "demo"
 
@@ -72,19 +73,19 @@ def test_a_spec_that_does_not_match_is_not_ready(
     store: AdapterStore, make_adapter: MakeAdapter, changes: dict[str, Any], problem: str
 ) -> None:
     store.publish(make_adapter(name="demo"))
-    check = check_adapter_set(store, "demo", _spec(**changes))
+    check = check_adapter_set(store, "demo", adapter_set_spec(**changes))
     assert not check.ready and check.reason == "SpecMismatch"
     assert problem in check.message
 
 
 def test_router_is_required_only_when_asked(store: AdapterStore, make_adapter: MakeAdapter) -> None:
     store.publish(make_adapter(name="plain", router=False))
-    assert check_adapter_set(store, "plain", _spec(router=False)).ready
-    assert "has no router" in check_adapter_set(store, "plain", _spec()).message
+    assert check_adapter_set(store, "plain", adapter_set_spec(router=False)).ready
+    assert "has no router" in check_adapter_set(store, "plain", adapter_set_spec()).message
 
 
 def test_an_unpublished_adapter_says_how_to_publish(store: AdapterStore) -> None:
-    check = check_adapter_set(store, "missing", _spec())
+    check = check_adapter_set(store, "missing", adapter_set_spec())
     assert (check.ready, check.reason) == (False, "NotFound")
     assert "elasticfleet adapters push" in check.message
     status = adapter_status(check, [], now=NOW, generation=1)
@@ -95,7 +96,7 @@ def test_an_unpublished_adapter_says_how_to_publish(store: AdapterStore) -> None
 
 def test_a_store_outage_is_a_failed_check() -> None:
     store = AdapterStore.from_url("redis://127.0.0.1:1/0", connect_timeout_s=0.2, retries=0)
-    check = check_adapter_set(store, "demo", _spec())
+    check = check_adapter_set(store, "demo", adapter_set_spec())
     store.close()
     assert (check.ready, check.reason, check.manifest) == (False, "StoreUnavailable", None)
     assert "127.0.0.1:1" in check.message
@@ -119,7 +120,7 @@ def test_the_verdict_over_several_stores_names_the_first_failure(
         return None
 
     def verdict(*stores: tuple[str, StoreOpener]) -> AdapterCheck:
-        return asyncio.run(check_in_stores("demo", _spec(), stores))
+        return asyncio.run(check_in_stores("demo", adapter_set_spec(), stores))
 
     ready = verdict(("the store of fleet a", found))
     assert ready.ready and ready.manifest == published

@@ -27,8 +27,8 @@ from kopf.testing import KopfRunner
 from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
-from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.store import AdapterManifest, AdapterStore
+from elasticfleet.worker.adapters.weights import AdapterWeights
 from elasticfleet.worker.model.plan import PruningPlan
 
 if TYPE_CHECKING:

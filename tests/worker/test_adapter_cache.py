@@ -12,13 +12,13 @@ import torch
 from valkey_server import TestRedisServer
 
 from elasticfleet.worker.adapters.cache import AdapterCache
-from elasticfleet.worker.adapters.format import AdapterWeights, encode_part
 from elasticfleet.worker.adapters.store import (
     AdapterNotFound,
     AdapterStore,
     DigestMismatch,
     StoreUnavailable,
 )
+from elasticfleet.worker.adapters.weights import AdapterWeights, encode_part
 from elasticfleet.worker.model.plan import PruningPlan
 
 MakeAdapter = Callable[..., AdapterWeights]

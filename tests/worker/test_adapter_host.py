@@ -14,11 +14,11 @@ from test_lora import make_spec, trained
 from valkey_server import TestRedisServer
 
 from elasticfleet.worker.adapters.cache import AdapterCache
-from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.host import CachedAdapterHost
 from elasticfleet.worker.adapters.interface import AdapterRequest
 from elasticfleet.worker.adapters.layer import AdapterBatch, AdapterChoice, AdapterSet
 from elasticfleet.worker.adapters.store import AdapterStore
+from elasticfleet.worker.adapters.weights import AdapterWeights
 from elasticfleet.worker.errors import (
     DataLoss,
     FailedPrecondition,

@@ -36,9 +36,6 @@ from elasticfleet.worker.adapters.format import (
     SPEC_FILE,
     AdapterFormatError,
     AdapterSpec,
-    AdapterWeights,
-    decode_part,
-    encode_part,
     parse_json,
 )
 from elasticfleet.worker.adapters.host import CachedAdapterHost
@@ -49,6 +46,7 @@ from elasticfleet.worker.adapters.store import (
     PartInfo,
     sha256_hex,
 )
+from elasticfleet.worker.adapters.weights import AdapterWeights, decode_part, encode_part, fetch
 from elasticfleet.worker.errors import WorkerError
 from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.model.plan import PruningPlan
@@ -341,7 +339,7 @@ def test_the_store_lists_and_refuses_hostile_manifests_precisely(
         (summary,) = store.list_adapters()  # never fails for one bad manifest
         assert summary.name == "demo" and len(summary.versions) + len(summary.problems) == 1
         try:
-            store.fetch("demo")
+            fetch(store, "demo")
         except DigestMismatch as error:
             assert len(str(error)) < 700
     finally:

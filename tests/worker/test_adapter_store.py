@@ -16,7 +16,7 @@ import redis
 import torch
 from valkey_server import TestRedisServer, free_port
 
-from elasticfleet.worker.adapters.format import TENSORS_FILE, AdapterWeights, decode_part
+from elasticfleet.worker.adapters.format import TENSORS_FILE
 from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
@@ -26,6 +26,7 @@ from elasticfleet.worker.adapters.store import (
     StoreConflict,
     StoreUnavailable,
 )
+from elasticfleet.worker.adapters.weights import AdapterWeights, decode_part, fetch
 
 MakeAdapter = Callable[..., AdapterWeights]
 
@@ -51,7 +52,7 @@ def test_round_trip_is_bit_identical(
         n: t.to(torch.bfloat16) if "B." in n else t for n, t in weights.tensors.items()
     }
     manifest = store.publish(weights)
-    fetched_manifest, fetched = store.fetch("demo")
+    fetched_manifest, fetched = fetch(store, "demo")
     assert fetched_manifest == manifest
     assert same_tensors(weights, fetched)
     # Saved to disk, the pulled set is byte-for-byte the pushed one.
@@ -106,7 +107,7 @@ def test_versions_are_listed_with_sizes(store: AdapterStore, make_adapter: MakeA
     assert other.versions[0].total_bytes < demo.versions[0].total_bytes
     assert store.current_version("demo") == 2
     assert store.manifest("demo").version == 2
-    assert same_tensors(store.fetch("demo", 1)[1], make_adapter(seed=1))
+    assert same_tensors(fetch(store, "demo", 1)[1], make_adapter(seed=1))
 
 
 def test_publish_is_atomic_under_a_concurrent_reader(
@@ -124,7 +125,7 @@ def test_publish_is_atomic_under_a_concurrent_reader(
     def read() -> None:
         try:
             while not done.is_set():
-                manifest, weights = store.fetch("demo")
+                manifest, weights = fetch(store, "demo")
                 seen.append(manifest.version)
                 if not same_tensors(weights, published[manifest.version]):
                     raise AssertionError(f"version {manifest.version} came back mixed")
@@ -178,10 +179,10 @@ def test_delete_an_old_version(
     assert store.version_numbers("demo") == [2, 3]
     assert raw.keys("elasticfleet:adapter:demo:*:1*") == []
     with pytest.raises(AdapterNotFound, match=r"no version 1 .*versions: 2, 3"):
-        store.fetch("demo", 1)
+        fetch(store, "demo", 1)
     with pytest.raises(AdapterNotFound):
         store.delete_version("demo", 1)
-    assert same_tensors(store.fetch("demo", 2)[1], make_adapter(seed=2))
+    assert same_tensors(fetch(store, "demo", 2)[1], make_adapter(seed=2))
 
 
 def test_deleting_the_current_version_is_refused(
@@ -192,7 +193,7 @@ def test_deleting_the_current_version_is_refused(
     with pytest.raises(StoreConflict, match="current version; publish a newer one first"):
         store.delete_version("demo", 2)
     assert store.version_numbers("demo") == [1, 2]
-    assert same_tensors(store.fetch("demo")[1], make_adapter(seed=2))
+    assert same_tensors(fetch(store, "demo")[1], make_adapter(seed=2))
 
 
 def test_delete_a_whole_adapter(
@@ -206,7 +207,7 @@ def test_delete_a_whole_adapter(
     assert raw.keys("elasticfleet:adapter:demo:*") == [b"elasticfleet:adapter:demo:next"]
     assert [a.name for a in store.list_adapters()] == ["other"]
     with pytest.raises(AdapterNotFound, match="adapter 'demo' is not in Redis at redis://"):
-        store.fetch("demo")
+        fetch(store, "demo")
     with pytest.raises(AdapterNotFound):
         store.delete_adapter("demo")
     assert store.publish(make_adapter(seed=3)).version == 3
@@ -230,11 +231,11 @@ def test_a_corrupt_blob_is_rejected(
     store.publish(make_adapter())
     raw.set("elasticfleet:adapter:demo:blob:1:B/qa/3", b"not the bytes that were published")
     with pytest.raises(DigestMismatch, match=r"adapter 'demo' version 1 part B/qa/3 is corrupt"):
-        store.fetch("demo")
-    store.fetch("demo", parts=["B/qa/2"])  # the others are fine
+        fetch(store, "demo")
+    fetch(store, "demo", parts=["B/qa/2"])  # the others are fine
     raw.set("elasticfleet:adapter:demo:manifest:1", b'{"format": 1, "name": "demo"')
     with pytest.raises(DigestMismatch, match="adapter 'demo' version 1's manifest is unreadable"):
-        store.fetch("demo")
+        fetch(store, "demo")
 
 
 def test_the_publish_commit_checks_blobs(
@@ -283,7 +284,7 @@ def test_unreachable_redis_is_a_quick_retryable_error() -> None:
     store = AdapterStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
     start = time.perf_counter()
     with pytest.raises(StoreUnavailable, match="unreachable while resolving adapter 'demo'") as e:
-        store.fetch("demo")
+        fetch(store, "demo")
     assert time.perf_counter() - start < 3.0
     assert isinstance(e.value, ConnectionError)
     assert e.value.retryable
@@ -304,7 +305,7 @@ def test_tls(tls_redis: tuple[str, Path], redis_url: str, make_adapter: MakeAdap
     url, ca = tls_redis
     verified = AdapterStore.from_url(url, tls_ca=str(ca))
     verified.publish(make_adapter())
-    assert same_tensors(verified.fetch("demo")[1], make_adapter())
+    assert same_tensors(fetch(verified, "demo")[1], make_adapter())
     with pytest.raises(StoreAuthError, match=r"TLS certificate failed verification.*--tls-ca"):
         AdapterStore.from_url(url).list_adapters()
     insecure = AdapterStore.from_url(url, tls_verify=False)
@@ -380,7 +381,7 @@ def test_a_manifest_that_contradicts_itself_or_its_key_is_data_loss(
     document = json.loads(store.publish(make_adapter()).to_json()) | change
     raw.set(MANIFEST_KEY, json.dumps(document))
     with pytest.raises(DigestMismatch, match=message) as caught:
-        store.fetch("demo")
+        fetch(store, "demo")
     assert len(str(caught.value)) < 400
 
 
@@ -412,11 +413,11 @@ def test_a_blob_that_is_not_safetensors_is_data_loss(
         document["parts"][part] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     raw.set(MANIFEST_KEY, json.dumps(document))
     with pytest.raises(DigestMismatch, match="part A/0 is not safetensors"):
-        store.fetch("demo", parts=["A/0"])
+        fetch(store, "demo", parts=["A/0"])
     with pytest.raises(
         DigestMismatch, match="part B/qa/1 should hold 3 tensors and holds 3; these differ"
     ):
-        store.fetch("demo", parts=["B/qa/1"])
+        fetch(store, "demo", parts=["B/qa/1"])
 
 
 def test_corrupt_index_entries_are_reported_alone(
@@ -438,7 +439,7 @@ def test_corrupt_index_entries_are_reported_alone(
         "adapter 'other''s current version is not a version number: b'not-a-number'",
     )
     with pytest.raises(DigestMismatch, match="current version is not a version number"):
-        store.fetch("other")
+        fetch(store, "other")
 
 
 # -- a Redis that stalls --------------------------------------------------------
@@ -459,7 +460,7 @@ def test_a_stalled_redis_fails_within_the_documented_timeouts(make_adapter: Make
                 warm,
                 AdapterStore.from_url(server.url, connect_timeout_s=0.5, timeout_s=1.0),
             ):
-                for call in (functools.partial(store.fetch, "demo"), store.list_adapters):
+                for call in (functools.partial(fetch, store, "demo"), store.list_adapters):
                     started = time.perf_counter()
                     with pytest.raises(StoreUnavailable, match="unreachable") as caught:
                         call()
@@ -521,7 +522,7 @@ def test_gc_sweeps_only_old_blobs_no_manifest_names(
     assert (swept.blobs, swept.deleted) == (15, True)
     assert sorted(raw.keys("elasticfleet:adapter:demo:blob:2:*")) == orphans[15:]
     assert len(raw.keys("elasticfleet:adapter:demo:blob:1:*")) == 20
-    assert same_tensors(store.fetch("demo")[1], make_adapter())
+    assert same_tensors(fetch(store, "demo")[1], make_adapter())
 
 
 def test_gc_never_takes_blobs_a_manifest_names(
@@ -532,4 +533,4 @@ def test_gc_never_takes_blobs_a_manifest_names(
         age(raw, key, 7200)
     report = store.collect_garbage(grace_s=0, delete=True)
     assert (report.blobs, report.young) == (0, 0)
-    assert same_tensors(store.fetch("demo")[1], make_adapter())
+    assert same_tensors(fetch(store, "demo")[1], make_adapter())

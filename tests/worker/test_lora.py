@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elasticfleet.worker.adapters.format import AdapterSpec, AdapterWeights
+from elasticfleet.worker.adapters.format import AdapterSpec
 from elasticfleet.worker.adapters.layer import (
     AdapterBatch,
     AdapterChoice,
@@ -17,6 +17,7 @@ from elasticfleet.worker.adapters.layer import (
     RowRoute,
 )
 from elasticfleet.worker.adapters.names import ALL_MODULES
+from elasticfleet.worker.adapters.weights import AdapterWeights
 from elasticfleet.worker.model.accounting import account
 from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.model.llama import ElasticLlama

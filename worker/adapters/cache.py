@@ -8,7 +8,7 @@ memory; `hits`, `misses` and `evictions` feed the metrics.
 
 What the cache guarantees:
 - a part enters the cache only after its sha256 matched the manifest and
-  it decoded to exactly its part's tensors (`AdapterStore.read_tensors`
+  it decoded to exactly its part's tensors (`weights.read_tensors`
   checks before returning), so a corrupt blob is never served, not even
   later from the cache;
 - while Redis is down, requests whose parts are all cached keep being served
@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from elasticfleet.worker.adapters.format import AdapterWeights
 from elasticfleet.worker.adapters.store import (
     AdapterManifest,
     AdapterNotFound,
     AdapterStore,
     StoreUnavailable,
 )
+from elasticfleet.worker.adapters.weights import AdapterWeights, read_tensors
 from elasticfleet.worker.model.plan import PruningPlan
 
 PartKey = tuple[str, int, str]  # (adapter, version, part)
@@ -150,7 +150,7 @@ class AdapterCache:
             missing = [p for p in wanted if p not in found]
             self.misses += len(missing)
         if missing:
-            fetched = self.store.read_tensors(manifest, missing)
+            fetched = read_tensors(self.store, manifest, missing)
             self._insert(manifest, fetched)
             found.update(fetched)
         weights = AdapterWeights.join(manifest.spec, (found[p] for p in wanted))

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from elasticfleet.worker.adapters.format import AdapterSpec, AdapterWeights, module_block
+from elasticfleet.worker.adapters.format import AdapterSpec, module_block
+from elasticfleet.worker.adapters.weights import AdapterWeights
 from elasticfleet.worker.model.config import ModelConfig
 from elasticfleet.worker.model.plan import PruningPlan
 

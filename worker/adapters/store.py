@@ -38,6 +38,11 @@ Everything read back is parsed defensively (`adapter_format`): manifests are
 bounded in size, must match their spec and their key, and one bad manifest is
 reported alone by `list_adapters` instead of hiding the others.
 
+The store moves parts as bytes and never decodes them, so it imports no
+torch (the operator checks AdapterSets through it, and its image has none):
+it publishes any `Publishable` (`AdapterWeights` encodes its parts), and
+`weights.read_tensors` and `weights.fetch` turn what it reads into tensors.
+
 Timeouts: a command waits at most `connect_timeout_s` to connect and
 `timeout_s` for each reply, and a timeout is not retried (a Redis that
 stalled once is likely stalled still, and the caller decides when to try
@@ -61,11 +66,10 @@ import ssl
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-import torch
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -73,10 +77,7 @@ from elasticfleet.worker.adapters.format import (
     MAX_MANIFEST_BYTES,
     AdapterFormatError,
     AdapterSpec,
-    AdapterWeights,
     check_name,
-    decode_part,
-    encode_part,
     parse_json,
     shown,
 )
@@ -323,8 +324,18 @@ def sha256_hex(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+class Publishable(Protocol):
+    """A complete adapter set as the store keeps it: its spec and each
+    part's bytes (`weights.AdapterWeights` is one, encoding its tensors)."""
+
+    @property
+    def spec(self) -> AdapterSpec: ...
+
+    def encoded_parts(self) -> dict[str, bytes]: ...
+
+
 class AdapterStore:
-    """Adapter sets in Redis: publish, list, fetch and delete versions.
+    """Adapter sets in Redis: publish, list, read and delete versions.
 
     Thread-safe: redis-py's client keeps a connection pool. Every Redis failure
     surfaces as one of this module's exceptions, with the URL (password
@@ -468,11 +479,10 @@ class AdapterStore:
 
     # -- publishing -----------------------------------------------------------
 
-    def publish(self, weights: AdapterWeights) -> AdapterManifest:
+    def publish(self, weights: Publishable) -> AdapterManifest:
         """Publish a complete adapter set as its next version and make it current."""
-        weights.check(complete=True)
+        blobs = weights.encoded_parts()
         name = weights.spec.name
-        blobs = {part: encode_part(tensors) for part, tensors in sorted(weights.split().items())}
         with self._errors(f"publishing adapter {name!r}"):
             version = int(self.client.incr(self._key(name, "next")))
             manifest = AdapterManifest(
@@ -658,31 +668,6 @@ class AdapterStore:
                 f"{info.sha256[:16]}... ({info.size} bytes); it was not used. "
                 "Publish the adapter again."
             )
-
-    def read_tensors(
-        self, manifest: AdapterManifest, parts: Iterable[str]
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        """The tensors of `parts` of `manifest`'s version, by part: verified
-        blobs (`read_parts`), each checked to be exactly its part's tensors
-        with the spec's ranks; DigestMismatch otherwise (the data is unusable)."""
-        decoded = {}
-        for part, blob in self.read_parts(manifest, parts).items():
-            try:
-                decoded[part] = decode_part(blob, manifest.spec, part)
-            except AdapterFormatError as error:
-                raise DigestMismatch(
-                    f"adapter {manifest.name!r} version {manifest.version} {error}; it was not "
-                    "used. Publish the adapter again."
-                ) from None
-        return decoded
-
-    def fetch(
-        self, name: str, version: int | None = None, parts: Sequence[str] | None = None
-    ) -> tuple[AdapterManifest, AdapterWeights]:
-        """A version (the current one if None) as weights: all parts, or `parts`."""
-        manifest = self.manifest(name, version)
-        tensors = self.read_tensors(manifest, manifest.parts if parts is None else parts)
-        return manifest, AdapterWeights.join(manifest.spec, tensors.values())
 
     # -- deleting -------------------------------------------------------------
 
