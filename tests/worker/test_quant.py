@@ -190,4 +190,5 @@ def test_kernel_choice_is_measured_among_the_candidates(dtype: torch.dtype) -> N
 
 def _logits(model: ElasticLlama) -> torch.Tensor:
     with torch.inference_mode():
-        return model(torch.arange(12).reshape(2, 6) % 200)
+        logits: torch.Tensor = model(torch.arange(12).reshape(2, 6) % 200)
+    return logits
