@@ -142,33 +142,35 @@ class PruningPlan:
         """Whether every kept block and KV cache is at full precision."""
         return not self.precision and not self.kv_precision
 
-    def demotions(self) -> list[Step]:
-        """Every one-step move down a ladder this plan allows: each kept
-        block one level down (dropping only while another block stays), each
+    def demotions(self, ladder: Sequence[str] = WEIGHT_LEVELS, kv: bool = True) -> list[Step]:
+        """Every one-step move down `ladder` (a subsequence of WEIGHT_LEVELS
+        from full to dropped) this plan allows: each kept block one rung
+        down (dropping only while another block stays), and with `kv` each
         kept full-precision KV cache to int8."""
         levels = self.levels()
         last = self.kept_blocks == 1
         steps: list[Step] = [
             ("block", b)
             for b, level in enumerate(levels)
-            if level != DROPPED and not (last and level == INT4)
+            if level != DROPPED and not (last and ladder[ladder.index(level) + 1] == DROPPED)
         ]
-        steps += [
-            ("kv", i)
-            for i, keep in enumerate(self.keep_attention)
-            if keep and self.kv_level(i) == FULL
-        ]
+        if kv:
+            steps += [
+                ("kv", i)
+                for i, keep in enumerate(self.keep_attention)
+                if keep and self.kv_level(i) == FULL
+            ]
         return steps
 
-    def demote(self, step: Step) -> PruningPlan:
-        """This plan with one step taken (see `demotions`)."""
+    def demote(self, step: Step, ladder: Sequence[str] = WEIGHT_LEVELS) -> PruningPlan:
+        """This plan with one step of `demotions` taken."""
         kind, index = step
         if kind == "kv":
             kv = self.kv_levels()
             kv[index] = INT8
             return PruningPlan.from_levels(self.levels(), kv)
         levels = self.levels()
-        levels[index] = WEIGHT_LEVELS[WEIGHT_LEVELS.index(levels[index]) + 1]
+        levels[index] = ladder[ladder.index(levels[index]) + 1]
         return PruningPlan.from_levels(levels, self.kv_levels())
 
     def meet(self, other: PruningPlan) -> PruningPlan | None:
