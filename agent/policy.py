@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from elasticfleet.agent.profile import ModelProfile
-from elasticfleet.agent.quality import block_importance, level_cost
+from elasticfleet.agent.quality import ProfileQuality, level_cost
 from elasticfleet.worker.model.memory import block_bytes_at, kv_bytes_per_token, predict_memory
 from elasticfleet.worker.model.plan import (
     DROPPED,
@@ -96,9 +96,10 @@ class Ladder:
 
     Weight rungs: full, int8, int4, dropped when the profile measured int8
     and int4 costs, else full and dropped. The KV rung (full to int8) when
-    it measured kv_int8 costs. A drop costs the block's GSI importance less
-    what its current rung already cost, so the costs of a block's steps add
-    up to its importance."""
+    it measured kv_int8 costs. Costs are the quality estimate's own
+    (`ProfileQuality`): a rung below full costs its measured level cost less
+    the rung above's; a drop costs what the estimate of the kept-or-dropped
+    plan rises by (its GSI prefix) less what the block's rung already cost."""
 
     def __init__(self, profile: ModelProfile) -> None:
         self.profile = profile
@@ -107,7 +108,8 @@ class Ladder:
             WEIGHT_LEVELS if INT8 in measured and INT4 in measured else (FULL, DROPPED)
         )
         self.kv = "kv_int8" in measured
-        self.importance = block_importance(profile)
+        self.quality = ProfileQuality(profile)
+        self._deepest: dict[PruningPlan, int] = {}  # per plan asked about
 
     def steps(self, plan: PruningPlan) -> list[Step]:
         return plan.demotions(self.levels, self.kv)
@@ -124,7 +126,13 @@ class Ladder:
         after = self.levels[self.levels.index(level) + 1]
         paid = level_cost(self.profile, level, index)
         if after == DROPPED:
-            return max(self.importance[index] - paid, 1e-6)
+            quality = self.quality
+            deepest = self._deepest.get(plan)
+            if deepest is None:
+                deepest = self._deepest[plan] = quality.deepest(plan)
+            after_drop = quality.at_depth(max(deepest, quality.rank[index]))
+            rise = math.log(after_drop) - math.log(quality.at_depth(deepest))
+            return max(rise - paid, 1e-6)
         return max(level_cost(self.profile, after, index) - paid, 1e-6)
 
     def freed(self, state: PolicyState, plan: PruningPlan, step: Step) -> int:
@@ -268,16 +276,16 @@ class SearchPolicy:
 
         beams: list[PruningPlan] = [dense]
         fitting: list[PruningPlan] = []
+        best = math.inf
         while beams:
             children = {ladder.take(plan, step) for plan in beams for step in ladder.steps(plan)}
-            fitting += [plan for plan in children if state.fits(plan)]
-            beams = sorted((p for p in children if not state.fits(p)), key=rate)
-            beams = beams[: self.beam_width]
+            fits = {plan: state.fits(plan) for plan in children}
+            fitting += [plan for plan in children if fits[plan]]
+            best = min([best, *(self.score(plan) for plan in children if fits[plan])])
+            beams = sorted((p for p in children if not fits[p]), key=rate)[: self.beam_width]
             # A step never lowers the score: once a fitting plan scores no
             # worse than every open beam, nothing below them can beat it.
-            if fitting and (
-                not beams or min(map(self.score, fitting)) <= min(map(self.score, beams))
-            ):
+            if fitting and (not beams or best <= min(map(self.score, beams))):
                 break
         if not fitting:
             smallest = PruningPlan.without_blocks(dense.num_layers, range(dense.num_layers * 2 - 1))

@@ -94,10 +94,16 @@ class ProfileQuality:
 
     def pruned(self, plan: PruningPlan) -> float:
         """The estimate for the plan's dropped blocks alone."""
-        ranks = [self.rank[b] for b, keep in enumerate(plan.to_mask()) if not keep]
-        if not ranks:
+        return self.at_depth(self.deepest(plan))
+
+    def deepest(self, plan: PruningPlan) -> int:
+        """The importance rank of the plan's deepest dropped block (-1: none)."""
+        return max((self.rank[b] for b, keep in enumerate(plan.to_mask()) if not keep), default=-1)
+
+    def at_depth(self, deepest: int) -> float:
+        """The estimate of a plan whose deepest dropped block has rank `deepest`."""
+        if deepest < 0:
             return self.dense
-        deepest = max(ranks)
         if deepest < len(self.prefix):
             return self.prefix[deepest]
         last = self.prefix[-1] if self.prefix else self.dense

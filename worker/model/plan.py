@@ -125,7 +125,8 @@ class PruningPlan:
 
     def weight_level(self, block: int) -> str:
         """Block `block`'s level: dropped, or the precision of its weights."""
-        if not self.to_mask()[block]:
+        kept = self.keep_attention if block % 2 == 0 else self.keep_ffn
+        if not kept[block // 2]:
             return DROPPED
         return self.precision[block] if self.precision else FULL
 
