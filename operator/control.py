@@ -581,13 +581,15 @@ class FleetController:
         if key not in self._decisions:
             if len(self._decisions) >= MAX_DECISIONS:
                 self._decisions.clear()
-            state = PolicyState(budget, load.batch_size, load.seq_len, self.profile, current)
+            state = PolicyState(
+                budget, load.batch_size, load.seq_len, self.profile, current, self.spec.dtype_name
+            )
             self._decisions[key] = self.policy.decide(state)
         return self._decisions[key]
 
     def _predicted(self, plan: PruningPlan, load: Load) -> int:
         estimate = predict_memory(
-            self.profile.config, plan, load.batch_size, load.seq_len, self.profile.dtype
+            self.profile.config, plan, load.batch_size, load.seq_len, self.spec.dtype_name
         )
         return estimate.total_bytes
 

@@ -30,6 +30,7 @@ from elasticfleet.operator.wire import (
     schema_of,
     string,
 )
+from elasticfleet.worker.model.memory import SERVING_DTYPES
 
 GROUP = "elasticfleet.io"
 VERSION = "v1alpha1"
@@ -81,6 +82,12 @@ def fleet_spec_schema() -> Schema:
                 "Model directory inside the worker image (config.json + model.safetensors); "
                 "empty means the worker prepares its default model into its cache.",
                 maxLength=4096,
+            ),
+            "dtype": string(
+                "Serving dtype of the workers (weights, activations, KV cache); the memory "
+                "model counts every byte in it.",
+                enum=sorted(SERVING_DTYPES),
+                default="fp32",
             ),
         },
         required=("name",),

@@ -19,6 +19,7 @@ from typing import Any
 from elasticfleet.agent.registry import SERVING_POLICIES
 from elasticfleet.operator.crds import WORKLOADS, fleet_spec_schema, with_defaults
 from elasticfleet.worker.adapters.store import DEFAULT_PREFIX
+from elasticfleet.worker.model.memory import SERVING_DTYPES
 
 # Names derived from the fleet's add this suffix; a Service name is a
 # DNS-1035 label of at most 63 characters.
@@ -167,6 +168,12 @@ class FleetSpec:
     redis: RedisSettings | None = None
     tls_secret: str | None = None
     token_secret: SecretKey | None = None
+    dtype: str = "fp32"  # a key of SERVING_DTYPES
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as the memory model names it."""
+        return SERVING_DTYPES[self.dtype]
 
     @classmethod
     def parse(
@@ -224,6 +231,7 @@ class FleetSpec:
             namespace=namespace,
             model_name=model["name"],
             model_path=model.get("path") or None,
+            dtype=model.get("dtype", "fp32"),
             replicas=raw["replicas"],
             workload=raw["workload"],
             worker=WorkerSettings(

@@ -192,3 +192,19 @@ def _logits(model: ElasticLlama) -> torch.Tensor:
     with torch.inference_mode():
         logits: torch.Tensor = model(torch.arange(12).reshape(2, 6) % 200)
     return logits
+
+
+def test_bf16_serving_counts_every_byte_in_bf16(tiny_model_dir: Path) -> None:
+    plan = PruningPlan.from_levels([INT8, FULL, INT4, DROPPED, FULL, INT8, INT4, FULL])
+    model = ElasticLlama.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, plan=plan)
+    assert {p.dtype for p in model.parameters()} <= {torch.bfloat16, torch.int8, torch.uint8}
+    cache = model.new_cache(batch_size=2, capacity=12)
+    with torch.inference_mode():
+        logits = model(torch.ones(2, 5, dtype=torch.long), cache)
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+    report = account(model, cache)
+    predicted = predict_memory(model.config, plan, batch=2, seq_len=12, dtype="bfloat16")
+    assert (report.weight_bytes, report.kv_reserved_bytes) == (
+        predicted.weight_bytes,
+        predicted.kv_bytes,
+    )

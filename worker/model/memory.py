@@ -44,6 +44,11 @@ _DTYPE_BYTES = {
 }
 
 
+#: The serving dtypes a worker takes (`--dtype`, the CRD's spec.model.dtype),
+#: by their short names, and the dtype names the memory model counts them by.
+SERVING_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def dtype_bytes(dtype: object) -> int:
     """Bytes per element for a dtype given as a name ('float16') or a torch.dtype."""
     name = str(dtype).removeprefix("torch.")
