@@ -229,7 +229,7 @@ LEVEL_PLANS = (
 
 
 @pytest.mark.parametrize(
-    "plans",
+    "pair",
     [
         (
             PruningPlan.from_dropped(4, attention=[1], ffn=[2]),
@@ -240,9 +240,9 @@ LEVEL_PLANS = (
     ids=["pruning", "levels"],
 )
 def test_plan_switches_follow_the_documented_semantics(
-    engine: Engine, reference_tokens: Reference, plans: tuple[PruningPlan, PruningPlan]
+    engine: Engine, reference_tokens: Reference, pair: tuple[PruningPlan, PruningPlan]
 ) -> None:
-    first, second = plans
+    first, second = pair
     sinks = {p: Collector() for p in ["hello", "abc", "zz top", "late"]}
     engine.submit("hello", GREEDY, sinks["hello"])
     engine.submit("abc", GREEDY, sinks["abc"])
