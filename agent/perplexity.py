@@ -117,7 +117,7 @@ class PerplexityEvaluator:
         self.batch_size = batch_size
         self.progress = progress
         self.digest = tokens_digest(self.tokens)
-        self._cache: dict[tuple[bool, ...], float] = {}
+        self._cache: dict[PruningPlan, float] = {}
         self._hits = 0
         self._misses = 0
         # Forward-pass evaluations and the seconds they took, for timing reports.
@@ -161,11 +161,11 @@ class PerplexityEvaluator:
 
     def cached(self, plan: PruningPlan) -> float | None:
         """The cached perplexity of `plan`, or None; counts as neither hit nor miss."""
-        return self._cache.get(tuple(plan.to_mask()))
+        return self._cache.get(plan)
 
     def evaluate(self, plan: PruningPlan) -> float:
         """Perplexity of the model under `plan` (applied to the model first)."""
-        key = tuple(plan.to_mask())
+        key = plan
         cached = self._cache.get(key)
         if cached is not None:
             self._hits += 1

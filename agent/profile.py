@@ -16,6 +16,11 @@ prefix of the blocks, and by a one-pass proxy that ranks the rest
 
 The byte figures come from worker/model/memory.py, the one memory model the
 system uses, and a loaded profile must agree with it.
+
+A profile may also hold each block's cost at the precision levels below full
+(`level_costs`: the log-perplexity that putting that one block, alone, at
+int8 or int4 adds to the dense model's), which the ladder's policies read;
+a profile without them plans pruning only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,10 @@ _FIELDS = (
     "eval_tokens",
     "meta",
 )
+#: Fields a profile may lack (profiles written before they existed).
+_OPTIONAL = ("level_costs",)
+#: The levels `level_costs` may hold: a block's weights, or (per layer) its KV cache.
+COST_LEVELS = ("int8", "int4", "kv_int8")
 
 
 #: The committed profile of the shipped model, the policies' default. Resolved
@@ -98,6 +107,9 @@ class ModelProfile:
     proxy_scores: tuple[float, ...]  # per block (block order), higher = more important
     eval_tokens: int  # tokens the perplexities were measured on
     meta: dict[str, Any]  # command, seed, corpus digest, timings, complete flag
+    # Per level in COST_LEVELS: the log-perplexity one block (2L entries; for
+    # kv_int8 one attention block's cache, L entries) adds at that level alone.
+    level_costs: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -134,7 +146,11 @@ class ModelProfile:
             "proxy_scores": list(self.proxy_scores),
             "eval_tokens": self.eval_tokens,
             "meta": self.meta,
-        }
+        } | (
+            {"level_costs": {k: list(v) for k, v in self.level_costs.items()}}
+            if self.level_costs
+            else {}
+        )
 
     @classmethod
     def from_dict(cls, raw: object) -> ModelProfile:
@@ -151,7 +167,7 @@ class ModelProfile:
         missing = [name for name in _FIELDS if name not in raw]
         if missing:
             raise ValueError(f"profile lacks field(s) {', '.join(missing)}")
-        unknown = sorted(set(raw) - set(_FIELDS) - {"format", "version"})
+        unknown = sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL) - {"format", "version"})
         if unknown:
             raise ValueError(f"profile has unknown field(s) {', '.join(unknown)}")
         if not isinstance(raw["config"], dict):
@@ -176,6 +192,7 @@ class ModelProfile:
             proxy_scores=_floats(raw, "proxy_scores"),
             eval_tokens=_int(raw, "eval_tokens"),
             meta=meta,
+            level_costs=_level_costs(raw.get("level_costs", {})),
         )
 
     def save(self, path: str | Path) -> None:
@@ -236,6 +253,12 @@ def _floats(raw: dict[str, Any], name: str) -> tuple[float, ...]:
     ):
         raise ValueError(f"profile field {name} must be a list of numbers")
     return tuple(float(v) for v in values)
+
+
+def _level_costs(raw: object) -> dict[str, tuple[float, ...]]:
+    if not isinstance(raw, dict):
+        raise ValueError("profile field level_costs must be a JSON object")
+    return {str(level): _floats(raw, level) for level in raw}
 
 
 def _check_perplexity(name: str, value: float, *, allow_inf: bool) -> None:
@@ -306,6 +329,12 @@ def _validate(profile: ModelProfile) -> None:
         )
     if not isinstance(profile.meta, dict) or not all(isinstance(k, str) for k in profile.meta):
         raise ValueError("profile meta must be a dictionary with string keys")
+    for level, costs in profile.level_costs.items():
+        if level not in COST_LEVELS:
+            raise ValueError(f"profile level_costs has level {level!r}; levels are {COST_LEVELS}")
+        check_length(f"level_costs[{level}]", costs, layers if level == "kv_int8" else blocks)
+        if not all(math.isfinite(cost) for cost in costs):
+            raise ValueError(f"profile level_costs[{level}] must hold finite numbers")
 
 
 def _check_blocks(name: str, values: Sequence[int], blocks: int) -> None:

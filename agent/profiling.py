@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from elasticfleet.agent.profile import (
     write_json,
 )
 from elasticfleet.worker.model.llama import ElasticLlama
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import FULL, INT4, INT8, PruningPlan
 
 log = logging.getLogger(__name__)
 
@@ -399,3 +400,34 @@ def _run_gsi(
         return False
     finally:
         bar.close()
+
+
+def measure_level_costs(
+    model: ElasticLlama,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, tuple[float, ...]]:
+    """Each block's cost at int8 and at int4: the log-perplexity that
+    quantizing that block alone adds to the dense model's on `tokens`
+    (calibration text). 2 x 2L evaluations. Quantization errors are small
+    and nearly independent across blocks, so the ladder's quality estimate
+    adds them up (agent/quality.py); a block whose rounding happened to help
+    records a negative cost, which the estimate counts as zero."""
+    evaluator = PerplexityEvaluator(model, tokens, batch_size)
+    blocks = model.config.num_blocks
+    dense = math.log(evaluator.evaluate(PruningPlan.dense(model.config.num_hidden_layers)))
+    costs: dict[str, tuple[float, ...]] = {}
+    bar = tqdm(total=2 * blocks, desc="level costs", unit="eval", disable=not progress)
+    for level in (INT8, INT4):
+        measured = []
+        for block in range(blocks):
+            levels = [FULL] * blocks
+            levels[block] = level
+            measured.append(math.log(evaluator.evaluate(PruningPlan.from_levels(levels))) - dense)
+            bar.update()
+        costs[level] = tuple(measured)
+    bar.close()
+    model.apply_plan(PruningPlan.dense(model.config.num_hidden_layers))
+    return costs

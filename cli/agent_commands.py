@@ -1,8 +1,9 @@
 """`elasticfleet agent ...`: the offline half of the agent.
 
 `agent profile` measures block importance (GSI and a proxy) into the model
-profile the policies read; it checkpoints and resumes. `agent train` trains
-the RL policy's network from a profile. Neither runs in the operator.
+profile the policies read; it checkpoints and resumes. `agent levels` adds
+each block's measured cost at int8 and int4 to that profile. `agent train`
+trains the RL policy's network from a profile. None runs in the operator.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from elasticfleet.cli.options import Commands, cache_dir_option, command_group, 
 
 
 def register(commands: Commands) -> None:
-    """Add `agent profile | train`."""
+    """Add `agent profile | levels | train`."""
     group = command_group(commands, "agent", "block profiling and pruning policies")
     profile = group.add_parser(
         "profile",
@@ -31,6 +32,19 @@ def register(commands: Commands) -> None:
     profile.add_argument("--time-limit", type=float, help="stop after this many seconds")
     no_progress_option(profile)
     profile.set_defaults(handler=_profile)
+
+    levels = group.add_parser(
+        "levels",
+        help="measure each block's cost at int8 and int4 into the profile (about 5 min)",
+    )
+    cache_dir_option(levels)
+    levels.add_argument(
+        "--profile", type=Path, help="profile file to add to (default: the committed one)"
+    )
+    levels.add_argument("--windows", type=int, default=4, help="calibration windows")
+    levels.add_argument("--window-length", type=int, default=256, help="tokens per window")
+    no_progress_option(levels)
+    levels.set_defaults(handler=_levels)
 
     train = group.add_parser("train", help="train the RAP DQN pruning agent")
     cache_dir_option(train)
@@ -80,6 +94,34 @@ def _profile(args: argparse.Namespace) -> int:
     )
     state = "complete" if profile.complete else "partial (run again to resume)"
     print(f"{out}: {len(profile.gsi_order)} GSI steps, {state}")
+    return 0
+
+
+def _levels(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from elasticfleet.agent.corpus import token_windows
+    from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+    from elasticfleet.agent.profiling import measure_level_costs
+    from elasticfleet.worker.model.generation import load_tokenizer
+    from elasticfleet.worker.model.llama import ElasticLlama
+    from elasticfleet.worker.model.prepare import prepare_model
+
+    progress = not args.no_progress
+    out = args.profile or DEFAULT_PROFILE
+    profile = ModelProfile.load(out)
+    path = prepare_model(args.cache_dir, progress=progress)
+    tokens = token_windows(
+        "calibration",
+        load_tokenizer(path),
+        args.window_length,
+        args.windows,
+        cache_root=args.cache_dir,
+    )
+    costs = measure_level_costs(ElasticLlama.from_pretrained(path), tokens, progress=progress)
+    meta = profile.meta | {"levels_command": " ".join(["elasticfleet", *sys.argv[1:]])}
+    dataclasses.replace(profile, level_costs=profile.level_costs | costs, meta=meta).save(out)
+    print(f"{out}: int8 and int4 costs of {profile.num_blocks} blocks")
     return 0
 
 

@@ -35,6 +35,7 @@ from elasticfleet.cli.options import (
     token_options,
 )
 from elasticfleet.worker.serving.limits import MAX_THREADS
+from elasticfleet.worker.model.memory import SERVING_DTYPES
 
 if TYPE_CHECKING:
     from elasticfleet.worker.adapters.cache import AdapterCache
@@ -77,6 +78,13 @@ def register(commands: Commands) -> None:
         type=float,
         default=0.5,
         help="budget as a fraction of the device's free memory at start (default 0.5)",
+    )
+    worker.add_argument(
+        "--dtype",
+        choices=sorted(SERVING_DTYPES),
+        default="fp32",
+        help="serving dtype of weights, activations and the KV cache (default fp32; bf16 "
+        "halves the bytes; fp16 where the device wants it)",
     )
     worker.add_argument("--max-batch", type=int, default=64, help="most sequences per step")
     worker.add_argument("--max-queue", type=int, default=256, help="most requests waiting")
@@ -197,7 +205,7 @@ def _worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     budget = args.budget_bytes or int(args.budget_fraction * memory.free_bytes)
     path = args.model or prepare_model(args.cache_dir, progress=False)
-    model = ElasticLlama.from_pretrained(path)
+    model = ElasticLlama.from_pretrained(path, dtype=getattr(torch, SERVING_DTYPES[args.dtype]))
     layers = model.config.num_hidden_layers
     model.apply_plan(PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn))
     adapters = CachedAdapterHost(_adapter_cache(args), model.config, model.plan)

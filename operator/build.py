@@ -150,6 +150,8 @@ def worker_command(spec: FleetSpec) -> list[str]:
         command += ["--budget-fraction", str(budget.fraction)]
     if spec.model_path:
         command += ["--model", spec.model_path]
+    if spec.dtype != "fp32":
+        command += ["--dtype", spec.dtype]
     for flag, value in (
         ("--max-batch", worker.max_batch),
         ("--max-queue", worker.max_queue),

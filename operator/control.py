@@ -82,8 +82,9 @@ from elasticfleet.operator.status import (
     WorkerStatus,
 )
 from elasticfleet.worker.model.memory import predict_memory
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import INT4, INT8, PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient
+from elasticfleet.worker.serving.plans import level_fields, plan_from_fields
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class WorkerConnection(Protocol):
         budget_bytes: int | None = None,
         *,
         timeout: float | None = None,
+        levels: Sequence[pb.BlockLevel.ValueType] = (),
+        kv_levels: Sequence[pb.KvLevel.ValueType] = (),
     ) -> pb.ApplyPlanResponse: ...
 
     async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse: ...
@@ -241,20 +244,32 @@ class LoopSettings:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
 
 
+#: What a policy decides from: budget, batch, sequence length, the plan in force.
+DecisionKey = tuple[int, int, int, PruningPlan]
+
+
 def plan_id(plan: PruningPlan) -> str:
-    """A plan's identifier: the same blocks always get the same name."""
-    bits = "".join("1" if keep else "0" for keep in plan.to_mask())
-    return "p-" + hashlib.sha256(bits.encode()).hexdigest()[:12]
+    """A plan's identifier: the same blocks at the same levels always get
+    the same name (a pruning-only plan keeps the name its keep-mask had
+    before levels existed)."""
+    text = "".join("1" if keep else "0" for keep in plan.to_mask())
+    if not plan.pruning_only:
+        text += "/" + ",".join(plan.levels()) + "/" + ",".join(plan.kv_levels())
+    return "p-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def plan_summary(plan: PruningPlan, identifier: str) -> PlanSummary:
     """How the status shows `plan`, under the id the worker reports for it."""
+    counts = plan.level_counts()
     return PlanSummary(
         identifier,
         sum(plan.keep_attention),
         sum(plan.keep_ffn),
         tuple(plan.dropped_attention),
         tuple(plan.dropped_ffn),
+        int8_blocks=counts[INT8],
+        int4_blocks=counts[INT4],
+        int8_kv=counts["kv_int8"],
     )
 
 
@@ -365,7 +380,7 @@ class FleetController:
         self.generation = generation
         self.policy = build_policy(spec)
         self.floor = QualityFloor(self.profile, spec.memory.max_perplexity_ratio)
-        self._decisions: dict[tuple[int, int, int, tuple[bool, ...]], PruningPlan] = {}
+        self._decisions: dict[DecisionKey, PruningPlan] = {}
 
     async def close(self) -> None:
         """Close every worker connection and stop the decision thread."""
@@ -554,7 +569,10 @@ class FleetController:
                 f"the worker reports {len(stats.keep_mask)} blocks, "
                 f"{self.spec.model_name} has {blocks}"
             )
-        return PruningPlan.from_mask(list(stats.keep_mask))
+        try:
+            return plan_from_fields(stats.keep_mask, stats.levels, stats.kv_levels)
+        except ValueError as error:
+            raise SpecError(f"the worker reports a malformed plan: {error}") from None
 
     def _decide(self, budget: int, load: Load, current: PruningPlan) -> PruningPlan:
         # Policies are deterministic, and workers under one load and budget
@@ -563,13 +581,15 @@ class FleetController:
         if key not in self._decisions:
             if len(self._decisions) >= MAX_DECISIONS:
                 self._decisions.clear()
-            state = PolicyState(budget, load.batch_size, load.seq_len, self.profile, current)
+            state = PolicyState(
+                budget, load.batch_size, load.seq_len, self.profile, current, self.spec.dtype_name
+            )
             self._decisions[key] = self.policy.decide(state)
         return self._decisions[key]
 
     def _predicted(self, plan: PruningPlan, load: Load) -> int:
         estimate = predict_memory(
-            self.profile.config, plan, load.batch_size, load.seq_len, self.profile.dtype
+            self.profile.config, plan, load.batch_size, load.seq_len, self.spec.dtype_name
         )
         return estimate.total_bytes
 
@@ -592,10 +612,13 @@ class FleetController:
         if not plan_changed and not budget_changed:
             return WorkerOutcome(endpoint, status, plan=plan)
         mask = plan.to_mask()
+        levels, kv_levels = level_fields(plan)
         timeout = self.settings.apply_timeout_s
         try:
             response = await self._retrying(
-                lambda: connection.apply_plan(identifier, mask, budget, timeout=timeout)
+                lambda: connection.apply_plan(
+                    identifier, mask, budget, timeout=timeout, levels=levels, kv_levels=kv_levels
+                )
             )
         except Exception as error:
             return self._failed(endpoint, PLAN_FAILED, _describe_error(error), status)
@@ -632,10 +655,12 @@ class FleetController:
     def _observed(self, endpoint: WorkerEndpoint, stats: pb.GetStatsResponse) -> WorkerStatus:
         """The status entry for what a worker reported."""
         memory, mix = stats.memory, stats.mix
-        keep = list(stats.keep_mask)
         plan = None
-        if keep and len(keep) % 2 == 0 and any(keep):
-            plan = plan_summary(PruningPlan.from_mask(keep), stats.plan_id)
+        try:
+            reported = plan_from_fields(stats.keep_mask, stats.levels, stats.kv_levels)
+            plan = plan_summary(reported, stats.plan_id)
+        except ValueError:
+            pass  # _current_plan names the problem
         return WorkerStatus(
             endpoint.pod,
             endpoint.node,
@@ -715,8 +740,8 @@ class FleetController:
 
 def _decision_key(
     budget: int, load: Load, current: PruningPlan
-) -> tuple[int, int, int, tuple[bool, ...]]:
-    return (budget, load.batch_size, load.seq_len, tuple(current.to_mask()))
+) -> tuple[int, int, int, PruningPlan]:
+    return (budget, load.batch_size, load.seq_len, current)
 
 
 def _device(stats: pb.GetStatsResponse) -> DeviceFigures:

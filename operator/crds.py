@@ -61,6 +61,7 @@ from elasticfleet.worker.adapters.names import (
     is_valid_name,
 )
 from elasticfleet.worker.serving.limits import MAX_THREADS
+from elasticfleet.worker.model.memory import SERVING_DTYPES
 
 GROUP = "elasticfleet.io"
 VERSION = "v1alpha1"
@@ -248,6 +249,12 @@ def fleet_spec_schema() -> Schema:
                 "the worker's --model flag, so it must not start with '-'.",
                 pattern=FLAG_PATH,
                 maxLength=4096,
+            ),
+            "dtype": string(
+                "Serving dtype of the workers (weights, activations, KV cache); the memory "
+                "model counts every byte in it.",
+                enum=sorted(SERVING_DTYPES),
+                default="fp32",
             ),
         },
         required=("name",),

@@ -22,6 +22,7 @@ from elasticfleet.agent.registry import SERVING_POLICIES
 from elasticfleet.operator import schema_check
 from elasticfleet.operator.crds import fleet_crd, with_defaults
 from elasticfleet.worker.adapters.store import DEFAULT_PREFIX
+from elasticfleet.worker.model.memory import SERVING_DTYPES
 
 
 class SecretUnavailable(Exception):
@@ -177,6 +178,12 @@ class FleetSpec:
     tls_secret: str | None = None
     token_secret: SecretKey | None = None
     gateway: GatewaySettings | None = None
+    dtype: str = "fp32"  # a key of SERVING_DTYPES
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as the memory model names it."""
+        return SERVING_DTYPES[self.dtype]
 
     @classmethod
     def parse(
@@ -213,6 +220,7 @@ class FleetSpec:
             namespace=namespace,
             model_name=model["name"],
             model_path=model.get("path") or None,
+            dtype=model.get("dtype", "fp32"),
             replicas=raw["replicas"],
             workload=raw["workload"],
             worker=WorkerSettings(

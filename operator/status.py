@@ -154,8 +154,9 @@ LAYER = FieldSpec("Layer index.", minimum=0)
 
 @dataclass(frozen=True)
 class PlanSummary(ApiObject):
-    """A pruning plan as people read it: its id, how many blocks of each
-    kind it keeps and which layers lose theirs."""
+    """A plan as people read it: its id, how many blocks of each kind it
+    keeps, which layers lose theirs, and how many blocks and KV caches stand
+    below full precision."""
 
     id: str = field(
         default="",
@@ -171,6 +172,16 @@ class PlanSummary(ApiObject):
     dropped_ffn: tuple[int, ...] = field(
         default=(),
         metadata=api("Layers whose FFN block is dropped.", name="droppedFFN", item=LAYER),
+    )
+    int8_blocks: int = field(
+        default=0, metadata=api("Kept blocks whose weights are int8.", minimum=0)
+    )
+    int4_blocks: int = field(
+        default=0, metadata=api("Kept blocks whose weights are int4.", minimum=0)
+    )
+    int8_kv: int = field(
+        default=0,
+        metadata=api("Kept attention blocks whose KV cache is int8.", name="int8KV", minimum=0),
     )
 
 

@@ -126,7 +126,9 @@ class StateEncoder:
 
     def __init__(self, state: PolicyState, tables: ProfileTables) -> None:
         profile = state.profile
-        dense = predict_memory(profile.config, None, state.batch_size, state.seq_len, profile.dtype)
+        dense = predict_memory(
+            profile.config, None, state.batch_size, state.seq_len, state.serving_dtype
+        )
         blocks = profile.num_blocks
         self.tables = tables
         self.dense_bytes = dense.total_bytes

@@ -20,6 +20,7 @@ from elasticfleet.operator.control import FleetEvent, WorkerEndpoint
 from elasticfleet.operator.status import FleetStatus
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.plans import level_fields, plan_from_fields
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 GIB = 2**30
@@ -108,6 +109,8 @@ class FakeWorker:
             plan_id=self.plan_id,
             keep_mask=self.plan.to_mask(),
             model=self.model,
+            levels=level_fields(self.plan)[0],
+            kv_levels=level_fields(self.plan)[1],
         )
 
     def device(self) -> pb.DeviceMemory:
@@ -141,11 +144,13 @@ class FakeWorker:
         budget_bytes: int | None = None,
         *,
         timeout: float | None = None,
+        levels: Sequence[pb.BlockLevel.ValueType] = (),
+        kv_levels: Sequence[pb.KvLevel.ValueType] = (),
     ) -> pb.ApplyPlanResponse:
         self._reachable()
         if self.apply_errors:
             raise self.apply_errors.pop(0)
-        plan = PruningPlan.from_mask(list(keep_mask))
+        plan = plan_from_fields(keep_mask, levels, kv_levels)
         budget = self.budget_bytes if budget_bytes is None else budget_bytes
         weights = predict_memory(self.profile.config, plan, 0, 0, self.profile.dtype).weight_bytes
         if weights > budget:

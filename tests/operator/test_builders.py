@@ -325,3 +325,12 @@ def test_fleets_elsewhere_do_not_get_the_operators_store() -> None:
     spec = FleetSpec.parse("smollm2", "team-a", raw, DEFAULT_STORE)
     assert spec.redis is None
     assert not any(e["name"].startswith("ELASTICFLEET_REDIS") for e in worker_env(spec))
+
+
+def test_the_serving_dtype_reaches_the_worker_command() -> None:
+    default = FleetSpec.parse("f", "ns", _raw())
+    assert default.dtype == "fp32" and "--dtype" not in worker_command(default)
+    spec = FleetSpec.parse("f", "ns", _raw(model={"name": "m", "dtype": "bf16"}))
+    assert spec.dtype_name == "bfloat16"
+    args = build_parser().parse_args(worker_command(spec)[1:])
+    assert args.dtype == "bf16"

@@ -137,12 +137,19 @@ def test_squeeze_then_relax() -> None:
     assert len(harness.sink.statuses) == 4
 
 
-def test_light_load_drops_ffn_blocks_first() -> None:
-    # One short sequence: KV is tiny, weights are what must go.
-    fleet = FakeFleet(PROFILE, 1, batch_p90=1, sequence_p90=64, others_bytes=int(3.2 * GIB))
-    Harness(fleet).tick()
-    plan = fleet.workers["w0"].plan
-    assert len(plan.dropped_ffn) > len(plan.dropped_attention)
+def test_heavier_load_drops_more_attention_blocks() -> None:
+    # One short sequence: KV is tiny, weights are what must go; under long
+    # sequences the KV of attention blocks is, so more of them go.
+    plans = []
+    for batch, sequence in ((1, 64), (16, 4096)):
+        fleet = FakeFleet(
+            PROFILE, 1, batch_p90=batch, sequence_p90=sequence, others_bytes=int(3.2 * GIB)
+        )
+        Harness(fleet).tick()
+        plans.append(fleet.workers["w0"].plan)
+    light, heavy = plans
+    assert light.kept_blocks < 2 * LAYERS and heavy.kept_blocks < 2 * LAYERS
+    assert len(heavy.dropped_attention) > len(light.dropped_attention)
 
 
 def test_unreachable_worker_degrades_without_stalling_the_others() -> None:

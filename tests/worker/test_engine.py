@@ -221,12 +221,28 @@ def test_the_exact_layout_is_used_when_the_rounded_one_would_not_fit(
     engine.close()
 
 
+LEVEL_PLANS = (
+    # Quantizes three blocks and drops two; then promotes, demotes and restores.
+    PruningPlan.from_levels(["full", "int8", "int4", "int8", "full", "dropped", "int8", "dropped"]),
+    PruningPlan.from_levels(["int4", "full", "int4", "dropped", "int8", "int8", "full", "full"]),
+)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (
+            PruningPlan.from_dropped(4, attention=[1], ffn=[2]),
+            PruningPlan.from_dropped(4, attention=[3], ffn=[2]),  # restores attention 1
+        ),
+        LEVEL_PLANS,
+    ],
+    ids=["pruning", "levels"],
+)
 def test_plan_switches_follow_the_documented_semantics(
-    engine: Engine, reference_tokens: Reference
+    engine: Engine, reference_tokens: Reference, pair: tuple[PruningPlan, PruningPlan]
 ) -> None:
-    layers = engine.model.config.num_hidden_layers
-    first = PruningPlan.from_dropped(layers, attention=[1], ffn=[2])
-    second = PruningPlan.from_dropped(layers, attention=[3], ffn=[2])  # restores attention 1
+    first, second = pair
     sinks = {p: Collector() for p in ["hello", "abc", "zz top", "late"]}
     engine.submit("hello", GREEDY, sinks["hello"])
     engine.submit("abc", GREEDY, sinks["abc"])

@@ -35,8 +35,9 @@ from elasticfleet.worker.model.accounting import account
 from elasticfleet.worker.model.generation import TOKENIZER_FILE, SamplingParams, TextGenerator
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import DROPPED, FULL, INT4, INT8, PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient, WorkerClient, generate_request
+from elasticfleet.worker.serving.plans import level_fields, plan_from_fields
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, status_code
 from elasticfleet.worker.serving.telemetry import SimulatedDevice
@@ -201,6 +202,35 @@ def test_plans_apply_and_stats_agree_with_the_accountant(
     assert stats.mix.finished_requests == 1
     assert stats.mix.output_tokens.counts[0] == 1  # 4 tokens: the first bucket
     assert stats.tokens_per_second > 0
+
+
+def test_levels_travel_over_grpc_and_a_keep_mask_still_means_full_or_dropped(
+    server: BackgroundServer, client: WorkerClient
+) -> None:
+    engine = server.server.engine
+    plan = PruningPlan.from_levels([INT8, INT4, DROPPED, FULL, INT4, INT8, FULL, INT8])
+    levels, kv_levels = level_fields(plan)
+    answer = client.apply_plan("q-1", plan.to_mask(), levels=levels, kv_levels=kv_levels)
+    assert answer.kept_blocks == 7
+    stats = client.get_stats()
+    assert plan_from_fields(stats.keep_mask, stats.levels, stats.kv_levels) == plan
+    assert engine.model.plan == plan
+    assert stats.memory.weight_bytes == predict_memory(engine.model.config, plan, 0, 0).weight_bytes
+    result = client.complete(generate_request("abc", max_new_tokens=3, ignore_eos=True))
+    assert {m.plan_id for m in result.messages} == {"q-1"}
+    # An old client's keep-mask: every kept block back at full, bit for bit.
+    client.apply_plan("mask", [True] * 8)
+    stats = client.get_stats()
+    assert list(stats.levels) == [] and engine.model.plan == PruningPlan.dense(4)
+    # Malformed levels are refused and change nothing.
+    for bad in (
+        lambda: client.apply_plan("x", [True] * 8, levels=[pb.BLOCK_LEVEL_INT8] * 6),
+        lambda: client.apply_plan("x", [False] + [True] * 7, levels=[pb.BLOCK_LEVEL_INT8] * 8),
+        lambda: client.apply_plan("x", [], levels=[pb.BLOCK_LEVEL_UNSPECIFIED] * 8),
+        lambda: client.apply_plan("x", [True] * 8, kv_levels=[pb.KV_LEVEL_INT8] * 4),
+    ):
+        assert code_of(bad) == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.get_stats().plan_id == "mask"
 
 
 def test_a_deadline_cancels_the_request_in_the_engine(

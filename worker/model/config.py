@@ -136,3 +136,21 @@ def llama2_7b_config() -> ModelConfig:
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
+
+
+def llama3_8b_config() -> ModelConfig:
+    """Llama-3-8B's shapes (grouped-query attention, 8 KV heads, untied
+    embeddings), used to check the memory model's precision levels by hand."""
+    return ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )

@@ -8,12 +8,20 @@ tensors); restoring reads the exact stored values back, checked against the
 block's digest in the directory's manifest (worker/model/integrity.py), so a
 file changed on disk after start is refused, never served.
 
-On CPU the projections' weights are by default repacked into oneDNN's blocked
-layout, which makes the small-batch matrix products of decoding memory-bound
-rather than kernel-bound (about 1.3x faster end to end here). It is the same
-float32 values in another order; only the summation order of the dot
-products changes, so logits move by about 1e-4. `packed=False` keeps the
-plain layout, whose arithmetic is that of transformers' LlamaForCausalLM.
+Each kept block stands at a level (worker/model/plan.py): full, or its
+projections quantized to int8 or int4 weight-only (worker/model/quant.py),
+always from the stored full weights, so a block changes level the way it is
+restored: by reading it back from the file.
+
+On CPU a full projection's weight may be repacked into oneDNN's blocked
+layout, which can make the small-batch matrix products of decoding
+memory-bound rather than kernel-bound; whether it does depends on the CPU.
+So by default the model measures, at load time, which kernel is fastest for
+each projection shape and level on this machine (worker/model/kernels.py).
+The packed layout holds the same values in another order; only the
+summation order of the dot products changes, so logits move by about 1e-4.
+`packed=False` keeps the plain layout, whose arithmetic is that of
+transformers' LlamaForCausalLM; `packed=True` packs every full projection.
 """
 
 from __future__ import annotations
@@ -39,8 +47,15 @@ from elasticfleet.worker.model.integrity import (
     read_groups,
     write_manifest,
 )
+from elasticfleet.worker.model.kernels import (
+    PACKED,
+    fixed_kernels,
+    measure_kernels,
+)
 from elasticfleet.worker.model.kvcache import KVCache
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.memory import projection_shapes
+from elasticfleet.worker.model.plan import DROPPED, FULL, PruningPlan
+from elasticfleet.worker.model.quant import QuantLinear
 
 
 class ProjectionAdapters(Protocol):
@@ -86,7 +101,7 @@ class ForwardContext:
     adapters: ProjectionAdapters | None = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def project(self, linear: Linear, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
+    def project(self, linear: nn.Module, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
         """linear(x) plus each row's adapter delta for projection `name` of `layer`."""
         out: torch.Tensor = linear(x)
         if self.adapters is None:
@@ -106,12 +121,6 @@ class ForwardContext:
                 mask = mask & (key_pos[None, None, :] >= start[:, None, None])
             self._masks[key] = mask[:, None]
         return self._masks[key]
-
-
-def onednn_available() -> bool:
-    """Whether this torch build can run oneDNN-packed linear layers."""
-    available: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-    return available
 
 
 class Linear(nn.Linear):
@@ -253,7 +262,7 @@ class ElasticLlama(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.dtype = torch.float32
-        self.packed = False
+        self.kernels = fixed_kernels(torch.float32, torch.device("cpu"), packed=False)
         # Built on the CPU explicitly so that it is real even when the
         # modules are created on the meta device before loading.
         exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device="cpu")
@@ -277,34 +286,61 @@ class ElasticLlama(nn.Module):
         plan keeps. Every file the manifest lists is checked first (the
         config and tokenizer files by sha256) and each block read by its
         digest, so a corrupt or unprepared directory raises
-        CorruptModelError naming the file, never loads. `packed` (default:
-        on for float32 where oneDNN is available) selects the packed CPU
-        layout."""
+        CorruptModelError naming the file, never loads. `packed` None (the
+        default) measures which kernel each projection shape runs fastest
+        on this machine; True or False packs every full projection for
+        oneDNN, or none."""
         path = Path(path)
         manifest = open_model_dir(path)
         config = ModelConfig.load(path / CONFIG_FILE)
+        plan = plan or PruningPlan.dense(config.num_hidden_layers)
+        mask = plan.to_mask()
         with torch.device("meta"):
-            model = cls(config, plan)
+            model = cls(config, PruningPlan.from_mask(mask))
         model.weights_path = path / WEIGHTS_FILE
         model.digests = WeightDigests.from_manifest(manifest, model.weights_path, config.num_blocks)
         model.dtype = dtype
+        device = torch.device("cpu")
         if packed is None:
-            packed = dtype == torch.float32 and onednn_available()
-        model.packed = packed
-        kept = [block for block, keep in enumerate(model.plan.to_mask()) if keep]
+            shapes = projection_shapes(config, True) + projection_shapes(config, False)
+            model.kernels = measure_kernels(shapes, dtype, device)
+        else:
+            model.kernels = fixed_kernels(dtype, device, packed)
+        kept = [block for block, keep in enumerate(mask) if keep]
         model._install(model, "", model._read([None, *kept]))
+        model.apply_plan(plan)  # quantizes the blocks the plan holds below full
         return model
 
-    def _read(self, groups: list[int | None], *, keep: bool = True) -> dict[str, torch.Tensor]:
+    @property
+    def packed(self) -> bool:
+        """Whether full projections run in oneDNN's packed layout (some do)."""
+        return any(
+            self.kernels.kernel(FULL, out, inp) == PACKED
+            for attention in (True, False)
+            for out, inp in projection_shapes(self.config, attention)
+        )
+
+    def _read(
+        self,
+        groups: list[int | None],
+        *,
+        keep: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The verified tensors of `groups` (blocks; None: the shared
-        tensors) from the weights file; with `keep` False, verify only."""
+        tensors) from the weights file, in `dtype` (default the serving
+        dtype); with `keep` False, verify only."""
         if self.weights_path is None or self.digests is None:
             raise ValueError("model has no weights file to load blocks from")
-        return read_groups(self.digests, groups, self.dtype, keep=keep)
+        return read_groups(self.digests, groups, dtype or self.dtype, keep=keep)
 
-    def _install(self, module: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    def _install(
+        self, module: nn.Module, prefix: str, state: dict[str, torch.Tensor], level: str = FULL
+    ) -> None:
         """Assign `state[prefix + name]` to each parameter of `module` in
-        place of meta/old tensors (then pack, in the packed layout)."""
+        place of meta/old tensors, then build each projection at `level`
+        with the kernel chosen for it (packing, quantizing); every other
+        tensor ends in the serving dtype."""
         names = [name for name, _ in module.named_parameters()]
         missing = [prefix + name for name in names if prefix + name not in state]
         if missing:
@@ -314,10 +350,19 @@ class ElasticLlama(nn.Module):
             )
         module.load_state_dict({n: state[prefix + n] for n in names}, strict=True, assign=True)
         module.requires_grad_(False)
-        if self.packed:
-            for linear in module.modules():
-                if isinstance(linear, Linear):
-                    linear.pack()
+        for owner in list(module.modules()):
+            for name, child in list(owner.named_children()):
+                if not isinstance(child, Linear):
+                    continue
+                kernel = self.kernels.kernel(level, child.out_features, child.in_features)
+                if level != FULL:
+                    setattr(owner, name, QuantLinear(child.weight, level, self.dtype, kernel))
+                elif kernel == PACKED:
+                    child.pack()
+        if level != FULL:  # the norms were read in float32 to quantize from
+            for norm in module.modules():
+                if isinstance(norm, RMSNorm):
+                    norm.weight = nn.Parameter(norm.weight.to(self.dtype), requires_grad=False)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json, model.safetensors and the manifest.json that
@@ -339,11 +384,14 @@ class ElasticLlama(nn.Module):
         Validation and all reads (each restored block verified against its
         digest) happen before the first change, so a bad plan, a missing
         weights file or a corrupt block (CorruptWeights, a DataLoss) leaves
-        the model exactly as it was."""
+        the model exactly as it was. A block that changes level is rebuilt
+        from its stored full weights: quantized from them, or, back at
+        full, those very values."""
         restore = self._restored_blocks(plan)
         held = self.plan.to_mask()
         drop = [b for b, keep in enumerate(plan.to_mask()) if held[b] and not keep]
-        restored = [self._read_block(block) for block in restore]
+        levels = plan.levels()
+        restored = [self._read_block(block, levels[block]) for block in restore]
         for block in drop:
             for part in _block_parts(block):
                 setattr(self.layer(block // 2), part, None)
@@ -361,24 +409,26 @@ class ElasticLlama(nn.Module):
             self._read([block], keep=False)
 
     def _restored_blocks(self, plan: PruningPlan) -> list[int]:
-        """The blocks `plan` keeps and this model does not hold (after checking the plan)."""
+        """The blocks `plan` keeps and this model does not hold at the
+        plan's level (after checking the plan)."""
         plan.check_layers(self.config.num_hidden_layers)
-        held = self.plan.to_mask()
-        restore = [b for b, keep in enumerate(plan.to_mask()) if keep and not held[b]]
+        held = self.plan.levels()
+        restore = [b for b, level in enumerate(plan.levels()) if level not in (DROPPED, held[b])]
         if restore and self.weights_path is None:
             raise ValueError("cannot restore blocks: this model was not loaded from a weights file")
         return restore
 
-    def _read_block(self, block: int) -> tuple[nn.Module, nn.Module]:
-        """Build one block's two modules and fill them from the weights file."""
+    def _read_block(self, block: int, level: str) -> tuple[nn.Module, nn.Module]:
+        """Build one block's two modules at `level` from the weights file
+        (read in float32 to quantize from)."""
         config = self.config
         parts = _block_parts(block)
         with torch.device("meta"):
             norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             body: nn.Module = Attention(config) if parts == ATTENTION_PARTS else FeedForward(config)
-        state = self._read([block])
+        state = self._read([block], dtype=None if level == FULL else torch.float32)
         for part, module in zip(parts, (norm, body), strict=True):
-            self._install(module, f"model.layers.{block // 2}.{part}.", state)
+            self._install(module, f"model.layers.{block // 2}.{part}.", state, level)
         return norm, body
 
     def layer(self, index: int) -> DecoderLayer:

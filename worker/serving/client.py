@@ -71,9 +71,17 @@ def generate_request(
 
 
 def plan_request(
-    plan_id: str, keep_mask: Sequence[bool], budget_bytes: int | None = None
+    plan_id: str,
+    keep_mask: Sequence[bool],
+    budget_bytes: int | None = None,
+    levels: Sequence[pb.BlockLevel.ValueType] = (),
+    kv_levels: Sequence[pb.KvLevel.ValueType] = (),
 ) -> pb.ApplyPlanRequest:
-    request = pb.ApplyPlanRequest(plan_id=plan_id, keep_mask=list(keep_mask))
+    """ApplyPlan's request; `levels` and `kv_levels` as
+    `elasticfleet.worker.serving.plans.level_fields` gives them."""
+    request = pb.ApplyPlanRequest(
+        plan_id=plan_id, keep_mask=list(keep_mask), levels=levels, kv_levels=kv_levels
+    )
     if budget_bytes is not None:
         request.budget_bytes = budget_bytes
     return request
@@ -185,8 +193,10 @@ class WorkerClient(_ClientBase):
         budget_bytes: int | None = None,
         *,
         timeout: float | None = None,
+        levels: Sequence[pb.BlockLevel.ValueType] = (),
+        kv_levels: Sequence[pb.KvLevel.ValueType] = (),
     ) -> pb.ApplyPlanResponse:
-        request = plan_request(plan_id, keep_mask, budget_bytes)
+        request = plan_request(plan_id, keep_mask, budget_bytes, levels, kv_levels)
         response: pb.ApplyPlanResponse = self.stub.ApplyPlan(
             request, timeout=timeout, metadata=self.metadata
         )
@@ -273,8 +283,10 @@ class AsyncWorkerClient(_ClientBase):
         budget_bytes: int | None = None,
         *,
         timeout: float | None = None,
+        levels: Sequence[pb.BlockLevel.ValueType] = (),
+        kv_levels: Sequence[pb.KvLevel.ValueType] = (),
     ) -> pb.ApplyPlanResponse:
-        request = plan_request(plan_id, keep_mask, budget_bytes)
+        request = plan_request(plan_id, keep_mask, budget_bytes, levels, kv_levels)
         response: pb.ApplyPlanResponse = await self.stub.ApplyPlan(
             request, timeout=timeout, metadata=self.metadata
         )

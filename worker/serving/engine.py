@@ -188,6 +188,7 @@ class EnginePicture:
     plan_id: str
     keep_mask: tuple[bool, ...]
     decode_step: int
+    plan: PruningPlan | None = None  # the plan in force, levels and all
 
     @property
     def total_bytes(self) -> int:
@@ -621,11 +622,11 @@ class Engine:
         self.model.check_restore(plan)
         before = self._stats.total_bytes
         current = self.model.plan
-        # Drop first, then resize, then restore: memory never peaks above
-        # the larger of the old and new totals.
-        both = [a and b for a, b in zip(current.to_mask(), plan.to_mask(), strict=True)]
-        if any(both):
-            self._set_plan(PruningPlan.from_mask(both))
+        # Drop and demote first, then resize, then restore and promote:
+        # memory never peaks above the larger of the old and new totals.
+        lower = current.meet(plan)
+        if lower is not None:
+            self._set_plan(lower)
         self.admission = check
         layout = check.layout_for(plan, needed, adapter_bytes, self._layout()) if needed else None
         self._resize(layout)
@@ -1036,6 +1037,7 @@ class Engine:
             plan_id=self.plan_id,
             keep_mask=tuple(self.model.plan.to_mask()),
             decode_step=self.step_count,
+            plan=self.model.plan,
         )
 
     def stats(self) -> EngineStats:

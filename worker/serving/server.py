@@ -51,7 +51,6 @@ from elasticfleet.worker.errors import (
     Unavailable,
 )
 from elasticfleet.worker.model.generation import SamplingParams, chat_prompt
-from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import FINISH_NAMES, MAX_MESSAGE_BYTES
 from elasticfleet.worker.serving.credentials import TokenFile, check_tls_pair
 from elasticfleet.worker.serving.engine import (
@@ -62,6 +61,7 @@ from elasticfleet.worker.serving.engine import (
     check_length,
 )
 from elasticfleet.worker.serving.metrics import MetricsServer
+from elasticfleet.worker.serving.plans import level_fields, plan_from_fields
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.proto_gen import worker_pb2_grpc as pb_grpc
 from elasticfleet.worker.serving.telemetry import DeviceMemory, Histogram
@@ -388,9 +388,9 @@ class WorkerService(pb_grpc.WorkerServicer):
     ) -> pb.ApplyPlanResponse:
         layers = self.engine.model.config.num_hidden_layers
         try:
-            plan = PruningPlan.from_mask(list(request.keep_mask), layers)
+            plan = plan_from_fields(request.keep_mask, request.levels, request.kv_levels, layers)
         except ValueError as error:
-            raise InvalidArgument(f"keep_mask: {error}") from None
+            raise InvalidArgument(str(error)) from None
         budget = request.budget_bytes if request.HasField("budget_bytes") else None
         remaining = context.time_remaining()
         wait = self.plan_wait_s if remaining is None else min(remaining, self.plan_wait_s)
@@ -418,6 +418,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise FailedPrecondition(str(error)) from None
         stats = snapshot.stats
         picture, mix = stats.picture, stats.mix
+        levels, kv_levels = level_fields(picture.plan) if picture.plan else ([], [])
         return pb.GetStatsResponse(
             device=device_message(snapshot.device),
             memory=worker_memory(picture),
@@ -437,6 +438,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             keep_mask=picture.keep_mask,
             decode_step=picture.decode_step,
             model=self.model_name,
+            levels=levels,
+            kv_levels=kv_levels,
         )
 
     async def LoadAdapter(

@@ -54,6 +54,66 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 3
 """max_new_tokens or the model's context was reached."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _BlockLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BlockLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlockLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BLOCK_LEVEL_UNSPECIFIED: _BlockLevel.ValueType  # 0
+    """Not set: never sent on purpose, refused."""
+    BLOCK_LEVEL_FULL: _BlockLevel.ValueType  # 1
+    """Weights in the serving dtype."""
+    BLOCK_LEVEL_INT8: _BlockLevel.ValueType  # 2
+    """Weight-only int8, one scale per output channel."""
+    BLOCK_LEVEL_INT4: _BlockLevel.ValueType  # 3
+    """Weight-only int4, a scale and zero point per group of 64 inputs (32
+    where 64 does not divide the width).
+    """
+    BLOCK_LEVEL_DROPPED: _BlockLevel.ValueType  # 4
+    """Not held at all."""
+
+class BlockLevel(_BlockLevel, metaclass=_BlockLevelEnumTypeWrapper):
+    """A block's level on its ladder; each step down holds fewer bytes."""
+
+BLOCK_LEVEL_UNSPECIFIED: BlockLevel.ValueType  # 0
+"""Not set: never sent on purpose, refused."""
+BLOCK_LEVEL_FULL: BlockLevel.ValueType  # 1
+"""Weights in the serving dtype."""
+BLOCK_LEVEL_INT8: BlockLevel.ValueType  # 2
+"""Weight-only int8, one scale per output channel."""
+BLOCK_LEVEL_INT4: BlockLevel.ValueType  # 3
+"""Weight-only int4, a scale and zero point per group of 64 inputs (32
+where 64 does not divide the width).
+"""
+BLOCK_LEVEL_DROPPED: BlockLevel.ValueType  # 4
+"""Not held at all."""
+Global___BlockLevel: _TypeAlias = BlockLevel  # noqa: Y015
+
+class _KvLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KvLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KvLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KV_LEVEL_UNSPECIFIED: _KvLevel.ValueType  # 0
+    """Not set: never sent on purpose, refused."""
+    KV_LEVEL_FULL: _KvLevel.ValueType  # 1
+    """Keys and values in the serving dtype."""
+    KV_LEVEL_INT8: _KvLevel.ValueType  # 2
+    """int8 with one scale per token and KV head."""
+
+class KvLevel(_KvLevel, metaclass=_KvLevelEnumTypeWrapper):
+    """The level of an attention block's KV cache."""
+
+KV_LEVEL_UNSPECIFIED: KvLevel.ValueType  # 0
+"""Not set: never sent on purpose, refused."""
+KV_LEVEL_FULL: KvLevel.ValueType  # 1
+"""Keys and values in the serving dtype."""
+KV_LEVEL_INT8: KvLevel.ValueType  # 2
+"""int8 with one scale per token and KV head."""
+Global___KvLevel: _TypeAlias = KvLevel  # noqa: Y015
+
 class _MemorySource:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -307,6 +367,8 @@ class ApplyPlanRequest(_message.Message):
     PLAN_ID_FIELD_NUMBER: _builtins.int
     KEEP_MASK_FIELD_NUMBER: _builtins.int
     BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    KV_LEVELS_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """Identifier of the plan, chosen by the sender (reported by GetStats). At
     most 128 characters, as the ElasticFleet status stores it.
@@ -321,16 +383,31 @@ class ApplyPlanRequest(_message.Message):
         order: block 2i is layer i's attention block, block 2i+1 its FFN block.
         """
 
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedScalarFieldContainer[Global___BlockLevel.ValueType]:
+        """Each block's level in the order of keep_mask. Unset: keep_mask alone,
+        every kept block at full. Set: 2L entries, and keep_mask is either
+        empty or agrees with it (kept means not dropped).
+        """
+
+    @_builtins.property
+    def kv_levels(self) -> _containers.RepeatedScalarFieldContainer[Global___KvLevel.ValueType]:
+        """Each layer's KV-cache level (L entries); unset: all full. A dropped
+        attention block's entry is ignored.
+        """
+
     def __init__(
         self,
         *,
         plan_id: _builtins.str = ...,
         keep_mask: _abc.Iterable[_builtins.bool] | None = ...,
         budget_bytes: _builtins.int | None = ...,
+        levels: _abc.Iterable[Global___BlockLevel.ValueType] | None = ...,
+        kv_levels: _abc.Iterable[Global___KvLevel.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "budget_bytes", b"budget_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "budget_bytes", b"budget_bytes", "keep_mask", b"keep_mask", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes", "budget_bytes", b"budget_bytes", "keep_mask", b"keep_mask", "kv_levels", b"kv_levels", "levels", b"levels", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget_bytes: _TypeAlias = _typing.Literal["budget_bytes"]  # noqa: Y015
     _WhichOneofArgType__budget_bytes: _TypeAlias = _typing.Literal["_budget_bytes", b"_budget_bytes"]  # noqa: Y015
@@ -612,6 +689,8 @@ class GetStatsResponse(_message.Message):
     KEEP_MASK_FIELD_NUMBER: _builtins.int
     DECODE_STEP_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    KV_LEVELS_FIELD_NUMBER: _builtins.int
     queue_depth: _builtins.int
     """Requests waiting for memory."""
     active_sequences: _builtins.int
@@ -640,6 +719,14 @@ class GetStatsResponse(_message.Message):
     def keep_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """The plan's keep-mask in block order (see ApplyPlanRequest)."""
 
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedScalarFieldContainer[Global___BlockLevel.ValueType]:
+        """Each block's level in block order (see ApplyPlanRequest)."""
+
+    @_builtins.property
+    def kv_levels(self) -> _containers.RepeatedScalarFieldContainer[Global___KvLevel.ValueType]:
+        """Each layer's KV-cache level."""
+
     def __init__(
         self,
         *,
@@ -653,10 +740,12 @@ class GetStatsResponse(_message.Message):
         keep_mask: _abc.Iterable[_builtins.bool] | None = ...,
         decode_step: _builtins.int = ...,
         model: _builtins.str = ...,
+        levels: _abc.Iterable[Global___BlockLevel.ValueType] | None = ...,
+        kv_levels: _abc.Iterable[Global___KvLevel.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "memory", b"memory", "mix", b"mix"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sequences", b"active_sequences", "decode_step", b"decode_step", "device", b"device", "keep_mask", b"keep_mask", "memory", b"memory", "mix", b"mix", "model", b"model", "plan_id", b"plan_id", "queue_depth", b"queue_depth", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sequences", b"active_sequences", "decode_step", b"decode_step", "device", b"device", "keep_mask", b"keep_mask", "kv_levels", b"kv_levels", "levels", b"levels", "memory", b"memory", "mix", b"mix", "model", b"model", "plan_id", b"plan_id", "queue_depth", b"queue_depth", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
