@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65lasticfleet/v1/worker.proto\x12\x0f\x65lasticfleet.v1\"c\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x0e\n\x0cRouterMixing\"i\n\x10\x41\x64\x61pterSelection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12/\n\x06router\x18\x03 \x01(\x0b\x32\x1d.elasticfleet.v1.RouterMixingH\x00\x42\x06\n\x04head\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x35\n\x08sampling\x18\x05 \x01(\x0b\x32#.elasticfleet.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x32\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32!.elasticfleet.v1.AdapterSelection\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x64\x65\x63ode_step\x18\x07 \x01(\x04\x12\x0f\n\x07plan_id\x18\x08 \x01(\t\"b\n\x10\x41pplyPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x11\n\tkeep_mask\x18\x02 \x03(\x08\x12\x19\n\x0c\x62udget_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0f\n\r_budget_bytes\"\xda\x01\n\x11\x41pplyPlanResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_before\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x03 \x01(\x04\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_step\x18\x04 \x01(\x04\x12\x13\n\x0bkept_blocks\x18\x05 \x01(\r\x12-\n\x06memory\x18\x06 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12-\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\"\x11\n\x0fGetStatsRequest\"\xb0\x01\n\x0c\x44\x65viceMemory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12-\n\x06source\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.MemorySource\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x16\n\town_bytes\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_own_bytes\"\x9f\x01\n\x0cWorkerMemory\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x19\n\x11kv_reserved_bytes\x18\x02 \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x15\n\radapter_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12kv_committed_bytes\x18\x06 \x01(\x04\"1\n\tHistogram\x12\x14\n\x0cupper_bounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x8a\x02\n\nRequestMix\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12.\n\nbatch_size\x18\x02 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\rprompt_tokens\x18\x03 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\routput_tokens\x18\x04 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x19\n\x11\x66inished_requests\x18\x05 \x01(\x04\x12\x16\n\x0e\x62\x61tch_size_p90\x18\x06 \x01(\x01\x12\x1b\n\x13sequence_tokens_p90\x18\x07 \x01(\x01\"\xac\x02\n\x10GetStatsResponse\x12-\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\x12-\n\x06memory\x18\x02 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x04 \x01(\r\x12(\n\x03mix\x18\x05 \x01(\x0b\x32\x1b.elasticfleet.v1.RequestMix\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x0f\n\x07plan_id\x18\x07 \x01(\t\x12\x11\n\tkeep_mask\x18\x08 \x03(\x08\x12\x13\n\x0b\x64\x65\x63ode_step\x18\t \x01(\x04\x12\r\n\x05model\x18\n \x01(\t\"\x80\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x12\n\nhas_router\x18\x07 \x01(\x08\"B\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\"W\n\x13LoadAdapterResponse\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x15UnloadAdapterResponse\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x04\"\x15\n\x13ListAdaptersRequest\"v\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x19\n\x11\x63\x61\x63he_limit_bytes\x18\x03 \x01(\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03*z\n\x0cMemorySource\x12\x1d\n\x19MEMORY_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMORY_SOURCE_NVML\x10\x01\x12\x16\n\x12MEMORY_SOURCE_HOST\x10\x02\x12\x1b\n\x17MEMORY_SOURCE_SIMULATED\x10\x03\x32\x97\x04\n\x06Worker\x12Q\n\x08Generate\x12 .elasticfleet.v1.GenerateRequest\x1a!.elasticfleet.v1.GenerateResponse0\x01\x12R\n\tApplyPlan\x12!.elasticfleet.v1.ApplyPlanRequest\x1a\".elasticfleet.v1.ApplyPlanResponse\x12O\n\x08GetStats\x12 .elasticfleet.v1.GetStatsRequest\x1a!.elasticfleet.v1.GetStatsResponse\x12X\n\x0bLoadAdapter\x12#.elasticfleet.v1.LoadAdapterRequest\x1a$.elasticfleet.v1.LoadAdapterResponse\x12^\n\rUnloadAdapter\x12%.elasticfleet.v1.UnloadAdapterRequest\x1a&.elasticfleet.v1.UnloadAdapterResponse\x12[\n\x0cListAdapters\x12$.elasticfleet.v1.ListAdaptersRequest\x1a%.elasticfleet.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65lasticfleet/v1/worker.proto\x12\x0f\x65lasticfleet.v1\"c\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x0e\n\x0cRouterMixing\"i\n\x10\x41\x64\x61pterSelection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12/\n\x06router\x18\x03 \x01(\x0b\x32\x1d.elasticfleet.v1.RouterMixingH\x00\x42\x06\n\x04head\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x35\n\x08sampling\x18\x05 \x01(\x0b\x32#.elasticfleet.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x32\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32!.elasticfleet.v1.AdapterSelection\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x64\x65\x63ode_step\x18\x07 \x01(\x04\x12\x0f\n\x07plan_id\x18\x08 \x01(\t\"b\n\x10\x41pplyPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x11\n\tkeep_mask\x18\x02 \x03(\x08\x12\x19\n\x0c\x62udget_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0f\n\r_budget_bytes\"\xed\x01\n\x11\x41pplyPlanResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_before\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x03 \x01(\x04\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_step\x18\x04 \x01(\x04\x12\x13\n\x0bkept_blocks\x18\x05 \x01(\r\x12-\n\x06memory\x18\x06 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12-\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\x12\x11\n\tpreempted\x18\x08 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xb0\x01\n\x0c\x44\x65viceMemory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12-\n\x06source\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.MemorySource\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x16\n\town_bytes\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_own_bytes\"\x8b\x02\n\x0cWorkerMemory\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x19\n\x11kv_reserved_bytes\x18\x02 \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x15\n\radapter_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12kv_committed_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fkv_block_tokens\x18\x07 \x01(\r\x12\x18\n\x10kv_blocks_in_use\x18\x08 \x01(\x04\x12\x1a\n\x12kv_blocks_reserved\x18\t \x01(\x04\x12\x1b\n\x13kv_blocks_committed\x18\n \x01(\x04\"1\n\tHistogram\x12\x14\n\x0cupper_bounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x8a\x02\n\nRequestMix\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12.\n\nbatch_size\x18\x02 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\rprompt_tokens\x18\x03 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\routput_tokens\x18\x04 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x19\n\x11\x66inished_requests\x18\x05 \x01(\x04\x12\x16\n\x0e\x62\x61tch_size_p90\x18\x06 \x01(\x01\x12\x1b\n\x13sequence_tokens_p90\x18\x07 \x01(\x01\"\xac\x02\n\x10GetStatsResponse\x12-\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\x12-\n\x06memory\x18\x02 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x04 \x01(\r\x12(\n\x03mix\x18\x05 \x01(\x0b\x32\x1b.elasticfleet.v1.RequestMix\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x0f\n\x07plan_id\x18\x07 \x01(\t\x12\x11\n\tkeep_mask\x18\x08 \x03(\x08\x12\x13\n\x0b\x64\x65\x63ode_step\x18\t \x01(\x04\x12\r\n\x05model\x18\n \x01(\t\"\x80\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x12\n\nhas_router\x18\x07 \x01(\x08\"B\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\"W\n\x13LoadAdapterResponse\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x15UnloadAdapterResponse\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x04\"\x15\n\x13ListAdaptersRequest\"v\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x19\n\x11\x63\x61\x63he_limit_bytes\x18\x03 \x01(\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03*z\n\x0cMemorySource\x12\x1d\n\x19MEMORY_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMORY_SOURCE_NVML\x10\x01\x12\x16\n\x12MEMORY_SOURCE_HOST\x10\x02\x12\x1b\n\x17MEMORY_SOURCE_SIMULATED\x10\x03\x32\x97\x04\n\x06Worker\x12Q\n\x08Generate\x12 .elasticfleet.v1.GenerateRequest\x1a!.elasticfleet.v1.GenerateResponse0\x01\x12R\n\tApplyPlan\x12!.elasticfleet.v1.ApplyPlanRequest\x1a\".elasticfleet.v1.ApplyPlanResponse\x12O\n\x08GetStats\x12 .elasticfleet.v1.GetStatsRequest\x1a!.elasticfleet.v1.GetStatsResponse\x12X\n\x0bLoadAdapter\x12#.elasticfleet.v1.LoadAdapterRequest\x1a$.elasticfleet.v1.LoadAdapterResponse\x12^\n\rUnloadAdapter\x12%.elasticfleet.v1.UnloadAdapterRequest\x1a&.elasticfleet.v1.UnloadAdapterResponse\x12[\n\x0cListAdapters\x12$.elasticfleet.v1.ListAdaptersRequest\x1a%.elasticfleet.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'elasticfleet.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2552
-  _globals['_FINISHREASON']._serialized_end=2670
-  _globals['_MEMORYSOURCE']._serialized_start=2672
-  _globals['_MEMORYSOURCE']._serialized_end=2794
+  _globals['_FINISHREASON']._serialized_start=2679
+  _globals['_FINISHREASON']._serialized_end=2797
+  _globals['_MEMORYSOURCE']._serialized_start=2799
+  _globals['_MEMORYSOURCE']._serialized_end=2921
   _globals['_SAMPLINGPARAMETERS']._serialized_start=49
   _globals['_SAMPLINGPARAMETERS']._serialized_end=148
   _globals['_ROUTERMIXING']._serialized_start=150
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYPLANREQUEST']._serialized_start=733
   _globals['_APPLYPLANREQUEST']._serialized_end=831
   _globals['_APPLYPLANRESPONSE']._serialized_start=834
-  _globals['_APPLYPLANRESPONSE']._serialized_end=1052
-  _globals['_GETSTATSREQUEST']._serialized_start=1054
-  _globals['_GETSTATSREQUEST']._serialized_end=1071
-  _globals['_DEVICEMEMORY']._serialized_start=1074
-  _globals['_DEVICEMEMORY']._serialized_end=1250
-  _globals['_WORKERMEMORY']._serialized_start=1253
-  _globals['_WORKERMEMORY']._serialized_end=1412
-  _globals['_HISTOGRAM']._serialized_start=1414
-  _globals['_HISTOGRAM']._serialized_end=1463
-  _globals['_REQUESTMIX']._serialized_start=1466
-  _globals['_REQUESTMIX']._serialized_end=1732
-  _globals['_GETSTATSRESPONSE']._serialized_start=1735
-  _globals['_GETSTATSRESPONSE']._serialized_end=2035
-  _globals['_ADAPTERINFO']._serialized_start=2038
-  _globals['_ADAPTERINFO']._serialized_end=2166
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2168
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2234
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2236
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2323
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2325
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2361
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2363
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2407
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2409
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2430
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2432
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2550
-  _globals['_WORKER']._serialized_start=2797
-  _globals['_WORKER']._serialized_end=3332
+  _globals['_APPLYPLANRESPONSE']._serialized_end=1071
+  _globals['_GETSTATSREQUEST']._serialized_start=1073
+  _globals['_GETSTATSREQUEST']._serialized_end=1090
+  _globals['_DEVICEMEMORY']._serialized_start=1093
+  _globals['_DEVICEMEMORY']._serialized_end=1269
+  _globals['_WORKERMEMORY']._serialized_start=1272
+  _globals['_WORKERMEMORY']._serialized_end=1539
+  _globals['_HISTOGRAM']._serialized_start=1541
+  _globals['_HISTOGRAM']._serialized_end=1590
+  _globals['_REQUESTMIX']._serialized_start=1593
+  _globals['_REQUESTMIX']._serialized_end=1859
+  _globals['_GETSTATSRESPONSE']._serialized_start=1862
+  _globals['_GETSTATSRESPONSE']._serialized_end=2162
+  _globals['_ADAPTERINFO']._serialized_start=2165
+  _globals['_ADAPTERINFO']._serialized_end=2293
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2295
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2361
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2363
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2450
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2452
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2488
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2490
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2534
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2536
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2557
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2559
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2677
+  _globals['_WORKER']._serialized_start=2924
+  _globals['_WORKER']._serialized_end=3459
 # @@protoc_insertion_point(module_scope)
