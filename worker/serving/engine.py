@@ -1,30 +1,43 @@
 """The serving engine: continuous batching, memory-safe admission and live
 plan switching, in plain Python so it is tested without gRPC.
 
-One thread owns the model and its KV cache and runs iterations. Each one:
+One thread owns the model and its paged KV cache and runs iterations. Each one:
 
 1. applies the latest pruning plan pushed (plans change only here, between
-   decode steps, never inside one). A plan that fits the budget only once
-   some running requests finish waits for them, for a bounded time, and no
-   new request is admitted meanwhile; a newer plan supersedes it. What a
+   decode steps, never inside one). When the running requests' KV blocks
+   do not fit beside the new plan and budget (a squeeze), the youngest are
+   preempted first, so the switch takes effect in this iteration. What a
    switch frees goes back to the device (its allocator's cache is released);
-2. drops cancelled requests, freeing their KV rows;
-3. admits waiting requests, first come first served, while the cache laid
-   out for them still fits the memory budget (worker/serving/admission.py); while
-   sequences run, a few newcomers are gathered first so that they share
-   one prefill (at most `max_admit_delay` iterations);
-4. prefills the newcomers (one forward over their prompts) and samples each
-   one's first token;
-5. runs one decode step over every running sequence, samples, streams each
+2. drops cancelled requests, freeing their KV blocks;
+3. admits waiting requests, preempted ones first, then first come first
+   served, while the blocks charged to the running requests and them fit
+   the memory budget (worker/serving/admission.py: each is charged what it
+   holds after the next step plus a growth window); while sequences run, a
+   few newcomers are gathered first so that they share one prefill (at most
+   `max_admit_delay` iterations);
+4. feeds prompt chunks in one forward, at most `step_tokens` minus the
+   decoding rows (at least MIN_CHUNK), oldest prompt first; a request whose
+   prompt is complete samples its first token (chunked prefill: a joining
+   prompt holds the running batch up for one chunk at most);
+5. runs one decode step over every decoding sequence, samples, streams each
    token to its request's sink, and releases finished requests at once;
-6. gives memory back (a smaller KV cache, none when idle), measures what it
-   holds and, when asked (Engine.snapshot, for GetStats), reads the device
-   at that moment, so that the device's figures and the worker's describe
-   the same memory.
+6. sizes the pool for what the running requests are charged (none when
+   idle), measures what it holds and, when asked (Engine.snapshot, for
+   GetStats), reads the device at that moment, so that the device's figures
+   and the worker's describe the same memory.
 
-Running sequences occupy the first rows of the cache; a finished row is
-filled by moving the last one into it, so every forward works on a view of
-the cache, never a copy.
+Before each forward every row gets the blocks its new tokens need; where
+the budget has none free, the youngest running request is preempted. A
+preempted request loses its blocks, waits at the head of the queue, and
+when admitted again its prompt and the tokens it generated are prefilled
+anew (recompute: on a CPU, swapping to host memory would free nothing);
+its stream, sampling generator and tokens are kept, so nothing is sent
+twice and greedy output is the same as an unpreempted run's.
+
+Running sequences occupy the first rows of the cache, decoding ones first
+and then those still prefilling, oldest first, so that each forward runs on
+a view of consecutive rows; a row that leaves closes its gap by moving
+block-table rows, never keys or values.
 
 What a plan switch does to a running request (the documented semantics):
 
@@ -35,8 +48,9 @@ What a plan switch does to a running request (the documented semantics):
   running sequence already holds: it attends only to tokens from the switch
   on (KVCache.history_start), while the other kept blocks keep their full
   history;
-- requests admitted after the switch run under the new plan from their
-  first token, exactly as if it had always been in force.
+- requests admitted after the switch, and preempted requests when they are
+  recomputed, run under the new plan from their first token, exactly as if
+  it had always been in force.
 
 Events carry the step counter and plan id, so a client can tell which plan
 produced each token (tokens with decode_step >= a switch's effective_step
