@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving_helpers import GREEDY, Collector, Reference, encode, run_until_idle
+from serving_helpers import GREEDY, Collector, Reference, encode, make_engine, run_until_idle
 from tokenizers import Tokenizer
 
 from elasticfleet.worker.adapters.interface import AdapterRequest
@@ -83,6 +83,36 @@ def test_newcomers_are_held_back_to_share_a_prefill(served_model_dir: Path) -> N
         engine.submit(prompt, params, Collector())
     engine.step()
     assert [i.newcomers for i in engine.iterations] == [1, 0, 0, 1, 3]
+    engine.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_long_prompt_is_fed_in_chunks_between_decode_steps(served_model_dir: Path) -> None:
+    """Chunked prefill: the running request gets a token every step while a
+    100-token prompt joins in chunks of step_tokens minus the decoding rows;
+    both get exactly what they get alone."""
+    engine = make_engine(served_model_dir, prefill_group=1, step_tokens=40)
+    running, joining = Collector(), Collector()
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 2 + "and on and on"
+    assert len(encode(engine, long_prompt)) == 101
+    engine.submit("abc", SamplingParams(max_new_tokens=20, ignore_eos=True), running)
+    engine.step()
+    engine.submit(long_prompt, GREEDY, joining)
+    prompt_tokens = engine.counters.prompt_tokens
+    fed = []
+    for _ in range(3):  # 39 + 39 + 23 tokens: one decoding row takes one of 40
+        before = len(running.events)
+        engine.step()
+        assert len(running.events) == before + 1  # the running batch never stalls
+        fed.append(engine.counters.prompt_tokens - prompt_tokens)
+        prompt_tokens = engine.counters.prompt_tokens
+    assert fed == [39, 39, 23]
+    # The last chunk completed the prompt: its first token, then a decode step.
+    assert len(joining.events) == 2
+    assert all(i.prefill_s > 0 for i in list(engine.iterations)[-3:])
+    run_until_idle(engine)
+    assert running.tokens == alone(engine, served_model_dir, "abc", 20)
+    assert joining.tokens == alone(engine, served_model_dir, long_prompt, 12)
     engine.close()
 
 
@@ -337,6 +367,35 @@ def test_a_squeeze_preempts_the_youngest_which_resume_with_the_same_tokens(
     assert engine.counters.preemptions >= 2 and engine.counters.requests_failed == 0
     # The two oldest kept running; the preempted resumed only once they had room.
     assert sinks[2].events[4].decode_step > sinks[1].events[-1].decode_step
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sequences_that_outgrow_their_window_preempt_the_youngest(served_model_dir: Path) -> None:
+    """With no growth window, four requests are admitted on one block each;
+    as they grow past it the budget (4 blocks) runs out, the youngest are
+    preempted and recomputed later, and every one ends with its own tokens."""
+    engine = tight_engine(served_model_dir, rows=4, tokens=16, max_queue=8)
+    engine.admission.growth_tokens = 0
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = ["abcd", "efgh", "ijkl", "mnop"]
+    sinks = [Collector() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        engine.submit(prompt, params, sink)
+    engine.step()
+    assert engine.stats().picture.active_sequences == 4
+    budget = engine.admission.budget_bytes
+    while engine.step():
+        picture = engine.stats().picture
+        assert picture.total_bytes <= budget
+        assert picture.kv_blocks_reserved <= 5  # scratch and 4 blocks: the budget
+        if picture.active_sequences:
+            assert picture.kv_blocks_in_use < picture.kv_blocks_reserved
+    assert engine.counters.preemptions >= 2 and engine.counters.requests_failed == 0
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        assert sink.finished == "length" and not sink.errors
+        assert [e.completion_tokens for e in sink.events] == list(range(1, 41))
+        assert sink.tokens == alone(engine, served_model_dir, prompt, 40), prompt
+    engine.close()
 
 
 def test_a_newer_plan_supersedes_one_not_yet_applied(engine: Engine) -> None:
