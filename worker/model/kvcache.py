@@ -26,7 +26,7 @@ cache it replaced: `lengths` (tokens held per row, advanced by the forward),
 and values and returns the first kv_len positions of every row, gathered
 through the block table into [rows, kv_heads, kv_len, head_dim]. Storage
 lives behind `_store` and `_gather`, the two places a quantized storage
-level plugs in.
+level plugs in (`_gather` may dequantize into its workspace).
 
 Whoever owns the cache (the serving engine, local generation) assigns
 blocks before a forward (`assign`), frees a row's blocks when its sequence
@@ -101,6 +101,8 @@ class KVCache:
         self.history_start: dict[int, torch.Tensor] = {}
         self._slots_for: torch.Tensor | None = None  # the positions `_slots` was computed for
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Gather targets reused by every layer and forward (see `_gather`).
+        self._workspace: dict[str, torch.Tensor] = {}
         for layer in layers:
             self._allocate(layer)
         if capacity:
@@ -126,14 +128,29 @@ class KVCache:
         self.keys[layer][slots] = key
         self.values[layer][slots] = value
 
-    def _gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at slots [B, K], as [B, Hkv, K, D] (views of one copy each)."""
-        batch, length = slots.shape
-        flat = slots.reshape(-1)
-        shape = (batch, length, self.config.num_key_value_heads, self.config.head_dim)
-        keys = self.keys[layer].index_select(0, flat).view(shape).transpose(1, 2)
-        values = self.values[layer].index_select(0, flat).view(shape).transpose(1, 2)
-        return keys, values
+    def _gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at the head-major row index of `_slot_maps`, as
+        contiguous [B, Hkv, K, D] tensors.
+
+        They are gathered into two workspace buffers that every layer and
+        every forward reuses (a layer's attention is done with them before
+        the next layer gathers): a fresh 6 MB tensor per layer and step at
+        32 rows cost ~10 ms each in page faults here, 15x the attention
+        itself. The workspace is scratch like any activation, not KV
+        storage, and lives as long as the cache."""
+        head_dim = self.config.head_dim
+        count = index.numel()
+        gathered = []
+        for name, pool in (("keys", self.keys[layer]), ("values", self.values[layer])):
+            buffer = self._workspace.get(name)
+            if buffer is None or buffer.numel() < count * head_dim:
+                with torch.inference_mode(False):  # a normal tensor, writable in and out of it
+                    buffer = torch.empty(count * head_dim, dtype=self.dtype, device=self.device)
+                self._workspace[name] = buffer
+            out = buffer[: count * head_dim].view(count, head_dim)
+            gathered.append(torch.index_select(pool.view(-1, head_dim), 0, index, out=out))
+        shape = (self.batch_size, self.config.num_key_value_heads, -1, head_dim)
+        return gathered[0].view(shape), gathered[1].view(shape)
 
     @property
     def layers(self) -> list[int]:
@@ -155,16 +172,21 @@ class KVCache:
     # -- the model's side ---------------------------------------------------
 
     def _slot_maps(self, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(write slots [B, T] of `positions`, read slots [B, kv_len]),
-        computed once per forward: every layer of it passes the same
-        positions tensor, and holding it keeps its identity unique."""
+        """(write slots [B, T] of `positions`, the read index: pool rows of
+        the first kv_len positions, head-major [B * Hkv * kv_len] over the
+        pool viewed as [slots * Hkv, D]), computed once per forward: every
+        layer of it passes the same positions tensor, and holding it keeps
+        its identity unique."""
         if self._slots_for is not positions or self._slots is None:
             tokens = self.block_tokens
             write = self.table.gather(1, positions // tokens) * tokens + positions % tokens
             span = blocks_for(kv_len, tokens)
             offsets = torch.arange(tokens, device=self.device)
             read = (self.table[:, :span, None] * tokens + offsets).reshape(self.batch_size, -1)
-            self._slots_for, self._slots = positions, (write, read[:, :kv_len])
+            heads = self.config.num_key_value_heads
+            head = torch.arange(heads, device=self.device)[None, :, None]
+            index = (read[:, None, :kv_len] * heads + head).reshape(-1)  # [B * Hkv * kv_len]
+            self._slots_for, self._slots = positions, (write, index)
         return self._slots
 
     def update(
@@ -177,9 +199,9 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values ([B, Hkv, T, D]) at `positions` ([B, T])
         and return every row's first kv_len positions, [B, Hkv, kv_len, D]."""
-        write, read = self._slot_maps(positions, kv_len)
+        write, index = self._slot_maps(positions, kv_len)
         self._store(layer, write, key.transpose(1, 2), value.transpose(1, 2))
-        return self._gather(layer, read)
+        return self._gather(layer, index)
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows [start, stop) that shares this one's pools,
