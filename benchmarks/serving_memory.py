@@ -1,9 +1,12 @@
 """What the paged KV cache buys, measured on a real worker over gRPC (part of
 benchmarks/worker_speed.py, which owns the worker and the client process).
 
-1. Concurrency under one budget: a workload mixing prompt lengths (64-768
-   tokens) and output lengths (16-256 tokens), all sent at once to a worker
-   whose KV budget holds RECT_ROWS rows of RECT_TOKENS positions. Ours: the
+1. Concurrency under one budget: two workloads mixing prompt and output
+   lengths (WORKLOADS: uniform prompts of 64-768 tokens and outputs of
+   16-256; and chat-like, 80% short requests with prompts of 32-128 and
+   outputs of 16-128, 20% long ones with prompts of 512-1024 and outputs
+   of 128-256), all sent at once to a worker whose KV budget holds
+   RECT_ROWS rows of RECT_TOKENS positions. Ours: the
    most sequences running at once, from GetStats sampled every 100 ms, each
    sample also checked for a budget overrun (weights + reserved KV +
    adapters above the budget). The rectangular cache this replaced: the
@@ -37,23 +40,28 @@ if TYPE_CHECKING:
 
 RECT_ROWS, RECT_TOKENS = 8, 1024
 MIXED_REQUESTS = 48
-PROMPT_RANGE, OUTPUT_RANGE = (64, 768), (16, 256)
+# name -> [(share of requests, prompt token range, output token range)]
+WORKLOADS = {
+    "uniform": [(1.0, (64, 768), (16, 256))],
+    "short and long": [(0.8, (32, 128), (16, 128)), (0.2, (512, 1024), (128, 256))],
+}
 SAMPLE_S = 0.1
 SQUEEZE_STREAMS = 32
 
 
-def mixed_workload(tokenizer: Tokenizer, seed: int = 7) -> list[tuple[str, int, int]]:
-    """(prompt text, its token count, max_new_tokens): questions repeated
-    to a drawn length, cut there and decoded back to text."""
+def mixed_workload(tokenizer: Tokenizer, name: str, seed: int = 7) -> list[tuple[str, int, int]]:
+    """(prompt text, its token count, max_new_tokens) of workload `name`:
+    questions repeated to a drawn length, cut there and decoded back to text."""
     chooser = random.Random(seed)
-    filler = " ".join(QUESTIONS * 64)
+    filler = " ".join(QUESTIONS * 128)
     ids = tokenizer.encode(filler, add_special_tokens=False).ids
+    shares = WORKLOADS[name]
     requests = []
     for _ in range(MIXED_REQUESTS):
-        length = chooser.randint(*PROMPT_RANGE)
-        text = tokenizer.decode(ids[:length])
+        _, prompts, outputs = chooser.choices(shares, weights=[w for w, _, _ in shares])[0]
+        text = tokenizer.decode(ids[: chooser.randint(*prompts)])
         count = len(tokenizer.encode(text, add_special_tokens=False).ids)
-        requests.append((text, count, chooser.randint(*OUTPUT_RANGE)))
+        requests.append((text, count, chooser.randint(*outputs)))
     return requests
 
 
@@ -130,25 +138,30 @@ def mixed_client(
 
 
 def concurrency(engine: Engine, target: str, client: Any, seconds: float) -> dict[str, Any]:
-    """Section 1 (see the module)."""
+    """Section 1 (see the module), for each workload."""
     from elasticfleet.worker.model.memory import predict_memory
 
     config, plan = engine.model.config, engine.model.plan
     kv_budget = predict_memory(config, plan, RECT_ROWS, RECT_TOKENS).kv_bytes
     weights = engine.stats().picture.weight_bytes
     engine.submit_plan(plan, "concurrency", budget_bytes=weights + kv_budget).result(timeout=60)
-    requests = mixed_workload(engine.tokenizer)
-    preempted = engine.counters.preemptions
-    ours = client.submit(mixed_client, target, requests, seconds).result()
+    runs = {}
+    for name, shares in WORKLOADS.items():
+        requests = mixed_workload(engine.tokenizer, name)
+        preempted = engine.counters.preemptions
+        ours = client.submit(mixed_client, target, requests, seconds).result()
+        runs[name] = {
+            "shares": shares,
+            "rectangular_rows": rectangular_rows(engine, requests, kv_budget),
+            "ours": ours,
+            "preemptions": engine.counters.preemptions - preempted,
+        }
+        print(name, runs[name], flush=True)
     return {
         "kv_budget_bytes": kv_budget,
         "growth_tokens": engine.admission.growth_tokens,
-        "requests": len(requests),
-        "prompt_range": PROMPT_RANGE,
-        "output_range": OUTPUT_RANGE,
-        "rectangular_rows": rectangular_rows(engine, requests, kv_budget),
-        "ours": ours,
-        "preemptions": engine.counters.preemptions - preempted,
+        "requests": MIXED_REQUESTS,
+        "workloads": runs,
     }
 
 

@@ -415,44 +415,35 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def memory_markdown(results: dict[str, Any]) -> list[str]:
-    """The roofline, concurrency, squeeze and llama.cpp sections."""
-    lines = []
-    if "roofline" in results:
-        r = results["roofline"]
-        lines += [
-            "",
-            "## Batch-1 decode against the memory-bandwidth roofline",
-            "",
-            f"Read bandwidth {r['bandwidth_gb_s']:.1f} GB/s (median sum over a 256 MB tensor); "
-            f"{r['weight_bytes'] / 1e6:.0f} MB of weights read per token: roofline "
-            f"{r['roofline_tokens_per_s']:.1f} tok/s. Ours, decode steps of the 1-stream run: "
-            f"{r['batch1_decode_tokens_per_s']:.1f} tok/s = **{r['fraction']:.0%}** of it "
-            f"(goal >= {r['goal']:.0%}).",
-        ]
+def squeeze_markdown(results: dict[str, Any]) -> list[str]:
+    """The concurrency and squeeze sections."""
+    lines: list[str] = []
     c = results["concurrency"]
-    o = c["ours"]
     lines += [
         "",
         "## Concurrent sequences under one budget: paged vs rectangular KV cache",
         "",
-        f"{c['requests']} requests sent at once, prompts {c['prompt_range'][0]}-"
-        f"{c['prompt_range'][1]} tokens, outputs {c['output_range'][0]}-{c['output_range'][1]} "
-        f"tokens (seeded); KV budget {c['kv_budget_bytes'] / 1e6:.0f} MB (8 rows x 1024 "
-        f"positions), growth window {c['growth_tokens']} tokens. Rectangular: rows its "
-        "admission rule takes from the same queue (computed). Ours: GetStats every 100 ms.",
+        f"{c['requests']} requests sent at once (seeded); KV budget "
+        f"{c['kv_budget_bytes'] / 1e6:.0f} MB (8 rows x 1024 positions), growth window "
+        f"{c['growth_tokens']} tokens. Rectangular: rows its admission rule takes from the "
+        "same queue (computed). Ours: GetStats every 100 ms, for at most "
+        "--concurrency-seconds (requests still running then are cancelled).",
         "",
-        "| cache | most sequences at once | median while requests queued | GetStats samples | "
-        "budget overruns | preemptions | finished / failed in the run |",
-        "|---|---|---|---|---|---|---|",
-        f"| rectangular (rule) | {c['rectangular_rows']} | - | - | - | - | - |",
-        f"| paged (ours) | {o['max_active']} | {o['median_active_while_queued']} | "
-        f"{o['samples']} | {o['overruns']} | {c['preemptions']} | {o['finished']} / "
-        f"{o['failed']} |",
-        "",
-        f"Ratio (most at once): {o['max_active'] / max(c['rectangular_rows'], 1):.2f}x "
-        "(goal >= 2x, zero overruns).",
+        "| workload (share: prompt tokens, output tokens) | rectangular (rule) | ours, most at "
+        "once | ratio | ours, median while queued | samples | budget overruns | preemptions | "
+        "finished / failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for name, run in c["workloads"].items():
+        o = run["ours"]
+        mix = "; ".join(f"{w:.0%}: {p[0]}-{p[1]}, {n[0]}-{n[1]}" for w, p, n in run["shares"])
+        lines.append(
+            f"| {name} ({mix}) | {run['rectangular_rows']} | {o['max_active']} | "
+            f"{o['max_active'] / max(run['rectangular_rows'], 1):.2f}x | "
+            f"{o['median_active_while_queued']} | {o['samples']} | {o['overruns']} | "
+            f"{run['preemptions']} | {o['finished']} / {o['failed']} |"
+        )
+    lines += ["", "Goal: at least 2x the rectangular cache's sequences, zero overruns."]
     q = results["squeeze"]
     lines += [
         "",
@@ -469,6 +460,26 @@ def memory_markdown(results: dict[str, Any]) -> list[str]:
         f"{q['preempted']} | {q['held_after_bytes'] / 1e6:.0f} | {q['requests_finished']} | "
         f"{q['requests_failed']} |",
     ]
+    return lines
+
+
+def memory_markdown(results: dict[str, Any]) -> list[str]:
+    """The roofline, concurrency, squeeze and llama.cpp sections."""
+    lines = []
+    if "roofline" in results:
+        r = results["roofline"]
+        lines += [
+            "",
+            "## Batch-1 decode against the memory-bandwidth roofline",
+            "",
+            f"Read bandwidth {r['bandwidth_gb_s']:.1f} GB/s (median sum over a 256 MB tensor); "
+            f"{r['weight_bytes'] / 1e6:.0f} MB of weights read per token: roofline "
+            f"{r['roofline_tokens_per_s']:.1f} tok/s. Ours, decode steps of the 1-stream run: "
+            f"{r['batch1_decode_tokens_per_s']:.1f} tok/s = **{r['fraction']:.0%}** of it "
+            f"(goal >= {r['goal']:.0%}).",
+        ]
+    if "concurrency" in results:
+        lines += squeeze_markdown(results)
     ll = results["llama_cpp"]
     lines += ["", "## llama.cpp (llama-cpp-python)", ""]
     if "skipped" in ll:
@@ -499,7 +510,11 @@ def main() -> None:
         default=STREAMS,
         help="comma-separated concurrency levels (default 1,8,32)",
     )
-    parser.add_argument("--concurrency-seconds", type=float, default=90.0)
+    parser.add_argument("--concurrency-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--step-tokens", type=int, help="the engine's per-step token budget (default: its own)"
+    )
+    parser.add_argument("--skip-concurrency", action="store_true", help="no memory sections")
     parser.add_argument("--squeeze-seconds", type=float, default=45.0)
     parser.add_argument(
         "--llama-python",
@@ -524,7 +539,8 @@ def main() -> None:
         q: list(tokenizer.encode(chat_prompt(q), add_special_tokens=False).ids) for q in QUESTIONS
     }
     budget = predict_memory(model.config, None, 64, 512).total_bytes
-    engine = Engine(model, tokenizer, budget_bytes=budget)
+    tuning = {} if args.step_tokens is None else {"step_tokens": args.step_tokens}
+    engine = Engine(model, tokenizer, budget_bytes=budget, **tuning)
     server = BackgroundServer(engine, ServerOptions())
     target = f"127.0.0.1:{server.port}"
     results: dict[str, Any] = {
@@ -544,10 +560,11 @@ def main() -> None:
             if single:
                 results["roofline"] = roofline(engine, single[0]["decode_step_p50_ms"] / 1000)
             results["switching"] = switching(engine, target, args.switch_seconds, client)
-            results["concurrency"] = concurrency(engine, target, client, args.concurrency_seconds)
-            print("concurrency", json.dumps(results["concurrency"]), flush=True)
-            results["squeeze"] = squeeze(engine, target, client, args.squeeze_seconds)
-            print("squeeze", json.dumps(results["squeeze"]), flush=True)
+            if not args.skip_concurrency:
+                seconds = args.concurrency_seconds
+                results["concurrency"] = concurrency(engine, target, client, seconds)
+                results["squeeze"] = squeeze(engine, target, client, args.squeeze_seconds)
+                print("squeeze", json.dumps(results["squeeze"]), flush=True)
     finally:
         server.stop()
     results["llama_cpp"] = llama_cpp(args.llama_python, model_dir, chat_prompt(QUESTIONS[0]))
