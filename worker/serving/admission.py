@@ -65,9 +65,6 @@ class Admission:
         """Bytes of `blocks` blocks under a plan (0 when it keeps no attention block)."""
         return predict_memory(self.config, plan, blocks, self.block_tokens, self.dtype).kv_bytes
 
-    def fits(self, plan: PruningPlan, blocks: int, adapter_bytes: int) -> bool:
-        return self.total_bytes(plan, blocks, adapter_bytes) <= self.budget_bytes
-
     def max_blocks(self, plan: PruningPlan, adapter_bytes: int) -> int:
         """The largest pool that fits the budget beside the weights and adapters
         (scratch included; 0 when not even the weights fit). A plan without

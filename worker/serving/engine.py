@@ -307,7 +307,6 @@ class _Request:
     feed: list[int] = field(default_factory=list)
     fed: int = 0  # tokens of `feed` in the cache; the request decodes once all are
     admitted: int = 0  # admission order: the youngest is preempted first
-    preemptions: int = 0
 
     @property
     def decoding(self) -> bool:
@@ -908,7 +907,6 @@ class Engine:
         request.feed = request.prompt_ids + request.tokens
         request.fed = 0
         request.held = 0
-        request.preemptions += 1
         self.counters.preemptions += 1
         with self._lock:
             self._queue.appendleft(request)
