@@ -9,6 +9,7 @@ import torch
 
 from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.model.kvcache import SCRATCH_BLOCK, KVCache
+from elasticfleet.worker.model.llama import ElasticLlama
 
 
 def tokens_of(cache: KVCache, layer: int, row: int) -> torch.Tensor:
@@ -108,3 +109,31 @@ def test_dropped_layer_frees_its_pool_and_a_restored_one_starts_at_the_switch() 
     cache.sync_layers([True, True, False, False])
     assert cache.history_start[1].tolist() == [5, 2, 20, 0]
     assert cache.reserved_bytes() == held
+
+
+def test_fragmented_blocks_give_the_full_forward_logits(tiny_model: ElasticLlama) -> None:
+    """Rows whose blocks interleave in the pool (assigned a block at a time,
+    round robin, as a serving loop grows them) and a ragged prefill compute
+    what the model computes without any cache."""
+    torch.manual_seed(5)
+    tokens = torch.randint(0, 256, (3, 14))
+    lengths = [9, 3, 6]
+    layers = [i for i, keep in enumerate(tiny_model.plan.keep_attention) if keep]
+    cache = KVCache(tiny_model.config, 3, 0, layers, block_tokens=4)
+    cache.reserve(1 + 3 * 4)
+    for blocks in range(1, 5):  # round robin: row 0 holds blocks 1, 4, 7, 10
+        for row in range(3):
+            cache.assign(row, 4 * blocks)
+    assert cache.row_blocks[0] == [1, 4, 7, 10]
+    padded = tokens[:, :9].clone()
+    for row, length in enumerate(lengths):
+        padded[row, length:] = 0
+    with torch.inference_mode():
+        steps = [tiny_model(padded, cache, input_lengths=torch.tensor(lengths), last_only=True)]
+        for step in range(4):
+            ids = torch.stack([tokens[row, length + step] for row, length in enumerate(lengths)])
+            steps.append(tiny_model(ids[:, None], cache))
+        for row, length in enumerate(lengths):
+            full = tiny_model(tokens[row : row + 1, : length + 4])[0]  # no cache at all
+            got = torch.stack([step[row, -1] for step in steps])
+            torch.testing.assert_close(got, full[length - 1 :], atol=1e-5, rtol=1e-5)
