@@ -1003,6 +1003,7 @@ class Engine:
         running = self._secure(decoding, [lengths[r.row] + 1 for r in decoding])
         if not running:
             return 0
+        assert running[-1].row == len(running) - 1, "decoding rows must come first"
         input_ids = torch.tensor([[r.next_input] for r in running])
         logits = self._forward(input_ids, torch.ones(len(running), dtype=torch.long), running)
         return self._sample_and_emit(running, logits)
