@@ -487,18 +487,22 @@ def memory_markdown(results: dict[str, Any]) -> list[str]:
     if "skipped" in ll:
         lines.append(f"Not run: {ll['skipped']}")
     else:
-        single = [r for r in results["versus_transformers"] if r["streams"] == 1]
-        ours = f"{single[0]['ours']['tokens_per_s']:.1f}" if single else "-"
+        ours = {r["streams"]: r["ours"]["tokens_per_s"] for r in results["versus_transformers"]}
         lines += [
-            "Single stream, greedy, the chat prompt evaluated first (not timed); ours: the "
-            "1-stream run above (float32, over gRPC, prefill included). Aggregate tok/s with "
-            "several llama.cpp sequences is not measured.",
+            "Greedy from the chat prompt, evaluated first (not timed); several sequences "
+            "decode together, one llama_decode per step. Ours: the runs above (float32, over "
+            "gRPC, prefill included, 1/8/32 streams).",
             "",
-            "| GGUF | llama.cpp tok/s | ours tok/s |",
+            "| GGUF | llama.cpp 1 / 8 / 32 sequences, tok/s | ours 1 / 8 / 32 streams, tok/s |",
             "|---|---|---|",
         ]
+        mine = " / ".join(f"{ours[n]:.1f}" if n in ours else "-" for n in (1, 8, 32))
         for run in ll["runs"]:
-            lines.append(f"| {run['gguf']} | {run['tokens_per_s']:.1f} | {ours} |")
+            together = run["aggregate_tokens_per_s"]
+            theirs = " / ".join(
+                [f"{run['tokens_per_s']:.1f}", *(f"{together[str(n)]:.1f}" for n in (8, 32))]
+            )
+            lines.append(f"| {run['gguf']} | {theirs} | {mine} |")
     return [*lines, ""]
 
 
