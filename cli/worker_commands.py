@@ -34,8 +34,8 @@ from elasticfleet.cli.options import (
     sampling_options,
     token_options,
 )
-from elasticfleet.worker.serving.limits import MAX_THREADS
 from elasticfleet.worker.model.memory import SERVING_DTYPES
+from elasticfleet.worker.serving.limits import MAX_THREADS
 
 if TYPE_CHECKING:
     from elasticfleet.worker.adapters.cache import AdapterCache
@@ -100,6 +100,18 @@ def register(commands: Commands) -> None:
         type=int,
         default=3,
         help="most decode steps a newcomer waits for a prefill group",
+    )
+    worker.add_argument(
+        "--step-tokens",
+        type=int,
+        help="tokens one step computes, decode rows plus prompt chunks (chunked prefill; "
+        "default 256)",
+    )
+    worker.add_argument(
+        "--kv-growth-tokens",
+        type=int,
+        help="KV positions reserved ahead of each running sequence (admission's growth "
+        "window; default 64)",
     )
     worker.add_argument("--drop-attention", type=layer_list, default=[], metavar="I,J")
     worker.add_argument("--drop-ffn", type=layer_list, default=[], metavar="I,J")
@@ -209,6 +221,15 @@ def _worker(args: argparse.Namespace) -> int:
     layers = model.config.num_hidden_layers
     model.apply_plan(PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn))
     adapters = CachedAdapterHost(_adapter_cache(args), model.config, model.plan)
+    # Left out when not given, so the engine's defaults (which import torch) hold.
+    tuning = {
+        name: value
+        for name, value in (
+            ("step_tokens", args.step_tokens),
+            ("kv_growth_tokens", args.kv_growth_tokens),
+        )
+        if value is not None
+    }
     engine = Engine(
         model,
         load_tokenizer(path),
@@ -220,6 +241,7 @@ def _worker(args: argparse.Namespace) -> int:
         max_admit_delay=args.max_admit_delay,
         adapters=adapters,
         device=device,
+        **tuning,
     )
     options = ServerOptions(
         host=args.host,

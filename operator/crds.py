@@ -60,8 +60,8 @@ from elasticfleet.worker.adapters.names import (
     NAME,
     is_valid_name,
 )
-from elasticfleet.worker.serving.limits import MAX_THREADS
 from elasticfleet.worker.model.memory import SERVING_DTYPES
+from elasticfleet.worker.serving.limits import MAX_THREADS
 
 GROUP = "elasticfleet.io"
 VERSION = "v1alpha1"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving_helpers import GREEDY, Collector, Reference, encode, run_until_idle
+from serving_helpers import GREEDY, Collector, Reference, encode, make_engine, run_until_idle
 from tokenizers import Tokenizer
 
 from elasticfleet.worker.adapters.interface import AdapterRequest
@@ -23,10 +23,10 @@ from elasticfleet.worker.errors import (
 )
 from elasticfleet.worker.model.accounting import account
 from elasticfleet.worker.model.generation import TOKENIZER_FILE, SamplingParams, TextGenerator
+from elasticfleet.worker.model.kvcache import BLOCK_TOKENS, blocks_for
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
-from elasticfleet.worker.serving.admission import Layout
 from elasticfleet.worker.serving.engine import Engine, TokenEvent
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
@@ -83,6 +83,36 @@ def test_newcomers_are_held_back_to_share_a_prefill(served_model_dir: Path) -> N
         engine.submit(prompt, params, Collector())
     engine.step()
     assert [i.newcomers for i in engine.iterations] == [1, 0, 0, 1, 3]
+    engine.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_long_prompt_is_fed_in_chunks_between_decode_steps(served_model_dir: Path) -> None:
+    """Chunked prefill: the running request gets a token every step while a
+    100-token prompt joins in chunks of step_tokens minus the decoding rows;
+    both get exactly what they get alone."""
+    engine = make_engine(served_model_dir, prefill_group=1, step_tokens=40)
+    running, joining = Collector(), Collector()
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 2 + "and on and on"
+    assert len(encode(engine, long_prompt)) == 101
+    engine.submit("abc", SamplingParams(max_new_tokens=20, ignore_eos=True), running)
+    engine.step()
+    engine.submit(long_prompt, GREEDY, joining)
+    prompt_tokens = engine.counters.prompt_tokens
+    fed = []
+    for _ in range(3):  # 39 + 39 + 23 tokens: one decoding row takes one of 40
+        before = len(running.events)
+        engine.step()
+        assert len(running.events) == before + 1  # the running batch never stalls
+        fed.append(engine.counters.prompt_tokens - prompt_tokens)
+        prompt_tokens = engine.counters.prompt_tokens
+    assert fed == [39, 39, 23]
+    # The last chunk completed the prompt: its first token, then a decode step.
+    assert len(joining.events) == 2
+    assert all(i.prefill_s > 0 for i in list(engine.iterations)[-3:])
+    run_until_idle(engine)
+    assert running.tokens == alone(engine, served_model_dir, "abc", 20)
+    assert joining.tokens == alone(engine, served_model_dir, long_prompt, 12)
     engine.close()
 
 
@@ -152,9 +182,11 @@ def test_bad_requests_are_refused_with_actionable_errors(engine: Engine) -> None
 
 
 def tight_engine(model_dir: Path, rows: int, tokens: int, max_queue: int) -> Engine:
-    """An engine whose budget holds the weights and exactly `rows` x `tokens` KV."""
+    """An engine whose budget holds the weights and exactly the KV blocks of
+    `rows` sequences of `tokens` positions, plus the scratch block."""
     model = ElasticLlama.from_pretrained(model_dir, packed=False)
-    budget = predict_memory(model.config, model.plan, rows, tokens).total_bytes
+    blocks = 1 + rows * blocks_for(tokens)
+    budget = predict_memory(model.config, model.plan, blocks, BLOCK_TOKENS).total_bytes
     tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
     return Engine(model, tokenizer, budget_bytes=budget, max_queue=max_queue)
 
@@ -199,8 +231,9 @@ def test_a_queued_request_that_no_longer_fits_is_refused(engine: Engine) -> None
     engine.step()
     engine.submit("abcd", SamplingParams(max_new_tokens=100), queued)
     weights = engine.stats().picture.weight_bytes
-    # A budget with room for the running request's 16 positions but not 104.
-    budget = weights + predict_memory(engine.model.config, None, 1, 20).kv_bytes
+    # A budget with room for the running request's one block of 16 positions
+    # (and scratch) but not for 104 positions.
+    budget = weights + predict_memory(engine.model.config, None, 2, BLOCK_TOKENS).kv_bytes
     engine.submit_plan(engine.model.plan, "squeezed", budget_bytes=budget)
     run_until_idle(engine)
     assert running.finished == "length"
@@ -210,14 +243,28 @@ def test_a_queued_request_that_no_longer_fits_is_refused(engine: Engine) -> None
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_the_exact_layout_is_used_when_the_rounded_one_would_not_fit(
-    served_model_dir: Path,
-) -> None:
-    engine = tight_engine(served_model_dir, rows=3, tokens=16, max_queue=8)
-    for _ in range(3):
+def test_admission_charges_blocks_with_a_growth_window(served_model_dir: Path) -> None:
+    """Rows of different lengths cost their own blocks, not the longest
+    row's: a rectangular cache of this budget would hold two of these."""
+    engine = tight_engine(served_model_dir, rows=2, tokens=64, max_queue=8)  # 8 blocks + scratch
+    engine.admission.growth_tokens = 16
+    engine.submit("a" * 40, SamplingParams(max_new_tokens=24, ignore_eos=True), Collector())
+    for _ in range(5):  # 4 + 12 positions, one block each
         engine.submit("abcd", GREEDY, Collector())
     engine.step()
-    assert engine._layout() == Layout(3, 16)
+    picture = engine.stats().picture
+    assert picture.active_sequences == 5 and engine.stats().queue_depth == 1
+    # Charged after a step: min(64, 42 + 1 + 16) -> 4 blocks for the long
+    # one (41 positions in 3 blocks), one block for each short one.
+    assert picture.kv_blocks_committed == 4 + 4
+    assert picture.kv_blocks_in_use == 3 + 4
+    assert picture.kv_blocks_reserved == 1 + 4 + 4
+    per_block = predict_memory(engine.model.config, None, 1, BLOCK_TOKENS).kv_bytes
+    assert picture.kv_reserved_bytes == picture.kv_blocks_reserved * per_block
+    assert picture.total_bytes <= engine.admission.budget_bytes
+    run_until_idle(engine)
+    assert engine.counters.requests_finished == 6
+    assert engine.counters.preemptions == 0
     engine.close()
 
 
@@ -293,72 +340,92 @@ def test_restored_attention_attends_from_the_switch_only(reference_tokens: Refer
     assert restored != full
 
 
+def alone(engine: Engine, model_dir: Path, prompt: str, max_new: int) -> list[int]:
+    """Greedy tokens of `prompt` generated alone, outside the engine."""
+    generator = TextGenerator(
+        ElasticLlama.from_pretrained(model_dir, packed=False), engine.tokenizer
+    )
+    (completion,) = generator.generate(
+        [prompt], SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    )
+    return completion.token_ids
+
+
+def test_a_squeeze_preempts_the_youngest_which_resume_with_the_same_tokens(
+    engine: Engine, served_model_dir: Path
+) -> None:
+    prompts = ["hello world", "abc", "zz top", "the quick brown fox"]
+    sinks = [Collector() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        engine.submit(prompt, GREEDY, sink)
+    for _ in range(3):
+        engine.step()
+    weights = engine.stats().picture.weight_bytes
+    per_block = predict_memory(engine.model.config, None, 1, BLOCK_TOKENS).kv_bytes
+    squeezed = weights + 3 * per_block  # scratch + one block for each of two requests
+    future = engine.submit_plan(engine.model.plan, "squeeze", budget_bytes=squeezed)
+    step = engine.step_count
+    engine.step()
+    switch = future.result(timeout=1)
+    assert switch.preempted == 2 and switch.effective_step == step
+    assert switch.after.total_bytes <= squeezed
+    assert engine.stats().picture.active_sequences == 2
+    assert engine.stats().queue_depth == 2
+    assert len(sinks[3].events) == len(sinks[2].events) == 4  # no token since the squeeze
+    while engine.step():
+        picture = engine.stats().picture
+        assert picture.total_bytes <= squeezed
+        assert picture.kv_reserved_bytes == account(engine.model, engine._cache).kv_reserved_bytes
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        assert sink.finished == "length" and not sink.errors
+        assert [e.completion_tokens for e in sink.events] == list(range(1, 13))
+        assert sink.tokens == alone(engine, served_model_dir, prompt, 12), prompt
+    assert engine.counters.preemptions >= 2 and engine.counters.requests_failed == 0
+    # The two oldest kept running; the preempted resumed only once they had room.
+    assert sinks[2].events[4].decode_step > sinks[1].events[-1].decode_step
+
+
 @pytest.mark.usefixtures("one_thread")
-def test_a_plan_that_cannot_fit_is_refused_and_changes_nothing(served_model_dir: Path) -> None:
-    engine = tight_engine(served_model_dir, rows=2, tokens=16, max_queue=4)
+def test_sequences_that_outgrow_their_window_preempt_the_youngest(served_model_dir: Path) -> None:
+    """With no growth window, four requests are admitted on one block each;
+    as they grow past it the budget (4 blocks) runs out, the youngest are
+    preempted and recomputed later, and every one ends with its own tokens."""
+    engine = tight_engine(served_model_dir, rows=4, tokens=16, max_queue=8)
+    engine.admission.growth_tokens = 0
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = ["abcd", "efgh", "ijkl", "mnop"]
+    sinks = [Collector() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        engine.submit(prompt, params, sink)
+    engine.step()
+    assert engine.stats().picture.active_sequences == 4
+    budget = engine.admission.budget_bytes
+    while engine.step():
+        picture = engine.stats().picture
+        assert picture.total_bytes <= budget
+        assert picture.kv_blocks_reserved <= 5  # scratch and 4 blocks: the budget
+        if picture.active_sequences:
+            assert picture.kv_blocks_in_use < picture.kv_blocks_reserved
+    assert engine.counters.preemptions >= 2 and engine.counters.requests_failed == 0
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        assert sink.finished == "length" and not sink.errors
+        assert [e.completion_tokens for e in sink.events] == list(range(1, 41))
+        assert sink.tokens == alone(engine, served_model_dir, prompt, 40), prompt
+    engine.close()
+
+
+def test_a_newer_plan_supersedes_one_not_yet_applied(engine: Engine) -> None:
     layers = engine.model.config.num_hidden_layers
-    small = PruningPlan.from_dropped(layers, attention=[0, 1, 2])
-    future = engine.submit_plan(small, "small")
+    older = engine.submit_plan(PruningPlan.from_dropped(layers, ffn=[1]), "older")
+    newer = engine.submit_plan(PruningPlan.from_dropped(layers, ffn=[2]), "newer")
     engine.step()
-    future.result(timeout=1)
-    # Under the small plan, more rows fit; fill them, then ask for dense back.
-    sinks = [Collector() for _ in range(4)]
-    for sink in sinks:
-        engine.submit("abcd", GREEDY, sink)
-    engine.step()
-    assert engine.stats().picture.active_sequences > 2
-    refused = engine.submit_plan(PruningPlan.dense(layers), "dense")
-    engine.step()
-    match = r"needs \d+ bytes with the [34] running sequences .* did not finish in time"
-    with pytest.raises(FailedPrecondition, match=match):
-        refused.result(timeout=1)
-    assert engine.plan_id == "small"
-    assert engine.model.plan == small
-    run_until_idle(engine)
-    assert all(s.finished == "length" for s in sinks)
-    # Idle again: now dense fits.
-    fits = engine.submit_plan(PruningPlan.dense(layers), "dense", budget_bytes=10**9)
-    engine.step()
-    assert fits.result(timeout=1).kept_blocks == 2 * layers
-    assert engine.stats().picture.budget_bytes == 10**9
+    with pytest.raises(FailedPrecondition, match="superseded by plan 'newer'"):
+        older.result(timeout=1)
+    assert newer.result(timeout=1).plan_id == "newer" == engine.plan_id
     with pytest.raises(InvalidArgument, match="plan is for 2 layers"):
         engine.submit_plan(PruningPlan.dense(2), "wrong")
     with pytest.raises(FailedPrecondition, match="weights and the loaded adapters alone"):
-        engine.submit_plan(small, "tiny budget", budget_bytes=1000)
-    engine.close()
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_a_plan_waits_for_running_requests_and_admits_none_meanwhile(
-    served_model_dir: Path,
-) -> None:
-    engine = tight_engine(served_model_dir, rows=2, tokens=16, max_queue=8)
-    layers = engine.model.config.num_hidden_layers
-    small = PruningPlan.from_dropped(layers, attention=[0, 1, 2])
-    engine.submit_plan(small, "small")
-    sinks = [Collector() for _ in range(6)]
-    for sink in sinks[:4]:
-        engine.submit("abcd", GREEDY, sink)
-    engine.step()
-    assert engine.stats().picture.active_sequences == 4  # room under the small plan
-    superseded = engine.submit_plan(PruningPlan.dense(layers), "dense-1", wait_s=60)
-    engine.step()
-    waiting = engine.submit_plan(PruningPlan.dense(layers), "dense-2", wait_s=60)
-    with pytest.raises(FailedPrecondition, match="superseded by plan 'dense-2'"):
-        superseded.result(timeout=1)
-    for sink in sinks[4:]:
-        engine.submit("abcd", GREEDY, sink)
-    while not waiting.done():
-        assert not sinks[4].events  # nothing admitted while the plan waits
-        engine.step()
-        assert engine.stats().picture.active_sequences <= 4
-    switch = waiting.result()
-    assert all(s.finished == "length" for s in sinks[:4])
-    # The plan took effect once the four had finished; the rest ran under it.
-    assert switch.effective_step > sinks[0].events[-1].decode_step
-    run_until_idle(engine)
-    assert {e.plan_id for s in sinks[4:] for e in s.events} == {"dense-2"}
-    engine.close()
+        engine.submit_plan(PruningPlan.dense(layers), "tiny budget", budget_bytes=1000)
 
 
 def test_request_mix_and_throughput_are_reported(engine: Engine) -> None:

@@ -71,7 +71,9 @@ def test_accountant_equals_live_tensors_and_prediction(
     kv_tensors = [*cache.keys.values(), *cache.values.values()]
     assert report.kv_reserved_bytes == _live_bytes(*kv_tensors)
 
-    predicted = predict_memory(tiny_model.config, plan, batch=3, seq_len=20)
+    # The pool: scratch + 3 rows x 2 blocks of 16 positions (20 rounded up to blocks).
+    assert cache.num_blocks == 1 + 3 * 2
+    predicted = predict_memory(tiny_model.config, plan, batch=7, seq_len=cache.block_tokens)
     assert report.weight_bytes == predicted.weight_bytes
     assert report.kv_reserved_bytes == predicted.kv_bytes
     used = predict_memory(tiny_model.config, plan, batch=1, seq_len=6 + 2 + 4).kv_bytes

@@ -107,7 +107,7 @@ def test_an_engine_that_dies_turns_not_serving_and_fails_fast(
 ) -> None:
     engine = server.server.engine
 
-    def broken() -> list[Any]:
+    def broken() -> int:
         raise RuntimeError("admission bug")
 
     engine._admit = broken  # type: ignore[method-assign]

@@ -1,20 +1,32 @@
-"""Admission control: which requests may run now without the worker ever
-holding more memory than its budget.
+"""Admission control by KV blocks: which requests may run now without the
+worker ever holding more memory than its budget.
 
-The serving loop keeps one rectangular KV tensor per kept attention block,
-[rows, kv_heads, capacity, head_dim], so that a decode step reads the cache
-in place. Its size is therefore what the memory model predicts for `rows`
-sequences of `capacity` tokens, and that is what admission charges: a
-request is admitted only if the cache laid out for the running requests plus
-it (one more row; capacity at least its prompt + max_new_tokens, its worst
-case) fits the budget together with the kept weights and the adapters. With
-requests of similar length that is each request's worst-case KV; a long
-request makes every row as long as itself, and admission counts that too,
-because that is the memory really reserved.
+The serving loop keeps a paged KV cache (worker/model/kvcache.py): a pool
+of blocks of `block_tokens` positions per kept attention block, and a block
+table per sequence. The pool's bytes are what the memory model predicts for
+`blocks` sequences of `block_tokens` tokens, so the worker holds
 
-Everything here is arithmetic on `predict_memory`, the memory model the
-agent's policies and the operator use, so a plan the policy says fits a
+    weights + adapters + pool blocks x block bytes  <=  budget
+
+and everything here is arithmetic on `predict_memory`, the memory model the
+agent's policies and the operator use, so a plan that the policy says fits a
 budget and the worker's admission agree to the byte.
+
+The growth reservation (the documented policy). A running sequence is
+charged the blocks for
+
+    min(worst case, tokens it holds after the next step + growth_tokens)
+
+where the worst case is prompt + max_new_tokens (capped by the context):
+what it needs now plus a window of growth, never more than it can ever
+use. With growth_tokens at or above every max_new_tokens this is the old
+worst-case admission; smaller windows admit more sequences, and a sequence
+that outgrows its window while the budget has no free block makes the
+engine preempt the youngest running sequence (it is recomputed later, its
+tokens kept). A request is admitted when the charges of the running
+sequences plus its own, plus the scratch block, fit the budget. The pool
+holds those charges (rounded up by POOL_STEP, so sequences joining one at
+a time do not reallocate it at every join) but never more than the budget.
 """
 
 from __future__ import annotations
@@ -22,86 +34,66 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from elasticfleet.worker.model.config import ModelConfig
+from elasticfleet.worker.model.kvcache import BLOCK_TOKENS, blocks_for
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 
-# Layouts grow in these steps so that requests joining one at a time do not
-# reallocate (and copy) the cache at every join.
-ROW_STEP = 8
-CAPACITY_STEP = 64
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shape of the KV cache: sequence rows by token positions."""
-
-    rows: int
-    capacity: int
-
-    def covers(self, other: Layout) -> bool:
-        return self.rows >= other.rows and self.capacity >= other.capacity
-
-
-def _round_up(value: int, step: int, limit: int) -> int:
-    return min(-(-value // step) * step, max(limit, value))
+# The pool grows and shrinks in steps of at least this many blocks, or a
+# quarter of its size, so that joins and leaves rarely reallocate it.
+POOL_STEP = 16
+# The default growth window: 4 blocks of 16 tokens.
+GROWTH_TOKENS = 64
 
 
 @dataclass
 class Admission:
-    """Memory arithmetic for one model: the budget and what fits in it."""
+    """Memory arithmetic for one model: the budget and how many blocks fit in it."""
 
     config: ModelConfig
     dtype: object
     budget_bytes: int
     max_rows: int
+    growth_tokens: int = GROWTH_TOKENS
+    block_tokens: int = BLOCK_TOKENS
 
-    def total_bytes(self, plan: PruningPlan, layout: Layout | None, adapter_bytes: int) -> int:
-        """Weights + KV of `layout` + adapters, as the memory model predicts."""
-        rows, capacity = (0, 0) if layout is None else (layout.rows, layout.capacity)
-        estimate = predict_memory(self.config, plan, rows, capacity, self.dtype)
+    def total_bytes(self, plan: PruningPlan, blocks: int, adapter_bytes: int) -> int:
+        """Weights + a pool of `blocks` blocks + adapters, as the memory model predicts."""
+        estimate = predict_memory(self.config, plan, blocks, self.block_tokens, self.dtype)
         return estimate.total_bytes + adapter_bytes
 
-    def fits(self, plan: PruningPlan, layout: Layout | None, adapter_bytes: int) -> bool:
-        return self.total_bytes(plan, layout, adapter_bytes) <= self.budget_bytes
+    def kv_bytes(self, plan: PruningPlan, blocks: int) -> int:
+        """Bytes of `blocks` blocks under a plan (0 when it keeps no attention block)."""
+        return predict_memory(self.config, plan, blocks, self.block_tokens, self.dtype).kv_bytes
 
-    def kv_bytes(self, plan: PruningPlan, layout: Layout | None) -> int:
-        """KV bytes of a layout under a plan."""
-        if layout is None:
+    def max_blocks(self, plan: PruningPlan, adapter_bytes: int) -> int:
+        """The largest pool that fits the budget beside the weights and adapters
+        (scratch included; 0 when not even the weights fit). A plan without
+        attention blocks stores no KV: a block table still needs the rows'
+        worth of blocks, which cost nothing."""
+        spare = self.budget_bytes - self.total_bytes(plan, 0, adapter_bytes)
+        if spare < 0:
             return 0
-        estimate = predict_memory(self.config, plan, layout.rows, layout.capacity, self.dtype)
-        return estimate.kv_bytes
+        per_block = self.kv_bytes(plan, 1)
+        context_blocks = blocks_for(self.config.max_position_embeddings, self.block_tokens)
+        everything = 1 + self.max_rows * context_blocks
+        return everything if per_block == 0 else min(everything, spare // per_block)
 
     def worst_case_tokens(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """Positions a request can fill: prompt + max_new_tokens, capped by the context."""
         return min(prompt_tokens + max_new_tokens, self.config.max_position_embeddings)
 
-    def layout_for(
-        self,
-        plan: PruningPlan,
-        needed: Layout,
-        adapter_bytes: int,
-        current: Layout | None,
-    ) -> Layout | None:
-        """The layout to hold `needed`, or None when even the exact layout
-        does not fit the budget.
+    def charge(self, held_after_step: int, worst_case: int) -> int:
+        """Blocks charged to a sequence holding `held_after_step` tokens
+        after the next step (the growth reservation, see the module)."""
+        tokens = min(worst_case, held_after_step + self.growth_tokens)
+        return blocks_for(max(tokens, held_after_step), self.block_tokens)
 
-        Keeps the current layout when it covers the need and fits; otherwise
-        grows to the need rounded up (fewer reallocations), falling back to
-        the exact need when the rounded layout would not fit; shrinks when
-        the current layout is more than twice what is needed."""
-        if (
-            current is not None
-            and current.covers(needed)
-            and self.fits(plan, current, adapter_bytes)
-        ):
-            wasted = current.rows * current.capacity > 2 * needed.rows * needed.capacity
-            if not wasted:
-                return current
-        rounded = Layout(
-            _round_up(needed.rows, ROW_STEP, self.max_rows),
-            _round_up(needed.capacity, CAPACITY_STEP, self.config.max_position_embeddings),
-        )
-        for layout in (rounded, needed):
-            if self.fits(plan, layout, adapter_bytes):
-                return layout
-        return None
+    def pool_size(self, charged: int, current: int, cap: int) -> int:
+        """The pool to hold `charged` blocks plus scratch: the current one
+        while it covers them and is at most twice as large, else the need
+        rounded up by a step; never above `cap`."""
+        needed = charged + 1
+        if needed <= current <= 2 * needed:
+            return min(current, cap)
+        step = max(POOL_STEP, needed // 4)
+        return min(-(-needed // step) * step, cap)

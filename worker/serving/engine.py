@@ -1,30 +1,43 @@
 """The serving engine: continuous batching, memory-safe admission and live
 plan switching, in plain Python so it is tested without gRPC.
 
-One thread owns the model and its KV cache and runs iterations. Each one:
+One thread owns the model and its paged KV cache and runs iterations. Each one:
 
 1. applies the latest pruning plan pushed (plans change only here, between
-   decode steps, never inside one). A plan that fits the budget only once
-   some running requests finish waits for them, for a bounded time, and no
-   new request is admitted meanwhile; a newer plan supersedes it. What a
+   decode steps, never inside one). When the running requests' KV blocks
+   do not fit beside the new plan and budget (a squeeze), the youngest are
+   preempted first, so the switch takes effect in this iteration. What a
    switch frees goes back to the device (its allocator's cache is released);
-2. drops cancelled requests, freeing their KV rows;
-3. admits waiting requests, first come first served, while the cache laid
-   out for them still fits the memory budget (worker/serving/admission.py); while
-   sequences run, a few newcomers are gathered first so that they share
-   one prefill (at most `max_admit_delay` iterations);
-4. prefills the newcomers (one forward over their prompts) and samples each
-   one's first token;
-5. runs one decode step over every running sequence, samples, streams each
+2. drops cancelled requests, freeing their KV blocks;
+3. admits waiting requests, preempted ones first, then first come first
+   served, while the blocks charged to the running requests and them fit
+   the memory budget (worker/serving/admission.py: each is charged what it
+   holds after the next step plus a growth window); while sequences run, a
+   few newcomers are gathered first so that they share one prefill (at most
+   `max_admit_delay` iterations);
+4. feeds prompt chunks in one forward, at most `step_tokens` minus the
+   decoding rows (at least MIN_CHUNK), oldest prompt first; a request whose
+   prompt is complete samples its first token (chunked prefill: a joining
+   prompt holds the running batch up for one chunk at most);
+5. runs one decode step over every decoding sequence, samples, streams each
    token to its request's sink, and releases finished requests at once;
-6. gives memory back (a smaller KV cache, none when idle), measures what it
-   holds and, when asked (Engine.snapshot, for GetStats), reads the device
-   at that moment, so that the device's figures and the worker's describe
-   the same memory.
+6. sizes the pool for what the running requests are charged (none when
+   idle), measures what it holds and, when asked (Engine.snapshot, for
+   GetStats), reads the device at that moment, so that the device's figures
+   and the worker's describe the same memory.
 
-Running sequences occupy the first rows of the cache; a finished row is
-filled by moving the last one into it, so every forward works on a view of
-the cache, never a copy.
+Before each forward every row gets the blocks its new tokens need; where
+the budget has none free, the youngest running request is preempted. A
+preempted request loses its blocks, waits at the head of the queue, and
+when admitted again its prompt and the tokens it generated are prefilled
+anew (recompute: on a CPU, swapping to host memory would free nothing);
+its stream, sampling generator and tokens are kept, so nothing is sent
+twice and greedy output is the same as an unpreempted run's.
+
+Running sequences occupy the first rows of the cache, decoding ones first
+and then those still prefilling, oldest first, so that each forward runs on
+a view of consecutive rows; a row that leaves closes its gap by moving
+block-table rows, never keys or values.
 
 What a plan switch does to a running request (the documented semantics):
 
@@ -35,8 +48,9 @@ What a plan switch does to a running request (the documented semantics):
   running sequence already holds: it attends only to tokens from the switch
   on (KVCache.history_start), while the other kept blocks keep their full
   history;
-- requests admitted after the switch run under the new plan from their
-  first token, exactly as if it had always been in force.
+- requests admitted after the switch, and preempted requests when they are
+  recomputed, run under the new plan from their first token, exactly as if
+  it had always been in force.
 
 Events carry the step counter and plan id, so a client can tell which plan
 produced each token (tokens with decode_step >= a switch's effective_step
@@ -54,7 +68,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -82,10 +96,10 @@ from elasticfleet.worker.model.generation import (
     cut_at_stop,
     sample_rows,
 )
-from elasticfleet.worker.model.kvcache import KVCache
+from elasticfleet.worker.model.kvcache import KVCache, blocks_for
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.plan import PruningPlan
-from elasticfleet.worker.serving.admission import Admission, Layout
+from elasticfleet.worker.serving.admission import GROWTH_TOKENS, Admission
 from elasticfleet.worker.serving.telemetry import (
     Device,
     DeviceMemory,
@@ -116,6 +130,10 @@ MAX_STOP_LENGTH = 256
 MAX_PROMPT_BYTES = 256 * 1024
 # Decode-step times kept apart for the metrics endpoint.
 RECENT_STEPS = 1000
+# Tokens one iteration computes (decode rows and prompt chunks together), and
+# the smallest prompt chunk an iteration feeds however many rows decode.
+STEP_TOKENS = 256
+MIN_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,10 @@ class EnginePicture:
     adapter_bytes: int
     budget_bytes: int
     kv_committed_bytes: int
+    kv_block_tokens: int  # positions per KV block
+    kv_blocks_in_use: int  # blocks holding running sequences' tokens
+    kv_blocks_reserved: int  # blocks in the pool (in use, free and scratch)
+    kv_blocks_committed: int  # blocks admission charges the running sequences
     active_sequences: int
     plan_id: str
     keep_mask: tuple[bool, ...]
@@ -209,6 +231,7 @@ class PlanSwitch:
     effective_step: int
     kept_blocks: int
     device: DeviceMemory | None
+    preempted: int = 0  # running sequences it sent back to the queue
 
     @property
     def bytes_after(self) -> int:
@@ -261,6 +284,7 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     plan_changes: int = 0
+    preemptions: int = 0
     adapter_cache_hits: int = 0
     adapter_cache_misses: int = 0
 
@@ -279,6 +303,19 @@ class _Request:
     row: int = -1
     cancelled: bool = False
     held: int = 0  # iterations held back to share a prefill
+    # What the prefill feeds the cache: the prompt, or after a preemption
+    # the prompt and every token generated so far (recomputed, not resent).
+    feed: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens of `feed` in the cache; the request decodes once all are
+    admitted: int = 0  # admission order: the youngest is preempted first
+
+    @property
+    def decoding(self) -> bool:
+        return self.fed == len(self.feed)
+
+    def held_after_step(self) -> int:
+        """Tokens the cache holds for this request after its next step."""
+        return max(len(self.feed), len(self.prompt_ids) + len(self.tokens) + 1)
 
     @property
     def tokens(self) -> list[int]:
@@ -292,7 +329,6 @@ class _PendingPlan:
     plan_id: str
     budget_bytes: int | None
     future: Future[PlanSwitch]
-    deadline: float  # time.monotonic() after which it stops waiting
 
 
 class Engine:
@@ -312,12 +348,21 @@ class Engine:
         prefill_group: int = 4,
         max_admit_delay: int = 3,
         device: Device | None = None,
+        step_tokens: int = STEP_TOKENS,
+        kv_growth_tokens: int = GROWTH_TOKENS,
     ) -> None:
         if max_queue < 0 or max_batch < 1:
             raise ValueError(f"need max_queue >= 0 and max_batch >= 1, got {max_queue}/{max_batch}")
         if prefill_group < 1 or max_admit_delay < 0:
             raise ValueError("need prefill_group >= 1 and max_admit_delay >= 0")
+        if step_tokens < 1 or kv_growth_tokens < 0:
+            raise ValueError("need step_tokens >= 1 and kv_growth_tokens >= 0")
         self.model = model
+        # Chunked prefill: an iteration feeds prompts at most
+        # max(step_tokens - decoding rows, MIN_CHUNK) tokens, in one forward
+        # before the decode step, so a joining prompt stalls the running
+        # batch for one chunk at most, and prompts always make progress.
+        self.step_tokens = step_tokens
         # A prefill forward reads every weight however few prompts it holds,
         # so one over several newcomers costs far less per request than one
         # each (on 2 CPU cores: 350 ms for one 40-token prompt, 510 ms for
@@ -337,9 +382,11 @@ class Engine:
         self._adapter_resident = 0
         self._refresh_adapter_bytes()
         self.max_queue = max_queue
-        self.admission = Admission(model.config, model.dtype, budget_bytes, max_batch)
-        if not self.admission.fits(model.plan, None, self._adapter_bytes()):
-            needed = self.admission.total_bytes(model.plan, None, self._adapter_bytes())
+        self.admission = Admission(
+            model.config, model.dtype, budget_bytes, max_batch, kv_growth_tokens
+        )
+        if self.admission.max_blocks(model.plan, self._adapter_bytes()) < 2:
+            needed = self.admission.total_bytes(model.plan, 0, self._adapter_bytes())
             raise FailedPrecondition(
                 f"the model's weights under its plan take {needed} bytes, more than the "
                 f"budget of {budget_bytes}; raise the budget or start with a smaller plan"
@@ -358,7 +405,10 @@ class Engine:
         self._in_flight: dict[str, _Request] = {}
         self._pending_plans: list[_PendingPlan] = []
         self._snapshots: list[Future[Snapshot]] = []
+        # Running requests in row order: decoding ones first, then those
+        # still prefilling, oldest first (so each forward's rows are consecutive).
         self._active: list[_Request] = []
+        self._admissions = 0
         self._cache: KVCache | None = None
         self._step_lock = threading.Lock()
         self._closing = False
@@ -443,9 +493,8 @@ class Engine:
                 "which must also hold at least one new token; shorten the prompt"
             )
         worst = self.admission.worst_case_tokens(len(ids), params.max_new_tokens)
-        alone = Layout(1, worst)
-        if not self.admission.fits(self.model.plan, alone, self._adapter_bytes()):
-            kv = self.admission.kv_bytes(self.model.plan, alone)
+        if not self._fits_alone(worst):
+            kv = self.admission.kv_bytes(self.model.plan, blocks_for(worst))
             raise ResourceExhausted(
                 f"request needs {kv} bytes of KV cache at its worst case ({len(ids)} prompt + "
                 f"{params.max_new_tokens} new tokens), more than the budget of "
@@ -453,6 +502,12 @@ class Engine:
                 "idle worker; lower max_new_tokens or shorten the prompt"
             )
         return PreparedRequest(request_id or uuid.uuid4().hex, ids, params, adapter, worst)
+
+    def _fits_alone(self, worst_case: int) -> bool:
+        """Whether a request that may fill `worst_case` positions could run
+        to its end on an idle worker (else it would preempt itself forever)."""
+        cap = self.admission.max_blocks(self.model.plan, self._adapter_bytes())
+        return 1 + blocks_for(worst_case) <= cap
 
     def enqueue(self, prepared: PreparedRequest, sink: Sink) -> str:
         """Queue a prepared request; returns its id. Quick: it only takes the
@@ -471,6 +526,7 @@ class Engine:
             worst_case=prepared.worst_case,
             stream=TextStream(self.tokenizer, params.stop),
             generator=generator,
+            feed=prepared.prompt_ids,
         )
         with self._lock:
             self._check_running()
@@ -516,17 +572,17 @@ class Engine:
         plan: PruningPlan,
         plan_id: str,
         budget_bytes: int | None = None,
-        wait_s: float = 0.0,
     ) -> Future[PlanSwitch]:
         """Schedule a plan (and optionally a new budget) for the next
         iteration; the future gets the PlanSwitch.
 
-        When the plan fits only once some running requests finish, the
-        engine admits no new request and waits for that, up to wait_s
-        seconds, then switches. The future fails with FailedPrecondition
-        when the plan does not fit in time (nothing changes then), or when a
-        newer plan supersedes it first. A plan whose weights alone exceed
-        the budget is refused at once."""
+        The switch happens at the start of the next iteration. When the
+        running sequences' blocks do not fit beside the new plan's weights
+        (a squeeze), the youngest are preempted first (`_preempt_to_fit`):
+        they wait in the queue, keep their tokens, and resume when room
+        returns. The future fails with FailedPrecondition when a newer plan
+        supersedes it before that iteration. A plan whose weights alone
+        exceed the budget is refused at once."""
         check_length("plan_id", plan_id, MAX_PLAN_ID)
         config = self.model.config
         if plan.num_layers != config.num_hidden_layers:
@@ -536,16 +592,16 @@ class Engine:
             )
         if budget_bytes is not None and budget_bytes <= 0:
             raise InvalidArgument(f"budget must be positive, got {budget_bytes}")
-        budget = budget_bytes or self.admission.budget_bytes
-        check = Admission(config, self.model.dtype, budget, self.admission.max_rows)
-        fixed = check.total_bytes(plan, None, self._adapter_bytes())
-        if fixed > budget:
+        check = self._admission_for(budget_bytes)
+        fixed = check.total_bytes(plan, 0, self._adapter_bytes())
+        if check.max_blocks(plan, self._adapter_bytes()) < 2:  # scratch + one block
             raise FailedPrecondition(
                 f"plan {plan_id!r} needs {fixed} bytes for its weights and the loaded adapters "
-                f"alone, more than the budget of {budget}; drop more blocks"
+                f"alone, leaving no KV block within the budget of {check.budget_bytes}; drop "
+                "more blocks"
             )
         future: Future[PlanSwitch] = Future()
-        pending = _PendingPlan(plan, plan_id, budget_bytes, future, time.monotonic() + wait_s)
+        pending = _PendingPlan(plan, plan_id, budget_bytes, future)
         with self._lock:
             self._check_running()
             for older in self._pending_plans:
@@ -557,79 +613,55 @@ class Engine:
     @staticmethod
     def _superseded(pending: _PendingPlan, newer: str) -> FailedPrecondition:
         return FailedPrecondition(
-            f"plan {pending.plan_id!r} was superseded by plan {newer!r} before it could fit"
+            f"plan {pending.plan_id!r} was superseded by plan {newer!r} before it was applied"
         )
 
-    def _take_plan(self) -> tuple[PlanSwitch | None, bool]:
-        """Try the waiting plan: (the switch if it happened, whether a plan
-        still waits for running requests to finish).
+    def _admission_for(self, budget_bytes: int | None) -> Admission:
+        """The admission arithmetic under a new budget (None: the current one)."""
+        return replace(self.admission, budget_bytes=budget_bytes or self.admission.budget_bytes)
+
+    def _take_plan(self) -> PlanSwitch | None:
+        """Apply the plan waiting, if any; the switch it made.
 
         A plan whose caller gave up (cancelled the future: a cancelled RPC,
-        a passed deadline) is dropped unapplied, and admissions resume. The
-        future is claimed (set running) only once the plan fits, just
-        before the switch, so a caller can give up at any moment before it
-        and a settled or cancelled future is never set again."""
+        a passed deadline) is dropped unapplied. The future is claimed (set
+        running) just before the switch, so a settled or cancelled future
+        is never set again."""
         with self._lock:
             if not self._pending_plans:
-                return None, False
+                return None
             pending = self._pending_plans.pop(0)
         future = pending.future
-        if future.cancelled():
-            return None, False
-        check, needed, adapter_bytes = self._plan_check(pending)
-        if check.fits(pending.plan, needed, adapter_bytes):
-            if not future.set_running_or_notify_cancel():
-                return None, False  # the caller left just now: change nothing
-            try:
-                switch = self._switch(pending)
-            except Exception as error:
-                future.set_exception(error)
-                return None, False
-            future.set_result(switch)
-            return switch, False
-        if time.monotonic() >= pending.deadline:
-            _settle(future, self._does_not_fit(pending))
-            return None, False
-        with self._lock:
-            if self._pending_plans:  # a newer plan arrived meanwhile
-                _settle(future, self._superseded(pending, self._pending_plans[0].plan_id))
-                return None, True
-            self._pending_plans.append(pending)
-        return None, True
-
-    def _plan_check(self, pending: _PendingPlan) -> tuple[Admission, Layout | None, int]:
-        budget = pending.budget_bytes or self.admission.budget_bytes
-        check = Admission(self.model.config, self.model.dtype, budget, self.admission.max_rows)
-        return check, self._needed_layout(), self._adapter_bytes()
-
-    def _does_not_fit(self, pending: _PendingPlan) -> FailedPrecondition:
-        check, needed, adapter_bytes = self._plan_check(pending)
-        total = check.total_bytes(pending.plan, needed, adapter_bytes)
-        running = 0 if needed is None else needed.rows
-        return FailedPrecondition(
-            f"plan {pending.plan_id!r} needs {total} bytes with the {running} running sequences "
-            f"(weights, their KV at worst case, adapters) but the budget is "
-            f"{check.budget_bytes}, and they did not finish in time; drop more blocks, or "
-            "allow the switch to wait longer"
-        )
+        if not future.set_running_or_notify_cancel():
+            return None
+        try:
+            switch = self._switch(pending)
+        except Exception as error:
+            future.set_exception(error)
+            return None
+        future.set_result(switch)
+        return switch
 
     def _switch(self, pending: _PendingPlan) -> PlanSwitch:
-        """Switch to the plan, which fits next to the running requests."""
+        """Switch to the plan, preempting the youngest running sequences
+        whose blocks do not fit beside it."""
         plan = pending.plan
-        check, needed, adapter_bytes = self._plan_check(pending)
+        check = self._admission_for(pending.budget_bytes)
         # Blocks are dropped before others are restored (below): verify the
         # stored weights first, so a corrupt block refuses the switch intact.
         self.model.check_restore(plan)
         before = self._stats.total_bytes
         current = self.model.plan
-        # Drop and demote first, then resize, then restore and promote:
-        # memory never peaks above the larger of the old and new totals.
+        cap = check.max_blocks(plan, self._adapter_bytes())
+        preempted = self._preempt_to_fit(cap)
+        # Drop and demote first, then shrink the pool, then restore and
+        # promote: memory never peaks above the larger of the old and new totals.
         lower = current.meet(plan)
         if lower is not None:
             self._set_plan(lower)
         self.admission = check
-        layout = check.layout_for(plan, needed, adapter_bytes, self._layout()) if needed else None
-        self._resize(layout)
+        if self._cache is not None:
+            self._cache.reserve(min(self._cache.num_blocks, cap))
         self._set_plan(plan)
         self.plan_id = pending.plan_id
         self.counters.plan_changes += 1
@@ -650,6 +682,7 @@ class Engine:
             effective_step=self.step_count,
             kept_blocks=plan.kept_blocks,
             device=device,
+            preempted=preempted,
         )
 
     def _set_plan(self, plan: PruningPlan) -> None:
@@ -676,7 +709,7 @@ class Engine:
         host = self._require_adapters()
         with self._lock:
             committed = self.admission.total_bytes(
-                self.model.plan, self._needed_layout(), self._adapter_bytes()
+                self.model.plan, 1 + self._charged(), self._adapter_bytes()
             )
         info, hit = host.load(name, version, tasks, self.admission.budget_bytes - committed)
         if hit:
@@ -726,79 +759,72 @@ class Engine:
         from one thread only (start() does that for you)."""
         with self._step_lock:
             started = time.perf_counter()
-            switch, waiting = self._take_plan()
+            switch = self._take_plan()
             self._drop_cancelled()
-            # A waiting plan needs running requests to finish: admit none.
-            newcomers = [] if waiting else self._admit()
-            rows = len(self._active) + len(newcomers)  # the sequences this iteration runs
+            newcomers = self._admit()
+            rows = len(self._active)  # the sequences this iteration runs
             prefill_started = prefill_ended = time.perf_counter()
             produced = 0
-            if newcomers:
-                produced = self._prefill(newcomers)
+            chunks = self._chunks()
+            if chunks:
+                produced = self._prefill(chunks)
                 prefill_ended = time.perf_counter()
             try:
-                if self._active:
+                if any(r.decoding for r in self._active):
                     produced += self._decode()
             except Exception as error:  # one forward for all rows: a bug, not a request's fault
                 log.exception("decode step failed")
                 self._fail_all(error)
             if rows:
                 self.mix.record_step(rows, produced)
-            if rows:
                 self.step_count += 1
-            self._shrink()
+            self._fit_pool()
             self._stats = self._measure()
             self._serve_snapshots()
             if rows or switch:
                 iteration = Iteration(
                     rows=rows,
-                    newcomers=len(newcomers),
+                    newcomers=newcomers,
                     switched=switch is not None,
                     seconds=time.perf_counter() - started,
                     prefill_s=prefill_ended - prefill_started,
                 )
                 self.iterations.append(iteration)
                 self.recent_step_s.append(iteration.step_s)
-            if waiting and not rows:
-                time.sleep(0.001)  # only the plan's deadline can change anything now
-            return bool(rows or switch or waiting)
+            return bool(rows or switch)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._active if r.cancelled]:
             self._release(request)
 
-    def _needed_layout(self, extra: Sequence[_Request] = ()) -> Layout | None:
-        running = [*self._active, *extra]
-        if not running:
-            return None
-        return Layout(len(running), max(r.worst_case for r in running))
+    def _charged(self, extra: Sequence[_Request] = ()) -> int:
+        """Blocks the growth reservation charges the running requests (and `extra`)."""
+        charge = self.admission.charge
+        return sum(charge(r.held_after_step(), r.worst_case) for r in (*self._active, *extra))
 
-    def _layout(self) -> Layout | None:
-        cache = self._cache
-        return None if cache is None else Layout(cache.batch_size, cache.capacity)
+    def _cap(self) -> int:
+        """The largest pool the budget allows now."""
+        return self.admission.max_blocks(self.model.plan, self._adapter_bytes())
 
-    def _admit(self) -> list[_Request]:
-        """Take waiting requests, oldest first, while they fit. One that
-        cannot fit even alone (the plan or budget changed since it was
-        queued) is refused with ResourceExhausted rather than left waiting."""
+    def _admit(self) -> int:
+        """Seat waiting requests, oldest first (preempted ones are at the
+        head), while their charges fit; returns how many. One that cannot
+        fit even alone (the plan or budget changed since it was queued) is
+        refused with ResourceExhausted rather than left waiting."""
         admitted: list[_Request] = []
         refused: list[_Request] = []
-        layout = self._layout()
-        adapter_bytes = self._adapter_bytes()
+        cap = self._cap()
         with self._lock:
             if self._hold_back():
-                return []
+                return 0
+            charged = self._charged()
             while self._queue and len(self._active) + len(admitted) < self.admission.max_rows:
                 candidate = self._queue[0]
-                needed = self._needed_layout([*admitted, candidate])
-                assert needed is not None
-                chosen = self.admission.layout_for(self.model.plan, needed, adapter_bytes, layout)
-                if chosen is not None:
+                cost = self.admission.charge(candidate.held_after_step(), candidate.worst_case)
+                if 1 + charged + cost <= cap:
                     admitted.append(self._queue.popleft())
-                    layout = chosen
-                elif not self.admission.fits(
-                    self.model.plan, Layout(1, candidate.worst_case), adapter_bytes
-                ):
+                    charged += cost
+                elif not self._fits_alone(candidate.worst_case):
                     refused.append(self._queue.popleft())
                     del self._in_flight[candidate.id]
                 else:
@@ -813,9 +839,16 @@ class Engine:
                     "fewer max_new_tokens or on another worker"
                 ),
             )
+        if admitted and self._cache is None:
+            self._cache = self.model.new_cache(self.admission.max_rows, 0)
+        for request in admitted:
+            self._admissions += 1
+            request.admitted = self._admissions
+            request.row = len(self._active)
+            self._active.append(request)
         if admitted:
-            self._resize(layout)
-        return admitted
+            self._fit_pool()
+        return len(admitted)
 
     def _hold_back(self) -> bool:
         """Whether to keep the queue waiting one more iteration so that its
@@ -829,34 +862,70 @@ class Engine:
         head.held += 1
         return True
 
-    def _shrink(self) -> None:
-        """Give memory back when requests have left: free the cache when
-        idle, shrink it when it is more than twice what is running needs."""
-        needed = self._needed_layout()
-        if needed is None:
-            self._resize(None)
-            return
-        layout = self.admission.layout_for(
-            self.model.plan, needed, self._adapter_bytes(), self._layout()
-        )
-        if layout is not None:
-            self._resize(layout)
-
-    def _resize(self, layout: Layout | None) -> None:
-        """Give the cache this layout (None frees it), keeping running rows."""
-        if layout == self._layout():
-            return
-        if layout is None:
+    def _fit_pool(self) -> None:
+        """Size the pool for what the running requests are charged (see
+        admission.py): none when idle, grown ahead of their growth, shrunk
+        when it is more than twice what they are charged."""
+        if not self._active:
             self._cache = None
-        elif self._cache is None:
-            self._cache = self.model.new_cache(layout.rows, layout.capacity)
-        else:
-            self._cache.resize(layout.rows, layout.capacity)
+            return
+        assert self._cache is not None
+        cache = self._cache
+        size = self.admission.pool_size(self._charged(), cache.num_blocks, self._cap())
+        cache.reserve(max(size, cache.blocks_in_use + 1))
+
+    def _secure(self, requests: Sequence[_Request], tokens: Sequence[int]) -> list[_Request]:
+        """Assign blocks so that each request holds its `tokens` positions,
+        growing the pool within the budget; where the budget has no room,
+        preempt the youngest running request until it does. Returns the
+        requests still running, in row order."""
+        assert self._cache is not None
+        cache = self._cache
+        want = dict(zip((r.id for r in requests), tokens, strict=True))
+        while True:
+            running = [r for r in self._active if r.id in want]
+            missing = sum(
+                max(0, blocks_for(want[r.id]) - len(cache.row_blocks[r.row])) for r in running
+            )
+            if missing > len(cache.free):
+                needed = cache.num_blocks + missing - len(cache.free)
+                if needed <= self._cap():
+                    cap = self._cap()
+                    cache.reserve(max(needed, self.admission.pool_size(needed - 1, needed, cap)))
+            if missing <= len(cache.free):
+                for request in running:
+                    cache.assign(request.row, want[request.id])
+                return running
+            self._preempt(max(self._active, key=lambda r: r.admitted))
+
+    def _preempt(self, request: _Request) -> None:
+        """Send a running request back to the head of the queue (recompute):
+        its blocks are freed now; when it is admitted again its prompt and
+        the tokens it has generated are prefilled anew, and it goes on
+        generating from there. Nothing is sent twice: its stream, sampling
+        generator and tokens are kept."""
+        self._unseat(request)
+        request.feed = request.prompt_ids + request.tokens
+        request.fed = 0
+        request.held = 0
+        self.counters.preemptions += 1
+        with self._lock:
+            self._queue.appendleft(request)
+
+    def _preempt_to_fit(self, cap: int) -> int:
+        """Preempt the youngest running requests until the blocks the rest
+        need for their next step (plus scratch) fit a pool of `cap`; returns
+        how many were preempted (the squeeze rule)."""
+        preempted = 0
+        while self._active and 1 + sum(blocks_for(r.held_after_step()) for r in self._active) > cap:
+            self._preempt(max(self._active, key=lambda r: r.admitted))
+            preempted += 1
+        return preempted
 
     def _forward(
         self, input_ids: torch.Tensor, lengths: torch.Tensor, requests: Sequence[_Request]
     ) -> torch.Tensor:
-        """Last-token logits [B, V] for rows requests[0].row.. of the cache."""
+        """Last-token logits [B, V] for the consecutive rows requests[0].row.. of the cache."""
         assert self._cache is not None
         first = requests[0].row
         view = self._cache.rows(first, first + len(requests))
@@ -867,48 +936,75 @@ class Engine:
             logits = self.model(input_ids, view, input_lengths=lengths, last_only=True, **extra)
         return logits[:, 0]  # type: ignore[no-any-return]
 
-    def _prefill(self, newcomers: list[_Request]) -> int:
-        """Seat the newcomers in the batch and prefill them together. Their
-        forward touches their own rows only, so when it fails the running
-        requests go on; and it is retried one newcomer at a time, so that a
-        request that breaks its forward fails alone, not its group."""
-        assert self._cache is not None
-        for request in newcomers:
-            request.row = len(self._active)
-            self._active.append(request)
-            self._cache.clear_row(request.row)
-        return self._prefill_seated(newcomers)
+    def _chunks(self) -> list[tuple[_Request, int]]:
+        """This iteration's prompt chunks: prefilling requests, oldest first,
+        each fed as much as the step's token budget has left."""
+        decoding = sum(1 for r in self._active if r.decoding)
+        budget = max(self.step_tokens - decoding, MIN_CHUNK)
+        chunks: list[tuple[_Request, int]] = []
+        for request in self._active[decoding:]:
+            if budget <= 0:
+                break
+            count = min(len(request.feed) - request.fed, budget)
+            chunks.append((request, count))
+            budget -= count
+        return chunks
 
-    def _prefill_seated(self, newcomers: list[_Request]) -> int:
+    def _prefill(self, chunks: list[tuple[_Request, int]]) -> int:
+        """Feed the chunks in one forward; requests whose feed is complete
+        sample their next token. The forward touches the chunks' rows only,
+        so when it fails the running requests go on; and it is retried one
+        request at a time, so that a request that breaks its forward fails
+        alone, not its group."""
         assert self._cache is not None
+        counts = {r.id: count for r, count in chunks}
+        running = self._secure([r for r, _ in chunks], [r.fed + c for r, c in chunks])
+        chunks = [(r, counts[r.id]) for r in running]
+        if not chunks:
+            return 0
         try:
-            return self._prefill_rows(newcomers)
+            return self._prefill_rows(chunks)
         except Exception as error:
-            if len(newcomers) == 1:
-                log.exception("prefill of request %s failed", newcomers[0].id)
-                self._fail(newcomers, error)
+            if len(chunks) == 1:
+                log.exception("prefill of request %s failed", chunks[0][0].id)
+                self._fail([chunks[0][0]], error)
                 return 0
-            log.warning("prefill of %d newcomers failed; trying each alone", len(newcomers))
+            log.warning("prefill of %d requests failed; trying each alone", len(chunks))
         produced = 0
-        for request in newcomers:  # rows move as requests leave: read each one's now
+        for request, count in chunks:  # rows move as requests leave: read each one's now
             if request.row >= 0:
-                self._cache.clear_row(request.row)
-                produced += self._prefill_seated([request])
+                self._cache.lengths[request.row] = request.fed
+                produced += self._prefill([(request, count)])
         return produced
 
-    def _prefill_rows(self, newcomers: list[_Request]) -> int:
-        """One forward over the seated newcomers' prompts, then their first tokens."""
-        width = max(len(r.prompt_ids) for r in newcomers)
-        input_ids = torch.zeros(len(newcomers), width, dtype=torch.long)
-        for index, request in enumerate(newcomers):
-            input_ids[index, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        lengths = torch.tensor([len(r.prompt_ids) for r in newcomers])
-        logits = self._forward(input_ids, lengths, newcomers)
+    def _prefill_rows(self, chunks: list[tuple[_Request, int]]) -> int:
+        """One forward over the chunks (consecutive rows), then the next
+        token of each request it completed."""
+        width = max(count for _, count in chunks)
+        input_ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for index, (request, count) in enumerate(chunks):
+            part = request.feed[request.fed : request.fed + count]
+            input_ids[index, :count] = torch.tensor(part)
+        lengths = torch.tensor([count for _, count in chunks])
+        logits = self._forward(input_ids, lengths, [r for r, _ in chunks])
         self.counters.prompt_tokens += int(lengths.sum())
-        return self._sample_and_emit(newcomers, logits)
+        done: list[int] = []
+        for index, (request, count) in enumerate(chunks):
+            request.fed += count
+            if request.decoding:
+                done.append(index)
+        if not done:
+            return 0
+        return self._sample_and_emit([chunks[i][0] for i in done], logits[done])
 
     def _decode(self) -> int:
-        running = list(self._active)
+        decoding = [r for r in self._active if r.decoding]
+        assert self._cache is not None
+        lengths = self._cache.lengths.tolist()
+        running = self._secure(decoding, [lengths[r.row] + 1 for r in decoding])
+        if not running:
+            return 0
+        assert running[-1].row == len(running) - 1, "decoding rows must come first"
         input_ids = torch.tensor([[r.next_input] for r in running])
         logits = self._forward(input_ids, torch.ones(len(running), dtype=torch.long), running)
         return self._sample_and_emit(running, logits)
@@ -979,20 +1075,10 @@ class Engine:
             self.cancel(request.id)
 
     def _release(self, request: _Request, failed: bool = False) -> None:
-        """Take a request out of the batch: move the last row into its row
-        (a request that never got a row is only forgotten)."""
+        """Take a request out of the batch, freeing its blocks (a request
+        that never got a row is only forgotten)."""
         if request.row >= 0:
-            assert self._cache is not None
-            last = len(self._active) - 1
-            row = request.row
-            if row != last:
-                moved = self._active[last]
-                self._cache.move_row(last, row)
-                self._active[row] = moved
-                moved.row = row
-            self._active.pop()
-            self._cache.clear_row(last)
-            request.row = -1
+            self._unseat(request)
         with self._lock:
             if self._in_flight.get(request.id) is request:
                 del self._in_flight[request.id]
@@ -1002,6 +1088,19 @@ class Engine:
                     self.counters.requests_finished += 1
         if not (request.cancelled or failed):
             self.mix.record_finished(len(request.prompt_ids), len(request.tokens))
+
+    def _unseat(self, request: _Request) -> None:
+        """Free a running request's blocks and close the gap its row leaves,
+        keeping the other rows' order (decoding ones first)."""
+        assert self._cache is not None
+        row = request.row
+        self._cache.clear_row(row)
+        self._active.pop(row)
+        order = [*range(row), *range(row + 1, len(self._active) + 1), row]
+        self._cache.arrange(order)
+        for index in range(row, len(self._active)):
+            self._active[index].row = index
+        request.row = -1
 
     def _fail(self, requests: Sequence[_Request], error: Exception) -> None:
         """End these requests with `error`; the rest of the batch goes on."""
@@ -1025,14 +1124,19 @@ class Engine:
 
     def _measure(self) -> EnginePicture:
         report = account(self.model, self._cache)
-        needed = self._needed_layout()
+        cache = self._cache
+        charged = self._charged()
         return EnginePicture(
             weight_bytes=report.weight_bytes,
             kv_reserved_bytes=report.kv_reserved_bytes,
             kv_used_bytes=report.kv_used_bytes,
             adapter_bytes=self._adapter_bytes(),
             budget_bytes=self.admission.budget_bytes,
-            kv_committed_bytes=self.admission.kv_bytes(self.model.plan, needed),
+            kv_committed_bytes=self.admission.kv_bytes(self.model.plan, charged),
+            kv_block_tokens=self.admission.block_tokens,
+            kv_blocks_in_use=0 if cache is None else cache.blocks_in_use,
+            kv_blocks_reserved=0 if cache is None else cache.num_blocks,
+            kv_blocks_committed=charged,
             active_sequences=len(self._active),
             plan_id=self.plan_id,
             keep_mask=tuple(self.model.plan.to_mask()),

@@ -59,6 +59,11 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "plan_changes", "Pruning plans applied.", value=counters.plan_changes
         )
+        yield CounterMetricFamily(
+            PREFIX + "preemptions",
+            "Running requests sent back to the queue to fit the budget (recomputed later).",
+            value=counters.preemptions,
+        )
         adapter = CounterMetricFamily(
             PREFIX + "adapter_cache",
             "Adapter loads answered from the local cache (hit) or the store (miss).",
@@ -73,6 +78,12 @@ class EngineCollector(Collector):
             "weight_bytes": ("Bytes of model weights held.", picture.weight_bytes),
             "kv_reserved_bytes": ("Bytes of KV cache allocated.", picture.kv_reserved_bytes),
             "kv_used_bytes": ("Bytes of KV cache holding tokens.", picture.kv_used_bytes),
+            "kv_blocks_in_use": ("KV blocks holding sequences' tokens.", picture.kv_blocks_in_use),
+            "kv_blocks_reserved": ("KV blocks in the pool.", picture.kv_blocks_reserved),
+            "kv_blocks_committed": (
+                "KV blocks admission charges the running requests.",
+                picture.kv_blocks_committed,
+            ),
             "adapter_bytes": ("Bytes of adapters in the local cache.", picture.adapter_bytes),
             "budget_bytes": ("The memory budget admission works against.", picture.budget_bytes),
             "kept_blocks": ("Blocks the current plan keeps.", sum(picture.keep_mask)),

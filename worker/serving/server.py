@@ -111,6 +111,10 @@ def worker_memory(picture: EnginePicture) -> pb.WorkerMemory:
         adapter_bytes=picture.adapter_bytes,
         budget_bytes=picture.budget_bytes,
         kv_committed_bytes=picture.kv_committed_bytes,
+        kv_block_tokens=picture.kv_block_tokens,
+        kv_blocks_in_use=picture.kv_blocks_in_use,
+        kv_blocks_reserved=picture.kv_blocks_reserved,
+        kv_blocks_committed=picture.kv_blocks_committed,
     )
 
 
@@ -339,13 +343,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         model_name: str,
         tokenizer_pool: ThreadPoolExecutor,
         default_max_new_tokens: int = 256,
-        plan_wait_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.tokenizer_pool = tokenizer_pool
         self.default_max_new_tokens = default_max_new_tokens
-        self.plan_wait_s = plan_wait_s
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -392,9 +394,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
         budget = request.budget_bytes if request.HasField("budget_bytes") else None
-        remaining = context.time_remaining()
-        wait = self.plan_wait_s if remaining is None else min(remaining, self.plan_wait_s)
-        future = self.engine.submit_plan(plan, request.plan_id or "unnamed", budget, wait)
+        future = self.engine.submit_plan(plan, request.plan_id or "unnamed", budget)
         switch = await asyncio.wrap_future(future)
         return pb.ApplyPlanResponse(
             plan_id=switch.plan_id,
@@ -404,6 +404,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             kept_blocks=switch.kept_blocks,
             memory=worker_memory(switch.after),
             device=None if switch.device is None else device_message(switch.device),
+            preempted=switch.preempted,
         )
 
     async def GetStats(
@@ -496,8 +497,6 @@ class ServerOptions:
     tls_key: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
     default_max_new_tokens: int = 256
-    # Longest an ApplyPlan waits for running requests to make room.
-    plan_wait_s: float = 30.0
     drain_timeout_s: float = 30.0
 
 
@@ -541,7 +540,6 @@ class WorkerServer:
             options.model_name,
             self.tokenizer_pool,
             options.default_max_new_tokens,
-            options.plan_wait_s,
         )
         pb_grpc.add_WorkerServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

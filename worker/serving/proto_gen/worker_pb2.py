@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65lasticfleet/v1/worker.proto\x12\x0f\x65lasticfleet.v1\"c\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x0e\n\x0cRouterMixing\"i\n\x10\x41\x64\x61pterSelection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12/\n\x06router\x18\x03 \x01(\x0b\x32\x1d.elasticfleet.v1.RouterMixingH\x00\x42\x06\n\x04head\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x35\n\x08sampling\x18\x05 \x01(\x0b\x32#.elasticfleet.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x32\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32!.elasticfleet.v1.AdapterSelection\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x64\x65\x63ode_step\x18\x07 \x01(\x04\x12\x0f\n\x07plan_id\x18\x08 \x01(\t\"\xbc\x01\n\x10\x41pplyPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x11\n\tkeep_mask\x18\x02 \x03(\x08\x12\x19\n\x0c\x62udget_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12+\n\x06levels\x18\x04 \x03(\x0e\x32\x1b.elasticfleet.v1.BlockLevel\x12+\n\tkv_levels\x18\x05 \x03(\x0e\x32\x18.elasticfleet.v1.KvLevelB\x0f\n\r_budget_bytes\"\xda\x01\n\x11\x41pplyPlanResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_before\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x03 \x01(\x04\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_step\x18\x04 \x01(\x04\x12\x13\n\x0bkept_blocks\x18\x05 \x01(\r\x12-\n\x06memory\x18\x06 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12-\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\"\x11\n\x0fGetStatsRequest\"\xb0\x01\n\x0c\x44\x65viceMemory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12-\n\x06source\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.MemorySource\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x16\n\town_bytes\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_own_bytes\"\x9f\x01\n\x0cWorkerMemory\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x19\n\x11kv_reserved_bytes\x18\x02 \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x15\n\radapter_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12kv_committed_bytes\x18\x06 \x01(\x04\"1\n\tHistogram\x12\x14\n\x0cupper_bounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x8a\x02\n\nRequestMix\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12.\n\nbatch_size\x18\x02 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\rprompt_tokens\x18\x03 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\routput_tokens\x18\x04 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x19\n\x11\x66inished_requests\x18\x05 \x01(\x04\x12\x16\n\x0e\x62\x61tch_size_p90\x18\x06 \x01(\x01\x12\x1b\n\x13sequence_tokens_p90\x18\x07 \x01(\x01\"\x86\x03\n\x10GetStatsResponse\x12-\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\x12-\n\x06memory\x18\x02 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x04 \x01(\r\x12(\n\x03mix\x18\x05 \x01(\x0b\x32\x1b.elasticfleet.v1.RequestMix\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x0f\n\x07plan_id\x18\x07 \x01(\t\x12\x11\n\tkeep_mask\x18\x08 \x03(\x08\x12\x13\n\x0b\x64\x65\x63ode_step\x18\t \x01(\x04\x12\r\n\x05model\x18\n \x01(\t\x12+\n\x06levels\x18\x0b \x03(\x0e\x32\x1b.elasticfleet.v1.BlockLevel\x12+\n\tkv_levels\x18\x0c \x03(\x0e\x32\x18.elasticfleet.v1.KvLevel\"\x80\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x12\n\nhas_router\x18\x07 \x01(\x08\"B\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\"W\n\x13LoadAdapterResponse\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x15UnloadAdapterResponse\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x04\"\x15\n\x13ListAdaptersRequest\"v\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x19\n\x11\x63\x61\x63he_limit_bytes\x18\x03 \x01(\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03*\x84\x01\n\nBlockLevel\x12\x1b\n\x17\x42LOCK_LEVEL_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42LOCK_LEVEL_FULL\x10\x01\x12\x14\n\x10\x42LOCK_LEVEL_INT8\x10\x02\x12\x14\n\x10\x42LOCK_LEVEL_INT4\x10\x03\x12\x17\n\x13\x42LOCK_LEVEL_DROPPED\x10\x04*I\n\x07KvLevel\x12\x18\n\x14KV_LEVEL_UNSPECIFIED\x10\x00\x12\x11\n\rKV_LEVEL_FULL\x10\x01\x12\x11\n\rKV_LEVEL_INT8\x10\x02*z\n\x0cMemorySource\x12\x1d\n\x19MEMORY_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMORY_SOURCE_NVML\x10\x01\x12\x16\n\x12MEMORY_SOURCE_HOST\x10\x02\x12\x1b\n\x17MEMORY_SOURCE_SIMULATED\x10\x03\x32\x97\x04\n\x06Worker\x12Q\n\x08Generate\x12 .elasticfleet.v1.GenerateRequest\x1a!.elasticfleet.v1.GenerateResponse0\x01\x12R\n\tApplyPlan\x12!.elasticfleet.v1.ApplyPlanRequest\x1a\".elasticfleet.v1.ApplyPlanResponse\x12O\n\x08GetStats\x12 .elasticfleet.v1.GetStatsRequest\x1a!.elasticfleet.v1.GetStatsResponse\x12X\n\x0bLoadAdapter\x12#.elasticfleet.v1.LoadAdapterRequest\x1a$.elasticfleet.v1.LoadAdapterResponse\x12^\n\rUnloadAdapter\x12%.elasticfleet.v1.UnloadAdapterRequest\x1a&.elasticfleet.v1.UnloadAdapterResponse\x12[\n\x0cListAdapters\x12$.elasticfleet.v1.ListAdaptersRequest\x1a%.elasticfleet.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65lasticfleet/v1/worker.proto\x12\x0f\x65lasticfleet.v1\"c\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x0e\n\x0cRouterMixing\"i\n\x10\x41\x64\x61pterSelection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12/\n\x06router\x18\x03 \x01(\x0b\x32\x1d.elasticfleet.v1.RouterMixingH\x00\x42\x06\n\x04head\"\xf1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x35\n\x08sampling\x18\x05 \x01(\x0b\x32#.elasticfleet.v1.SamplingParameters\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x32\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32!.elasticfleet.v1.AdapterSelection\"\xd5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x64\x65\x63ode_step\x18\x07 \x01(\x04\x12\x0f\n\x07plan_id\x18\x08 \x01(\t\"\xbc\x01\n\x10\x41pplyPlanRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x11\n\tkeep_mask\x18\x02 \x03(\x08\x12\x19\n\x0c\x62udget_bytes\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12+\n\x06levels\x18\x04 \x03(\x0e\x32\x1b.elasticfleet.v1.BlockLevel\x12+\n\tkv_levels\x18\x05 \x03(\x0e\x32\x18.elasticfleet.v1.KvLevelB\x0f\n\r_budget_bytes\"\xed\x01\n\x11\x41pplyPlanResponse\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_before\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x03 \x01(\x04\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_step\x18\x04 \x01(\x04\x12\x13\n\x0bkept_blocks\x18\x05 \x01(\r\x12-\n\x06memory\x18\x06 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12-\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\x12\x11\n\tpreempted\x18\x08 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xb0\x01\n\x0c\x44\x65viceMemory\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12-\n\x06source\x18\x04 \x01(\x0e\x32\x1d.elasticfleet.v1.MemorySource\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x16\n\town_bytes\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_own_bytes\"\x8b\x02\n\x0cWorkerMemory\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x04\x12\x19\n\x11kv_reserved_bytes\x18\x02 \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x15\n\radapter_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12kv_committed_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fkv_block_tokens\x18\x07 \x01(\r\x12\x18\n\x10kv_blocks_in_use\x18\x08 \x01(\x04\x12\x1a\n\x12kv_blocks_reserved\x18\t \x01(\x04\x12\x1b\n\x13kv_blocks_committed\x18\n \x01(\x04\"1\n\tHistogram\x12\x14\n\x0cupper_bounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\x8a\x02\n\nRequestMix\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12.\n\nbatch_size\x18\x02 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\rprompt_tokens\x18\x03 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x31\n\routput_tokens\x18\x04 \x01(\x0b\x32\x1a.elasticfleet.v1.Histogram\x12\x19\n\x11\x66inished_requests\x18\x05 \x01(\x04\x12\x16\n\x0e\x62\x61tch_size_p90\x18\x06 \x01(\x01\x12\x1b\n\x13sequence_tokens_p90\x18\x07 \x01(\x01\"\x86\x03\n\x10GetStatsResponse\x12-\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1d.elasticfleet.v1.DeviceMemory\x12-\n\x06memory\x18\x02 \x01(\x0b\x32\x1d.elasticfleet.v1.WorkerMemory\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x18\n\x10\x61\x63tive_sequences\x18\x04 \x01(\r\x12(\n\x03mix\x18\x05 \x01(\x0b\x32\x1b.elasticfleet.v1.RequestMix\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x0f\n\x07plan_id\x18\x07 \x01(\t\x12\x11\n\tkeep_mask\x18\x08 \x03(\x08\x12\x13\n\x0b\x64\x65\x63ode_step\x18\t \x01(\x04\x12\r\n\x05model\x18\n \x01(\t\x12+\n\x06levels\x18\x0b \x03(\x0e\x32\x1b.elasticfleet.v1.BlockLevel\x12+\n\tkv_levels\x18\x0c \x03(\x0e\x32\x18.elasticfleet.v1.KvLevel\"\x80\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x12\n\nhas_router\x18\x07 \x01(\x08\"B\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\"W\n\x13LoadAdapterResponse\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x15UnloadAdapterResponse\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x04\"\x15\n\x13ListAdaptersRequest\"v\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.elasticfleet.v1.AdapterInfo\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x19\n\x11\x63\x61\x63he_limit_bytes\x18\x03 \x01(\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03*\x84\x01\n\nBlockLevel\x12\x1b\n\x17\x42LOCK_LEVEL_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42LOCK_LEVEL_FULL\x10\x01\x12\x14\n\x10\x42LOCK_LEVEL_INT8\x10\x02\x12\x14\n\x10\x42LOCK_LEVEL_INT4\x10\x03\x12\x17\n\x13\x42LOCK_LEVEL_DROPPED\x10\x04*I\n\x07KvLevel\x12\x18\n\x14KV_LEVEL_UNSPECIFIED\x10\x00\x12\x11\n\rKV_LEVEL_FULL\x10\x01\x12\x11\n\rKV_LEVEL_INT8\x10\x02*z\n\x0cMemorySource\x12\x1d\n\x19MEMORY_SOURCE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMORY_SOURCE_NVML\x10\x01\x12\x16\n\x12MEMORY_SOURCE_HOST\x10\x02\x12\x1b\n\x17MEMORY_SOURCE_SIMULATED\x10\x03\x32\x97\x04\n\x06Worker\x12Q\n\x08Generate\x12 .elasticfleet.v1.GenerateRequest\x1a!.elasticfleet.v1.GenerateResponse0\x01\x12R\n\tApplyPlan\x12!.elasticfleet.v1.ApplyPlanRequest\x1a\".elasticfleet.v1.ApplyPlanResponse\x12O\n\x08GetStats\x12 .elasticfleet.v1.GetStatsRequest\x1a!.elasticfleet.v1.GetStatsResponse\x12X\n\x0bLoadAdapter\x12#.elasticfleet.v1.LoadAdapterRequest\x1a$.elasticfleet.v1.LoadAdapterResponse\x12^\n\rUnloadAdapter\x12%.elasticfleet.v1.UnloadAdapterRequest\x1a&.elasticfleet.v1.UnloadAdapterResponse\x12[\n\x0cListAdapters\x12$.elasticfleet.v1.ListAdaptersRequest\x1a%.elasticfleet.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'elasticfleet.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2733
-  _globals['_FINISHREASON']._serialized_end=2851
-  _globals['_BLOCKLEVEL']._serialized_start=2854
-  _globals['_BLOCKLEVEL']._serialized_end=2986
-  _globals['_KVLEVEL']._serialized_start=2988
-  _globals['_KVLEVEL']._serialized_end=3061
-  _globals['_MEMORYSOURCE']._serialized_start=3063
-  _globals['_MEMORYSOURCE']._serialized_end=3185
+  _globals['_FINISHREASON']._serialized_start=2860
+  _globals['_FINISHREASON']._serialized_end=2978
+  _globals['_BLOCKLEVEL']._serialized_start=2981
+  _globals['_BLOCKLEVEL']._serialized_end=3113
+  _globals['_KVLEVEL']._serialized_start=3115
+  _globals['_KVLEVEL']._serialized_end=3188
+  _globals['_MEMORYSOURCE']._serialized_start=3190
+  _globals['_MEMORYSOURCE']._serialized_end=3312
   _globals['_SAMPLINGPARAMETERS']._serialized_start=49
   _globals['_SAMPLINGPARAMETERS']._serialized_end=148
   _globals['_ROUTERMIXING']._serialized_start=150
@@ -52,33 +52,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYPLANREQUEST']._serialized_start=734
   _globals['_APPLYPLANREQUEST']._serialized_end=922
   _globals['_APPLYPLANRESPONSE']._serialized_start=925
-  _globals['_APPLYPLANRESPONSE']._serialized_end=1143
-  _globals['_GETSTATSREQUEST']._serialized_start=1145
-  _globals['_GETSTATSREQUEST']._serialized_end=1162
-  _globals['_DEVICEMEMORY']._serialized_start=1165
-  _globals['_DEVICEMEMORY']._serialized_end=1341
-  _globals['_WORKERMEMORY']._serialized_start=1344
-  _globals['_WORKERMEMORY']._serialized_end=1503
-  _globals['_HISTOGRAM']._serialized_start=1505
-  _globals['_HISTOGRAM']._serialized_end=1554
-  _globals['_REQUESTMIX']._serialized_start=1557
-  _globals['_REQUESTMIX']._serialized_end=1823
-  _globals['_GETSTATSRESPONSE']._serialized_start=1826
-  _globals['_GETSTATSRESPONSE']._serialized_end=2216
-  _globals['_ADAPTERINFO']._serialized_start=2219
-  _globals['_ADAPTERINFO']._serialized_end=2347
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2349
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2415
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2417
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2504
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2506
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2542
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2544
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2588
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2590
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2611
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2613
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2731
-  _globals['_WORKER']._serialized_start=3188
-  _globals['_WORKER']._serialized_end=3723
+  _globals['_APPLYPLANRESPONSE']._serialized_end=1162
+  _globals['_GETSTATSREQUEST']._serialized_start=1164
+  _globals['_GETSTATSREQUEST']._serialized_end=1181
+  _globals['_DEVICEMEMORY']._serialized_start=1184
+  _globals['_DEVICEMEMORY']._serialized_end=1360
+  _globals['_WORKERMEMORY']._serialized_start=1363
+  _globals['_WORKERMEMORY']._serialized_end=1630
+  _globals['_HISTOGRAM']._serialized_start=1632
+  _globals['_HISTOGRAM']._serialized_end=1681
+  _globals['_REQUESTMIX']._serialized_start=1684
+  _globals['_REQUESTMIX']._serialized_end=1950
+  _globals['_GETSTATSRESPONSE']._serialized_start=1953
+  _globals['_GETSTATSRESPONSE']._serialized_end=2343
+  _globals['_ADAPTERINFO']._serialized_start=2346
+  _globals['_ADAPTERINFO']._serialized_end=2474
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2476
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2542
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2544
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2631
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2633
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2669
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2671
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2715
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2717
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2738
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2740
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2858
+  _globals['_WORKER']._serialized_start=3315
+  _globals['_WORKER']._serialized_end=3850
 # @@protoc_insertion_point(module_scope)

@@ -434,6 +434,7 @@ class ApplyPlanResponse(_message.Message):
     KEPT_BLOCKS_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    PREEMPTED_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """The plan now in force."""
     bytes_before: _builtins.int
@@ -444,6 +445,8 @@ class ApplyPlanResponse(_message.Message):
     """The first decode step run under the new plan."""
     kept_blocks: _builtins.int
     """Blocks kept by the plan, of 2L."""
+    preempted: _builtins.int
+    """Running requests the switch preempted to fit the new budget."""
     @_builtins.property
     def memory(self) -> Global___WorkerMemory:
         """The worker's memory right after the switch."""
@@ -466,10 +469,11 @@ class ApplyPlanResponse(_message.Message):
         kept_blocks: _builtins.int = ...,
         memory: Global___WorkerMemory | None = ...,
         device: Global___DeviceMemory | None = ...,
+        preempted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_after", b"bytes_after", "bytes_before", b"bytes_before", "device", b"device", "effective_step", b"effective_step", "kept_blocks", b"kept_blocks", "memory", b"memory", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_after", b"bytes_after", "bytes_before", b"bytes_before", "device", b"device", "effective_step", b"effective_step", "kept_blocks", b"kept_blocks", "memory", b"memory", "plan_id", b"plan_id", "preempted", b"preempted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,6 +561,10 @@ class WorkerMemory(_message.Message):
     ADAPTER_BYTES_FIELD_NUMBER: _builtins.int
     BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     KV_COMMITTED_BYTES_FIELD_NUMBER: _builtins.int
+    KV_BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    KV_BLOCKS_IN_USE_FIELD_NUMBER: _builtins.int
+    KV_BLOCKS_RESERVED_FIELD_NUMBER: _builtins.int
+    KV_BLOCKS_COMMITTED_FIELD_NUMBER: _builtins.int
     weight_bytes: _builtins.int
     """Bytes of the kept blocks' weights and the fixed weights."""
     kv_reserved_bytes: _builtins.int
@@ -568,7 +576,19 @@ class WorkerMemory(_message.Message):
     budget_bytes: _builtins.int
     """The memory budget the worker admits requests against."""
     kv_committed_bytes: _builtins.int
-    """KV bytes promised to admitted requests at their worst case."""
+    """KV bytes admission charges the running requests: what each holds after
+    its next step plus its growth reservation (capped by its worst case).
+    """
+    kv_block_tokens: _builtins.int
+    """Token positions per block of the paged KV cache."""
+    kv_blocks_in_use: _builtins.int
+    """KV blocks holding running sequences' tokens."""
+    kv_blocks_reserved: _builtins.int
+    """KV blocks allocated in the pool (in use, free and the scratch block):
+    kv_reserved_bytes is exactly these blocks' bytes.
+    """
+    kv_blocks_committed: _builtins.int
+    """KV blocks admission charges the running requests (kv_committed_bytes)."""
     def __init__(
         self,
         *,
@@ -578,10 +598,14 @@ class WorkerMemory(_message.Message):
         adapter_bytes: _builtins.int = ...,
         budget_bytes: _builtins.int = ...,
         kv_committed_bytes: _builtins.int = ...,
+        kv_block_tokens: _builtins.int = ...,
+        kv_blocks_in_use: _builtins.int = ...,
+        kv_blocks_reserved: _builtins.int = ...,
+        kv_blocks_committed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_bytes", b"adapter_bytes", "budget_bytes", b"budget_bytes", "kv_committed_bytes", b"kv_committed_bytes", "kv_reserved_bytes", b"kv_reserved_bytes", "kv_used_bytes", b"kv_used_bytes", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_bytes", b"adapter_bytes", "budget_bytes", b"budget_bytes", "kv_block_tokens", b"kv_block_tokens", "kv_blocks_committed", b"kv_blocks_committed", "kv_blocks_in_use", b"kv_blocks_in_use", "kv_blocks_reserved", b"kv_blocks_reserved", "kv_committed_bytes", b"kv_committed_bytes", "kv_reserved_bytes", b"kv_reserved_bytes", "kv_used_bytes", b"kv_used_bytes", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,13 +90,13 @@ class WorkerServicer:
     def ApplyPlan(self, request, context):
         """Switches the pruning plan (and optionally the memory budget) between two
         decode steps. Running requests continue; see ApplyPlanResponse for what
-        happens to their attention history. When the plan fits only once some
-        running requests finish, the worker admits no new request and waits for
-        that (up to the call's deadline, at most the worker's limit, 30 s by
-        default); a newer ApplyPlan supersedes a waiting one.
-        FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-        did not fit in time, or it was superseded. A caller that cancels, or
-        whose deadline passes, while its plan waits withdraws the plan.
+        happens to their attention history. The switch takes effect at the next
+        step: when the running requests' KV blocks do not fit beside the new
+        plan (a squeeze), the youngest are preempted (their KV freed, their
+        tokens kept; they resume, recomputed, when room returns).
+        FAILED_PRECONDITION when the plan's weights alone leave no KV block in
+        the budget, or a newer ApplyPlan superseded it before that step. A
+        caller that cancels before that step withdraws the plan.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,13 +55,13 @@ class WorkerStub:
     ApplyPlan: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ApplyPlanRequest, _worker_pb2.ApplyPlanResponse]
     """Switches the pruning plan (and optionally the memory budget) between two
     decode steps. Running requests continue; see ApplyPlanResponse for what
-    happens to their attention history. When the plan fits only once some
-    running requests finish, the worker admits no new request and waits for
-    that (up to the call's deadline, at most the worker's limit, 30 s by
-    default); a newer ApplyPlan supersedes a waiting one.
-    FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-    did not fit in time, or it was superseded. A caller that cancels, or
-    whose deadline passes, while its plan waits withdraws the plan.
+    happens to their attention history. The switch takes effect at the next
+    step: when the running requests' KV blocks do not fit beside the new
+    plan (a squeeze), the youngest are preempted (their KV freed, their
+    tokens kept; they resume, recomputed, when room returns).
+    FAILED_PRECONDITION when the plan's weights alone leave no KV block in
+    the budget, or a newer ApplyPlan superseded it before that step. A
+    caller that cancels before that step withdraws the plan.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]
     """Device memory, the worker's own memory by kind, its queue and running
@@ -99,13 +99,13 @@ class WorkerAsyncStub(WorkerStub):
     ApplyPlan: _aio.UnaryUnaryMultiCallable[_worker_pb2.ApplyPlanRequest, _worker_pb2.ApplyPlanResponse]  # type: ignore[assignment]
     """Switches the pruning plan (and optionally the memory budget) between two
     decode steps. Running requests continue; see ApplyPlanResponse for what
-    happens to their attention history. When the plan fits only once some
-    running requests finish, the worker admits no new request and waits for
-    that (up to the call's deadline, at most the worker's limit, 30 s by
-    default); a newer ApplyPlan supersedes a waiting one.
-    FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-    did not fit in time, or it was superseded. A caller that cancels, or
-    whose deadline passes, while its plan waits withdraws the plan.
+    happens to their attention history. The switch takes effect at the next
+    step: when the running requests' KV blocks do not fit beside the new
+    plan (a squeeze), the youngest are preempted (their KV freed, their
+    tokens kept; they resume, recomputed, when room returns).
+    FAILED_PRECONDITION when the plan's weights alone leave no KV block in
+    the budget, or a newer ApplyPlan superseded it before that step. A
+    caller that cancels before that step withdraws the plan.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Device memory, the worker's own memory by kind, its queue and running
@@ -152,13 +152,13 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_worker_pb2.ApplyPlanResponse, _abc.Awaitable[_worker_pb2.ApplyPlanResponse]]:
         """Switches the pruning plan (and optionally the memory budget) between two
         decode steps. Running requests continue; see ApplyPlanResponse for what
-        happens to their attention history. When the plan fits only once some
-        running requests finish, the worker admits no new request and waits for
-        that (up to the call's deadline, at most the worker's limit, 30 s by
-        default); a newer ApplyPlan supersedes a waiting one.
-        FAILED_PRECONDITION when the plan's weights alone exceed the budget, it
-        did not fit in time, or it was superseded. A caller that cancels, or
-        whose deadline passes, while its plan waits withdraws the plan.
+        happens to their attention history. The switch takes effect at the next
+        step: when the running requests' KV blocks do not fit beside the new
+        plan (a squeeze), the youngest are preempted (their KV freed, their
+        tokens kept; they resume, recomputed, when room returns).
+        FAILED_PRECONDITION when the plan's weights alone leave no KV block in
+        the budget, or a newer ApplyPlan superseded it before that step. A
+        caller that cancels before that step withdraws the plan.
         """
 
     @_abc_1.abstractmethod
