@@ -6,6 +6,14 @@ get / create / merge-patch of three kinds, so instead of a second client
 library (with its own login) this is a small aiohttp client built from the
 same `kopf.ConnectionInfo` the operator logged in with: one set of
 credentials for everything the operator does.
+
+The timers write their status here too, not through kopf's `patch`: kopf
+applies a timer's patch outside the handler, and an API error there that it
+does not retry (a 409 Conflict, or a 500 that outlasts its retries) ends the
+timer for good, silently: the fleet's control loop would stop until the
+operator restarts (tests/operator/test_faults.py found it). Written here,
+a failed write is the handler's to handle, and the next tick writes the
+whole status again.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from typing import Any
 import aiohttp
 import kopf
 
+from elasticfleet.operator import crds
+
 # kind -> (API path prefix, plural): the kinds a fleet owns.
 PATHS = {
     "Deployment": ("/apis/apps/v1", "deployments"),
@@ -23,6 +33,11 @@ PATHS = {
     "Service": ("/api/v1", "services"),
 }
 MERGE_PATCH = "application/merge-patch+json"
+
+
+def custom_object_path(plural: str, namespace: str, name: str) -> str:
+    """The path of one of our custom resources (crds.FLEET_PLURAL, ...)."""
+    return f"/apis/{crds.GROUP}/{crds.VERSION}/namespaces/{namespace}/{plural}/{name}"
 
 
 class KubeError(Exception):
@@ -96,3 +111,14 @@ class KubeApi:
             "PATCH", path, body, **{"Content-Type": MERGE_PATCH}
         )
         return patched
+
+    async def patch_status(self, path: str, status: dict[str, Any]) -> None:
+        """Merge-patch the status subresource of the object at `path`; an
+        object that is gone has no status to write."""
+        try:
+            await self._call(
+                "PATCH", f"{path}/status", {"status": status}, **{"Content-Type": MERGE_PATCH}
+            )
+        except KubeError as error:
+            if error.status != 404:
+                raise
