@@ -163,6 +163,7 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.model.llama import ElasticLlama
     from elasticfleet.worker.model.plan import PruningPlan
     from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
+    from elasticfleet.worker.serving.admission import Admission
     from elasticfleet.worker.serving.engine import Engine
     from elasticfleet.worker.serving.readiness import remove_ready_file
     from elasticfleet.worker.serving.server import ServerOptions, WorkerServer, server_tls
@@ -186,7 +187,18 @@ def _worker(args: argparse.Namespace) -> int:
     path = args.model or prepare_model(args.cache_dir, progress=False)
     model = ElasticLlama.from_pretrained(path)
     layers = model.config.num_hidden_layers
-    model.apply_plan(PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn))
+    plan = PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn)
+    if args.budget_bytes is None:  # the device set the budget: start with what fits it
+        fitted = Admission(model.config, model.dtype, budget, args.max_batch).start_plan(plan)
+        if fitted is not None and fitted != plan:
+            print(
+                f"elasticfleet worker: the device leaves a budget of {budget} bytes, too small "
+                f"for the plan's weights: starting with the deepest blocks dropped "
+                f"({fitted.describe()}) until a plan arrives",
+                file=sys.stderr,
+            )
+            plan = fitted
+    model.apply_plan(plan)
     adapters = CachedAdapterHost(_adapter_cache(args), model.config, model.plan)
     engine = Engine(
         model,

@@ -27,6 +27,7 @@ from elasticfleet.worker.serving.engine import Engine
 from elasticfleet.worker.serving.process import WorkerProcess, WorkerStartError
 from elasticfleet.worker.serving.readiness import WorkerReady, read_ready_file
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, WorkerServer
+from elasticfleet.worker.serving.telemetry import write_simulated_device
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
@@ -87,6 +88,38 @@ def test_a_worker_that_cannot_start_says_why(served_model_dir: Path, tmp_path: P
     with pytest.raises(WorkerStartError, match="exited with status 2") as raised:
         WorkerProcess.start(args, tmp_path / "worker.log")
     assert "simulated device" in str(raised.value) and "No such file" in str(raised.value)
+
+
+def test_a_worker_on_a_squeezed_device_starts_with_a_plan_that_fits(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
+    """A worker restarting beside processes that took its device's memory
+    starts under a smaller plan (deepest blocks dropped) within the budget
+    the device leaves, instead of exiting (a crash loop the operator could
+    not reach); an explicit --budget-bytes too small is still refused."""
+    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = tmp_path / "device.json"
+    total = 8 * 2**20
+    # Half the free memory is the budget: 60% of the dense weights.
+    write_simulated_device(device, total, total - int(1.2 * weights))
+    args = ["--model", str(served_model_dir), "--port", "0", "--threads", "1"]
+    worker = WorkerProcess.start([*args, "--simulated-device", str(device)], tmp_path / "w.log")
+    try:
+        assert "starting with the deepest blocks dropped" in worker.log.read_text()
+        with WorkerClient(worker.address) as client:
+            stats = client.get_stats()
+            mask = list(stats.keep_mask)
+            assert 0 < sum(mask) < len(mask)
+            assert mask == sorted(mask, reverse=True)  # the deepest blocks went first
+            assert stats.memory.weight_bytes <= stats.memory.budget_bytes
+            result = client.complete(generate_request("hi", max_new_tokens=2, ignore_eos=True))
+            assert len(result.token_ids) == 2
+    finally:
+        worker.kill()
+    too_small = [*args, "--budget-bytes", str(weights // 2)]
+    with pytest.raises(WorkerStartError, match="more than the budget"):
+        WorkerProcess.start(too_small, tmp_path / "small.log")
 
 
 def test_the_ready_file_names_where_the_worker_serves(

@@ -105,3 +105,22 @@ class Admission:
             if self.fits(plan, layout, adapter_bytes):
                 return layout
         return None
+
+    def start_plan(self, plan: PruningPlan) -> PruningPlan | None:
+        """A plan whose weights fit the budget for a worker to start with:
+        `plan` itself, else `plan` with blocks dropped from the deepest up
+        (each layer's FFN, then its attention: RAP finds deep blocks the
+        cheapest to lose), or None when not even the fixed weights fit.
+
+        A worker whose budget comes from the device can find it squeezed
+        when it starts (a crashed pod restarting beside processes that took
+        its memory). Refusing to start would leave it down until the memory
+        came back, out of the operator's reach; started under a smaller
+        plan, it serves and the operator's next tick gives it the policy's
+        plan for that budget."""
+        mask = plan.to_mask()
+        for block in reversed(range(len(mask))):
+            if self.fits(PruningPlan.from_mask(mask), None, 0):
+                return PruningPlan.from_mask(mask)
+            mask[block] = False
+        return None
