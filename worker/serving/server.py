@@ -327,6 +327,7 @@ def adapter_message(info: AdapterInfo) -> pb.AdapterInfo:
         tasks=info.tasks,
         bytes=info.bytes,
         has_router=info.has_router,
+        stale=info.stale,
     )
 
 
