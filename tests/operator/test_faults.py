@@ -43,17 +43,16 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from kube_faults import Fault
-from operator_pod import ELASTICFLEET
+from operator_pod import ELASTICFLEET, alive
 from test_operator_kopf import FLEETS, _condition
 from test_operator_workers import fleet_body, fleet_object, publish_adapter, worker_status
 from tiny_fleet import DEVICE_BYTES, Kubelet, squeeze
@@ -90,15 +89,8 @@ class OperatorProcess:
         with self.log.open("w") as sink:
             command = [ELASTICFLEET, "operator", "run", "--standalone", "--liveness", self.liveness]
             self.process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        wait_for("the operator's liveness endpoint", self._alive, 60, 0.2)
-
-    def _alive(self) -> bool:
-        assert self.process.poll() is None, self.log.read_text()
-        try:
-            with urllib.request.urlopen(self.liveness, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError):
-            return False
+        probe = partial(alive, self.process, self.log, self.liveness)
+        wait_for("the operator's liveness endpoint", probe, 60, 0.2)
 
     def __enter__(self) -> OperatorProcess:
         return self
