@@ -228,8 +228,9 @@ def test_a_missing_token_file_is_an_argument_error(
 
 
 def test_tls_settings_without_tls_are_refused() -> None:
-    with pytest.raises(ValueError, match="root_certificates and server_name need tls=True"):
-        WorkerClient("127.0.0.1:1", server_name="w.svc")
+    for settings in ({"server_name": "w.svc"}, {"root_certificates": b"PEM"}):
+        with pytest.raises(ValueError, match="root_certificates and server_name need tls=True"):
+            WorkerClient("127.0.0.1:1", **settings)
 
 
 EXAMPLE_FLEET = Path(__file__).parents[2] / "operator" / "examples" / "elasticfleet.yaml"
@@ -269,7 +270,7 @@ def test_tls_misconfiguration_exits_2_with_one_line(
             message in err and err.startswith("elasticfleet: error: TLS") and err.count("\n") == 1
         )
     assert main(["generate", "--target", "127.0.0.1:1", "hi", "--tls-ca", str(missing)]) == 2
-    assert f"--tls-ca {missing}: No such file or directory" in capsys.readouterr().err
+    assert f"TLS CA bundle {missing}: No such file or directory" in capsys.readouterr().err
 
 
 def test_the_worker_serves_metrics_on_the_metrics_host(

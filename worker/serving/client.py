@@ -117,7 +117,7 @@ def _channel(
     """A channel from `channels` (grpc, or grpc.aio: the same factories)."""
     if tls is None:
         if server_name:
-            raise ValueError("server_name needs tls")
+            raise ValueError("root_certificates and server_name need tls=True")
         return channels.insecure_channel(target, options=_options())
     credentials = tls.channel_credentials()
     return channels.secure_channel(target, credentials, options=_options(server_name))
@@ -154,7 +154,7 @@ class _ClientBase:
         elif tls:
             settings = ClientTls(root_certificates)
         elif root_certificates is not None:
-            raise ValueError("root_certificates need tls=True")
+            raise ValueError("root_certificates and server_name need tls=True")
         else:
             settings = None
         self.channel = _channel(self.CHANNELS, target, settings, server_name)
