@@ -41,10 +41,10 @@ def custom_object_path(plural: str, namespace: str, name: str) -> str:
 
 
 class KubeError(Exception):
-    """An API call failed; `status` is the HTTP status."""
+    """An API call failed; `status` is the HTTP status (0: no answer)."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
 
 
@@ -70,17 +70,23 @@ class KubeApi:
 
     async def _call(self, method: str, path: str, body: Any = None, **headers: str) -> Any:
         data = None if body is None else json.dumps(body)
-        async with self.session.request(
-            method, path.lstrip("/"), data=data, headers=headers
-        ) as response:
-            text = await response.text()
-            if response.status >= 400:
-                try:
-                    message = json.loads(text).get("message", text)
-                except ValueError:
-                    message = text
-                raise KubeError(response.status, str(message))
-            return json.loads(text) if text else None
+        try:
+            async with self.session.request(
+                method, path.lstrip("/"), data=data, headers=headers
+            ) as response:
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            # Failed as the handlers expect an API call to fail: a blip in
+            # the connection must not escape a timer as an unknown error
+            # (kopf would back off for a minute).
+            raise KubeError(0, f"no answer from the API server: {error!r}") from error
+        if response.status >= 400:
+            try:
+                message = json.loads(text).get("message", text)
+            except ValueError:
+                message = text
+            raise KubeError(response.status, str(message))
+        return json.loads(text) if text else None
 
     async def get(self, path: str) -> dict[str, Any] | None:
         """The object at `path`, or None when there is none."""
