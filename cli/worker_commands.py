@@ -118,6 +118,12 @@ def register(commands: Commands) -> None:
     worker.add_argument("--plan-id", default="initial", help="name of the starting plan")
     worker.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS)")
     worker.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    worker.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle: require clients to present a certificate one of these CAs "
+        "signed (mutual TLS; needs --tls-cert)",
+    )
     worker.add_argument("--drain-timeout", type=float, default=30.0, help="seconds on shutdown")
     worker.add_argument(
         "--threads",
@@ -162,6 +168,10 @@ def register(commands: Commands) -> None:
     generate.add_argument("--timeout", type=float, help="deadline in seconds")
     generate.add_argument("--tls", action="store_true", help="connect with TLS")
     generate.add_argument("--tls-ca", type=Path, help="PEM roots to verify the worker with")
+    generate.add_argument(
+        "--tls-client-cert", type=Path, help="PEM client certificate, for mutual TLS"
+    )
+    generate.add_argument("--tls-client-key", type=Path, help="its private key")
     token_options(generate)
 
 
@@ -196,6 +206,7 @@ def _worker(args: argparse.Namespace) -> int:
     from elasticfleet.worker.model.llama import ElasticLlama
     from elasticfleet.worker.model.plan import PruningPlan
     from elasticfleet.worker.model.prepare import MODEL_NAME, prepare_model
+    from elasticfleet.worker.serving.admission import Admission
     from elasticfleet.worker.serving.engine import Engine
     from elasticfleet.worker.serving.readiness import remove_ready_file
     from elasticfleet.worker.serving.server import ServerOptions, WorkerServer, server_tls
@@ -208,7 +219,7 @@ def _worker(args: argparse.Namespace) -> int:
         memory = device.read(allocated_bytes=0)  # before the model loads
         # Credentials are checked before the model loads, to fail in one line and at once.
         token = bearer_token(args)
-        server_tls(args.tls_cert, args.tls_key)
+        server_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
     except ValueError as error:
         print(f"elasticfleet: error: {error}", file=sys.stderr)
         return 2
@@ -219,7 +230,18 @@ def _worker(args: argparse.Namespace) -> int:
     path = args.model or prepare_model(args.cache_dir, progress=False)
     model = ElasticLlama.from_pretrained(path, dtype=getattr(torch, SERVING_DTYPES[args.dtype]))
     layers = model.config.num_hidden_layers
-    model.apply_plan(PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn))
+    plan = PruningPlan.from_dropped(layers, args.drop_attention, args.drop_ffn)
+    if args.budget_bytes is None:  # the device set the budget: start with what fits it
+        fitted = Admission(model.config, model.dtype, budget, args.max_batch).start_plan(plan)
+        if fitted is not None and fitted != plan:
+            print(
+                f"elasticfleet worker: the device leaves a budget of {budget} bytes, too small "
+                f"for the plan's weights: starting with the deepest blocks dropped "
+                f"({fitted.describe()}) until a plan arrives",
+                file=sys.stderr,
+            )
+            plan = fitted
+    model.apply_plan(plan)
     adapters = CachedAdapterHost(_adapter_cache(args), model.config, model.plan)
     # Left out when not given, so the engine's defaults (which import torch) hold.
     tuning = {
@@ -253,6 +275,7 @@ def _worker(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         default_max_new_tokens=args.default_max_new_tokens,
         drain_timeout_s=args.drain_timeout,
     )
@@ -310,6 +333,7 @@ def _generate(args: argparse.Namespace) -> int:
     import grpc
 
     from elasticfleet.worker.serving.client import FINISH_NAMES, WorkerClient, generate_request
+    from elasticfleet.worker.serving.credentials import ClientTls
 
     request = generate_request(
         args.prompt,
@@ -324,13 +348,10 @@ def _generate(args: argparse.Namespace) -> int:
         adapter=args.adapter,
         task=args.task,
     )
-    try:
-        roots = args.tls_ca.read_bytes() if args.tls_ca else None
-    except OSError as unreadable:
-        raise ValueError(f"--tls-ca {args.tls_ca}: {unreadable.strerror}") from None
-    tls = args.tls or roots is not None
+    files = (args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    tls = ClientTls.from_files(*files) if args.tls or any(files) else False
     token = bearer_token(args)
-    with WorkerClient(args.target, token=token, tls=tls, root_certificates=roots) as client:
+    with WorkerClient(args.target, token=token, tls=tls) as client:
         tokens, finish, plans = 0, "", set()
         try:
             for message in client.generate(request, timeout=args.timeout):

@@ -29,6 +29,9 @@ HTTP_PORT_NAME = "http"
 METRICS_PORT_NAME = "metrics"
 CACHE_DIR = "/var/cache/elasticfleet"
 TLS_DIR = "/etc/elasticfleet/tls"
+# Mutual TLS: only ca.crt of the client Secret (never the client's key).
+CLIENT_CA_DIR = "/etc/elasticfleet/client-ca"
+CLIENT_CA_FILE = "ca.crt"
 # The bearer token, mounted from its Secret as a file: the kubelet rewrites a
 # mounted Secret when it changes and the worker re-reads its token file, so a
 # rotated token reaches running workers (an environment variable never changes).
@@ -161,6 +164,8 @@ def worker_command(spec: FleetSpec) -> list[str]:
             command += [flag, str(value)]
     if spec.tls_secret:
         command += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+    if spec.tls_client_secret:
+        command += ["--tls-client-ca", f"{CLIENT_CA_DIR}/{CLIENT_CA_FILE}"]
     if spec.token_secret is not None:
         command += ["--token-file", f"{TOKEN_DIR}/{TOKEN_FILE}"]
     return command
@@ -260,6 +265,13 @@ def pod_template(spec: FleetSpec) -> Body:
     if spec.tls_secret:
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret}})
+    if spec.tls_client_secret:
+        container["volumeMounts"].append(
+            {"name": "client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True}
+        )
+        items = [{"key": "ca.crt", "path": CLIENT_CA_FILE}]
+        secret = {"secretName": spec.tls_client_secret, "items": items}
+        volumes.append({"name": "client-ca", "secret": secret})
     if spec.token_secret is not None:
         container["volumeMounts"].append(
             {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}

@@ -13,7 +13,8 @@ tick:
 3. pushes the plans (and budgets) that changed with ApplyPlan, concurrently,
    retrying transient failures per worker with exponential backoff;
 4. rolls out the fleet's adapter sets: loads the ones a worker lacks (or
-   holds at another version) and unloads the ones the fleet dropped;
+   holds at another version, or holds stale: a plan switch restored blocks
+   whose parts it could not fetch) and unloads the ones the fleet dropped;
 5. writes one status patch (a typed `FleetStatus`, status.py: every
    worker's figures, the last plans, the Available and Degraded conditions)
    and one Event per plan change through the `FleetSink` it is given.
@@ -537,7 +538,9 @@ class FleetController:
         self, connection: WorkerConnection, adapters: Sequence[AdapterWant]
     ) -> tuple[AdapterHeld, ...]:
         """Load the wanted adapter sets a worker lacks (or holds at another
-        version), unload the ones the fleet no longer serves; what it holds."""
+        version, or stale: nothing else would fetch the parts it misses once
+        the store is back, if the plan stays), unload the ones the fleet no
+        longer serves; what it holds."""
         timeout = self.settings.adapter_timeout_s
         listed = await self._retrying(lambda: connection.list_adapters(timeout=timeout))
         held = {a.name: a for a in listed.adapters}
@@ -547,7 +550,7 @@ class FleetController:
             del held[name]
         for want in adapters:
             have = held.get(want.name)
-            if have is None or (want.version and have.version != want.version):
+            if have is None or (want.version and have.version != want.version) or have.stale:
                 load = partial(
                     connection.load_adapter, want.name, want.version, want.tasks, timeout=timeout
                 )

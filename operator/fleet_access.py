@@ -22,6 +22,7 @@ from elasticfleet.operator.control import (
 )
 from elasticfleet.operator.spec import FleetSpec, RedisSettings, SecretKey, SecretUnavailable
 from elasticfleet.worker.serving.client import AsyncWorkerClient
+from elasticfleet.worker.serving.credentials import ClientTls
 
 # (namespace, Secret name, keys) -> the first of the keys the Secret holds,
 # decoded; raises SecretUnavailable when the Secret or every key is missing.
@@ -43,24 +44,24 @@ async def secret_text(read: ReadSecret, namespace: str, ref: SecretKey) -> str:
 
 @dataclass(frozen=True)
 class Credentials:
-    """What reaching a fleet's workers takes: the roots their TLS
-    certificates are verified against, and the bearer token they require."""
+    """What reaching a fleet's workers takes: TLS (the roots their
+    certificates are verified against, and the client certificate the
+    operator presents for mutual TLS), and the bearer token they require."""
 
-    roots: bytes | None = field(default=None, repr=False)
+    tls: ClientTls | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
 
     def connect(self) -> Connect:
         """The control loop's `connect` for these credentials."""
-        if self.roots is None and self.token is None:
+        if self.tls is None and self.token is None:
             return plaintext_connect
-        tls, roots, token = self.roots is not None, self.roots, self.token
+        tls, token = self.tls or False, self.token
 
         def connect(endpoint: WorkerEndpoint) -> WorkerConnection:
             return AsyncWorkerClient(
                 endpoint.address,
                 token=token,
                 tls=tls,
-                root_certificates=roots,
                 server_name=endpoint.server_name or None,
             )
 
@@ -68,13 +69,20 @@ class Credentials:
 
 
 async def fleet_credentials(read: ReadSecret, fleet: FleetSpec) -> Credentials:
-    """spec.tls's CA (its Secret's ca.crt, else tls.crt) and spec.auth's token."""
-    roots = token = None
+    """spec.tls's CA (its Secret's ca.crt, else tls.crt), its client
+    certificate and key (spec.tls.clientSecretName's tls.crt and tls.key),
+    and spec.auth's token."""
+    tls = token = None
     if fleet.tls_secret:
         roots = await read(fleet.namespace, fleet.tls_secret, TLS_ROOT_KEYS)
+        chain = key = None
+        if fleet.tls_client_secret:
+            chain = await read(fleet.namespace, fleet.tls_client_secret, ("tls.crt",))
+            key = await read(fleet.namespace, fleet.tls_client_secret, ("tls.key",))
+        tls = ClientTls(roots, chain, key)
     if fleet.token_secret is not None:
         token = await secret_text(read, fleet.namespace, fleet.token_secret)
-    return Credentials(roots, token)
+    return Credentials(tls, token)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@
   planIntervalSeconds over the fleet's ready worker pods and with the
   adapter sets its spec names, both kept by indexes from watches (no API
   call per tick); its status (status.FleetStatus, with the replicas and
-  the Progressing condition added here) goes out through the timer's
-  `patch.status`, its Events through `kopf.event`.
+  the Progressing condition added here) is written through the operator's
+  own client (kube.py says why not through kopf's patch), its Events go
+  through `kopf.event`.
 
 - an AdapterSet is checked against the adapter store (adapters.py) when it
   changes and every minute; its status says whether the version it names
@@ -31,6 +32,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, ClassVar
@@ -57,7 +59,7 @@ from elasticfleet.operator.fleet_access import (
     fleet_credentials,
     store_address,
 )
-from elasticfleet.operator.kube import KubeApi, KubeError, object_path
+from elasticfleet.operator.kube import KubeApi, KubeError, custom_object_path, object_path
 from elasticfleet.operator.spec import (
     DefaultStore,
     FleetSpec,
@@ -326,7 +328,6 @@ async def check_adapters(
     spec: kopf.Spec,
     meta: kopf.Meta,
     status: kopf.Status,
-    patch: kopf.Patch,
     **kwargs: Any,
 ) -> None:
     """Write whether the AdapterSet's version is published and matches, in
@@ -345,7 +346,11 @@ async def check_adapters(
     ] or [("the operator's store", _operators_store)]
     verdict = await check_in_stores(name, dict(spec), stores)
     checked = adapter_status(verdict, conditions, now=utc_now(), generation=generation)
-    patch.status.update(checked.to_dict())
+    path = custom_object_path(crds.ADAPTER_PLURAL, ns, name)
+    try:
+        await _Connection.client().patch_status(path, checked.to_dict())
+    except KubeError as error:
+        raise kopf.TemporaryError(f"writing status: {error}", delay=RETRY_DELAY_S) from error
 
 
 @dataclass(frozen=True)
@@ -423,14 +428,33 @@ class Rollout:
     selector: str
 
 
-class KopfSink:
-    """Sends the loop's status through the running timer's patch, with the
-    rollout's replicas and Progressing condition, merged with the
-    conditions the other handlers own; its Events through kopf."""
+# Writes a status (as a dict) to the fleet's status subresource.
+StatusWrite = Callable[[dict[str, Any]], Awaitable[None]]
 
-    def __init__(self, body: kopf.Body, patch: kopf.Patch, rollout: Rollout) -> None:
+
+def _fleet_status_write(namespace: str, name: str) -> StatusWrite:
+    """Write the fleet's status through the operator's client (kube.py says
+    why not through the timer's patch). A write that fails is logged: the
+    next tick writes the whole status again."""
+    path = custom_object_path(crds.FLEET_PLURAL, namespace, name)
+
+    async def write(status: dict[str, Any]) -> None:
+        try:
+            await _Connection.client().patch_status(path, status)
+        except KubeError as error:
+            log.warning("writing the status of fleet %s/%s: %s", namespace, name, error)
+
+    return write
+
+
+class KopfSink:
+    """Writes the loop's status with the rollout's replicas and Progressing
+    condition, merged with the conditions the other handlers own; its
+    Events go through kopf."""
+
+    def __init__(self, body: kopf.Body, write: StatusWrite, rollout: Rollout) -> None:
         self.body = body
-        self.patch = patch
+        self.write = write
         self.rollout = rollout
 
     async def patch_status(self, status: FleetStatus) -> None:
@@ -454,7 +478,7 @@ class KopfSink:
             ready_replicas=rollout.ready,
             selector=rollout.selector,
         )
-        self.patch.status.update(complete.to_dict())
+        await self.write(complete.to_dict())
 
     async def post_event(self, event: FleetEvent) -> None:
         kopf.event(self.body, type=event.type, reason=event.reason, message=event.message)
@@ -483,7 +507,6 @@ async def control(
     meta: kopf.Meta,
     status: kopf.Status,
     memo: kopf.Memo,
-    patch: kopf.Patch,
     **kwargs: Any,
 ) -> None:
     """One control tick when the fleet's plan interval has passed."""
@@ -498,6 +521,7 @@ async def control(
     if now < memo.get("next_tick", 0.0):
         return
     generation = int(meta.get("generation", 0))
+    write = _fleet_status_write(fleet.namespace, name)
     try:
         credentials = await fleet_credentials(_read_secret, fleet)
     except SecretUnavailable as error:
@@ -512,7 +536,7 @@ async def control(
             now=utc_now(),
             generation=generation,
         )
-        patch.status.update(FleetStatus(conditions=unavailable).to_dict())
+        await write(FleetStatus(conditions=unavailable).to_dict())
         return
     memo["next_tick"] = now + fleet.memory.plan_interval_s
     controller: FleetController | None = memo.get("controller")
@@ -546,6 +570,6 @@ async def control(
     rollout = Rollout(
         len(pods), len(endpoints), fleet.replicas, generation, build.label_selector(fleet)
     )
-    sink = KopfSink(body, patch, rollout)
+    sink = KopfSink(body, write, rollout)
     adapters = _adapter_wants(adapter_index, fleet.namespace, fleet.adapters)
     await controller.tick(endpoints, sink, adapters)

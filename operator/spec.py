@@ -176,6 +176,9 @@ class FleetSpec:
     adapters: tuple[str, ...] = ()
     redis: RedisSettings | None = None
     tls_secret: str | None = None
+    # Mutual TLS: the operator's client certificate (tls.crt, tls.key) and
+    # the CA the workers verify clients against (ca.crt).
+    tls_client_secret: str | None = None
     token_secret: SecretKey | None = None
     gateway: GatewaySettings | None = None
     dtype: str = "fp32"  # a key of SERVING_DTYPES
@@ -247,6 +250,7 @@ class FleetSpec:
             adapters=adapters,
             redis=redis,
             tls_secret=(raw.get("tls") or {}).get("secretName"),
+            tls_client_secret=(raw.get("tls") or {}).get("clientSecretName"),
             token_secret=_secret((raw.get("auth") or {}).get("tokenSecretRef")),
             gateway=_gateway(raw.get("gateway"), worker["image"]),
         )

@@ -47,7 +47,13 @@ What this adds, and why:
   as invalid, for tests to count;
 - server-side printing: a list or get that asks for a Table (as kubectl
   does) gets the CRD's printer columns, evaluated with the JSONPath subset
-  printer columns use (`.a.b` and `[?(@.key=="value")]` filters).
+  printer columns use (`.a.b` and `[?(@.key=="value")]` filters);
+- faults on demand (kube_faults.py): `inject` makes the next matching
+  requests answer 409 Conflict, 500 InternalError or, for a watch, the 410
+  Expired event that ends it (after authentication and authorization, as a
+  real server's storage errors come), optionally held first; and
+  `expire_watches` ends every open watch of a resource with 410, as a
+  compaction does. Nothing else changes: a faulted request stores nothing.
 
 Not added: a watch sends what changed since its resourceVersion as ADDED
 (no history of changes is kept), label selectors are ignored (kopf filters
@@ -107,6 +113,7 @@ from kube_auth import (
     service_account,
     unauthorized,
 )
+from kube_faults import Fault, expired_event
 
 from elasticfleet.operator import crds
 from elasticfleet.operator.wire import timestamp
@@ -162,6 +169,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
     crds_installed: bool = True
     decisions: list[Decision] = attrs.field(factory=list, init=False)
     refusals: list[Refusal] = attrs.field(factory=list, init=False)
+    faults: list[Fault] = attrs.field(factory=list, init=False)
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _tokens: dict[str, User] = attrs.field(factory=lambda: {ADMIN_TOKEN: ADMIN}, init=False)
     _printer_columns: dict[Any, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
@@ -176,6 +184,37 @@ class ApiEmulator(kmock.KubernetesEmulator):
         if self.crds_installed:
             for crd in crds.all_crds():
                 self._establish(crd)
+
+    def inject(self, fault: Fault) -> Fault:
+        """Answer `fault` to the next requests it matches (from any thread)."""
+        self.faults.append(fault)
+        return fault
+
+    async def expire_watches(self, resource: str) -> None:
+        """End every open watch of `resource` (e.g. 'v1/pods') with 410
+        Expired, as when the server compacts the versions they watch from."""
+        attributes = Attributes(verb="watch", path="", resource=resource.rpartition("/")[2])
+        event = expired_event(attributes, next(self._versions))
+        await self._buses[kmock.resource(resource)].put(event)
+
+    async def _fault(self, attributes: Attributes, body: Any, *, in_stream: bool = False) -> None:
+        """Raise the first injected fault that matches, once held if it is;
+        `in_stream`: the faults a watch's stream answers (410), else the others."""
+        fault = next(
+            (
+                f
+                for f in self.faults
+                if f.matches(attributes, body)
+                and (f.code == 410 and f.verb == "watch") == in_stream
+            ),
+            None,
+        )
+        if fault is None:
+            return
+        fault.fired += 1
+        if fault.held:
+            await fault.wait_released()
+        raise fault.error(attributes, next(self._versions))
 
     def denials(self, user: User | None = None) -> list[Decision]:
         """The requests refused with 403 (of `user`, else anyone's)."""
@@ -244,6 +283,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 "application/merge-patch+json, application/strategic-merge-patch+json"
             )
             raise kmock.KubernetesError(status=415, reason="UnsupportedMediaType", message=message)
+        await self._fault(attributes, request.data)
         if attributes.verb == "create" and attributes.full_resource == "serviceaccounts/token":
             return self._token_request(attributes)
         writes = (enums.action.CREATE, enums.action.UPDATE)
@@ -501,6 +541,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
         since = int(request.params.get("resourceVersion") or 0)
         bus = self._buses[request.resource]
         yield b""  # the headers go out before anything happens
+        attributes = Attributes.of(request.method.value, request.url.path, request.params)
+        try:
+            await self._fault(attributes, None, in_stream=True)
+        except kmock.KubernetesError:
+            yield expired_event(attributes, since)
+            return
         async with self._lock:
             marker = await bus.mark()
             current = self.stored(request.resource, request.namespace)
@@ -509,6 +555,9 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 if int(obj["metadata"]["resourceVersion"]) > since and _named(request, obj):
                     yield {"type": "ADDED", "object": obj}
             async for event in bus.stream(since=marker):
+                if event["type"] == "ERROR":  # expire_watches: the stream ends
+                    yield event
+                    return
                 meta = event["object"].get("metadata", {})
                 if request.namespace in (None, meta.get("namespace")) and _named(
                     request, event["object"]

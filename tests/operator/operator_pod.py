@@ -106,9 +106,15 @@ class OperatorPod:
         return f"http://127.0.0.1:{port}{probe['path']}"
 
     def _alive(self) -> bool:
-        assert self.process.poll() is None, self.log.read_text()
-        try:
-            with urllib.request.urlopen(self.liveness, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, ConnectionError):
-            return False
+        return alive(self.process, self.log, self.liveness)
+
+
+def alive(process: subprocess.Popen[bytes], log: Path, liveness: str) -> bool:
+    """Whether an operator process answers its liveness URL (one that has
+    exited fails the test with its log)."""
+    assert process.poll() is None, log.read_text()
+    try:
+        with urllib.request.urlopen(liveness, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError):
+        return False

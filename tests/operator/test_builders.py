@@ -13,6 +13,7 @@ import yaml
 
 from elasticfleet.cli import build_parser
 from elasticfleet.operator.build import (
+    CLIENT_CA_DIR,
     FLEET_LABEL,
     TOKEN_DIR,
     build_children,
@@ -169,6 +170,15 @@ def test_statefulset_for_the_gpu_example() -> None:
     # TLS: the Secret is mounted, the worker serves it, probes open the port.
     assert {"name": "tls", "secret": {"secretName": "elasticfleet-workers-tls"}} in pod["volumes"]
     assert "tcpSocket" in container["readinessProbe"] and "grpc" not in container["livenessProbe"]
+    # Mutual TLS: only the client Secret's ca.crt reaches the workers, never its key.
+    client_ca = {
+        "secretName": "elasticfleet-operator-tls",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
+    assert {"name": "client-ca", "secret": client_ca} in pod["volumes"]
+    assert {"name": "client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True} in container[
+        "volumeMounts"
+    ]
     env = {e["name"]: e for e in container["env"]}
     assert env["ELASTICFLEET_REDIS_URL"]["valueFrom"] == {
         "secretKeyRef": {"name": "redis", "key": "url"}
@@ -201,9 +211,10 @@ def test_worker_command_parses_with_the_real_cli(example: str) -> None:
         assert args.model == Path("/models/smollm2") and args.max_batch == 128
         assert args.tls_cert == Path("/etc/elasticfleet/tls/tls.crt")
         assert args.tls_key == Path("/etc/elasticfleet/tls/tls.key")
+        assert args.tls_client_ca == Path("/etc/elasticfleet/client-ca/ca.crt")
     else:
         assert args.budget_bytes is None and args.budget_fraction == 0.6
-        assert args.model is None and args.tls_cert is None
+        assert args.model is None and args.tls_cert is None and args.tls_client_ca is None
 
 
 def test_worker_address_and_tls_name() -> None:

@@ -394,6 +394,24 @@ def test_adapters_roll_out() -> None:
     assert [a.version for a in _workers(report.status)[0].adapters or ()] == ["1"]
 
 
+def test_a_stale_adapter_set_is_loaded_again() -> None:
+    """A set that could not follow a plan switch (the store was down when
+    restored blocks needed their parts) is loaded again every tick until it
+    serves: if the plan stays, nothing else fetches the parts it misses."""
+    fleet = FakeFleet(PROFILE, 1)
+    harness = Harness(fleet)
+    harness.adapters = (AdapterWant("tasks"),)
+    harness.tick()
+    worker = fleet.workers["w0"]
+    worker.adapters["tasks"].stale = "adapter 'tasks' could not follow the new plan"
+    loads = len(worker.adapter_calls)
+    harness.tick()
+    assert worker.adapter_calls[loads:] == [("load", "tasks", "")]
+    assert not worker.adapters["tasks"].stale
+    harness.tick()  # serving again: left alone
+    assert len(worker.adapter_calls) == loads + 1
+
+
 def test_an_adapter_missing_from_the_store_degrades_but_the_plan_applies() -> None:
     fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.2 * GIB))
     harness = Harness(fleet)

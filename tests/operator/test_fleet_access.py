@@ -17,9 +17,11 @@ from elasticfleet.operator.fleet_access import (
     store_address,
 )
 from elasticfleet.operator.spec import FleetSpec, SecretUnavailable
+from elasticfleet.worker.serving.credentials import ClientTls
 
 SECRETS = {
     ("ns", "workers-tls"): {"tls.crt": b"PEM"},  # no ca.crt: the certificate is its own root
+    ("ns", "operator-tls"): {"tls.crt": b"CLIENT", "tls.key": b"KEY", "ca.crt": b"CA"},
     ("ns", "workers-token"): {"token": b"t0ken\n"},  # as --from-file leaves it
     ("ns", "redis"): {"url": b" redis://redis:6379/0\n", "password": b"pw\n"},
     ("ns", "binary"): {"token": b"\xff\xfe"},
@@ -59,16 +61,26 @@ def test_tls_roots_and_the_token_come_from_their_secrets(
         auth={"tokenSecretRef": {"name": "workers-token", "key": "token"}},
     )
     credentials = asyncio.run(fleet_credentials(read, spec))
-    assert credentials == Credentials(roots=b"PEM", token="t0ken")  # newline stripped
+    assert credentials == Credentials(ClientTls(b"PEM"), token="t0ken")  # newline stripped
     assert "t0ken" not in repr(credentials)
     # The client is made with TLS, the roots, the token and the pod's DNS name.
     made: list[dict[str, Any]] = []
     monkeypatch.setattr(fleet_access, "AsyncWorkerClient", lambda *a, **kw: made.append(kw))
     credentials.connect()(WorkerEndpoint("p", "10.0.0.1:50051", server_name="10-0-0-1.f.ns.svc"))
     assert made == [
-        {"token": "t0ken", "tls": True, "root_certificates": b"PEM",
-         "server_name": "10-0-0-1.f.ns.svc"}
-    ]  # fmt: skip
+        {"token": "t0ken", "tls": ClientTls(b"PEM"), "server_name": "10-0-0-1.f.ns.svc"}
+    ]
+
+
+def test_mutual_tls_presents_the_client_secrets_certificate() -> None:
+    spec = fleet(tls={"secretName": "workers-tls", "clientSecretName": "operator-tls"})
+    credentials = asyncio.run(fleet_credentials(read, spec))
+    # The workers' roots as before; the client Secret's certificate and key.
+    assert credentials.tls == ClientTls(b"PEM", b"CLIENT", b"KEY")
+    assert "KEY" not in repr(credentials.tls)
+    missing = fleet(tls={"secretName": "workers-tls", "clientSecretName": "absent"})
+    with pytest.raises(SecretUnavailable, match="reading Secret absent"):
+        asyncio.run(fleet_credentials(read, missing))
 
 
 def test_a_missing_secret_says_which() -> None:

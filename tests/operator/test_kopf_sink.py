@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import kopf
 
@@ -22,11 +23,16 @@ def _condition(kind: str, status: ConditionStatus, reason: str) -> Condition:
 def test_the_status_has_what_scale_reads() -> None:
     invalid = _condition("Degraded", ConditionStatus.TRUE, "InvalidSpec")
     body = kopf.Body({"status": FleetStatus(conditions=(invalid,)).to_dict()})
-    patch = kopf.Patch()
-    sink = KopfSink(body, patch, Rollout(3, 2, 3, 4, SELECTOR))
+    writes: list[dict[str, Any]] = []
+
+    async def write(status: dict[str, Any]) -> None:
+        writes.append(status)
+
+    sink = KopfSink(body, write, Rollout(3, 2, 3, 4, SELECTOR))
     available = _condition("Available", ConditionStatus.TRUE, "WorkersServing")
     asyncio.run(sink.patch_status(FleetStatus(observed_generation=4, conditions=(available,))))
-    written = FleetStatus.from_dict(patch["status"])
+    (status,) = writes
+    written = FleetStatus.from_dict(status)
     assert (written.replicas, written.ready_replicas, written.selector) == (3, 2, SELECTOR)
     conditions = {c.type: c for c in written.conditions or ()}
     assert conditions["Available"] == available

@@ -3,16 +3,23 @@ a known token (401), requests RBAC does not grant a ServiceAccount (403,
 counted), owner references the writer may not set, and custom resources
 that break their CRD's schema or CEL rules (422 naming the field); and it
 stores custom resources as the apiextensions server does (status only
-through its subresource, unknown fields pruned, defaults filled in)."""
+through its subresource, unknown fields pruned, defaults filled in). It
+answers injected faults (409, 410, 500) as a real server words them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from kube_auth import Attributes, service_account
+from kube_faults import Fault
 
 if TYPE_CHECKING:
     from kube_emulator import EmulatedCluster
@@ -220,3 +227,103 @@ def test_generated_names_are_unique(cluster: EmulatedCluster) -> None:
         assert code == 201 and created["metadata"]["name"].startswith("kopf-event-")
         names.add(created["metadata"]["name"])
     assert len(names) == len(cluster.objects("v1/events")) == 2
+
+
+# -- faults on demand (kube_faults.py) ---------------------------------------------
+
+
+def test_injected_faults_answer_like_a_real_server_and_store_nothing(
+    cluster: EmulatedCluster,
+) -> None:
+    cluster.call("POST", fleets("a"), example_fleet())
+    status = f"{fleets('a')}/smollm2/status"
+    conflict = cluster.emulator.inject(Fault(409, "patch", "elasticfleets", "status"))
+    broken = cluster.emulator.inject(Fault(500, "patch", "elasticfleets", "status", times=2))
+    patch = {"status": {"observedGeneration": 1}}
+    answers = [cluster.request("PATCH", status, patch) for _ in range(4)]
+    assert [code for code, _ in answers] == [409, 500, 500, 200]
+    (_, first), (_, second) = answers[:2]
+    assert (first["kind"], first["reason"], first["code"]) == ("Status", "Conflict", 409)
+    assert first["message"] == (
+        'Operation cannot be fulfilled on elasticfleets.elasticfleet.io "smollm2": the object '
+        "has been modified; please apply your changes to the latest version and try again"
+    )
+    assert second["reason"] == "InternalError"
+    assert (conflict.fired, broken.fired) == (1, 2)
+    # Only the write that was served changed the object.
+    (fleet,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "a")
+    assert fleet["status"]["observedGeneration"] == 1
+    # Another verb or subresource is not touched by a fault of a patch of status.
+    cluster.emulator.inject(Fault(500, "patch", "elasticfleets", "status"))
+    assert cluster.request("GET", fleets("a"))[0] == 200
+
+
+def test_a_fault_can_match_on_the_body_and_hold_the_request(cluster: EmulatedCluster) -> None:
+    cluster.call("POST", fleets("a"), example_fleet())
+    status = f"{fleets('a')}/smollm2/status"
+    held = cluster.emulator.inject(
+        Fault(
+            500,
+            "patch",
+            "elasticfleets",
+            "status",
+            when=lambda body: "replicas" in body["status"],
+            held=True,
+        )
+    )
+    assert cluster.request("PATCH", status, {"status": {"observedGeneration": 1}})[0] == 200
+    answer: Future[tuple[int, Any]] = Future()
+    thread = threading.Thread(
+        target=lambda: answer.set_result(
+            cluster.request("PATCH", status, {"status": {"replicas": 2}})
+        )
+    )
+    thread.start()
+    assert held.reached.wait(5)
+    assert not answer.done()  # the client waits in its call
+    held.release()
+    thread.join(5)
+    assert answer.result()[0] == 500
+    (fleet,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "a")
+    assert "replicas" not in fleet["status"]
+
+
+def _watch_events(cluster: EmulatedCluster, path: str, then: Callable[[], None]) -> list[Any]:
+    """The events of a watch of `path` until it ends; `then` runs once it is open."""
+
+    from kube_emulator import ADMIN_TOKEN  # imported by pytest as a plugin first
+
+    async def watch() -> list[Any]:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        events = []
+        async with cluster.emulator.request(
+            "GET", f"{path}?watch=true", headers=headers
+        ) as response:
+            assert response.status == 200
+            await asyncio.get_running_loop().run_in_executor(None, then)
+            async for line in response.content:
+                if line.strip():
+                    events.append(json.loads(line))
+        return events
+
+    return cluster.run(watch())
+
+
+def test_a_watch_ends_with_410_expired_when_told(cluster: EmulatedCluster) -> None:
+    pods = "/api/v1/namespaces/a/pods"
+    expired = cluster.emulator.inject(Fault(410, "watch", "pods"))
+    (event,) = _watch_events(cluster, pods, lambda: None)
+    assert event["type"] == "ERROR"
+    assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+    assert event["object"]["message"].startswith("too old resource version: ")
+    assert expired.fired == 1
+    # A compaction ends the watches that are open; what came before arrives first.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}}
+
+    def change_then_compact() -> None:
+        cluster.call("POST", pods, pod)
+        cluster.run(cluster.emulator.expire_watches("v1/pods"))
+
+    added, ended = _watch_events(cluster, pods, change_then_compact)
+    assert (added["type"], added["object"]["metadata"]["name"]) == ("ADDED", "p")
+    assert (ended["type"], ended["object"]["code"]) == ("ERROR", 410)

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from fake_fleet import GIB, FakeWorker, fake_worker_service
 from kopf.testing import KopfRunner
+from kube_faults import Fault
 from waiting import wait_for
 
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
@@ -55,9 +56,8 @@ def operator() -> KopfRunner:
     return KopfRunner(args, timeout=60)
 
 
-def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)
-    worker = FakeWorker(PROFILE, others_bytes=int(3.2 * GIB))
+def serve_fake_worker(cluster: EmulatedCluster, worker: FakeWorker) -> tuple[grpc.aio.Server, int]:
+    """`worker` over real gRPC on the emulator's loop; the server and its port."""
 
     async def serve() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(handlers=[fake_worker_service(worker)])
@@ -65,13 +65,39 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
         await server.start()
         return server, port
 
-    server, port = cluster.run(serve())
-    fleet = yaml.safe_load(EXAMPLE.read_text())
+    return cluster.run(serve())
+
+
+def example_fleet(port: int) -> dict[str, Any]:
+    """The example fleet, one replica on `port`, greedy, ticking every second."""
+    fleet: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     fleet["spec"]["replicas"] = 1
     fleet["spec"]["worker"].update(port=port, metricsPort=port + 1 if port < 65535 else 1)
     fleet["spec"]["memoryPolicy"].update(policy="greedy", planIntervalSeconds=1)
     fleet["spec"]["memoryPolicy"].pop("qualityFloor")
     fleet["spec"]["redis"]["url"] = "redis://127.0.0.1:1/0"  # nothing listens there
+    return fleet
+
+
+def run_pod(cluster: EmulatedCluster, deployment: dict[str, Any]) -> None:
+    """Play kubelet: the Deployment's pod runs and is ready at 127.0.0.1."""
+    template = deployment["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "smollm2-worker-0", "labels": template["metadata"]["labels"]},
+        "spec": {**template["spec"], "nodeName": "node-a"},
+    }
+    cluster.call("POST", "/api/v1/namespaces/ns/pods", pod)
+    ready = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+    cluster.call("PATCH", "/api/v1/namespaces/ns/pods/smollm2-worker-0/status", {"status": ready})
+
+
+def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)
+    worker = FakeWorker(PROFILE, others_bytes=int(3.2 * GIB))
+    server, port = serve_fake_worker(cluster, worker)
+    fleet = example_fleet(port)
 
     def fleet_object() -> dict[str, Any]:
         (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns") or [{}]
@@ -94,18 +120,7 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
             assert "elasticfleet.io/finalizer" in fleet_object()["metadata"]["finalizers"]
 
             # Play kubelet: the worker pod runs and is ready at the worker's address.
-            template = deployment["spec"]["template"]
-            pod = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": "smollm2-worker-0", "labels": template["metadata"]["labels"]},
-                "spec": {**template["spec"], "nodeName": "node-a"},
-            }
-            cluster.call("POST", "/api/v1/namespaces/ns/pods", pod)
-            ready = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
-            cluster.call(
-                "PATCH", "/api/v1/namespaces/ns/pods/smollm2-worker-0/status", {"status": ready}
-            )
+            run_pod(cluster, deployment)
 
             # Squeezed: a smaller plan is pushed, reported in status, and an Event says so.
             wait_for("a pushed plan", lambda: worker.plan.kept_blocks < PROFILE.num_blocks)
@@ -182,6 +197,39 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
             # Deletion: the handler runs and the finalizer is released.
             cluster.call("DELETE", f"{FLEETS}/smollm2")
             wait_for("the fleet to go", lambda: not fleet_object())
+        assert runner.exit_code == 0, runner.output
+    finally:
+        cluster.run(server.stop(None))
+
+
+def test_a_refused_status_write_does_not_stop_the_control_loop(
+    cluster: EmulatedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 409 Conflict (or a 500 past kopf's retries) on the status write of
+    a tick once ended the fleet's timer for good: kopf applies a timer's
+    patch outside the handler, and a failure there stops the timer. The
+    loop writes its status itself now, so the next tick goes on."""
+    monkeypatch.delenv("ELASTICFLEET_REDIS_URL", raising=False)
+    worker = FakeWorker(PROFILE, others_bytes=int(3.2 * GIB))
+    server, port = serve_fake_worker(cluster, worker)
+
+    def last_plan() -> str:
+        (found,) = cluster.objects("elasticfleet.io/v1alpha1/elasticfleets", "ns")
+        plans = found.get("status", {}).get("lastPlans", [])
+        return str(plans[-1]["plan"]["id"]) if plans else ""
+
+    try:
+        with operator() as runner:
+            cluster.call("POST", FLEETS, example_fleet(port))
+            (deployment,) = wait_for(
+                "the Deployment", lambda: cluster.objects("apps/v1/deployments")
+            )
+            run_pod(cluster, deployment)
+            squeezed = wait_for("a smaller plan in status", last_plan)
+            conflict = cluster.emulator.inject(Fault(409, "patch", "elasticfleets", "status"))
+            wait_for("the refused write", lambda: conflict.fired)
+            worker.others_bytes = 0  # relaxed: the next ticks must restore the blocks
+            wait_for("a later tick's plan in status", lambda: last_plan() not in ("", squeezed))
         assert runner.exit_code == 0, runner.output
     finally:
         cluster.run(server.stop(None))

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from certificates import CertificateAuthority
 from conftest import TINY_MODEL
 from test_operator_kopf import ADAPTER_SETS, FLEETS, _condition, operator
 from tiny_fleet import DEVICE_BYTES, Kubelet, squeeze
-from valkey_server import self_signed_certificate
 from waiting import wait_for
 
 from elasticfleet.worker.adapters.format import AdapterSpec
@@ -34,6 +34,7 @@ from elasticfleet.worker.adapters.layer import AdapterSet
 from elasticfleet.worker.adapters.store import AdapterStore
 from elasticfleet.worker.model.config import tiny_config
 from elasticfleet.worker.serving.client import WorkerClient, generate_request
+from elasticfleet.worker.serving.credentials import ClientTls
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -272,38 +273,57 @@ def test_the_operator_runs_a_fleet_of_real_workers(
     assert runner.exit_code == 0, runner.output
 
 
-def test_the_operator_verifies_tls_workers_by_their_dns_name(
+def test_the_operator_reaches_mutual_tls_workers_by_their_dns_name(
     cluster: EmulatedCluster, tiny_profiles: Path, tiny_worker_model: Path, tmp_path: Path
 ) -> None:
-    """A TLS fleet: the worker serves the certificate of the fleet's Secret
-    (mounted by the kubelet the test plays), one for
-    `*.secure-worker.ns.svc`; the operator reaches it by IP and verifies it
-    as the pod's name under the headless Service."""
-    pem = self_signed_certificate(tmp_path, "DNS:*.secure-worker.ns.svc")
-    if pem is None:
-        pytest.skip("needs the openssl command")
-    cert, key = (path.read_bytes() for path in pem)
-    tls = secret("workers-tls", {"tls.crt": cert, "tls.key": key}, "kubernetes.io/tls")
-    body = fleet_body(tiny_worker_model, "secure", 1, tls={"secretName": "workers-tls"})
+    """A mutual-TLS fleet, with Secrets as cert-manager writes them (tls.crt,
+    tls.key, ca.crt): the worker serves the certificate of the fleet's TLS
+    Secret, one for `*.secure-worker.ns.svc` (mounted by the kubelet the
+    test plays), and requires client certificates from the CA of the client
+    Secret (only its ca.crt is mounted). The operator reaches the worker by
+    IP, verifies it as the pod's name under the headless Service, and
+    presents the client Secret's certificate; a client without one, or with
+    one from another CA, is refused."""
+    ca, other = CertificateAuthority("fleet-ca"), CertificateAuthority("other-ca")
+    cert, key = ca.issue("worker", dns=("*.secure-worker.ns.svc",))
+    tls = secret(
+        "workers-tls", {"tls.crt": cert, "tls.key": key, "ca.crt": ca.pem}, "kubernetes.io/tls"
+    )
+    client_cert, client_key = ca.issue("elasticfleet-operator")
+    client = secret(
+        "operator-tls",
+        {"tls.crt": client_cert, "tls.key": client_key, "ca.crt": ca.pem},
+        "kubernetes.io/tls",
+    )
+    spec = {"secretName": "workers-tls", "clientSecretName": "operator-tls"}
+    body = fleet_body(tiny_worker_model, "secure", 1, tls=spec)
     with Kubelet(cluster, tmp_path) as kubelet, operator() as runner:
-        cluster.call("POST", "/api/v1/namespaces/ns/secrets", tls)
+        for item in (tls, client):
+            cluster.call("POST", "/api/v1/namespaces/ns/secrets", item)
         cluster.call("POST", FLEETS, body)
         (deployment,) = wait_for("the Deployment", lambda: cluster.objects("apps/v1/deployments"))
         (pod,) = kubelet.sync(deployment)
         address = kubelet.workers[pod].address
+        # Only the client Secret's ca.crt reached the worker, never its key.
+        mounted = tmp_path / pod / "client-ca"
+        assert [p.name for p in mounted.iterdir()] == ["ca.crt"]
         entry = wait_for(
-            "the worker planned over TLS",
+            "the worker planned over mutual TLS",
             lambda: worker_status(cluster, pod).get("plan") and worker_status(cluster, pod),
             60,
         )
         assert entry["reachable"] is True and entry["address"] == address
         name = "127-0-0-1.secure-worker.ns.svc"
-        with WorkerClient(address, tls=True, root_certificates=cert, server_name=name) as client:
-            assert client.get_stats(timeout=10).model == TINY_MODEL
-        # TLS is really on, and the name is really checked.
+        trusted = ClientTls(ca.pem, client_cert, client_key)
+        with WorkerClient(address, tls=trusted, server_name=name) as good:
+            assert good.get_stats(timeout=10).model == TINY_MODEL
+        # TLS is really on, the name is really checked, and so is the client's certificate.
+        stranger = ClientTls(ca.pem, *other.issue("stranger"))
         for refused in (
             WorkerClient(address),
-            WorkerClient(address, tls=True, root_certificates=cert, server_name="other.svc"),
+            WorkerClient(address, tls=trusted, server_name="other.svc"),
+            WorkerClient(address, tls=ClientTls(ca.pem), server_name=name),
+            WorkerClient(address, tls=stranger, server_name=name),
         ):
             with refused, pytest.raises(grpc.RpcError) as raised:
                 refused.get_stats(timeout=5)

@@ -28,6 +28,7 @@ from elasticfleet.worker.serving.limits import MAX_THREADS
 from elasticfleet.worker.serving.process import WorkerProcess, WorkerStartError
 from elasticfleet.worker.serving.readiness import WorkerReady, read_ready_file
 from elasticfleet.worker.serving.server import BackgroundServer, ServerOptions, WorkerServer
+from elasticfleet.worker.serving.telemetry import write_simulated_device
 
 # Fixtures: served_model_dir, one_thread, engine, reference_tokens.
 pytest_plugins = ["serving_fixtures"]
@@ -88,6 +89,38 @@ def test_a_worker_that_cannot_start_says_why(served_model_dir: Path, tmp_path: P
     with pytest.raises(WorkerStartError, match="exited with status 2") as raised:
         WorkerProcess.start(args, tmp_path / "worker.log")
     assert "simulated device" in str(raised.value) and "No such file" in str(raised.value)
+
+
+def test_a_worker_on_a_squeezed_device_starts_with_a_plan_that_fits(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
+    """A worker restarting beside processes that took its device's memory
+    starts under a smaller plan (deepest blocks dropped) within the budget
+    the device leaves, instead of exiting (a crash loop the operator could
+    not reach); an explicit --budget-bytes too small is still refused."""
+    model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = tmp_path / "device.json"
+    total = 8 * 2**20
+    # Half the free memory is the budget: 60% of the dense weights.
+    write_simulated_device(device, total, total - int(1.2 * weights))
+    args = ["--model", str(served_model_dir), "--port", "0", "--threads", "1"]
+    worker = WorkerProcess.start([*args, "--simulated-device", str(device)], tmp_path / "w.log")
+    try:
+        assert "starting with the deepest blocks dropped" in worker.log.read_text()
+        with WorkerClient(worker.address) as client:
+            stats = client.get_stats()
+            mask = list(stats.keep_mask)
+            assert 0 < sum(mask) < len(mask)
+            assert mask == sorted(mask, reverse=True)  # the deepest blocks went first
+            assert stats.memory.weight_bytes <= stats.memory.budget_bytes
+            result = client.complete(generate_request("hi", max_new_tokens=2, ignore_eos=True))
+            assert len(result.token_ids) == 2
+    finally:
+        worker.kill()
+    too_small = [*args, "--budget-bytes", str(weights // 2)]
+    with pytest.raises(WorkerStartError, match="more than the budget"):
+        WorkerProcess.start(too_small, tmp_path / "small.log")
 
 
 def test_the_ready_file_names_where_the_worker_serves(
@@ -196,8 +229,9 @@ def test_a_missing_token_file_is_an_argument_error(
 
 
 def test_tls_settings_without_tls_are_refused() -> None:
-    with pytest.raises(ValueError, match="root_certificates and server_name need tls=True"):
-        WorkerClient("127.0.0.1:1", server_name="w.svc")
+    for settings in ({"server_name": "w.svc"}, {"root_certificates": b"PEM"}):
+        with pytest.raises(ValueError, match="root_certificates and server_name need tls=True"):
+            WorkerClient("127.0.0.1:1", **settings)
 
 
 EXAMPLE_FLEET = Path(__file__).parents[2] / "operator" / "examples" / "elasticfleet.yaml"
@@ -237,7 +271,7 @@ def test_tls_misconfiguration_exits_2_with_one_line(
             message in err and err.startswith("elasticfleet: error: TLS") and err.count("\n") == 1
         )
     assert main(["generate", "--target", "127.0.0.1:1", "hi", "--tls-ca", str(missing)]) == 2
-    assert f"--tls-ca {missing}: No such file or directory" in capsys.readouterr().err
+    assert f"TLS CA bundle {missing}: No such file or directory" in capsys.readouterr().err
 
 
 def test_the_worker_serves_metrics_on_the_metrics_host(

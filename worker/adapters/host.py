@@ -306,6 +306,7 @@ class CachedAdapterHost:
             tasks=loaded.tasks,
             bytes=loaded.adapters.nbytes,
             has_router=loaded.router,
+            stale=loaded.stale or "",
         )
 
 

@@ -42,6 +42,7 @@ class AdapterInfo:
     tasks: tuple[str, ...]
     bytes: int
     has_router: bool
+    stale: str = ""  # why it cannot serve now ("" while it serves)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,23 @@ class Admission:
             return min(current, cap)
         step = max(POOL_STEP, needed // 4)
         return min(-(-needed // step) * step, cap)
+
+    def start_plan(self, plan: PruningPlan) -> PruningPlan | None:
+        """A plan whose weights fit the budget for a worker to start with:
+        `plan` itself, else `plan` with blocks dropped from the deepest up
+        (each layer's FFN, then its attention: RAP finds deep blocks the
+        cheapest to lose), or None when not even the fixed weights fit.
+
+        A worker whose budget comes from the device can find it squeezed
+        when it starts (a crashed pod restarting beside processes that took
+        its memory). Refusing to start would leave it down until the memory
+        came back, out of the operator's reach; started under a smaller
+        plan, it serves and the operator's next tick gives it the policy's
+        plan for that budget."""
+        mask = plan.to_mask()
+        for block in reversed(range(len(mask))):
+            candidate = PruningPlan.from_mask(mask)
+            if self.total_bytes(candidate, 0, 0) <= self.budget_bytes:
+                return candidate
+            mask[block] = False
+        return None

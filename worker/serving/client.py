@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Self
 import grpc
 import grpc.aio
 
+from elasticfleet.worker.serving.credentials import ClientTls
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 from elasticfleet.worker.serving.proto_gen import worker_pb2_grpc as pb_grpc
 
@@ -119,18 +120,14 @@ def _options(server_name: str | None = None) -> list[tuple[str, int | str]]:
 
 
 def _channel(
-    channels: ModuleType,
-    target: str,
-    tls: bool,
-    root_certificates: bytes | None,
-    server_name: str | None,
+    channels: ModuleType, target: str, tls: ClientTls | None, server_name: str | None
 ) -> Any:
     """A channel from `channels` (grpc, or grpc.aio: the same factories)."""
-    if not tls:
-        if root_certificates is not None or server_name:
+    if tls is None:
+        if server_name:
             raise ValueError("root_certificates and server_name need tls=True")
         return channels.insecure_channel(target, options=_options())
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    credentials = tls.channel_credentials()
     return channels.secure_channel(target, credentials, options=_options(server_name))
 
 
@@ -143,7 +140,9 @@ class _ClientBase:
     whose factories match), the stub over it and the call metadata. `tls=True`
     verifies the server against `root_certificates` (PEM; None means the
     system's roots) and the name in `target`, or `server_name` when given (a
-    pod reached by IP whose certificate names its DNS name)."""
+    pod reached by IP whose certificate names its DNS name). `tls` may be a
+    `ClientTls` instead, which also carries the client certificate and key
+    presented to workers that require one (mutual TLS)."""
 
     CHANNELS: ClassVar[ModuleType]
 
@@ -152,11 +151,21 @@ class _ClientBase:
         target: str,
         *,
         token: str | None = None,
-        tls: bool = False,
+        tls: bool | ClientTls = False,
         root_certificates: bytes | None = None,
         server_name: str | None = None,
     ) -> None:
-        self.channel = _channel(self.CHANNELS, target, tls, root_certificates, server_name)
+        if isinstance(tls, ClientTls):
+            if root_certificates is not None:
+                raise ValueError("give the roots in the ClientTls")
+            settings: ClientTls | None = tls
+        elif tls:
+            settings = ClientTls(root_certificates)
+        elif root_certificates is not None:
+            raise ValueError("root_certificates and server_name need tls=True")
+        else:
+            settings = None
+        self.channel = _channel(self.CHANNELS, target, settings, server_name)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = _metadata(token)
 

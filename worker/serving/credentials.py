@@ -1,5 +1,8 @@
-"""The worker's credentials: the bearer token file, re-read when it changes,
-and the TLS certificate and key, checked before the server starts.
+"""Credentials between workers and their clients: the bearer token file,
+re-read when it changes; the TLS certificate and key a worker serves, and
+the CA bundle it verifies client certificates against (mutual TLS), checked
+before the server starts; and `ClientTls`, what a client of workers (the
+operator, a gateway, the CLI) trusts and presents.
 
 The token file is what Kubernetes mounts from a Secret. Rotating the Secret
 replaces the file (an atomic symlink swap) while the worker runs, so the
@@ -12,8 +15,13 @@ An empty or whitespace-only file never turns authentication off: refused at
 start, and when a running worker sees its file emptied (or unreadable) it
 keeps the last good token and says so in its log, once per change.
 
-Nothing here imports grpc, so the command line can check a token file
-before the heavy imports.
+Mutual TLS: a worker started with a client CA (`--tls-client-ca`) refuses
+the TLS handshake of a client that presents no certificate, or one no CA in
+the bundle signed, so such a client's calls fail UNAVAILABLE before any RPC
+runs. The bearer token still applies on top.
+
+Nothing here imports grpc at module level, so the command line can check a
+token file or a certificate before the heavy imports.
 """
 
 from __future__ import annotations
@@ -23,7 +31,12 @@ import os
 import ssl
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +130,83 @@ def check_tls_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
             "PEM certificate chain and its own unencrypted private key"
         ) from None
     return pems[0], pems[1]
+
+
+def read_ca_bundle(path: Path) -> bytes:
+    """The PEM CA certificates in `path`, checked to hold at least one;
+    ValueError in one line otherwise (gRPC would refuse every handshake)."""
+    try:
+        pem = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"TLS CA bundle {path}: {error.strerror or error}") from None
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(
+            f"TLS CA bundle {path} holds no usable PEM certificate ({error}): give the CA "
+            "certificates that sign the clients' certificates"
+        ) from None
+    return pem
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """What a TLS worker serves with: its certificate chain and key, and the
+    CA bundle client certificates must chain to (None: clients present none)."""
+
+    certificate_chain: bytes
+    private_key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+
+    @classmethod
+    def from_files(cls, cert: Path, key: Path, client_ca: Path | None = None) -> ServerTls:
+        """Read and check the files; ValueError in one line."""
+        chain, private_key = check_tls_pair(cert, key)
+        return cls(chain, private_key, None if client_ca is None else read_ca_bundle(client_ca))
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        import grpc
+
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """What a client of workers trusts and presents over TLS: the roots it
+    verifies the worker's certificate against (None: the system's), and the
+    certificate chain and key it presents to workers that require client
+    certificates (both or neither)."""
+
+    roots: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    @classmethod
+    def from_files(
+        cls, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+    ) -> ClientTls:
+        """Read and check the files (any may be None); ValueError in one line."""
+        roots = None if ca is None else read_ca_bundle(ca)
+        if cert is None and key is None:
+            return cls(roots)
+        if cert is None or key is None:
+            raise ValueError("a client certificate needs both its certificate and its key file")
+        chain, private_key = check_tls_pair(cert, key)
+        return cls(roots, chain, private_key)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        import grpc
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.roots,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )

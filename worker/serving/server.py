@@ -52,7 +52,7 @@ from elasticfleet.worker.errors import (
 )
 from elasticfleet.worker.model.generation import SamplingParams, chat_prompt
 from elasticfleet.worker.serving.client import FINISH_NAMES, MAX_MESSAGE_BYTES
-from elasticfleet.worker.serving.credentials import TokenFile, check_tls_pair
+from elasticfleet.worker.serving.credentials import ServerTls, TokenFile
 from elasticfleet.worker.serving.engine import (
     MAX_ADAPTER_NAME,
     Engine,
@@ -331,6 +331,7 @@ def adapter_message(info: AdapterInfo) -> pb.AdapterInfo:
         tasks=info.tasks,
         bytes=info.bytes,
         has_router=info.has_router,
+        stale=info.stale,
     )
 
 
@@ -468,14 +469,19 @@ class WorkerService(pb_grpc.WorkerServicer):
         )
 
 
-def server_tls(cert: Path | None, key: Path | None) -> tuple[bytes, bytes] | None:
-    """The (certificate chain, key) PEMs to serve TLS with, None for
-    plaintext; ValueError in one line for a half or a broken pair."""
+def server_tls(
+    cert: Path | None, key: Path | None, client_ca: Path | None = None
+) -> ServerTls | None:
+    """What to serve TLS with (and, with `client_ca`, to verify client
+    certificates against), None for plaintext; ValueError in one line for a
+    half or a broken pair, an unusable CA bundle, or a client CA without TLS."""
     if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("a client CA (mutual TLS) needs TLS: give a certificate and key too")
         return None
     if cert is None or key is None:
         raise ValueError("TLS needs both a certificate and a key file")
-    return check_tls_pair(cert, key)
+    return ServerTls.from_files(cert, key, client_ca)
 
 
 @dataclass(frozen=True)
@@ -495,6 +501,8 @@ class ServerOptions:
     token_check_interval_s: float = 1.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Clients must present a certificate one of these CAs signed (mutual TLS).
+    tls_client_ca: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
     default_max_new_tokens: int = 256
     drain_timeout_s: float = 30.0
@@ -515,7 +523,7 @@ class WorkerServer:
         ValueError, before anything starts, for TLS files that are not a
         usable pair or a token file that holds no token."""
         options = self.options
-        tls = server_tls(options.tls_cert, options.tls_key)
+        tls = server_tls(options.tls_cert, options.tls_key, options.tls_client_ca)
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if options.token_file is not None:
@@ -550,9 +558,7 @@ class WorkerServer:
         if tls is None:
             self.port = self.server.add_insecure_port(address)
         else:
-            cert, key = tls
-            credentials = grpc.ssl_server_credentials([(key, cert)])
-            self.port = self.server.add_secure_port(address, credentials)
+            self.port = self.server.add_secure_port(address, tls.server_credentials())
         self.engine.start()
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -788,6 +788,7 @@ class AdapterInfo(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     HAS_ROUTER_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The set's name."""
     version: _builtins.str
@@ -800,6 +801,12 @@ class AdapterInfo(_message.Message):
     """Bytes it occupies in the cache."""
     has_router: _builtins.bool
     """Whether it has a router for router mixing."""
+    stale: _builtins.str
+    """Empty while the set serves. Otherwise why it cannot: a plan switch
+    restored blocks whose parts could not be fetched (the store was down);
+    its requests fail UNAVAILABLE until a later plan switch or a LoadAdapter
+    of the set fetches them (the operator reloads a stale set every tick).
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task heads loaded."""
@@ -814,10 +821,11 @@ class AdapterInfo(_message.Message):
         tasks: _abc.Iterable[_builtins.str] | None = ...,
         bytes: _builtins.int = ...,
         has_router: _builtins.bool = ...,
+        stale: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "bytes", b"bytes", "has_router", b"has_router", "name", b"name", "rank", b"rank", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "bytes", b"bytes", "has_router", b"has_router", "name", b"name", "rank", b"rank", "stale", b"stale", "tasks", b"tasks", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
