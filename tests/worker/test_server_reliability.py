@@ -80,7 +80,10 @@ def test_giving_up_on_a_waiting_plan_leaves_the_worker_serving(served_model_dir:
             streams: list[Any] = [client.generate(request, timeout=60) for _ in range(4)]
             for stream in streams:
                 next(stream)
-            assert engine.stats().picture.active_sequences == 4  # dense must wait for them
+            # Dense must wait for them. (The picture is taken at the end of the
+            # iteration that streamed their first tokens: on a loaded machine a
+            # client can read its token before that.)
+            wait_for("four running", lambda: engine.stats().picture.active_sequences == 4, 5)
             # A caller whose deadline passes while the plan waits...
             late = failure(lambda: client.apply_plan("dense-1", dense, timeout=0.3))
             assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
