@@ -122,9 +122,13 @@ class Outcome:
     def problem(self) -> str:
         """What is wrong with the stream itself ('' if nothing)."""
         # The iteration that prefills a request also decodes it, so its first
-        # two messages carry one step; every later message a later one.
+        # two messages carry one step, and so do the two after a preemption
+        # (the engine recomputes the request's tokens so far, then decodes);
+        # steps never go back, and no step carries more than two messages.
         steps = [m.decode_step for m in self.messages]
-        if any(b <= a for a, b in itertools.pairwise(steps[1:])) or steps[1:2] < steps[:1]:
+        if any(b < a for a, b in itertools.pairwise(steps)) or any(
+            steps.count(step) > 2 for step in set(steps)
+        ):
             return f"decode steps out of order: {steps}"
         if any(m.request_id != self.request_id for m in self.messages):
             return "a message for another request"
