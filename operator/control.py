@@ -45,6 +45,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -68,6 +69,12 @@ from elasticfleet.operator.budget import (
     planned_load,
 )
 from elasticfleet.operator.conditions import set_condition
+from elasticfleet.operator.metrics import (
+    OPERATOR_METRICS,
+    OVER_BUDGET,
+    WITHIN_BUDGET,
+    OperatorMetrics,
+)
 from elasticfleet.operator.spec import FleetSpec, SpecError
 from elasticfleet.operator.status import (
     MAX_PLAN_HISTORY,
@@ -337,8 +344,10 @@ class FleetController:
         settings: LoopSettings | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Clock = utc_now,
+        metrics: OperatorMetrics = OPERATOR_METRICS,
     ) -> None:
         self.profile = profile
+        self.metrics = metrics
         self.connect = connect
         self.settings = settings or LoopSettings()
         self.sleep = sleep
@@ -353,6 +362,7 @@ class FleetController:
         self._worker_errors: dict[str, str] = {}
         self._decider = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elasticfleet-policy")
         self.update(spec, generation)
+        metrics.start_fleet(spec.namespace, spec.name, SEVERITY)
 
     def update(self, spec: FleetSpec, generation: int) -> None:
         """Adopt a changed spec (policy, budget, floor); the next tick plans with it."""
@@ -368,8 +378,11 @@ class FleetController:
         self._decisions: dict[tuple[int, int, int, tuple[bool, ...]], PruningPlan] = {}
 
     async def close(self) -> None:
-        """Close every worker connection and stop the decision thread."""
+        """Close every worker connection and stop the decision thread; the
+        workers' metric series go."""
         await self._close_connections(list(self._connections))
+        for pod in self._workers:
+            self.metrics.forget_worker(self.spec.namespace, self.spec.name, pod)
         self._decider.shutdown(wait=False)
 
     async def reconnect(self, connect: Connect) -> None:
@@ -387,6 +400,7 @@ class FleetController:
         """One round over `endpoints` (the fleet's ready workers), rolling
         out `adapters` (the adapter sets the fleet serves now); the status
         and Events go to `sink`."""
+        started = time.perf_counter()
         await self._forget_gone(endpoints)
         outcomes = list(await asyncio.gather(*(self._guarded(e, adapters) for e in endpoints)))
         now = self.clock()
@@ -406,7 +420,19 @@ class FleetController:
         await sink.patch_status(status)
         for event in events:
             await sink.post_event(event)
+        self._count(outcomes)
+        fleet = (self.spec.namespace, self.spec.name)
+        self.metrics.tick_duration.labels(*fleet).observe(time.perf_counter() - started)
         return TickReport(outcomes, status, events)
+
+    def _count(self, outcomes: list[WorkerOutcome]) -> None:
+        """The tick's outcomes in the operator's metrics (metrics.py)."""
+        fleet = (self.spec.namespace, self.spec.name)
+        for outcome in outcomes:
+            pod = outcome.endpoint.pod
+            self.metrics.reachable.labels(*fleet, pod).set(int(outcome.status.reachable))
+            if outcome.error_reason:
+                self.metrics.worker_failures.labels(*fleet, outcome.error_reason).inc()
 
     async def _forget_gone(self, endpoints: Sequence[WorkerEndpoint]) -> None:
         live = {e.address for e in endpoints}
@@ -415,6 +441,7 @@ class FleetController:
         for pod in [p for p in self._workers if p not in pods]:
             del self._workers[pod]
             self._worker_errors.pop(pod, None)
+            self.metrics.forget_worker(self.spec.namespace, self.spec.name, pod)
 
     async def _close_connections(self, addresses: list[str]) -> None:
         # A connection that fails to close is gone all the same.
@@ -494,6 +521,9 @@ class FleetController:
                     self._decider, self._decide, budget, load, current
                 )
             ratio = self.floor.check(plan)
+            worker = (self.spec.namespace, self.spec.name, endpoint.pod)
+            self.metrics.budget.labels(*worker).set(budget)
+            self.metrics.perplexity_ratio.labels(*worker).set(ratio)
         except SpecError as error:
             return self._failed(endpoint, MODEL_MISMATCH, str(error), status)
         except BudgetError as error:
@@ -564,7 +594,11 @@ class FleetController:
             if len(self._decisions) >= MAX_DECISIONS:
                 self._decisions.clear()
             state = PolicyState(budget, load.batch_size, load.seq_len, self.profile, current)
-            self._decisions[key] = self.policy.decide(state)
+            timer = self.metrics.decision_duration.labels(
+                self.spec.namespace, self.spec.name, self.spec.memory.policy
+            ).time()
+            with timer:  # a decision that raises NoFeasiblePlan took its time too
+                self._decisions[key] = self.policy.decide(state)
         return self._decisions[key]
 
     def _predicted(self, plan: PruningPlan, load: Load) -> int:
@@ -614,7 +648,10 @@ class FleetController:
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:
             before = self._predicted(current, load)
-            side = "over" if before > budget else "within"
+            over = before > budget
+            reason = OVER_BUDGET if over else WITHIN_BUDGET
+            self.metrics.plan_changes.labels(self.spec.namespace, self.spec.name, reason).inc()
+            side = "over" if over else "within"
             outcome.record = PlanRecord(
                 time=self.clock(),
                 pod=endpoint.pod,

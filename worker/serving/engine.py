@@ -54,7 +54,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -86,6 +86,7 @@ from elasticfleet.worker.model.kvcache import KVCache
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.admission import Admission, Layout
+from elasticfleet.worker.serving.latency import LatencyHistograms
 from elasticfleet.worker.serving.telemetry import (
     Device,
     DeviceMemory,
@@ -114,8 +115,6 @@ MAX_STOP_LENGTH = 256
 # the context is longer, and tokenizing this much takes about a tenth of a
 # second on one core. Longer prompts are refused before they are tokenized.
 MAX_PROMPT_BYTES = 256 * 1024
-# Decode-step times kept apart for the metrics endpoint.
-RECENT_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -278,6 +277,8 @@ class _Request:
     row: int = -1
     cancelled: bool = False
     held: int = 0  # iterations held back to share a prefill
+    arrived: float = field(default_factory=time.perf_counter)  # queued (latency.py)
+    first_token_at: float | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -348,9 +349,7 @@ class Engine:
         self.mix = RequestMix(window_s)
         self.step_count = 0
         self.iterations: deque[Iteration] = deque(maxlen=100_000)
-        # The last steps' decode times apart, so /metrics copies 1000 floats
-        # per scrape rather than the whole history.
-        self.recent_step_s: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.latency = LatencyHistograms()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[_Request] = deque()
@@ -614,6 +613,7 @@ class Engine:
 
     def _switch(self, pending: _PendingPlan) -> PlanSwitch:
         """Switch to the plan, which fits next to the running requests."""
+        started = time.perf_counter()
         plan = pending.plan
         check, needed, adapter_bytes = self._plan_check(pending)
         # Blocks are dropped before others are restored (below): verify the
@@ -642,6 +642,7 @@ class Engine:
         except Exception as error:  # the switch happened all the same
             log.warning("the device could not be read after the plan switch: %s", error)
             device = None
+        self.latency.plan_switch.observe(time.perf_counter() - started)
         return PlanSwitch(
             plan_id=pending.plan_id,
             bytes_before=before,
@@ -735,9 +736,12 @@ class Engine:
             if newcomers:
                 produced = self._prefill(newcomers)
                 prefill_ended = time.perf_counter()
+                self.latency.prefill.observe(prefill_ended - prefill_started)
             try:
                 if self._active:
+                    decode_started = time.perf_counter()
                     produced += self._decode()
+                    self.latency.decode_step.observe(time.perf_counter() - decode_started)
             except Exception as error:  # one forward for all rows: a bug, not a request's fault
                 log.exception("decode step failed")
                 self._fail_all(error)
@@ -757,7 +761,6 @@ class Engine:
                     prefill_s=prefill_ended - prefill_started,
                 )
                 self.iterations.append(iteration)
-                self.recent_step_s.append(iteration.step_s)
             if waiting and not rows:
                 time.sleep(0.001)  # only the plan's deadline can change anything now
             return bool(rows or switch or waiting)
@@ -814,6 +817,9 @@ class Engine:
             )
         if admitted:
             self._resize(layout)
+            now = time.perf_counter()
+            for request in admitted:
+                self.latency.queue_wait.observe(now - request.arrived)
         return admitted
 
     def _hold_back(self) -> bool:
@@ -932,6 +938,9 @@ class Engine:
                 self._fail([request], error)
                 continue
             produced += len(event.token_ids)
+            if request.first_token_at is None:
+                request.first_token_at = time.perf_counter()
+                self.latency.time_to_first_token.observe(request.first_token_at - request.arrived)
             if event.finish_reason:  # released first: a client told "done" finds it gone
                 self._release(request)
             self._emit(request, event)
@@ -1001,6 +1010,15 @@ class Engine:
                     self.counters.requests_finished += 1
         if not (request.cancelled or failed):
             self.mix.record_finished(len(request.prompt_ids), len(request.tokens))
+            self._observe_finished(request)
+
+    def _observe_finished(self, request: _Request) -> None:
+        now = time.perf_counter()
+        self.latency.request_duration.observe(now - request.arrived)
+        generated = len(request.tokens)
+        if request.first_token_at is not None and generated >= 2:
+            per_token = (now - request.first_token_at) / (generated - 1)
+            self.latency.time_per_output_token.observe(per_token)
 
     def _fail(self, requests: Sequence[_Request], error: Exception) -> None:
         """End these requests with `error`; the rest of the batch goes on."""
