@@ -14,7 +14,7 @@ prompt's prefill takes seconds. So each family spans about four decades,
 from a GPU's fastest case to a loaded CPU's slowest, in 1-2.5-5 steps: a
 bucket is at most 2.5 times the one below, which bounds how far
 `histogram_quantile`'s linear interpolation inside a bucket can be off, at
-12-14 buckets a family.
+11-13 buckets a family.
 
 - per-step times (decode step, time per output token): 1 ms to 2.5 s;
 - first-token and queue times (TTFT, queue wait, prefill, plan switch):
