@@ -508,6 +508,10 @@ class FleetController:
         try:
             current = self._current_plan(stats)
             budget = derive_budget(self.spec.memory, _device(stats))
+            worker = (self.spec.namespace, self.spec.name, endpoint.pod)
+            # Set before the decision: a budget no plan may follow (the
+            # quality floor refusing) is what the dashboard must show.
+            self.metrics.budget.labels(*worker).set(budget)
             load = planned_load(
                 stats.mix.batch_size_p90,
                 stats.mix.sequence_tokens_p90,
@@ -521,8 +525,6 @@ class FleetController:
                     self._decider, self._decide, budget, load, current
                 )
             ratio = self.floor.check(plan)
-            worker = (self.spec.namespace, self.spec.name, endpoint.pod)
-            self.metrics.budget.labels(*worker).set(budget)
             self.metrics.perplexity_ratio.labels(*worker).set(ratio)
         except SpecError as error:
             return self._failed(endpoint, MODEL_MISMATCH, str(error), status)

@@ -77,7 +77,8 @@ class OperatorMetrics:
         )
         self.budget = Gauge(
             PREFIX + "worker_budget_bytes",
-            "The memory budget the operator derived for a worker at its last tick.",
+            "The memory budget the operator derived for a worker at its last tick (pushed "
+            "with its plan, unless no plan may follow it).",
             WORKER,
             registry=registry,
         )

@@ -545,3 +545,18 @@ def test_the_loop_counts_what_it_does_in_its_metrics() -> None:
     harness.tick()
     assert value("worker_reachable", pod="w1") is None
     assert value("worker_budget_bytes", pod="w0") is not None
+
+
+def test_a_budget_the_floor_refuses_to_follow_is_still_in_the_metrics() -> None:
+    registry = CollectorRegistry()
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.4 * GIB))
+    spec = _spec(qualityFloor={"maxPerplexityRatio": 1.05})
+    harness = Harness(fleet, spec, metrics=OperatorMetrics(registry))
+    harness.tick()
+    labels = {"namespace": "ns", "fleet": "fleet", "pod": "w0"}
+    budget = registry.get_sample_value("elasticfleet_operator_worker_budget_bytes", labels)
+    assert budget == int(0.5 * 0.6 * GIB) < fleet.workers["w0"].budget_bytes
+    ratio = "elasticfleet_operator_worker_predicted_perplexity_ratio"
+    assert registry.get_sample_value(ratio, labels) is None  # no plan was accepted
+    failures = {"namespace": "ns", "fleet": "fleet", "reason": "QualityFloor"}
+    assert registry.get_sample_value("elasticfleet_operator_worker_failures_total", failures) == 1
