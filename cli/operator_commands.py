@@ -12,9 +12,9 @@ the environment (what a Deployment sets):
     ELASTICFLEET_PEERING     kopf peering object name (several replicas: one active)
     ELASTICFLEET_PRIORITY    this replica's peering priority (default: drawn at random)
     ELASTICFLEET_LIVENESS    liveness endpoint, e.g. http://0.0.0.0:8080/healthz
-    ELASTICFLEET_METRICS_PORT  port of the operator's Prometheus /metrics (process and
-                             Python runtime figures; the fleets' own are in their status
-                             and the workers' metrics)
+    ELASTICFLEET_METRICS_PORT  port of the operator's Prometheus /metrics (the control
+                             loop's elasticfleet_operator_* figures, operator/metrics.py,
+                             and the process's)
 
 and the default adapter store handed to fleets in the operator's namespace
 (elasticfleet.operator.spec.DefaultStore): ELASTICFLEET_REDIS_URL, _PREFIX,
@@ -108,8 +108,8 @@ def register(commands: Commands) -> None:
         type=int,
         # argparse converts a string default with `type`, so a bad value is an error.
         default=os.environ.get("ELASTICFLEET_METRICS_PORT") or None,
-        help="serve Prometheus /metrics (process and runtime figures) on this port, on every "
-        "interface",
+        help="serve Prometheus /metrics (the control loop's and the process's figures) on this "
+        "port, on every interface",
     )
     run.set_defaults(handler=_run)
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# The workers' buckets, so the fleet's TTFT and each worker's compare bucket for bucket.
+from elasticfleet.worker.serving.latency import TTFT_BUCKETS
+
 PREFIX = "elasticfleet_gateway_"
 ROUTES = (
     "/",
@@ -25,7 +28,6 @@ ROUTES = (
     "grpc",
     "other",
 )
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class GatewayMetrics:

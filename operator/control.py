@@ -46,6 +46,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,12 @@ from elasticfleet.operator.budget import (
     planned_load,
 )
 from elasticfleet.operator.conditions import set_condition
+from elasticfleet.operator.metrics import (
+    OPERATOR_METRICS,
+    OVER_BUDGET,
+    WITHIN_BUDGET,
+    OperatorMetrics,
+)
 from elasticfleet.operator.spec import FleetSpec, SpecError
 from elasticfleet.operator.status import (
     MAX_PLAN_HISTORY,
@@ -353,8 +360,10 @@ class FleetController:
         settings: LoopSettings | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Clock = utc_now,
+        metrics: OperatorMetrics = OPERATOR_METRICS,
     ) -> None:
         self.profile = profile
+        self.metrics = metrics
         self.connect = connect
         self.settings = settings or LoopSettings()
         self.sleep = sleep
@@ -369,6 +378,7 @@ class FleetController:
         self._worker_errors: dict[str, str] = {}
         self._decider = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elasticfleet-policy")
         self.update(spec, generation)
+        metrics.start_fleet(spec.namespace, spec.name, SEVERITY)
 
     def update(self, spec: FleetSpec, generation: int) -> None:
         """Adopt a changed spec (policy, budget, floor); the next tick plans with it."""
@@ -384,8 +394,11 @@ class FleetController:
         self._decisions: dict[DecisionKey, PruningPlan] = {}
 
     async def close(self) -> None:
-        """Close every worker connection and stop the decision thread."""
+        """Close every worker connection and stop the decision thread; the
+        workers' metric series go."""
         await self._close_connections(list(self._connections))
+        for pod in self._workers:
+            self.metrics.forget_worker(self.spec.namespace, self.spec.name, pod)
         self._decider.shutdown(wait=False)
 
     async def reconnect(self, connect: Connect) -> None:
@@ -403,6 +416,7 @@ class FleetController:
         """One round over `endpoints` (the fleet's ready workers), rolling
         out `adapters` (the adapter sets the fleet serves now); the status
         and Events go to `sink`."""
+        started = time.perf_counter()
         await self._forget_gone(endpoints)
         outcomes = list(await asyncio.gather(*(self._guarded(e, adapters) for e in endpoints)))
         now = self.clock()
@@ -422,7 +436,19 @@ class FleetController:
         await sink.patch_status(status)
         for event in events:
             await sink.post_event(event)
+        self._count(outcomes)
+        fleet = (self.spec.namespace, self.spec.name)
+        self.metrics.tick_duration.labels(*fleet).observe(time.perf_counter() - started)
         return TickReport(outcomes, status, events)
+
+    def _count(self, outcomes: list[WorkerOutcome]) -> None:
+        """The tick's outcomes in the operator's metrics (metrics.py)."""
+        fleet = (self.spec.namespace, self.spec.name)
+        for outcome in outcomes:
+            pod = outcome.endpoint.pod
+            self.metrics.reachable.labels(*fleet, pod).set(int(outcome.status.reachable))
+            if outcome.error_reason:
+                self.metrics.worker_failures.labels(*fleet, outcome.error_reason).inc()
 
     async def _forget_gone(self, endpoints: Sequence[WorkerEndpoint]) -> None:
         live = {e.address for e in endpoints}
@@ -431,6 +457,7 @@ class FleetController:
         for pod in [p for p in self._workers if p not in pods]:
             del self._workers[pod]
             self._worker_errors.pop(pod, None)
+            self.metrics.forget_worker(self.spec.namespace, self.spec.name, pod)
 
     async def _close_connections(self, addresses: list[str]) -> None:
         # A connection that fails to close is gone all the same.
@@ -497,6 +524,10 @@ class FleetController:
         try:
             current = self._current_plan(stats)
             budget = derive_budget(self.spec.memory, _device(stats))
+            worker = (self.spec.namespace, self.spec.name, endpoint.pod)
+            # Set before the decision: a budget no plan may follow (the
+            # quality floor refusing) is what the dashboard must show.
+            self.metrics.budget.labels(*worker).set(budget)
             load = planned_load(
                 stats.mix.batch_size_p90,
                 stats.mix.sequence_tokens_p90,
@@ -510,6 +541,7 @@ class FleetController:
                     self._decider, self._decide, budget, load, current
                 )
             ratio = self.floor.check(plan)
+            self.metrics.perplexity_ratio.labels(*worker).set(ratio)
         except SpecError as error:
             return self._failed(endpoint, MODEL_MISMATCH, str(error), status)
         except BudgetError as error:
@@ -587,7 +619,11 @@ class FleetController:
             state = PolicyState(
                 budget, load.batch_size, load.seq_len, self.profile, current, self.spec.dtype_name
             )
-            self._decisions[key] = self.policy.decide(state)
+            timer = self.metrics.decision_duration.labels(
+                self.spec.namespace, self.spec.name, self.spec.memory.policy
+            ).time()
+            with timer:  # a decision that raises NoFeasiblePlan took its time too
+                self._decisions[key] = self.policy.decide(state)
         return self._decisions[key]
 
     def _predicted(self, plan: PruningPlan, load: Load) -> int:
@@ -640,7 +676,10 @@ class FleetController:
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:
             before = self._predicted(current, load)
-            side = "over" if before > budget else "within"
+            over = before > budget
+            reason = OVER_BUDGET if over else WITHIN_BUDGET
+            self.metrics.plan_changes.labels(self.spec.namespace, self.spec.name, reason).inc()
+            side = "over" if over else "within"
             outcome.record = PlanRecord(
                 time=self.clock(),
                 pod=endpoint.pod,

@@ -37,8 +37,15 @@ KUBERNETES_VALIDATE = str(Path(sys.executable).with_name("kubernetes-validate"))
 YAMLLINT = str(Path(sys.executable).with_name("yamllint"))
 EXAMPLES = ROOT / "operator" / "examples"
 # Kinds kubernetes-validate has no schema for: checked against their CRDs
-# below (kopf.dev) or, for the Prometheus Operator's, by test_monitors_*.
-CUSTOM_KINDS = {"ClusterKopfPeering", "KopfPeering", "ServiceMonitor", "PodMonitor"}
+# below (kopf.dev) or, for the Prometheus Operator's, by test_monitors_* and
+# tests/chart/test_chart_observability.py.
+CUSTOM_KINDS = {
+    "ClusterKopfPeering",
+    "KopfPeering",
+    "ServiceMonitor",
+    "PodMonitor",
+    "PrometheusRule",
+}
 
 
 def test_ci_values_cover_the_scenarios() -> None:

@@ -7,6 +7,7 @@ operator, and the PodMonitor finding the workers the operator labels."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,15 @@ def test_the_pod_monitor_finds_the_workers(served: list[str]) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == METRICS_PORT_NAME
-    assert monitor["spec"]["podTargetLabels"] == ["elasticfleet.io/fleet"]
+    # Each series is labelled `fleet` from the pod label holding its fleet's
+    # name (Prometheus' discovery writes a label key's other characters as _).
+    (relabel,) = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "fleet"
+    (source,) = relabel["sourceLabels"]
+    by_meta = {
+        "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key): value
+        for key, value in pod_labels.items()
+    }
+    assert by_meta[source] == "smollm2"
     expected = {"matchNames": served} if served else {"any": True}
     assert monitor["spec"]["namespaceSelector"] == expected

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from fake_fleet import GIB, FakeFleet, FakeTime, FakeWorker, RecordingSink, rpc_error
+from prometheus_client import CollectorRegistry
 
 from elasticfleet.agent.policy import GreedyPolicy, PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
@@ -26,6 +27,7 @@ from elasticfleet.operator.control import (
     plan_id,
     profile_for_model,
 )
+from elasticfleet.operator.metrics import OperatorMetrics
 from elasticfleet.operator.spec import FleetSpec, SpecError
 from elasticfleet.operator.status import AdapterHeld, Condition, FleetStatus, WorkerStatus
 from elasticfleet.worker.model.memory import predict_memory
@@ -524,3 +526,62 @@ def test_a_budget_within_tolerance_is_not_pushed() -> None:
         fleet = FakeFleet(PROFILE, 1, budget_bytes=int(2 * GIB * share))
         Harness(fleet).tick()
         assert [applied[2] for applied in fleet.workers["w0"].applied] == pushed
+
+
+def test_the_loop_counts_what_it_does_in_its_metrics() -> None:
+    registry = CollectorRegistry()
+    fleet = FakeFleet(PROFILE, 2, batch_p90=8, sequence_p90=2048)
+    harness = Harness(fleet, metrics=OperatorMetrics(registry))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(
+            "elasticfleet_operator_" + name, {"namespace": "ns", "fleet": "fleet", **labels}
+        )
+
+    # Before any tick, every reason's counter is there at zero.
+    assert value("plan_changes_total", reason="over_budget") == 0
+    assert value("worker_failures_total", reason="QualityFloor") == 0
+    harness.tick()
+    assert value("worker_budget_bytes", pod="w0") == 2 * GIB
+    assert value("worker_predicted_perplexity_ratio", pod="w0") == 1.0
+    assert value("tick_duration_seconds_count") == 1
+    assert value("policy_decision_seconds_count", policy="greedy") == 1  # one state, decided once
+
+    fleet.workers["w0"].others_bytes = int(2.4 * GIB)
+    fleet.workers["w1"].down = True
+    report = harness.tick()
+    squeezed = report.outcomes[0].record
+    assert squeezed is not None
+    assert value("plan_changes_total", reason="over_budget") == 1
+    assert value("worker_budget_bytes", pod="w0") == squeezed.budget_bytes
+    ratio = value("worker_predicted_perplexity_ratio", pod="w0")
+    assert ratio is not None and round(ratio, 4) == squeezed.predicted_perplexity_ratio > 1
+    assert value("worker_reachable", pod="w0") == 1
+    assert value("worker_reachable", pod="w1") == 0
+    assert value("worker_failures_total", reason="WorkerUnreachable") == 1
+
+    fleet.workers["w0"].others_bytes = 0
+    harness.tick()
+    assert value("plan_changes_total", reason="within_budget") == 1
+    assert value("worker_failures_total", reason="WorkerUnreachable") == 2
+
+    # A pod that left takes its series with it.
+    del fleet.workers["w1"]
+    harness.tick()
+    assert value("worker_reachable", pod="w1") is None
+    assert value("worker_budget_bytes", pod="w0") is not None
+
+
+def test_a_budget_the_floor_refuses_to_follow_is_still_in_the_metrics() -> None:
+    registry = CollectorRegistry()
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.4 * GIB))
+    spec = _spec(qualityFloor={"maxPerplexityRatio": 1.05})
+    harness = Harness(fleet, spec, metrics=OperatorMetrics(registry))
+    harness.tick()
+    labels = {"namespace": "ns", "fleet": "fleet", "pod": "w0"}
+    budget = registry.get_sample_value("elasticfleet_operator_worker_budget_bytes", labels)
+    assert budget == int(0.5 * 0.6 * GIB) < fleet.workers["w0"].budget_bytes
+    ratio = "elasticfleet_operator_worker_predicted_perplexity_ratio"
+    assert registry.get_sample_value(ratio, labels) is None  # no plan was accepted
+    failures = {"namespace": "ns", "fleet": "fleet", "reason": "QualityFloor"}
+    assert registry.get_sample_value("elasticfleet_operator_worker_failures_total", failures) == 1

@@ -185,6 +185,11 @@ def test_one_replica_is_active_and_another_takes_over(
     assert low.process.returncode == 0, low.log.read_text()
 
 
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        return str(response.read().decode())
+
+
 def test_run_serves_liveness_and_metrics_and_stops_on_sigterm(cluster: EmulatedCluster) -> None:
     liveness = f"http://127.0.0.1:{_free_port()}/healthz"
     metrics_port = _free_port()
@@ -207,12 +212,19 @@ def test_run_serves_liveness_and_metrics_and_stops_on_sigterm(cluster: EmulatedC
             assert time.monotonic() < deadline, "no liveness endpoint"
             time.sleep(0.2)
         # The metrics server starts before kopf does: it is up by now.
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
-            assert b"process_resident_memory_bytes" in response.read()
+        assert "process_resident_memory_bytes" in _scrape(metrics_port)
         fleet = yaml.safe_load(EXAMPLE.read_text())
         cluster.call("POST", "/apis/elasticfleet.io/v1alpha1/namespaces/ns/elasticfleets", fleet)
         while not cluster.objects("apps/v1/deployments"):
             assert time.monotonic() < deadline, "no Deployment"
+            time.sleep(0.2)
+        # The control loop's own metrics, once it ticks over the fleet.
+        name = fleet["metadata"]["name"]
+        ticked = (
+            f'elasticfleet_operator_tick_duration_seconds_count{{fleet="{name}",namespace="ns"}}'
+        )
+        while ticked not in _scrape(metrics_port):
+            assert time.monotonic() < deadline, "no tick in the operator's metrics"
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)

@@ -475,3 +475,36 @@ def test_close_fails_what_is_left_with_unavailable(engine: Engine) -> None:
     engine.close()
     assert time.monotonic() - start < 5
     assert len(sink.errors) == 1 and isinstance(sink.errors[0], Unavailable)
+
+
+def _observed(engine: Engine, name: str) -> tuple[float, float]:
+    """How many times the engine's `name` histogram was observed, and their sum."""
+    histogram = getattr(engine.latency, name)
+    (family,) = histogram.collect()
+    figures = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+    return figures["count"], figures["sum"]
+
+
+def test_latency_histograms_time_each_request_step_and_switch(engine: Engine) -> None:
+    layers = engine.model.config.num_hidden_layers
+    long_params = dataclasses.replace(GREEDY, max_new_tokens=6, ignore_eos=True)
+    one_token = dataclasses.replace(GREEDY, max_new_tokens=1, ignore_eos=True)
+    sinks = [Collector(), Collector(), Collector()]
+    engine.submit("hello", long_params, sinks[0])
+    engine.submit("abc", one_token, sinks[1])
+    cancelled = engine.submit("zz", long_params, sinks[2])
+    engine.step()  # all three prefilled together; "abc" is done
+    engine.cancel(cancelled)
+    engine.submit_plan(PruningPlan.from_dropped(layers, ffn=[1]), "smaller")
+    run_until_idle(engine)
+    decode_steps = sum(1 for i in engine.iterations if i.rows)
+    assert _observed(engine, "queue_wait")[0] == 3
+    assert _observed(engine, "prefill")[0] == 1
+    assert _observed(engine, "time_to_first_token")[0] == 3
+    assert _observed(engine, "plan_switch")[0] == 1
+    assert _observed(engine, "decode_step")[0] == decode_steps
+    # Finished requests only; a time per output token needs a second token.
+    assert _observed(engine, "request_duration")[0] == 2
+    assert _observed(engine, "time_per_output_token")[0] == 1
+    assert _observed(engine, "time_to_first_token")[1] > 0
+    assert _observed(engine, "request_duration")[1] > 0

@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import LARGE_BUDGET, FakeAdapters, SlowSteps, make_engine
 from tokenizers import Tokenizer
 from waiting import wait_for
@@ -274,12 +275,23 @@ def test_health_and_reflection(server: BackgroundServer) -> None:
 
 def test_metrics_are_served_with_the_prefix(served_model_dir: Path, one_thread: None) -> None:
     running = BackgroundServer(make_engine(served_model_dir), ServerOptions(metrics_port=0))
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return str(reply.read().decode())
+
     try:
         with WorkerClient(f"127.0.0.1:{running.port}") as client:
             client.complete(generate_request("abc", max_new_tokens=3, ignore_eos=True))
-        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
+        # The last token is streamed before its decode step is timed.
+        wait_for(
+            "the last step timed",
+            lambda: "elasticfleet_decode_step_seconds_count 2.0" in scrape(),
+            10,
+            interval=0.01,
+        )
+        text = scrape()
     finally:
         running.stop()
     assert 'elasticfleet_requests_total{outcome="finished"} 1.0' in text
@@ -287,7 +299,30 @@ def test_metrics_are_served_with_the_prefix(served_model_dir: Path, one_thread: 
     for name in ("queue_depth", "kv_reserved_bytes", "weight_bytes", "plan_changes_total"):
         assert f"elasticfleet_{name}" in text
     assert 'elasticfleet_adapter_cache_total{result="hit"}' in text
-    assert 'elasticfleet_decode_step_seconds{quantile="0.99"}' in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for family in families.values():
+        # Names carry their unit; counters render with _total; no label
+        # takes a value from a request.
+        assert family.name.startswith("elasticfleet_")
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+        for sample in family.samples:
+            assert set(sample.labels) <= {"outcome", "kind", "result", "le"}, sample
+            if family.type == "counter" and not sample.name.endswith("_created"):
+                assert sample.name.endswith("_total"), sample.name
+
+    def count(name: str) -> float:
+        (total,) = [s.value for s in families[name].samples if s.name == name + "_count"]
+        return total
+
+    # One request of three tokens: its first from the prefill, two decode steps.
+    for name in ("time_to_first_token", "request_duration", "queue_wait", "prefill"):
+        assert count(f"elasticfleet_{name}_seconds") == 1, name
+    assert count("elasticfleet_time_per_output_token_seconds") == 1
+    assert count("elasticfleet_decode_step_seconds") == 2
+    assert count("elasticfleet_plan_switch_seconds") == 0
+    kept = {s.labels["kind"]: s.value for s in families["elasticfleet_kept_blocks"].samples}
+    assert kept == {"attention": 4, "ffn": 4}
 
 
 def test_a_simulated_device_reports_its_file_and_the_workers_share(

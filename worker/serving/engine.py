@@ -100,6 +100,7 @@ from elasticfleet.worker.model.kvcache import KVCache, blocks_for
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.admission import GROWTH_TOKENS, Admission
+from elasticfleet.worker.serving.latency import LatencyHistograms
 from elasticfleet.worker.serving.telemetry import (
     Device,
     DeviceMemory,
@@ -128,8 +129,6 @@ MAX_STOP_LENGTH = 256
 # the context is longer, and tokenizing this much takes about a tenth of a
 # second on one core. Longer prompts are refused before they are tokenized.
 MAX_PROMPT_BYTES = 256 * 1024
-# Decode-step times kept apart for the metrics endpoint.
-RECENT_STEPS = 1000
 # Tokens one iteration computes (decode rows and prompt chunks together), and
 # the smallest prompt chunk an iteration feeds however many rows decode.
 STEP_TOKENS = 256
@@ -317,6 +316,9 @@ class _Request:
         """Tokens the cache holds for this request after its next step."""
         return max(len(self.feed), len(self.prompt_ids) + len(self.tokens) + 1)
 
+    arrived: float = field(default_factory=time.perf_counter)  # queued (latency.py)
+    first_token_at: float | None = None
+
     @property
     def tokens(self) -> list[int]:
         """The tokens generated so far (the stream holds them, to decode them once)."""
@@ -396,9 +398,7 @@ class Engine:
         self.mix = RequestMix(window_s)
         self.step_count = 0
         self.iterations: deque[Iteration] = deque(maxlen=100_000)
-        # The last steps' decode times apart, so /metrics copies 1000 floats
-        # per scrape rather than the whole history.
-        self.recent_step_s: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.latency = LatencyHistograms()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[_Request] = deque()
@@ -645,6 +645,7 @@ class Engine:
     def _switch(self, pending: _PendingPlan) -> PlanSwitch:
         """Switch to the plan, preempting the youngest running sequences
         whose blocks do not fit beside it."""
+        started = time.perf_counter()
         plan = pending.plan
         check = self._admission_for(pending.budget_bytes)
         # Blocks are dropped before others are restored (below): verify the
@@ -675,6 +676,7 @@ class Engine:
         except Exception as error:  # the switch happened all the same
             log.warning("the device could not be read after the plan switch: %s", error)
             device = None
+        self.latency.plan_switch.observe(time.perf_counter() - started)
         return PlanSwitch(
             plan_id=pending.plan_id,
             bytes_before=before,
@@ -769,9 +771,12 @@ class Engine:
             if chunks:
                 produced = self._prefill(chunks)
                 prefill_ended = time.perf_counter()
+                self.latency.prefill.observe(prefill_ended - prefill_started)
             try:
                 if any(r.decoding for r in self._active):
+                    decode_started = time.perf_counter()
                     produced += self._decode()
+                    self.latency.decode_step.observe(time.perf_counter() - decode_started)
             except Exception as error:  # one forward for all rows: a bug, not a request's fault
                 log.exception("decode step failed")
                 self._fail_all(error)
@@ -790,7 +795,6 @@ class Engine:
                     prefill_s=prefill_ended - prefill_started,
                 )
                 self.iterations.append(iteration)
-                self.recent_step_s.append(iteration.step_s)
             return bool(rows or switch)
 
     def _drop_cancelled(self) -> None:
@@ -848,6 +852,9 @@ class Engine:
             self._active.append(request)
         if admitted:
             self._fit_pool()
+            now = time.perf_counter()
+            for request in admitted:
+                self.latency.queue_wait.observe(now - request.arrived)
         return len(admitted)
 
     def _hold_back(self) -> bool:
@@ -1029,6 +1036,9 @@ class Engine:
                 self._fail([request], error)
                 continue
             produced += len(event.token_ids)
+            if request.first_token_at is None:
+                request.first_token_at = time.perf_counter()
+                self.latency.time_to_first_token.observe(request.first_token_at - request.arrived)
             if event.finish_reason:  # released first: a client told "done" finds it gone
                 self._release(request)
             self._emit(request, event)
@@ -1088,6 +1098,15 @@ class Engine:
                     self.counters.requests_finished += 1
         if not (request.cancelled or failed):
             self.mix.record_finished(len(request.prompt_ids), len(request.tokens))
+            self._observe_finished(request)
+
+    def _observe_finished(self, request: _Request) -> None:
+        now = time.perf_counter()
+        self.latency.request_duration.observe(now - request.arrived)
+        generated = len(request.tokens)
+        if request.first_token_at is not None and generated >= 2:
+            per_token = (now - request.first_token_at) / (generated - 1)
+            self.latency.time_per_output_token.observe(per_token)
 
     def _unseat(self, request: _Request) -> None:
         """Free a running request's blocks and close the gap its row leaves,

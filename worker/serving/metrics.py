@@ -1,8 +1,9 @@
 """Prometheus metrics for a worker, served over HTTP.
 
 The engine keeps plain counters and a consistent memory picture; this module
-only reads them when Prometheus scrapes, so the decode loop never touches a
-metrics library and every scrape sees figures taken between two steps.
+only reads them when Prometheus scrapes, so every scrape sees figures taken
+between two steps. Timings are histograms the engine observes as they
+happen (worker/serving/latency.py); this module yields them as they stand.
 Each server gets its own registry, so several workers (or tests) in one
 process never collide on metric names.
 
@@ -25,14 +26,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from elasticfleet.worker.serving.engine import RECENT_STEPS, Engine
-from elasticfleet.worker.serving.telemetry import percentile
-
-PREFIX = "elasticfleet_"
+from elasticfleet.worker.serving.engine import Engine
+from elasticfleet.worker.serving.latency import PREFIX
 
 
 class EngineCollector(Collector):
-    """Counters and gauges read from one engine at scrape time."""
+    """Counters and gauges read from one engine at scrape time, and its
+    latency histograms. Counters render with `_total` after their name."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -86,7 +86,6 @@ class EngineCollector(Collector):
             ),
             "adapter_bytes": ("Bytes of adapters in the local cache.", picture.adapter_bytes),
             "budget_bytes": ("The memory budget admission works against.", picture.budget_bytes),
-            "kept_blocks": ("Blocks the current plan keeps.", sum(picture.keep_mask)),
             "tokens_per_second": (
                 "Generated tokens per second over the window.",
                 stats.mix.tokens_per_second,
@@ -94,16 +93,15 @@ class EngineCollector(Collector):
         }
         for name, (documentation, figure) in gauges.items():
             yield GaugeMetricFamily(PREFIX + name, documentation, value=figure)
-        steps = list(self.engine.recent_step_s)
-        step = GaugeMetricFamily(
-            PREFIX + "decode_step_seconds",
-            f"Decode-step time (plan switches included, prefills not) over the last "
-            f"{RECENT_STEPS} steps.",
-            labels=["quantile"],
+        # Block 2i is layer i's attention block, 2i+1 its FFN block. Precision
+        # levels (a block kept at a lower precision) will add a label here.
+        kept = GaugeMetricFamily(
+            PREFIX + "kept_blocks", "Blocks the current plan keeps, by kind.", labels=["kind"]
         )
-        for quantile in (50, 99):
-            step.add_metric([f"0.{quantile}"], percentile(steps, quantile))
-        yield step
+        kept.add_metric(["attention"], sum(picture.keep_mask[0::2]))
+        kept.add_metric(["ffn"], sum(picture.keep_mask[1::2]))
+        yield kept
+        yield from self.engine.latency.collect()
 
 
 METRICS_PATH = "/metrics"
