@@ -109,6 +109,12 @@ def register(commands: Commands) -> None:
     )
     gateway.add_argument("--worker-tls-ca", type=Path, help="PEM roots: reach workers over TLS")
     gateway.add_argument(
+        "--worker-tls-cert",
+        type=Path,
+        help="client certificate (PEM) for workers that require one (--tls-client-ca)",
+    )
+    gateway.add_argument("--worker-tls-key", type=Path, help="the client certificate's key")
+    gateway.add_argument(
         "--worker-server-name-suffix",
         metavar="SUFFIX",
         help="verify a worker at IP a.b.c.d as a-b-c-d.SUFFIX (e.g. <fleet>-worker.<ns>.svc)",
@@ -187,13 +193,17 @@ def _gateway(args: argparse.Namespace) -> int:
     from elasticfleet.gateway.pool import PlanRatios, PoolOptions
     from elasticfleet.gateway.server import Gateway, GatewayOptions
     from elasticfleet.operator.control import profile_for_model
+    from elasticfleet.worker.serving.credentials import ClientTls
 
     if not 0 < args.refresh_seconds <= 1:
         raise ValueError("--refresh-seconds must be in (0, 1]: views are at most a second old")
-    try:
-        roots = args.worker_tls_ca.read_bytes() if args.worker_tls_ca else None
-    except OSError as unreadable:
-        raise ValueError(f"--worker-tls-ca {args.worker_tls_ca}: {unreadable.strerror}") from None
+    if args.worker_tls_ca is None and (args.worker_tls_cert or args.worker_tls_key):
+        raise ValueError("--worker-tls-cert and --worker-tls-key need --worker-tls-ca")
+    tls = (
+        None
+        if args.worker_tls_ca is None
+        else ClientTls.from_files(args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key)
+    )
     options = GatewayOptions(
         host=args.host,
         port=args.port,
@@ -204,8 +214,7 @@ def _gateway(args: argparse.Namespace) -> int:
             max_wait_s=args.max_wait,
             max_waiting=args.max_waiting,
             max_streams=args.max_streams_per_worker,
-            tls=roots is not None,
-            root_certificates=roots,
+            tls=tls,
             server_name_suffix=args.worker_server_name_suffix,
         ),
     )

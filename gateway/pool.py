@@ -51,6 +51,7 @@ from elasticfleet.gateway.routing import (
 from elasticfleet.gateway.sources import WorkerSource
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import AsyncWorkerClient
+from elasticfleet.worker.serving.credentials import ClientTls
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,9 @@ class PoolOptions:
     max_waiting: int = 256
     max_streams: int = MAX_STREAMS
     spread_after: int = SPREAD_AFTER
-    tls: bool = False
-    root_certificates: bytes | None = None
+    # TLS to the workers (None: plaintext): the roots the gateway verifies
+    # them against and, where workers require one, its client certificate.
+    tls: ClientTls | None = None
     # With TLS, verify a worker reached at IP a.b.c.d as `a-b-c-d.SUFFIX`
     # (the operator's rule for a fleet's workers: build.worker_server_name);
     # None verifies the address's own host.
@@ -194,8 +196,7 @@ class WorkerPool:
             if name not in self._workers:
                 client = AsyncWorkerClient(
                     address,
-                    tls=self.options.tls,
-                    root_certificates=self.options.root_certificates,
+                    tls=self.options.tls or False,
                     server_name=self.options.server_name(address),
                 )
                 self._workers[name] = _Worker(WorkerView(name, address), client)

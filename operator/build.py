@@ -32,6 +32,8 @@ TLS_DIR = "/etc/elasticfleet/tls"
 # Mutual TLS: only ca.crt of the client Secret (never the client's key).
 CLIENT_CA_DIR = "/etc/elasticfleet/client-ca"
 CLIENT_CA_FILE = "ca.crt"
+# The gateway presents the client Secret's certificate to such workers.
+CLIENT_CERT_DIR = "/etc/elasticfleet/client"
 # The bearer token, mounted from its Secret as a file: the kubelet rewrites a
 # mounted Secret when it changes and the worker re-reads its token file, so a
 # rotated token reaches running workers (an environment variable never changes).
@@ -364,6 +366,11 @@ def gateway_command(spec: FleetSpec, gateway: GatewaySettings) -> list[str]:
     ]  # fmt: skip
     if spec.tls_secret:
         command += ["--worker-tls-ca", f"{TLS_DIR}/ca.crt", "--worker-server-name-suffix", service]
+    if spec.tls_client_secret:
+        command += [
+            "--worker-tls-cert", f"{CLIENT_CERT_DIR}/tls.crt",
+            "--worker-tls-key", f"{CLIENT_CERT_DIR}/tls.key",
+        ]  # fmt: skip
     if spec.token_secret is not None:
         command += ["--worker-token-file", f"{TOKEN_DIR}/{TOKEN_FILE}"]
     if gateway.token_secret is not None:
@@ -390,6 +397,9 @@ def build_gateway(spec: FleetSpec, owner: Body) -> Body:
     secrets = []
     if spec.tls_secret:
         secrets.append(_secret_volume("tls", TLS_DIR, spec.tls_secret))
+    if spec.tls_client_secret:
+        items = [{"key": key, "path": key} for key in ("tls.crt", "tls.key")]
+        secrets.append(_secret_volume("client", CLIENT_CERT_DIR, spec.tls_client_secret, items))
     for name, mount, key in (
         ("token", TOKEN_DIR, spec.token_secret),
         ("gateway-token", GATEWAY_TOKEN_DIR, gateway.token_secret),

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from certificates import CertificateAuthority
 from fleet_helpers import (
     ADAPTER,
     GATEWAY_TOKEN,
@@ -38,6 +39,7 @@ from elasticfleet.gateway.server import Gateway, GatewayOptions
 from elasticfleet.gateway.service import RATIO_HEADER, WORKER_HEADER
 from elasticfleet.gateway.sources import static_workers
 from elasticfleet.worker.serving.client import WorkerClient, generate_request
+from elasticfleet.worker.serving.credentials import ClientTls
 from elasticfleet.worker.serving.process import WorkerProcess
 
 pytest_plugins = ["serving_fixtures", "gateway_fixtures"]
@@ -309,3 +311,30 @@ def test_health_info_and_metrics(fleet: Fleet) -> None:
     assert metric(text, "elasticfleet_gateway_workers_ready") == 3
     for name in ("queue_depth", "upstream_retries_total"):
         assert f"elasticfleet_gateway_{name}" in text
+
+
+def test_the_gateway_presents_its_client_certificate_to_mutual_tls_workers(
+    fleet: Fleet, fleet_model: Path, redis_server: TestRedisServer, tmp_path: Path
+) -> None:
+    """A worker that requires client certificates (--tls-client-ca) serves
+    the gateway's requests when the gateway presents one its CA signed, and
+    stays unready (503 after the wait) to a gateway that presents none."""
+    ca = CertificateAuthority("fleet-ca")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.pem)
+    cert, key = ca.write(tmp_path, "worker", ips=("127.0.0.1",))
+    client = ca.write(tmp_path, "operator")
+    tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca_file)]
+    args = worker_args(fleet_model, redis_server.url, *tls_args)
+    (worker,) = start_workers(tmp_path, {"mtls": args}).values()
+    try:
+        for presented, expected in ((client, 200), (None, 503)):
+            tls = ClientTls.from_files(ca_file, *(presented or (None, None)))
+            gateway = small_gateway(fleet, {"mtls": worker.address}, tls=tls, max_wait_s=1.0)
+            try:
+                status, _, body = post(f"http://127.0.0.1:{gateway.port}/generate", {"inputs": "a"})
+                assert status == expected, body
+            finally:
+                fleet.loop.run(gateway.stop())
+    finally:
+        worker.stop()

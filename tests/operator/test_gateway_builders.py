@@ -113,6 +113,24 @@ def test_the_gateway_deployment_runs_like_a_worker_and_finds_workers_by_dns() ->
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
+def test_with_mutual_tls_the_gateway_presents_the_client_secrets_certificate() -> None:
+    body = fleet()
+    body["spec"]["tls"] = {"secretName": "tls", "clientSecretName": "client"}
+    deployment = build_gateway(spec(body), OWNER)
+    kubernetes_validate.validate(deployment, "1.35", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["command"][1:])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert str(args.worker_tls_cert) == f"{mounts['client']}/tls.crt"
+    assert str(args.worker_tls_key) == f"{mounts['client']}/tls.key"
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert secrets["client"] == {
+        "secretName": "client",
+        "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+    }
+
+
 def test_gateway_pods_are_never_selected_as_workers() -> None:
     secured = _secured()
     gateway_pods = build_gateway(secured, OWNER)["spec"]["template"]["metadata"]["labels"]
