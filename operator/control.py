@@ -528,17 +528,18 @@ class FleetController:
             # Set before the decision: a budget no plan may follow (the
             # quality floor refusing) is what the dashboard must show.
             self.metrics.budget.labels(*worker).set(budget)
+            plan_budget = _plan_budget(budget, stats.memory.adapter_bytes)
             load = planned_load(
                 stats.mix.batch_size_p90,
                 stats.mix.sequence_tokens_p90,
                 stats.active_sequences,
                 self.profile.config.max_position_embeddings,
             )
-            plan = self._decisions.get(_decision_key(budget, load, current))
+            plan = self._decisions.get(_decision_key(plan_budget, load, current))
             if plan is None:
                 loop = asyncio.get_running_loop()
                 plan = await loop.run_in_executor(
-                    self._decider, self._decide, budget, load, current
+                    self._decider, self._decide, plan_budget, load, current
                 )
             ratio = self.floor.check(plan)
             self.metrics.perplexity_ratio.labels(*worker).set(ratio)
@@ -675,7 +676,9 @@ class FleetController:
             status = replace(status, device=_device_status(response.device))
         outcome = WorkerOutcome(endpoint, status, plan=plan)
         if plan_changed:
-            before = self._predicted(current, load)
+            # Plans are chosen beside the adapters the worker holds (_plan_budget).
+            held = stats.memory.adapter_bytes
+            before = self._predicted(current, load) + held
             over = before > budget
             reason = OVER_BUDGET if over else WITHIN_BUDGET
             self.metrics.plan_changes.labels(self.spec.namespace, self.spec.name, reason).inc()
@@ -689,7 +692,7 @@ class FleetController:
                     f"{budget:,} at batch {load.batch_size} x {load.seq_len} tokens"
                 ),
                 budget_bytes=budget,
-                predicted_bytes=self._predicted(plan, load),
+                predicted_bytes=self._predicted(plan, load) + held,
                 predicted_perplexity_ratio=round(ratio, 4),
             )
         return outcome
@@ -778,6 +781,20 @@ class FleetController:
                 conditions, kind, value, reason, message, now=now, generation=self.generation
             )
         self._conditions = conditions
+
+
+def _plan_budget(budget: int, adapter_bytes: int) -> int:
+    """What a plan's weights and KV may take of a worker's budget: the rest
+    after the adapters it holds, which the worker counts against the same
+    budget (a plan for the whole budget would be refused by its admission).
+    BudgetError when the adapters leave nothing."""
+    left = budget - adapter_bytes
+    if left <= 0:
+        raise BudgetError(
+            f"the worker's adapters hold {adapter_bytes:,} bytes, its whole budget of "
+            f"{budget:,} or more: serve fewer AdapterSets or give the worker more memory"
+        )
+    return left
 
 
 def _decision_key(

@@ -85,7 +85,10 @@ class FakeWorker:
     def memory(self) -> pb.WorkerMemory:
         weights, kv = self.own_bytes()
         return pb.WorkerMemory(
-            weight_bytes=weights, kv_reserved_bytes=kv, budget_bytes=self.budget_bytes
+            weight_bytes=weights,
+            kv_reserved_bytes=kv,
+            adapter_bytes=sum(a.bytes for a in self.adapters.values()),
+            budget_bytes=self.budget_bytes,
         )
 
     async def get_stats(self, *, timeout: float | None = None) -> pb.GetStatsResponse:
@@ -116,7 +119,9 @@ class FakeWorker:
     def device(self) -> pb.DeviceMemory:
         """The device as GetStats reads it, without own_bytes (as workers
         from before the field report it)."""
-        return self.reading(self.others_bytes + sum(self.own_bytes()), None, pb.MEMORY_SOURCE_HOST)
+        adapters = sum(a.bytes for a in self.adapters.values())
+        used = self.others_bytes + sum(self.own_bytes()) + adapters
+        return self.reading(used, None, pb.MEMORY_SOURCE_HOST)
 
     def reading(
         self, used: int, own: int | None, source: pb.MemorySource.ValueType

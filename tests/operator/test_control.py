@@ -139,6 +139,35 @@ def test_squeeze_then_relax() -> None:
     assert len(harness.sink.statuses) == 4
 
 
+def test_plans_leave_room_for_the_adapters_a_worker_holds() -> None:
+    """A worker counts its adapters against its budget: the plan is chosen
+    for what they leave, and the record counts them."""
+    fleet = FakeFleet(PROFILE, 1, batch_p90=8, sequence_p90=2048)
+    harness = Harness(fleet)
+    worker = fleet.workers["w0"]
+    held = 200 * 2**20
+    worker.adapters["tasks"] = pb.AdapterInfo(name="tasks", version="2", bytes=held)
+    harness.adapters = (AdapterWant("tasks"),)
+    worker.others_bytes = int(2.4 * GIB)
+    report = harness.tick()
+    budget = int(0.5 * 1.6 * GIB)
+    plan = worker.plan
+    predicted = predict_memory(PROFILE.config, plan, 8, 2048).total_bytes
+    assert predicted + held <= budget < predicted + held + 100 * 2**20
+    (record,) = report.status.last_plans or ()
+    assert record.budget_bytes == budget and record.predicted_bytes == predicted + held
+    # Without the adapters the same squeeze leaves a larger plan.
+    alone = FakeFleet(PROFILE, 1, batch_p90=8, sequence_p90=2048)
+    alone.workers["w0"].others_bytes = int(2.4 * GIB)
+    Harness(alone).tick()
+    assert alone.workers["w0"].plan.kept_blocks > plan.kept_blocks
+
+    worker.adapters["tasks"] = pb.AdapterInfo(name="tasks", version="2", bytes=budget)
+    report = harness.tick()
+    assert _condition(report.status, "Degraded").reason == "NoMemory"
+    assert "adapters hold" in _condition(report.status, "Degraded").message
+
+
 def test_heavier_load_drops_more_attention_blocks() -> None:
     # One short sequence: KV is tiny, weights are what must go; under long
     # sequences the KV of attention blocks is, so more of them go.
