@@ -226,7 +226,7 @@ class DemoOptions:
     model_dir: Path
     out: Path
     workers: int = 2
-    policy: str = "rl"
+    policy: str = "greedy"
     squeeze_ratio: float = 0.8
     prompt: str = "Why is the sky blue?"
     max_new_tokens: int = 24
@@ -347,7 +347,8 @@ class FleetDemo:
         return {a.pod: a for a in answers}
 
     def _dense(self, row: WorkerRow) -> bool:
-        return row.kept_attention == row.kept_ffn == self.layers
+        full = row.int8_blocks == row.int4_blocks == 0
+        return full and row.kept_attention == row.kept_ffn == self.layers
 
     async def _plenty(self) -> None:
         figures = self.figures
@@ -395,7 +396,8 @@ class FleetDemo:
         change = changes[0]
         self.say(
             f"{pod} now keeps {row.kept_attention}/{self.layers} attention and "
-            f"{row.kept_ffn}/{self.layers} FFN blocks (plan {row.plan_id}): attention "
+            f"{row.kept_ffn}/{self.layers} FFN blocks, {row.int8_blocks} of them at int8 and "
+            f"{row.int4_blocks} at int4 (plan {row.plan_id}): attention "
             f"dropped in layers {list(change.plan.dropped_attention)}, "
             f"FFN in {list(change.plan.dropped_ffn)}.\n"
             f"Weights {format_bytes(before.worker(pod).weight_bytes)} -> "

@@ -36,6 +36,8 @@ class WorkerRow:
     budget_bytes: int
     kept_attention: int
     kept_ffn: int
+    int8_blocks: int
+    int4_blocks: int
     weight_bytes: int
     plan_id: str
     message: str
@@ -53,6 +55,8 @@ class WorkerRow:
             budget_bytes=entry.budget_bytes or 0,
             kept_attention=plan.kept_attention,
             kept_ffn=plan.kept_ffn,
+            int8_blocks=plan.int8_blocks,
+            int4_blocks=plan.int4_blocks,
             weight_bytes=entry.weight_bytes or 0,
             plan_id=plan.id,
             message=entry.message,
@@ -100,7 +104,18 @@ class TickRecord:
         return {**asdict(self), "changes": [change.to_dict() for change in self.changes]}
 
 
-TABLE_COLUMNS = ("worker", "device used / total", "budget", "attn", "ffn", "weights", "plan", "up")
+TABLE_COLUMNS = (
+    "worker",
+    "device used / total",
+    "budget",
+    "attn",
+    "ffn",
+    "int8",
+    "int4",
+    "weights",
+    "plan",
+    "up",
+)
 
 
 def render_table(record: TickRecord) -> str:
@@ -118,6 +133,8 @@ def render_table(record: TickRecord) -> str:
                 format_bytes(w.budget_bytes),
                 str(w.kept_attention),
                 str(w.kept_ffn),
+                str(w.int8_blocks),
+                str(w.int4_blocks),
                 format_bytes(w.weight_bytes),
                 w.plan_id or "-",
                 "yes" if w.reachable else "NO",
