@@ -48,9 +48,10 @@ What a plan switch does to a running request (the documented semantics):
   running sequence already holds: it attends only to tokens from the switch
   on (KVCache.history_start), while the other kept blocks keep their full
   history;
-- requests admitted after the switch, and preempted requests when they are
-  recomputed, run under the new plan from their first token, exactly as if
-  it had always been in force.
+- requests admitted after the switch, requests whose prompt was not yet
+  fully fed (their prefill starts over), and preempted requests when they
+  are recomputed, run under the new plan from their first token, exactly as
+  if it had always been in force.
 
 Events carry the step counter and plan id, so a client can tell which plan
 produced each token (tokens with decode_step >= a switch's effective_step
@@ -653,6 +654,14 @@ class Engine:
         current = self.model.plan
         cap = check.max_blocks(plan, self._adapter_bytes())
         preempted = self._preempt_to_fit(cap)
+        if plan != current:
+            # A prompt part-fed under the old plan starts over under the new
+            # one, exactly like a request admitted after the switch.
+            for request in self._active:
+                if request.fed and not request.decoding:
+                    assert self._cache is not None
+                    self._cache.clear_row(request.row)
+                    request.fed = 0
         # Drop first, then shrink the pool, then restore: memory never peaks
         # above the larger of the old and new totals.
         both = [a and b for a, b in zip(current.to_mask(), plan.to_mask(), strict=True)]
