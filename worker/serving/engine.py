@@ -307,7 +307,7 @@ class _Request:
     # the prompt and every token generated so far (recomputed, not resent).
     feed: list[int] = field(default_factory=list)
     fed: int = 0  # tokens of `feed` in the cache; the request decodes once all are
-    admitted: int = 0  # admission order: the youngest is preempted first
+    admitted: int = 0  # first admission's order: the youngest is preempted first
 
     @property
     def decoding(self) -> bool:
@@ -850,8 +850,9 @@ class Engine:
         if admitted and self._cache is None:
             self._cache = self.model.new_cache(self.admission.max_rows, 0)
         for request in admitted:
-            self._admissions += 1
-            request.admitted = self._admissions
+            if not request.admitted:  # a preempted request keeps its age: no starving
+                self._admissions += 1
+                request.admitted = self._admissions
             request.row = len(self._active)
             self._active.append(request)
         if admitted:
