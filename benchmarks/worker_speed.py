@@ -1,6 +1,7 @@
-"""Serving speed of the worker, measured against Hugging Face transformers.
+"""Serving speed of the worker, measured against Hugging Face transformers
+(and llama.cpp where its environment is given).
 
-Two measurements, one run, same weights and threads:
+In one run, same weights and threads:
 
 1. Throughput and time per output token at 1, 8 and 32 concurrent streams.
    The same requests (chat prompts, greedy, output lengths drawn from 16 to
@@ -11,13 +12,20 @@ Two measurements, one run, same weights and threads:
    longest request is done). Throughput counts only the tokens each request
    asked for. Time per output token is the gap between a stream's
    consecutive tokens (ours: gRPC messages; theirs: generate's per-step
-   streamer callbacks). Goal: at 8 and 32 streams ours >= 1.5x theirs.
-2. Decode-step time while plans switch every 200 ms (alternating dense and a
+   streamer callbacks). Goals: at 8 and 32 streams ours >= 2x theirs; at
+   32 streams our TPOT p99 <= 1.5x our p50.
+2. Batch-1 decode against the memory-bandwidth roofline (goal >= 70%).
+3. Decode-step time while plans switch every 200 ms (alternating dense and a
    plan dropping 4 attention and 4 FFN blocks) against no switching, 16
    streams: p50 and p99 of the engine's iteration times.
+4. Concurrency under one budget against the rectangular cache, and a
+   squeeze to half the KV budget under 32 streams (benchmarks/serving_memory.py).
+5. llama.cpp, with --llama-python (benchmarks/llama_cpp_speed.py).
 
 Usage: python benchmarks/worker_speed.py [--repeats N] [--streams 1,8,32]
-                                         [--switch-seconds S] [--out benchmarks/results]
+           [--switch-seconds S] [--concurrency-seconds S] [--squeeze-seconds S]
+           [--step-tokens N] [--skip-concurrency] [--llama-python PY]
+           [--out benchmarks/results]
 Writes worker_speed.json and worker_speed.md. Ours and theirs alternate
 within each repeat and medians are reported, because these machines are
 noisy.

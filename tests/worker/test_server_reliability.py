@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_helpers import SlowSteps, certificate_pairs, make_engine
 from waiting import wait_for
 
+from elasticfleet.worker.model.kvcache import BLOCK_TOKENS
 from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
@@ -61,9 +62,10 @@ def target(server: BackgroundServer) -> str:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_giving_up_on_a_waiting_plan_leaves_the_worker_serving(served_model_dir: Path) -> None:
+def test_a_squeeze_over_grpc_preempts_and_every_stream_completes(served_model_dir: Path) -> None:
     model = ElasticLlama.from_pretrained(served_model_dir, packed=False)
-    budget = predict_memory(model.config, model.plan, 2, 16).total_bytes  # 2 dense rows
+    # Scratch and two blocks of 16 positions under the dense plan.
+    budget = predict_memory(model.config, model.plan, 3, BLOCK_TOKENS).total_bytes
     engine = make_engine(served_model_dir, budget, max_queue=8, prefill_group=4)
     layers = model.config.num_hidden_layers
     small = PruningPlan.from_dropped(layers, attention=[0, 1, 2]).to_mask()
@@ -80,26 +82,21 @@ def test_giving_up_on_a_waiting_plan_leaves_the_worker_serving(served_model_dir:
             streams: list[Any] = [client.generate(request, timeout=60) for _ in range(4)]
             for stream in streams:
                 next(stream)
-            # Dense must wait for them. (The picture is taken at the end of the
-            # iteration that streamed their first tokens: on a loaded machine a
-            # client can read its token before that.)
-            wait_for("four running", lambda: engine.stats().picture.active_sequences == 4, 5)
-            # A caller whose deadline passes while the plan waits...
-            late = failure(lambda: client.apply_plan("dense-1", dense, timeout=0.3))
-            assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            # ... one that cancels, and one superseded after it left.
-            for plan_id in ("dense-2", "dense-3"):
-                call = client.stub.ApplyPlan.future(
-                    plan_request(plan_id, dense), metadata=client.metadata
-                )
-                time.sleep(0.2)
-                call.cancel()
-            assert all(len(list(s)) == 11 for s in streams)
+            wait_for("4 running", lambda: engine.stats().picture.active_sequences == 4, 10, 0.02)
+            # A caller that cancels before its plan's step withdraws it.
+            call = client.stub.ApplyPlan.future(
+                plan_request("dense-left", dense), metadata=client.metadata
+            )
+            call.cancel()
+            # Dense blocks are four times larger: only two of the four fit.
+            squeeze = client.apply_plan("dense", dense, timeout=30)
+            assert squeeze.plan_id == "dense" and squeeze.preempted == 2
+            assert squeeze.memory.kv_blocks_reserved <= 3
+            assert all(len(list(s)) == 11 for s in streams)  # the preempted ones resumed
             assert health_of(target) == SERVING
             after = client.complete(generate_request("after", max_new_tokens=3), timeout=30)
             assert after.finish_reason in ("length", "eos")
-            assert client.apply_plan("dense", dense, timeout=30).plan_id == "dense"
-            assert engine.failure is None
+            assert engine.counters.requests_failed == 0 and engine.failure is None
     finally:
         slow.undo()
         running.stop()

@@ -48,9 +48,10 @@ What a plan switch does to a running request (the documented semantics):
   running sequence already holds: it attends only to tokens from the switch
   on (KVCache.history_start), while the other kept blocks keep their full
   history;
-- requests admitted after the switch, and preempted requests when they are
-  recomputed, run under the new plan from their first token, exactly as if
-  it had always been in force.
+- requests admitted after the switch, requests whose prompt was not yet
+  fully fed (their prefill starts over), and preempted requests when they
+  are recomputed, run under the new plan from their first token, exactly as
+  if it had always been in force.
 
 Events carry the step counter and plan id, so a client can tell which plan
 produced each token (tokens with decode_step >= a switch's effective_step
@@ -306,7 +307,7 @@ class _Request:
     # the prompt and every token generated so far (recomputed, not resent).
     feed: list[int] = field(default_factory=list)
     fed: int = 0  # tokens of `feed` in the cache; the request decodes once all are
-    admitted: int = 0  # admission order: the youngest is preempted first
+    admitted: int = 0  # first admission's order: the youngest is preempted first
 
     @property
     def decoding(self) -> bool:
@@ -655,6 +656,14 @@ class Engine:
         current = self.model.plan
         cap = check.max_blocks(plan, self._adapter_bytes())
         preempted = self._preempt_to_fit(cap)
+        if plan != current:
+            # A prompt part-fed under the old plan starts over under the new
+            # one, exactly like a request admitted after the switch.
+            for request in self._active:
+                if request.fed and not request.decoding:
+                    assert self._cache is not None
+                    self._cache.clear_row(request.row)
+                    request.fed = 0
         # Drop and demote first, then shrink the pool, then restore and
         # promote: memory never peaks above the larger of the old and new totals.
         lower = current.meet(plan)
@@ -846,8 +855,9 @@ class Engine:
         if admitted and self._cache is None:
             self._cache = self.model.new_cache(self.admission.max_rows, 0)
         for request in admitted:
-            self._admissions += 1
-            request.admitted = self._admissions
+            if not request.admitted:  # a preempted request keeps its age: no starving
+                self._admissions += 1
+                request.admitted = self._admissions
             request.row = len(self._active)
             self._active.append(request)
         if admitted:
