@@ -203,7 +203,9 @@ def test_bf16_serving_counts_every_byte_in_bf16(tiny_model_dir: Path) -> None:
         logits = model(torch.ones(2, 5, dtype=torch.long), cache)
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
     report = account(model, cache)
-    predicted = predict_memory(model.config, plan, batch=2, seq_len=12, dtype="bfloat16")
+    # The paged pool: scratch + 2 rows x 1 block (12 positions in blocks of 16).
+    blocks, block_tokens = cache.num_blocks, cache.block_tokens
+    predicted = predict_memory(model.config, plan, blocks, block_tokens, dtype="bfloat16")
     assert (report.weight_bytes, report.kv_reserved_bytes) == (
         predicted.weight_bytes,
         predicted.kv_bytes,
