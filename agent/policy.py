@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from elasticfleet.agent.profile import ModelProfile
-from elasticfleet.agent.quality import ProfileQuality, level_cost
+from elasticfleet.agent.quality import ProfileQuality, block_importance, level_cost
 from elasticfleet.worker.model.memory import block_bytes_at, kv_bytes_per_token, predict_memory
 from elasticfleet.worker.model.plan import (
     DROPPED,
@@ -99,7 +99,9 @@ class Ladder:
     it measured kv_int8 costs. Costs are the quality estimate's own
     (`ProfileQuality`): a rung below full costs its measured level cost less
     the rung above's; a drop costs what the estimate of the kept-or-dropped
-    plan rises by (its GSI prefix) less what the block's rung already cost."""
+    plan rises by (its GSI prefix) less what the block's rung already cost.
+    With a pruning-only profile a drop costs the block's GSI importance, so
+    greedy prunes as it did before levels existed."""
 
     def __init__(self, profile: ModelProfile) -> None:
         self.profile = profile
@@ -109,6 +111,7 @@ class Ladder:
         )
         self.kv = "kv_int8" in measured
         self.quality = ProfileQuality(profile)
+        self.importance = block_importance(profile)
         self._deepest: dict[PruningPlan, int] = {}  # per plan asked about
 
     def steps(self, plan: PruningPlan) -> list[Step]:
@@ -125,6 +128,8 @@ class Ladder:
         level = plan.weight_level(index)
         after = self.levels[self.levels.index(level) + 1]
         paid = level_cost(self.profile, level, index)
+        if self.levels == (FULL, DROPPED):  # pruning only: GSI importance, as always
+            return max(self.importance[index], 1e-6)
         if after == DROPPED:
             quality = self.quality
             deepest = self._deepest.get(plan)

@@ -316,6 +316,15 @@ def fake_worker_service(worker: FakeWorker) -> grpc.GenericRpcHandler:
             response_serializer=response_type.SerializeToString,
         )
 
+    async def apply_plan(request: pb.ApplyPlanRequest) -> pb.ApplyPlanResponse:
+        return await worker.apply_plan(
+            request.plan_id,
+            list(request.keep_mask),
+            budget(request),
+            levels=list(request.levels),
+            kv_levels=list(request.kv_levels),
+        )
+
     def budget(request: pb.ApplyPlanRequest) -> int | None:
         return request.budget_bytes if request.HasField("budget_bytes") else None
 
@@ -326,10 +335,10 @@ def fake_worker_service(worker: FakeWorker) -> grpc.GenericRpcHandler:
                 worker.get_stats, pb.GetStatsRequest, pb.GetStatsResponse, lambda r: ()
             ),
             "ApplyPlan": unary(
-                worker.apply_plan,
+                apply_plan,
                 pb.ApplyPlanRequest,
                 pb.ApplyPlanResponse,
-                lambda r: (r.plan_id, list(r.keep_mask), budget(r)),
+                lambda r: (r,),
             ),
             "ListAdapters": unary(
                 worker.list_adapters, pb.ListAdaptersRequest, pb.ListAdaptersResponse, lambda r: ()

@@ -36,6 +36,7 @@ from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
 LAYERS = PROFILE.config.num_hidden_layers
+DENSE = PruningPlan.dense(LAYERS)
 
 
 def _spec(policy: str = "greedy", **memory: Any) -> FleetSpec:
@@ -103,7 +104,7 @@ def test_squeeze_then_relax() -> None:
     assert outcome.changed and not report.outcomes[1].changed
     budget = int(0.5 * 1.6 * GIB)
     squeezed = worker.plan
-    assert squeezed.kept_blocks < 2 * LAYERS
+    assert squeezed != DENSE
     assert worker.applied[-1] == (plan_id(squeezed), squeezed.to_mask(), budget)
     assert predict_memory(PROFILE.config, squeezed, 8, 2048).total_bytes <= budget
     # KV dominates at this load, so attention blocks go.
@@ -118,6 +119,7 @@ def test_squeeze_then_relax() -> None:
     w0 = _workers(report.status)[0]
     assert w0.plan is not None and w0.plan.kept_attention == sum(squeezed.keep_attention)
     assert list(w0.plan.dropped_attention) == squeezed.dropped_attention
+    assert w0.plan.int4_blocks == squeezed.level_counts()["int4"]
     assert w0.budget_bytes == budget and w0.reachable is True
     # The memory the worker holds under the new plan, from ApplyPlan's answer.
     assert (w0.weight_bytes, w0.kv_bytes) == worker.own_bytes()
@@ -179,7 +181,7 @@ def test_heavier_load_drops_more_attention_blocks() -> None:
         Harness(fleet).tick()
         plans.append(fleet.workers["w0"].plan)
     light, heavy = plans
-    assert light.kept_blocks < 2 * LAYERS and heavy.kept_blocks < 2 * LAYERS
+    assert DENSE not in (light, heavy)
     assert len(heavy.dropped_attention) > len(light.dropped_attention)
 
 
@@ -189,7 +191,7 @@ def test_unreachable_worker_degrades_without_stalling_the_others() -> None:
     fleet.workers["w1"].down = True
     report = harness.tick()
     reachable = [fleet.workers["w0"], fleet.workers["w2"]]
-    assert all(w.plan.kept_blocks < 2 * LAYERS for w in reachable)
+    assert all(w.plan != DENSE for w in reachable)
     degraded = _condition(report.status, "Degraded")
     assert (degraded.status, degraded.reason) == ("True", "WorkerUnreachable")
     assert degraded.message.startswith("w1: WorkerUnreachable: UNAVAILABLE")
@@ -278,7 +280,8 @@ def test_no_feasible_plan() -> None:
 
 
 def test_quality_floor_keeps_the_plan_and_says_what_to_fix() -> None:
-    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.4 * GIB))
+    # Deep enough a squeeze that int4 alone does not do: blocks must go.
+    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.7 * GIB))
     harness = Harness(fleet, _spec(qualityFloor={"maxPerplexityRatio": 1.05}))
     report = harness.tick()
     assert fleet.workers["w0"].applied == []
@@ -449,7 +452,7 @@ def test_an_adapter_missing_from_the_store_degrades_but_the_plan_applies() -> No
     harness.adapters = (AdapterWant("nowhere"),)
     report = harness.tick()
     (outcome,) = report.outcomes
-    assert outcome.changed and fleet.workers["w0"].plan.kept_blocks < 2 * LAYERS
+    assert outcome.changed and fleet.workers["w0"].plan != DENSE
     degraded = _condition(report.status, "Degraded")
     assert degraded.reason == "AdapterFailed"
     assert "NOT_FOUND: no adapter 'nowhere' in the store" in degraded.message

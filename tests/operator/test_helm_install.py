@@ -270,11 +270,13 @@ def run_installed_chart(
             own = client.get_stats(timeout=10).memory
         squeeze(kubelet.device(pod), DEVICE_BYTES - own.weight_bytes - own.adapter_bytes)
 
-        def kept_blocks() -> int:
+        def below_dense() -> bool:
+            """Blocks dropped, or some below full (levels are sent only then)."""
             with WorkerClient(address) as client:
-                return sum(client.get_stats(timeout=10).keep_mask)
+                stats = client.get_stats(timeout=10)
+            return sum(stats.keep_mask) < BLOCKS or len(stats.levels) > 0
 
-        wait_for("a smaller plan", lambda: kept_blocks() < BLOCKS, 60)
+        wait_for("a smaller plan", below_dense, 60)
         wait_for("a PlanChanged Event", lambda: any(
             e.get("reason") == "PlanChanged" for e in cluster.objects("v1/events", NAMESPACE)
         ))  # fmt: skip

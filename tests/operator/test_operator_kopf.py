@@ -123,7 +123,8 @@ def test_operator_plans_a_fleet(cluster: EmulatedCluster, monkeypatch: pytest.Mo
             run_pod(cluster, deployment)
 
             # Squeezed: a smaller plan is pushed, reported in status, and an Event says so.
-            wait_for("a pushed plan", lambda: worker.plan.kept_blocks < PROFILE.num_blocks)
+            dense = PruningPlan.dense(PROFILE.config.num_hidden_layers)
+            wait_for("a pushed plan", lambda: worker.plan != dense)
             status = wait_for(
                 "plan status",
                 lambda: (

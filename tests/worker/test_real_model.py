@@ -20,9 +20,10 @@ from elasticfleet.worker.model.generation import (
     chat_prompt,
     load_tokenizer,
 )
-from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.kernels import PACKED
+from elasticfleet.worker.model.llama import ElasticLlama, Linear
 from elasticfleet.worker.model.memory import predict_memory
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import FULL, PruningPlan
 
 pytestmark = pytest.mark.real_model
 
@@ -97,11 +98,18 @@ def test_batched_generation_matches_single(generator: TextGenerator) -> None:
         assert generator.generate([prompt], params)[0].token_ids == result.token_ids
 
 
-def test_default_layout_is_packed_on_cpu(real_model: ElasticLlama) -> None:
-    assert real_model.packed
-    mlp = real_model.layer(0).mlp
-    assert mlp is not None
-    assert mlp.gate_proj.weight.is_mkldnn
+def test_default_layout_is_measured_per_projection_shape(real_model: ElasticLlama) -> None:
+    """Each full projection is packed exactly where the load-time
+    measurement found the packed layout faster on this machine."""
+    kernels = real_model.kernels
+    assert kernels.measured, "the default load measures"
+    for layer in range(real_model.config.num_hidden_layers):
+        for module in (real_model.layer(layer).self_attn, real_model.layer(layer).mlp):
+            assert module is not None
+            for linear in module.children():
+                assert isinstance(linear, Linear)
+                chosen = kernels.kernel(FULL, linear.out_features, linear.in_features)
+                assert linear.weight.is_mkldnn == (chosen == PACKED)
 
 
 def test_drop_and_restore_real_blocks(real_model: ElasticLlama) -> None:
