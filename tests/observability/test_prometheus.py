@@ -277,15 +277,16 @@ def test_every_panel_and_alert_returns_data(
             wait_for("the adapter loaded", lambda: client.list_adapters().adapters, 30)
             assert client.load_adapter("multi").cache_hit
         burst(address, 16, 0.1, adapter="multi")
-        # The fleet drops its adapters (the operator unloads them; plans do
-        # not count adapters), then memory runs short: elastic's plan shrinks
-        # below the dense weights; strict's floor refuses what would fit.
+        # The fleet drops its adapters (the operator unloads them), then
+        # memory runs short: elastic's plan shrinks below the dense weights;
+        # strict's squeeze is deep enough that int4 alone does not do, and
+        # its floor refuses what would fit.
         elastic.adapters.clear()
         with WorkerClient(address) as client:
             wait_for("the adapter unloaded", lambda: not client.list_adapters().adapters, 30)
         weights = engine.stats().picture.weight_bytes
         squeeze(device, DEVICE_BYTES - weights)
-        fake.workers["w0"].others_bytes = int(3.4 * GIB)
+        fake.workers["w0"].others_bytes = int(3.7 * GIB)
         wait_for(
             "a smaller plan",
             lambda: loop.sample(PLAN_CHANGES, fleet="elastic", reason="over_budget") >= 1,

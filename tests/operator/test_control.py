@@ -606,13 +606,15 @@ def test_the_loop_counts_what_it_does_in_its_metrics() -> None:
 
 def test_a_budget_the_floor_refuses_to_follow_is_still_in_the_metrics() -> None:
     registry = CollectorRegistry()
-    fleet = FakeFleet(PROFILE, 1, others_bytes=int(3.4 * GIB))
+    # Deep enough a squeeze that int4 alone does not do: blocks must go.
+    others = int(3.7 * GIB)
+    fleet = FakeFleet(PROFILE, 1, others_bytes=others)
     spec = _spec(qualityFloor={"maxPerplexityRatio": 1.05})
     harness = Harness(fleet, spec, metrics=OperatorMetrics(registry))
     harness.tick()
     labels = {"namespace": "ns", "fleet": "fleet", "pod": "w0"}
     budget = registry.get_sample_value("elasticfleet_operator_worker_budget_bytes", labels)
-    assert budget == int(0.5 * 0.6 * GIB) < fleet.workers["w0"].budget_bytes
+    assert budget == int(0.5 * (4 * GIB - others)) < fleet.workers["w0"].budget_bytes
     ratio = "elasticfleet_operator_worker_predicted_perplexity_ratio"
     assert registry.get_sample_value(ratio, labels) is None  # no plan was accepted
     failures = {"namespace": "ns", "fleet": "fleet", "reason": "QualityFloor"}
