@@ -411,12 +411,12 @@ def fleet_spec_schema() -> Schema:
             ),
             "clientSecretName": string(
                 "Mutual TLS: a kubernetes.io/tls Secret (e.g. a cert-manager Certificate "
-                "with the client auth usage) whose tls.crt and tls.key the operator presents "
-                "to the workers, and whose ca.crt the workers require every client's "
-                "certificate to chain to (only ca.crt is mounted into the workers). Clients "
-                "other than the operator need a certificate from that CA too.",
-                minLength=1,
-                maxLength=253,
+                "with the client auth usage) whose tls.crt and tls.key the operator and the "
+                "fleet's gateway present to the workers, and whose ca.crt the workers require "
+                "every client's certificate to chain to (only ca.crt is mounted into the "
+                "workers). Other clients need a certificate from that CA too.",
+                pattern=DNS_SUBDOMAIN,
+                maxLength=MAX_DNS_SUBDOMAIN,
             ),
         },
         required=("secretName",),
