@@ -201,7 +201,7 @@ def squeeze(engine: Engine, target: str, client: Any, seconds: float) -> dict[st
     case (longest chat prompt + 96 tokens); the squeeze halves its KV part
     a third of the way into the run, and the budget is restored at two thirds."""
     from elasticfleet.worker.model.generation import chat_prompt
-    from elasticfleet.worker.model.kvcache import BLOCK_TOKENS, blocks_for
+    from elasticfleet.worker.model.memory import BLOCK_TOKENS, blocks_for
 
     plan = engine.model.plan
     longest = max(

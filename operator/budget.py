@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from elasticfleet.agent.profile import ModelProfile
 from elasticfleet.agent.quality import ProfileQuality
 from elasticfleet.operator.spec import MemoryPolicy
+from elasticfleet.worker.model.memory import pooled_positions
 from elasticfleet.worker.model.plan import PruningPlan
 
 
@@ -82,7 +83,9 @@ def derive_budget(policy: MemoryPolicy, device: DeviceFigures) -> int:
 
 @dataclass(frozen=True)
 class Load:
-    """The (batch, sequence) a plan is chosen for."""
+    """The (batch, sequence) a plan is chosen for: `seq_len` counts the
+    positions the worker's paged KV pool holds per sequence, so a plan that
+    fits this load fits the worker's admission to the byte."""
 
     batch_size: int
     seq_len: int
@@ -93,10 +96,12 @@ def planned_load(
 ) -> Load:
     """The load to plan for from a worker's request mix. Before any request
     has finished, the sequences running now stand in for the batch; the
-    sequence length is capped by the model's context."""
+    sequence length is capped by the model's context. The worker stores KV
+    in whole blocks and keeps a scratch block: planned for the tokens alone,
+    a plan that fills its budget would leave a request no room to run."""
     batch = max(math.ceil(batch_size_p90), active_sequences, 1)
     seq = min(max(math.ceil(sequence_tokens_p90), 1), max_seq_len)
-    return Load(batch, seq)
+    return Load(batch, -(-pooled_positions(batch, seq) // batch))
 
 
 class QualityFloor:

@@ -14,7 +14,9 @@ from elasticfleet.operator.budget import (
     planned_load,
 )
 from elasticfleet.operator.spec import Budget, MemoryPolicy
+from elasticfleet.worker.model.memory import blocks_for, predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.serving.admission import Admission
 
 GIB = 2**30
 
@@ -58,13 +60,31 @@ def test_no_usable_memory_is_an_error() -> None:
 
 
 def test_planned_load() -> None:
+    # 8 sequences of 1501 tokens: 94 blocks of 16 each, plus the scratch
+    # block, are 12,048 positions in the worker's pool, 1506 a sequence.
     load = planned_load(7.2, 1500.1, 0, 8192)
-    assert (load.batch_size, load.seq_len) == (8, 1501)
-    # Before any request finished: the running sequences stand in, at least 1 x 1.
+    assert (load.batch_size, load.seq_len) == (8, 1506)
+    # Before any request finished: the running sequences stand in, at least
+    # 1 x 1; 3 one-token sequences take 3 blocks and the scratch one.
     idle = planned_load(0.0, 0.0, 3, 8192)
-    assert (idle.batch_size, idle.seq_len) == (3, 1)
+    assert (idle.batch_size, idle.seq_len) == (3, 22)
     assert planned_load(0.0, 0.0, 0, 8192).batch_size == 1
-    assert planned_load(1.0, 20000.0, 0, 8192).seq_len == 8192
+    # Tokens are capped by the context; the scratch block comes on top.
+    assert planned_load(1.0, 20000.0, 0, 8192).seq_len == 8192 + 16
+
+
+def test_a_plan_for_the_planned_load_fits_the_workers_admission() -> None:
+    """The demo's squeeze: the budget fits the plan's weights and 60 tokens
+    of KV, but not the 5 blocks the worker's pool needs to run them."""
+    config = ModelProfile.load(DEFAULT_PROFILE).config
+    plan = PruningPlan.dense(config.num_hidden_layers)
+    weights = predict_memory(config, plan, 0, 0).weight_bytes
+    admission = Admission(config, "float32", budget_bytes=0, max_rows=8)
+    load = planned_load(1.0, 60.0, 0, 8192)
+    admission.budget_bytes = predict_memory(config, plan, load.batch_size, load.seq_len).total_bytes
+    assert admission.max_blocks(plan, 0) == 1 + blocks_for(60)
+    admission.budget_bytes = weights + predict_memory(config, plan, 1, 60).kv_bytes
+    assert admission.max_blocks(plan, 0) < 1 + blocks_for(60)
 
 
 def test_quality_floor() -> None:

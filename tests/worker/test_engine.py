@@ -23,9 +23,8 @@ from elasticfleet.worker.errors import (
 )
 from elasticfleet.worker.model.accounting import account
 from elasticfleet.worker.model.generation import TOKENIZER_FILE, SamplingParams, TextGenerator
-from elasticfleet.worker.model.kvcache import BLOCK_TOKENS, blocks_for
 from elasticfleet.worker.model.llama import ElasticLlama
-from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.memory import BLOCK_TOKENS, blocks_for, predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.engine import Engine, TokenEvent
 

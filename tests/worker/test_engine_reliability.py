@@ -20,9 +20,8 @@ from elasticfleet.worker.model.generation import (
     SamplingParams,
     sample_rows,
 )
-from elasticfleet.worker.model.kvcache import BLOCK_TOKENS
 from elasticfleet.worker.model.llama import ElasticLlama
-from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.memory import BLOCK_TOKENS, predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.engine import (
     MAX_PLAN_ID,

@@ -21,9 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_helpers import SlowSteps, certificate_pairs, make_engine
 from waiting import wait_for
 
-from elasticfleet.worker.model.kvcache import BLOCK_TOKENS
 from elasticfleet.worker.model.llama import ElasticLlama
-from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.memory import BLOCK_TOKENS, predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.client import WorkerClient, generate_request, plan_request
 from elasticfleet.worker.serving.engine import MAX_PROMPT_BYTES, Engine

@@ -48,17 +48,9 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from elasticfleet.worker.model.config import ModelConfig
-from elasticfleet.worker.model.memory import kv_bytes_per_token
+from elasticfleet.worker.model.memory import BLOCK_TOKENS, blocks_for, kv_bytes_per_token
 
-# Tokens per block. Smaller blocks waste less of a sequence's last block;
-# larger ones mean fewer table entries to gather. vLLM's default is 16 too.
-BLOCK_TOKENS = 16
 SCRATCH_BLOCK = 0
-
-
-def blocks_for(tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
-    """Blocks that hold `tokens` positions."""
-    return -(-tokens // block_tokens)
 
 
 class KVCache:

@@ -147,6 +147,25 @@ def kv_bytes_per_token(config: ModelConfig, dtype: object, level: str = FULL) ->
     return 2 * heads * config.head_dim * dtype_bytes(dtype)
 
 
+# Tokens per block of the paged KV cache (worker/model/kvcache.py). Smaller
+# blocks waste less of a sequence's last block; larger ones mean fewer table
+# entries to gather. vLLM's default is 16 too. Here, not in kvcache.py, so
+# the operator (no torch) plans in the same blocks the workers allocate.
+BLOCK_TOKENS = 16
+
+
+def blocks_for(tokens: int, block_tokens: int = BLOCK_TOKENS) -> int:
+    """Blocks that hold `tokens` positions."""
+    return -(-tokens // block_tokens)
+
+
+def pooled_positions(batch: int, seq_len: int, block_tokens: int = BLOCK_TOKENS) -> int:
+    """Positions a worker's paged pool holds to run `batch` sequences of
+    `seq_len` tokens: each sequence's whole blocks, plus the one scratch
+    block every pool keeps (worker/serving/admission.py)."""
+    return (batch * blocks_for(seq_len, block_tokens) + 1) * block_tokens
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Predicted bytes, split the way the accountant reports them."""

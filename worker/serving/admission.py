@@ -34,8 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from elasticfleet.worker.model.config import ModelConfig
-from elasticfleet.worker.model.kvcache import BLOCK_TOKENS, blocks_for
-from elasticfleet.worker.model.memory import predict_memory
+from elasticfleet.worker.model.memory import BLOCK_TOKENS, blocks_for, predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
 
 # The pool grows and shrinks in steps of at least this many blocks, or a

@@ -97,8 +97,9 @@ from elasticfleet.worker.model.generation import (
     cut_at_stop,
     sample_rows,
 )
-from elasticfleet.worker.model.kvcache import KVCache, blocks_for
+from elasticfleet.worker.model.kvcache import KVCache
 from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import blocks_for
 from elasticfleet.worker.model.plan import PruningPlan
 from elasticfleet.worker.serving.admission import GROWTH_TOKENS, Admission
 from elasticfleet.worker.serving.latency import LatencyHistograms
