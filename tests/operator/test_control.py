@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from elasticfleet.agent.policy import GreedyPolicy, PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
+from elasticfleet.operator.budget import planned_load
 from elasticfleet.operator.control import (
     AdapterWant,
     FleetController,
@@ -154,7 +155,8 @@ def test_plans_leave_room_for_the_adapters_a_worker_holds() -> None:
     report = harness.tick()
     budget = int(0.5 * 1.6 * GIB)
     plan = worker.plan
-    predicted = predict_memory(PROFILE.config, plan, 8, 2048).total_bytes
+    load = planned_load(8, 2048, 0, PROFILE.config.max_position_embeddings)
+    predicted = predict_memory(PROFILE.config, plan, load.batch_size, load.seq_len).total_bytes
     assert predicted + held <= budget < predicted + held + 100 * 2**20
     (record,) = report.status.last_plans or ()
     assert record.budget_bytes == budget and record.predicted_bytes == predicted + held
