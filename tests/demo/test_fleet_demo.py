@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,18 @@ def _ready(path: Path) -> WorkerReady | None:
         return None
 
 
+@contextlib.contextmanager
+def _sigint_default() -> Iterator[None]:
+    """SIGINT handled while a child starts, so the child gets it at its
+    default: a suite run as a background job of a shell without job control
+    ignores SIGINT, a child inherits that, and Ctrl-C could not reach it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_stops_the_demo_and_every_worker(
     tiny_worker_model: Path, tiny_profiles: Path, tmp_path: Path
 ) -> None:
@@ -340,7 +353,7 @@ def test_ctrl_c_stops_the_demo_and_every_worker(
         "--model", str(tiny_worker_model), "--out", str(out), "--policy", "greedy",
     ]  # fmt: skip
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
-    with stdout.open("w") as printed, stderr.open("w") as errors:
+    with stdout.open("w") as printed, stderr.open("w") as errors, _sigint_default():
         demo = subprocess.Popen(command, stdout=printed, stderr=errors)
     worker_1 = 0
     try:
