@@ -372,12 +372,15 @@ def switching(
 
 
 def markdown(results: dict[str, Any]) -> str:
+    command = f"python benchmarks/worker_speed.py --repeats {results['repeats']}"
+    if "skipped" not in results["llama_cpp"]:
+        command += " --llama-python PY"
     lines = [
         "# Worker speed",
         "",
-        f"torch threads: {results['threads']}; command: `python benchmarks/worker_speed.py`; "
+        f"torch threads: {results['threads']}; command: `{command}`; "
         f"1-minute load average {results['load_average_before']:.1f} before, "
-        f"{results['load_average_after']:.1f} after (2 cores)",
+        f"{results['load_average_after']:.1f} after ({os.cpu_count()} cores)",
         "",
         "## Concurrent streams: worker over gRPC vs transformers static batches",
         "",
