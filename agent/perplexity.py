@@ -12,6 +12,12 @@ Evaluations are expensive (a forward pass over every window) and GSI asks
 for the same plan more than once across steps and resumptions, so results
 are cached by the plan's keep-mask.
 
+A plan with int8 KV caches is evaluated through a KV cache
+(worker/model/kvcache.py) sized for the windows: every position then
+attends to keys and values read back from that layer's int8 storage, as a
+decode step would. Without int8 KV no cache is used (the same numbers,
+cheaper).
+
 The evaluator changes the model it is given: `evaluate` applies each plan
 it has to measure (`ElasticLlama.apply_plan`) and restores nothing, so after
 a call the model is in the plan of the last evaluation that ran a forward
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from elasticfleet.worker.model.llama import ElasticLlama
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import INT8, PruningPlan
 
 # Called after each batch with (windows done, windows in total).
 ProgressCallback = Callable[[int, int], None]
@@ -192,7 +198,11 @@ class PerplexityEvaluator:
             with torch.inference_mode():
                 for start in range(0, windows, self.batch_size):
                     batch = self.tokens[start : start + self.batch_size]  # [b, T]
-                    logits = self.model(batch[:, :-1])  # [b, T-1, V]
+                    inputs = batch[:, :-1]
+                    cache = None
+                    if INT8 in self.model.plan.kv_levels():
+                        cache = self.model.new_cache(len(inputs), inputs.shape[1])
+                    logits = self.model(inputs, cache)  # [b, T-1, V]
                     nll = F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]).float(),
                         batch[:, 1:].reshape(-1),

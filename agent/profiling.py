@@ -409,9 +409,10 @@ def measure_level_costs(
     batch_size: int = 4,
     progress: bool = False,
 ) -> dict[str, tuple[float, ...]]:
-    """Each block's cost at int8 and at int4: the log-perplexity that
-    quantizing that block alone adds to the dense model's on `tokens`
-    (calibration text). 2 x 2L evaluations. Quantization errors are small
+    """Each block's cost at int8 and at int4, and each layer's KV cache at
+    int8 (`kv_int8`): the log-perplexity that quantizing that block or
+    cache alone adds to the dense model's on `tokens` (calibration text).
+    2 x 2L + L evaluations. Quantization errors are small
     and nearly independent across blocks, so the ladder's quality estimate
     adds them up (agent/quality.py); a block whose rounding happened to help
     records a negative cost, which the estimate counts as zero."""
@@ -419,15 +420,26 @@ def measure_level_costs(
     blocks = model.config.num_blocks
     dense = math.log(evaluator.evaluate(PruningPlan.dense(model.config.num_hidden_layers)))
     costs: dict[str, tuple[float, ...]] = {}
-    bar = tqdm(total=2 * blocks, desc="level costs", unit="eval", disable=not progress)
+    layers = model.config.num_hidden_layers
+    bar = tqdm(total=2 * blocks + layers, desc="level costs", unit="eval", disable=not progress)
+
+    def cost(plan: PruningPlan) -> float:
+        bar.update()
+        return math.log(evaluator.evaluate(plan)) - dense
+
     for level in (INT8, INT4):
-        measured = []
-        for block in range(blocks):
-            levels = [FULL] * blocks
-            levels[block] = level
-            measured.append(math.log(evaluator.evaluate(PruningPlan.from_levels(levels))) - dense)
-            bar.update()
-        costs[level] = tuple(measured)
+        costs[level] = tuple(
+            cost(PruningPlan.from_levels([level if b == block else FULL for b in range(blocks)]))
+            for block in range(blocks)
+        )
+    costs["kv_int8"] = tuple(
+        cost(
+            PruningPlan.from_levels(
+                [FULL] * blocks, [INT8 if i == layer else FULL for i in range(layers)]
+            )
+        )
+        for layer in range(layers)
+    )
     bar.close()
     model.apply_plan(PruningPlan.dense(model.config.num_hidden_layers))
     return costs

@@ -121,7 +121,10 @@ def _levels(args: argparse.Namespace) -> int:
     costs = measure_level_costs(ElasticLlama.from_pretrained(path), tokens, progress=progress)
     meta = profile.meta | {"levels_command": " ".join(["elasticfleet", *sys.argv[1:]])}
     dataclasses.replace(profile, level_costs=profile.level_costs | costs, meta=meta).save(out)
-    print(f"{out}: int8 and int4 costs of {profile.num_blocks} blocks")
+    print(
+        f"{out}: int8 and int4 costs of {profile.num_blocks} blocks, "
+        f"int8 KV costs of {profile.config.num_hidden_layers} layers"
+    )
     return 0
 
 

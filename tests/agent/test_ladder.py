@@ -7,8 +7,10 @@ import dataclasses
 import math
 
 import pytest
+import torch
 from test_policy import CONFIG, PROFILE, dense_bytes
 
+from elasticfleet.agent.perplexity import PerplexityEvaluator
 from elasticfleet.agent.policy import (
     GreedyPolicy,
     Ladder,
@@ -18,7 +20,9 @@ from elasticfleet.agent.policy import (
     StaticPolicy,
 )
 from elasticfleet.agent.profile import ModelProfile
+from elasticfleet.agent.profiling import measure_level_costs
 from elasticfleet.agent.quality import ProfileQuality
+from elasticfleet.worker.model.llama import ElasticLlama
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import DROPPED, FULL, INT4, INT8, PruningPlan
 
@@ -117,3 +121,33 @@ def test_level_costs_round_trip_and_are_validated() -> None:
     raw["level_costs"] = {"fp8": [0.1] * 8}
     with pytest.raises(ValueError, match="level 'fp8'"):
         ModelProfile.from_dict(raw)
+
+
+def test_greedy_puts_kv_caches_at_int8_when_the_cache_is_what_is_large() -> None:
+    """With int8 KV measured nearly free, a long-context load frees its
+    bytes from the KV caches rather than by quantizing weights."""
+    profile = dataclasses.replace(
+        LADDER_PROFILE, level_costs=LADDER_PROFILE.level_costs | {"kv_int8": (0.0005,) * 4}
+    )
+    assert Ladder(profile).kv
+    full = predict_memory(CONFIG, None, 8, 256).total_bytes
+    squeezed = PolicyState(int(full * 0.8), 8, 256, profile)
+    plan = GreedyPolicy().decide(squeezed)
+    assert squeezed.fits(plan) and INT8 in plan.kv_levels()
+    assert plan.levels() == [FULL] * 8  # no weight touched
+    # Without the KV costs measured, the same squeeze quantizes weights.
+    weights_only = GreedyPolicy().decide(PolicyState(int(full * 0.8), 8, 256, LADDER_PROFILE))
+    assert weights_only.levels() != [FULL] * 8 and INT8 not in weights_only.kv_levels()
+
+
+def test_level_costs_are_measured_for_every_block_and_kv_cache(
+    plain_model: ElasticLlama, tiny_windows: torch.Tensor
+) -> None:
+    costs = measure_level_costs(plain_model, tiny_windows)
+    assert plain_model.plan == PruningPlan.dense(4)  # left dense
+    assert {level: len(c) for level, c in costs.items()} == {INT8: 8, INT4: 8, "kv_int8": 4}
+    evaluator = PerplexityEvaluator(plain_model, tiny_windows, batch_size=4)
+    dense = math.log(evaluator.evaluate(PruningPlan.dense(4)))
+    kv_layer_1 = PruningPlan.from_levels([FULL] * 8, [FULL, INT8, FULL, FULL])
+    assert costs["kv_int8"][1] == pytest.approx(math.log(evaluator.evaluate(kv_layer_1)) - dense)
+    assert all(abs(c) < 0.05 for c in costs["kv_int8"]) and any(costs["kv_int8"])

@@ -66,6 +66,24 @@ def test_dropping_blocks_changes_perplexity(
     assert evaluator.evaluate(PRUNED) != evaluator.evaluate(PruningPlan.dense(4))
 
 
+def test_int8_kv_is_evaluated_through_the_int8_cache(
+    plain_model: ElasticLlama, tiny_windows: torch.Tensor
+) -> None:
+    """Every position attends to keys and values read back from int8: the
+    same as the model's forward through a cache holding them, a little off
+    the full-precision perplexity."""
+    int8_kv = PruningPlan.from_levels(["full"] * 8, ["int8", "full", "int8", "full"])
+    evaluator = PerplexityEvaluator(plain_model, tiny_windows, batch_size=8)
+    dense = evaluator.evaluate(PruningPlan.dense(4))
+    perplexity = evaluator.evaluate(int8_kv)
+    with torch.inference_mode():
+        inputs = tiny_windows[:, :-1]
+        logits = plain_model(inputs, plain_model.new_cache(len(inputs), inputs.shape[1]))
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tiny_windows[:, 1:].reshape(-1))
+    assert perplexity == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert perplexity != dense and perplexity == pytest.approx(dense, rel=0.01)
+
+
 def test_results_are_cached_by_plan(plain_model: ElasticLlama, tiny_windows: torch.Tensor) -> None:
     evaluator = PerplexityEvaluator(plain_model, tiny_windows, batch_size=4)
     calls = count_forwards(plain_model)

@@ -96,7 +96,7 @@ def reference_tokens(served_model_dir: Path) -> Reference:
                 if len(tokens) in switches:
                     plan = switches[len(tokens)]
                     model.apply_plan(plan)
-                    cache.sync_layers(plan.keep_attention)
+                    cache.sync_layers(plan.keep_attention, plan.kv_levels())
                 token = int(model(inputs, cache, last_only=True)[0, -1].argmax())
                 tokens.append(token)
                 inputs = torch.tensor([[token]])

@@ -268,9 +268,17 @@ def test_admission_charges_blocks_with_a_growth_window(served_model_dir: Path) -
 
 
 LEVEL_PLANS = (
-    # Quantizes three blocks and drops two; then promotes, demotes and restores.
-    PruningPlan.from_levels(["full", "int8", "int4", "int8", "full", "dropped", "int8", "dropped"]),
-    PruningPlan.from_levels(["int4", "full", "int4", "dropped", "int8", "int8", "full", "full"]),
+    # Quantizes three blocks and drops two, two KV caches to int8; then
+    # promotes, demotes and restores blocks, and one KV cache goes back to
+    # full (its tokens dequantized) while another goes to int8 (quantized).
+    PruningPlan.from_levels(
+        ["full", "int8", "int4", "int8", "full", "dropped", "int8", "dropped"],
+        ["int8", "full", "int8", "full"],
+    ),
+    PruningPlan.from_levels(
+        ["int4", "full", "int4", "dropped", "int8", "int8", "full", "full"],
+        ["full", "int8", "int8", "full"],
+    ),
 )
 
 
@@ -301,6 +309,11 @@ def test_plan_switches_follow_the_documented_semantics(
     engine.step()
     switch2 = engine.submit_plan(second, "p2")
     engine.step()
+    # The pools hold what the memory model counts under the new plan: its
+    # kept attention blocks, each KV cache at its level.
+    picture = engine.stats().picture
+    per_block = predict_memory(engine.model.config, second, 1, BLOCK_TOKENS).kv_bytes
+    assert picture.kv_reserved_bytes == picture.kv_blocks_reserved * per_block > 0
     engine.submit("late", GREEDY, sinks["late"])
     run_until_idle(engine)
     one, two = switch1.result(timeout=1), switch2.result(timeout=1)

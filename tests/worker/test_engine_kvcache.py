@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from elasticfleet.worker.model.config import tiny_config
-from elasticfleet.worker.model.kvcache import SCRATCH_BLOCK, KVCache
+from elasticfleet.worker.model.kvcache import SCRATCH_BLOCK, KVCache, quantize_int8
 from elasticfleet.worker.model.llama import ElasticLlama
+from elasticfleet.worker.model.memory import kv_bytes_per_token
 
 
 def tokens_of(cache: KVCache, layer: int, row: int) -> torch.Tensor:
@@ -137,3 +138,66 @@ def test_fragmented_blocks_give_the_full_forward_logits(tiny_model: ElasticLlama
             full = tiny_model(tokens[row : row + 1, : length + 4])[0]  # no cache at all
             got = torch.stack([step[row, -1] for step in steps])
             torch.testing.assert_close(got, full[length - 1 :], atol=1e-5, rtol=1e-5)
+
+
+def test_int8_codes_are_within_half_a_step_and_empty_slots_stay_zero() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 2, 16) * torch.tensor([0.01, 100.0])[:, None]  # heads far apart
+    x[0, 0] = 0.0  # a never-written slot
+    codes, scale = quantize_int8(x)
+    assert codes.dtype == torch.int8 and scale.shape == (3, 5, 2)
+    assert bool((scale[0, 0] == 0).all()) and bool((codes[0, 0] == 0).all())
+    # Each head has its own scale: the small head keeps its precision.
+    error = (codes.float() * scale[..., None] - x).abs()
+    assert bool((error <= scale[..., None] / 2 + 1e-7).all())
+    assert int(codes.abs().amax()) == 127
+
+
+def test_an_int8_layer_stores_codes_and_scales_and_reads_them_dequantized() -> None:
+    cache = KVCache(tiny_config(), 2, 0, [0, 1], block_tokens=4, int8_layers=[1])
+    cache.reserve(6)
+    for row in range(2):
+        cache.assign(row, 7)
+    assert cache.level(0) == "full" and cache.level(1) == "int8"
+    assert cache.keys[1].dtype == torch.int8 and cache.key_scales[1].shape == (24, 2)
+    torch.manual_seed(3)
+    key, value = torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)  # [B, Hkv, T, D]
+    positions = torch.arange(7).expand(2, 7)
+    full_keys, _ = cache.update(0, key, value, positions, kv_len=7)
+    assert torch.equal(full_keys, key)  # read before the next layer reuses the workspace
+    keys, values = cache.update(1, key, value, positions, kv_len=7)
+    for got, sent in ((keys, key), (values, value)):
+        codes, scale = quantize_int8(sent.transpose(1, 2))
+        expected = (codes.float() * scale[..., None]).transpose(1, 2)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # The bytes are what the memory model counts per token at each level.
+    config = tiny_config()
+    per_slot = kv_bytes_per_token(config, torch.float32) + kv_bytes_per_token(
+        config, torch.float32, "int8"
+    )
+    assert cache.reserved_bytes() == 24 * per_slot
+    cache.lengths[:] = 7
+    assert cache.used_bytes() == 14 * per_slot
+
+
+def test_a_layer_changing_kv_level_keeps_every_row_s_tokens() -> None:
+    cache = filled_cache()
+    full = {row: tokens_of(cache, 2, row).clone() for row in (0, 1, 2)}
+    held = cache.reserved_bytes()
+    cache.sync_layers([True, False, True, False], ["full", "full", "int8", "full"])
+    assert cache.level(2) == "int8" and cache.level(0) == "full"
+    index = cache.table[2, 0] * 4
+    scale = cache.key_scales[2][index]
+    error = (cache.keys[2][index].float() * scale[:, None] - full[2][0]).abs()
+    assert bool((error <= scale[:, None] / 2 + 1e-7).all())  # quantized where they lie
+    assert cache.reserved_bytes() < held
+    # Back at full: the dequantized tokens, every row still whole; the
+    # compaction and growth of the pool move the int8 layer's scales too.
+    cache.clear_row(0)
+    cache.reserve(7)
+    cache.reserve(9)
+    cache.sync_layers([True, False, True, False])
+    assert cache.level(2) == "full" and not cache.key_scales
+    for row in (1, 2):
+        torch.testing.assert_close(tokens_of(cache, 2, row), full[row], atol=0.05, rtol=0)
+    assert cache.history_start[2].tolist() == [0, 0, 3, 0]  # a level change keeps the history

@@ -124,6 +124,18 @@ def test_levels_apply_and_the_accountant_equals_the_prediction(
         assert error < (0.05 if INT4 not in levels else 0.4)  # random weights: int4 is coarse
 
 
+def test_an_int8_kv_cache_holds_what_the_memory_model_counts(tiny_model: ElasticLlama) -> None:
+    plan = PruningPlan.from_levels([INT8, FULL, DROPPED, INT4, FULL] + [FULL] * 3, [INT8] * 4)
+    tiny_model.apply_plan(plan)
+    cache = tiny_model.new_cache(2, 32)
+    assert cache.layers == [0, 2, 3] and {cache.level(i) for i in cache.layers} == {INT8}
+    measured = account(tiny_model, cache)
+    predicted = predict_memory(tiny_model.config, plan, cache.num_blocks, cache.block_tokens)
+    assert measured.kv_reserved_bytes == predicted.kv_bytes
+    full_kv = predict_memory(tiny_model.config, PruningPlan.from_levels(plan.levels()), 1, 1)
+    assert predicted.kv_bytes < cache.num_blocks * cache.block_tokens * full_kv.kv_bytes / 2
+
+
 def test_every_level_change_reads_the_stored_weights(
     tiny_model: ElasticLlama, tiny_model_dir: Path
 ) -> None:

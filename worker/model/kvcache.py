@@ -39,6 +39,17 @@ A dropped attention block's pool is freed at once (`sync_layers`). A block
 restored while sequences run has no keys or values for the tokens they
 hold: its history starts at each row's current length (`history_start`),
 and it attends only to tokens from there on.
+
+Int8 KV (a plan's KV level per attention block). An int8 layer's pools hold
+int8 codes, and two more, `key_scales` and `value_scales`, hold each
+token's scale per head ([slots, kv_heads], in the cache's dtype):
+symmetric, scale = max |x| over the head's dimensions / 127, so one outlier
+token or head costs only its own precision. `_store` quantizes, `_gather`
+dequantizes into the same workspace as a full layer's gather. The bytes are
+what `kv_bytes_per_token` counts for INT8. A layer whose level changes while
+sequences run keeps their tokens: its pools are converted in place
+(quantized, or dequantized, which gives back the quantized values), so a
+running sequence goes on attending to its whole history.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import torch
 
 from elasticfleet.worker.model.config import ModelConfig
 from elasticfleet.worker.model.memory import BLOCK_TOKENS, blocks_for, kv_bytes_per_token
+from elasticfleet.worker.model.plan import FULL, INT8
 
 SCRATCH_BLOCK = 0
 
@@ -66,8 +78,11 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         block_tokens: int = BLOCK_TOKENS,
+        int8_layers: Iterable[int] = (),
     ) -> None:
-        """With capacity > 0 every row gets blocks for `capacity` positions
+        """`int8_layers` (of `layers`) store their KV at int8.
+
+        With capacity > 0 every row gets blocks for `capacity` positions
         now (local generation: the layout of a rectangular cache, paged) and
         may not grow past it; with capacity 0 the pool starts empty and the
         caller assigns blocks as sequences grow, up to the model's context."""
@@ -90,13 +105,17 @@ class KVCache:
         self.free: list[int] = []
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        # Int8 layers only: a scale per slot and head, [slots, kv_heads].
+        self.key_scales: dict[int, torch.Tensor] = {}
+        self.value_scales: dict[int, torch.Tensor] = {}
         self.history_start: dict[int, torch.Tensor] = {}
         self._slots_for: torch.Tensor | None = None  # the positions `_slots` was computed for
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         # Gather targets reused by every layer and forward (see `_gather`).
         self._workspace: dict[str, torch.Tensor] = {}
+        int8 = set(int8_layers)
         for layer in layers:
-            self._allocate(layer)
+            self._allocate(layer, INT8 if layer in int8 else FULL)
         if capacity:
             self.reserve(1 + batch_size * blocks_for(capacity, block_tokens))
             for row in range(batch_size):
@@ -104,21 +123,37 @@ class KVCache:
 
     # -- storage ------------------------------------------------------------
 
-    def _allocate(self, layer: int) -> None:
-        shape = (
-            self.num_blocks * self.block_tokens,
-            self.config.num_key_value_heads,
-            self.config.head_dim,
-        )
-        self.keys[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.values[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+    def _allocate(self, layer: int, level: str) -> None:
+        slots, heads = self.num_blocks * self.block_tokens, self.config.num_key_value_heads
+        shape = (slots, heads, self.config.head_dim)
+        dtype = torch.int8 if level == INT8 else self.dtype
+        self.keys[layer] = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.values[layer] = torch.zeros(shape, dtype=dtype, device=self.device)
+        if level == INT8:
+            for scales in (self.key_scales, self.value_scales):
+                scales[layer] = torch.zeros((slots, heads), dtype=self.dtype, device=self.device)
+
+    def _stores(self) -> tuple[dict[int, torch.Tensor], ...]:
+        """Every per-slot pool: codes (or values) and the int8 layers' scales."""
+        return (self.keys, self.values, self.key_scales, self.value_scales)
+
+    def level(self, layer: int) -> str:
+        """The KV level layer `layer` stores at (it must be kept)."""
+        return INT8 if layer in self.key_scales else FULL
 
     def _store(
         self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> None:
         """Write keys and values [B, T, Hkv, D] at slots [B, T]."""
-        self.keys[layer][slots] = key
-        self.values[layer][slots] = value
+        if layer in self.key_scales:
+            for store, scales, x in (
+                (self.keys, self.key_scales, key),
+                (self.values, self.value_scales, value),
+            ):
+                store[layer][slots], scales[layer][slots] = quantize_int8(x)
+        else:
+            self.keys[layer][slots] = key
+            self.values[layer][slots] = value
 
     def _gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at the head-major row index of `_slot_maps`, as
@@ -133,33 +168,61 @@ class KVCache:
         head_dim = self.config.head_dim
         count = index.numel()
         gathered = []
-        for name, pool in (("keys", self.keys[layer]), ("values", self.values[layer])):
-            buffer = self._workspace.get(name)
-            if buffer is None or buffer.numel() < count * head_dim:
-                with torch.inference_mode(False):  # a normal tensor, writable in and out of it
-                    buffer = torch.empty(count * head_dim, dtype=self.dtype, device=self.device)
-                self._workspace[name] = buffer
-            out = buffer[: count * head_dim].view(count, head_dim)
-            gathered.append(torch.index_select(pool.view(-1, head_dim), 0, index, out=out))
+        for name, store, scales in (
+            ("keys", self.keys, self.key_scales),
+            ("values", self.values, self.value_scales),
+        ):
+            pool = store[layer].view(-1, head_dim)
+            out = self._buffer(name, count * head_dim, self.dtype).view(count, head_dim)
+            if layer not in scales:
+                gathered.append(torch.index_select(pool, 0, index, out=out))
+                continue
+            codes = self._buffer("codes", count * head_dim, torch.int8).view(count, head_dim)
+            torch.index_select(pool, 0, index, out=codes)
+            scale = torch.index_select(scales[layer].view(-1), 0, index)
+            gathered.append(torch.mul(codes, scale[:, None], out=out))
         shape = (self.batch_size, self.config.num_key_value_heads, -1, head_dim)
         return gathered[0].view(shape), gathered[1].view(shape)
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Workspace `name` of at least `numel` elements (see `_gather`)."""
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.numel() < numel:
+            with torch.inference_mode(False):  # a normal tensor, writable in and out of it
+                buffer = torch.empty(numel, dtype=dtype, device=self.device)
+            self._workspace[name] = buffer
+        return buffer[:numel]
 
     @property
     def layers(self) -> list[int]:
         return sorted(self.keys)
 
-    def sync_layers(self, keep_attention: Sequence[bool]) -> None:
-        """Free the pools of dropped attention blocks and allocate restored ones.
+    def sync_layers(self, keep_attention: Sequence[bool], kv_levels: Sequence[str] = ()) -> None:
+        """Free the pools of dropped attention blocks, allocate restored ones
+        and convert kept ones whose KV level (`kv_levels`, full where not
+        given) changed, keeping their tokens.
 
         A restored block's history begins at each row's current length."""
         for layer, keep in enumerate(keep_attention):
+            level = kv_levels[layer] if kv_levels else FULL
             if not keep and layer in self.keys:
-                del self.keys[layer], self.values[layer]
+                for store in self._stores():
+                    store.pop(layer, None)
                 self.history_start.pop(layer, None)
             elif keep and layer not in self.keys:
-                self._allocate(layer)
+                self._allocate(layer, level)
                 if bool(self.lengths.any()):
                     self.history_start[layer] = self.lengths.clone()
+            elif keep and level != self.level(layer):
+                self._convert(layer, level)
+
+    def _convert(self, layer: int, level: str) -> None:
+        """Re-store a kept layer's pools at `level`, every slot at once."""
+        for store, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)):
+            if level == INT8:
+                store[layer], scales[layer] = quantize_int8(store[layer])
+            else:
+                store[layer] = store[layer].to(self.dtype) * scales.pop(layer)[..., None]
 
     # -- the model's side ---------------------------------------------------
 
@@ -272,11 +335,11 @@ class KVCache:
         if old == num_blocks:
             return
         kept = min(old, num_blocks) * self.block_tokens
-        for store in (self.keys, self.values):
+        for store in self._stores():
             for layer, pool in store.items():
                 new = torch.zeros(
                     (num_blocks * self.block_tokens, *pool.shape[1:]),
-                    dtype=self.dtype,
+                    dtype=pool.dtype,
                     device=self.device,
                 )
                 new[:kept] = pool[:kept]
@@ -303,7 +366,7 @@ class KVCache:
         offsets = torch.arange(tokens, device=self.device)
         source = (torch.tensor(list(moves))[:, None] * tokens + offsets).reshape(-1)
         target = (torch.tensor(list(moves.values()))[:, None] * tokens + offsets).reshape(-1)
-        for store in (self.keys, self.values):
+        for store in self._stores():
             for pool in store.values():
                 pool[target] = pool[source]
         for row, blocks in enumerate(self.row_blocks):
@@ -315,17 +378,26 @@ class KVCache:
 
     def reserved_bytes(self) -> int:
         """Bytes of pool storage allocated, whether filled or not."""
-        return sum(
-            t.untyped_storage().nbytes() for t in (*self.keys.values(), *self.values.values())
-        )
+        return sum(t.untyped_storage().nbytes() for s in self._stores() for t in s.values())
 
     def used_bytes(self) -> int:
         """Bytes holding real tokens: each row's length (minus any history a
         restored layer lacks) times the per-token size, summed over layers."""
-        per_token = kv_bytes_per_token(self.config, self.dtype)
         total = 0
         for layer in self.keys:
+            per_token = kv_bytes_per_token(self.config, self.dtype, self.level(layer))
             start = self.history_start.get(layer)
             filled = self.lengths if start is None else self.lengths - start
             total += int(filled.clamp(min=0).sum()) * per_token
         return total
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, scales) of `x` [..., D]: symmetric, one scale per vector
+    over its last dimension (a token's head), max |x| / 127. An all-zero
+    vector (a never-written slot) gets scale 0 and codes 0."""
+    wide = x.float()  # codes from the scale as stored, computed in float32
+    scale = (wide.abs().amax(dim=-1) / 127).to(x.dtype)
+    divisor = scale.float()[..., None]
+    codes = torch.where(divisor > 0, wide / divisor, 0)
+    return codes.round().clamp(-127, 127).to(torch.int8), scale

@@ -54,7 +54,7 @@ from elasticfleet.worker.model.kernels import (
 )
 from elasticfleet.worker.model.kvcache import KVCache
 from elasticfleet.worker.model.memory import projection_shapes
-from elasticfleet.worker.model.plan import DROPPED, FULL, PruningPlan
+from elasticfleet.worker.model.plan import DROPPED, FULL, INT8, PruningPlan
 from elasticfleet.worker.model.quant import QuantLinear
 
 
@@ -443,7 +443,16 @@ class ElasticLlama(nn.Module):
         """A KV cache for this model's kept attention blocks."""
         device = self.model.embed_tokens.weight.device
         layers = [i for i, keep in enumerate(self.plan.keep_attention) if keep]
-        return KVCache(self.config, batch_size, capacity, layers, dtype=self.dtype, device=device)
+        int8 = [i for i in layers if self.plan.kv_level(i) == INT8]
+        return KVCache(
+            self.config,
+            batch_size,
+            capacity,
+            layers,
+            dtype=self.dtype,
+            device=device,
+            int8_layers=int8,
+        )
 
     def forward(
         self,

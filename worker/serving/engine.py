@@ -700,7 +700,7 @@ class Engine:
     def _set_plan(self, plan: PruningPlan) -> None:
         self.model.apply_plan(plan)
         if self._cache is not None:
-            self._cache.sync_layers(plan.keep_attention)
+            self._cache.sync_layers(plan.keep_attention, plan.kv_levels())
         if self.adapters is not None:
             self.adapters.apply_plan(plan)
             self._refresh_adapter_bytes()
