@@ -50,13 +50,17 @@ SCENARIOS = RAP_SCENARIOS
 BUDGETS = (0.8, 0.6)
 
 
-def states(profile: ModelProfile) -> list[tuple[float, PolicyState]]:
-    """The 20 cells: each scenario at each budget fraction of its dense bytes."""
+def states(
+    profile: ModelProfile, budgets: tuple[float, ...] = BUDGETS, dtype: str | None = None
+) -> list[tuple[float, PolicyState]]:
+    """The cells: each scenario at each budget fraction of its dense bytes
+    (in `dtype`, else the profile's)."""
     result = []
-    for fraction in BUDGETS:
+    for fraction in budgets:
         for batch, seq in SCENARIOS:
-            dense = predict_memory(profile.config, None, batch, seq, profile.dtype).total_bytes
-            result.append((fraction, PolicyState(int(dense * fraction), batch, seq, profile)))
+            dense = predict_memory(profile.config, None, batch, seq, dtype or profile.dtype)
+            budget = int(dense.total_bytes * fraction)
+            result.append((fraction, PolicyState(budget, batch, seq, profile, dtype=dtype)))
     return result
 
 
@@ -187,7 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _ppl(row: dict[str, Any], name: str) -> float:
+def perplexity_of(row: dict[str, Any], name: str) -> float:
+    """Policy `name`'s perplexity in a result row (inf where it had no plan)."""
     return float(row[name].get("perplexity", math.inf))
 
 
@@ -220,10 +225,14 @@ def goals(
         shares[name] = _spearman([float(p[0]) for p in points], [p[1] for p in points])
     return {
         "all_plans_fit": all(p["fits"] for p in plans),
-        "rl_le_greedy_cells": sum(_ppl(r, "rl") <= _ppl(r, "greedy") for r in rows),
-        "rl_le_static_cells": sum(_ppl(r, "rl") <= _ppl(r, "static") for r in rows),
+        "rl_le_greedy_cells": sum(
+            perplexity_of(r, "rl") <= perplexity_of(r, "greedy") for r in rows
+        ),
+        "rl_le_static_cells": sum(
+            perplexity_of(r, "rl") <= perplexity_of(r, "static") for r in rows
+        ),
         "rl_within_5pct_of_search_cells": sum(
-            _ppl(r, "rl") <= 1.05 * _ppl(r, "search") for r in rows
+            perplexity_of(r, "rl") <= 1.05 * perplexity_of(r, "search") for r in rows
         ),
         "rl_latency_p99_ms": percentile(sorted(rl_latencies), 0.99),
         "rl_cpu_time_p99_ms": percentile(sorted(rl_cpu), 0.99),
@@ -289,7 +298,7 @@ def markdown(results: dict[str, Any]) -> str:
 def heatmap(results: dict[str, Any], path: Path) -> None:
     rows = results["rows"]
     dense = results["dense_perplexity"]
-    values = [[_ppl(row, name) / dense for name in POLICIES] for row in rows]
+    values = [[perplexity_of(row, name) / dense for name in POLICIES] for row in rows]
     shown = [[min(v, 10.0) for v in line] for line in values]
     figure, axis = plt.subplots(figsize=(7, 9))
     image = axis.imshow(shown, cmap="viridis_r", aspect="auto")

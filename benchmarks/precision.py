@@ -22,10 +22,7 @@ Writes precision.json, precision.md and precision.png to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,9 @@ import matplotlib.pyplot as plt
 import torch
 from chat_workload import QUESTIONS
 from model_speed import decode_rate
-from policies import dump, latency_summary, timed_decision
+from policies import dump, latency_summary, perplexity_of, timed_decision
+from policies import states as policy_states
+from worker_speed import read_bandwidth
 
 from elasticfleet.agent.corpus import build_corpus, token_windows
 from elasticfleet.agent.perplexity import PerplexityEvaluator
@@ -65,17 +64,6 @@ POLICIES = (BASELINE, *LADDER)
 REPEATED = (BASELINE, "greedy", "static")  # timed many times; search once per cell
 
 
-def cells(profile: ModelProfile) -> list[tuple[float, PolicyState]]:
-    """The 30 cells: each scenario at each budget fraction of its dense bf16 bytes."""
-    result = []
-    for fraction in BUDGETS:
-        for batch, seq in RAP_SCENARIOS:
-            dense = predict_memory(profile.config, None, batch, seq, DTYPE).total_bytes
-            state = PolicyState(int(dense * fraction), batch, seq, profile, dtype=DTYPE)
-            result.append((fraction, state))
-    return result
-
-
 def offline_static(profile: ModelProfile, states: list[PolicyState]) -> StaticPolicy:
     """The load-blind ladder tuned offline: int8 everywhere (else int4) with
     the fewest dropped blocks whose one plan fits every cell."""
@@ -88,18 +76,6 @@ def offline_static(profile: ModelProfile, states: list[PolicyState]) -> StaticPo
     raise SystemExit("no static ladder fits every cell")
 
 
-def read_bandwidth(repeats: int = 7) -> float:
-    """The machine's read bandwidth in GB/s: a sum over a 256 MB tensor."""
-    data = torch.ones(64 * 2**20, dtype=torch.float32)
-    data.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / statistics.median(times) / 1e9
-
-
 def decode_speeds(
     model: ElasticLlama, tokenizer: Any, plans: dict[str, PruningPlan], repeats: int
 ) -> list[dict[str, Any]]:
@@ -107,7 +83,7 @@ def decode_speeds(
     (the plan's weights and a short KV) and the bandwidth that achieves."""
     generator = TextGenerator(model, tokenizer)
     prompt = tokenizer.encode(chat_prompt(QUESTIONS[0]), add_special_tokens=False).ids
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth() / 1e9
     rows = []
     dense_rate = 0.0
     for name, plan in plans.items():
@@ -149,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = ElasticLlama.from_pretrained(model_dir, dtype=torch.bfloat16)
     held_out = PerplexityEvaluator(model, tokens)
     dense_ppl = held_out.evaluate(PruningPlan.dense(layers))
-    states = cells(profile)
+    states = policy_states(profile, BUDGETS, DTYPE)
     static = offline_static(profile, [state for _, state in states])
     policies: dict[str, Policy] = {
         BASELINE: make_policy("rl"),
@@ -187,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         print(
             f"b={row['batch']} s={row['seq']} {fraction:.0%}: "
-            + ", ".join(f"{n}={_ppl(row, n):.2f}" for n in policies),
+            + ", ".join(f"{n}={perplexity_of(row, n):.2f}" for n in policies),
             flush=True,
         )
     model.apply_plan(PruningPlan.dense(layers))
@@ -216,10 +192,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _ppl(row: dict[str, Any], name: str) -> float:
-    return float(row[name].get("perplexity", math.inf))
-
-
 def goals(results: dict[str, Any]) -> dict[str, Any]:
     rows, dense = results["rows"], results["dense_perplexity"]
     best = "greedy"  # the precision-aware serving policy measured here
@@ -230,17 +202,20 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
         "policy": best,
         "all_plans_fit": all(p["fits"] for p in plans),
         "le_1.05x_dense_at_80pct": sum(
-            _ppl(r, best) <= 1.05 * dense for r in rows if r["budget_fraction"] == 0.8
+            perplexity_of(r, best) <= 1.05 * dense for r in rows if r["budget_fraction"] == 0.8
         ),
         "le_1.15x_dense_at_60pct": sum(
-            _ppl(r, best) <= 1.15 * dense for r in rows if r["budget_fraction"] == 0.6
+            perplexity_of(r, best) <= 1.15 * dense for r in rows if r["budget_fraction"] == 0.6
         ),
         "at_40pct_below_baseline_at_60pct": sum(
-            _ppl(r, best) < _ppl(by_scenario[(r["batch"], r["seq"], 0.6)], BASELINE)
+            perplexity_of(r, best)
+            < perplexity_of(by_scenario[(r["batch"], r["seq"], 0.6)], BASELINE)
             for r in rows
             if r["budget_fraction"] == 0.4
         ),
-        "within_5pct_of_search": sum(_ppl(r, best) <= 1.05 * _ppl(r, "search") for r in rows),
+        "within_5pct_of_search": sum(
+            perplexity_of(r, best) <= 1.05 * perplexity_of(r, "search") for r in rows
+        ),
         "cells": len(rows),
         "cells_per_budget": len(RAP_SCENARIOS),
         "cpu_time_p99_ms": results["cpu_time_ms"][best]["p99"],
@@ -336,7 +311,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         rows = [r for r in results["rows"] if r["budget_fraction"] == fraction]
         labels = [f"{r['batch']}x{r['seq']}" for r in rows]
         for offset, name in enumerate(POLICIES):
-            values = [min(_ppl(r, name) / dense, 20.0) for r in rows]
+            values = [min(perplexity_of(r, name) / dense, 20.0) for r in rows]
             xs = [i + 0.2 * (offset - 1.5) for i in range(len(rows))]
             axis.bar(xs, values, width=0.2, label=name)
         axis.set_yscale("log")
