@@ -32,7 +32,7 @@ from elasticfleet.operator.metrics import OperatorMetrics
 from elasticfleet.operator.spec import FleetSpec, SpecError
 from elasticfleet.operator.status import AdapterHeld, Condition, FleetStatus, WorkerStatus
 from elasticfleet.worker.model.memory import predict_memory
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import INT8, PruningPlan
 from elasticfleet.worker.serving.proto_gen import worker_pb2 as pb
 
 PROFILE = ModelProfile.load(DEFAULT_PROFILE)
@@ -108,8 +108,9 @@ def test_squeeze_then_relax() -> None:
     assert squeezed != DENSE
     assert worker.applied[-1] == (plan_id(squeezed), squeezed.to_mask(), budget)
     assert predict_memory(PROFILE.config, squeezed, 8, 2048).total_bytes <= budget
-    # KV dominates at this load, so attention blocks go.
-    assert squeezed.dropped_attention
+    # KV dominates at this load: the KV caches go to int8 first (the profile
+    # measures them nearly free), no block is dropped.
+    assert INT8 in squeezed.kv_levels() and squeezed.kept_blocks == 2 * LAYERS
     (event,) = harness.sink.events
     assert (event.type, event.reason, event.pod) == ("Normal", "PlanChanged", "w0")
     assert squeezed.describe() in event.message
@@ -164,7 +165,8 @@ def test_plans_leave_room_for_the_adapters_a_worker_holds() -> None:
     alone = FakeFleet(PROFILE, 1, batch_p90=8, sequence_p90=2048)
     alone.workers["w0"].others_bytes = int(2.4 * GIB)
     Harness(alone).tick()
-    assert alone.workers["w0"].plan.kept_blocks > plan.kept_blocks
+    larger = predict_memory(PROFILE.config, alone.workers["w0"].plan, load.batch_size, load.seq_len)
+    assert larger.total_bytes > predicted
 
     worker.adapters["tasks"] = pb.AdapterInfo(name="tasks", version="2", bytes=budget)
     report = harness.tick()
@@ -589,7 +591,7 @@ def test_the_loop_counts_what_it_does_in_its_metrics() -> None:
     assert value("plan_changes_total", reason="over_budget") == 1
     assert value("worker_budget_bytes", pod="w0") == squeezed.budget_bytes
     ratio = value("worker_predicted_perplexity_ratio", pod="w0")
-    assert ratio is not None and round(ratio, 4) == squeezed.predicted_perplexity_ratio > 1
+    assert ratio is not None and round(ratio, 4) == squeezed.predicted_perplexity_ratio >= 1
     assert value("worker_reachable", pod="w0") == 1
     assert value("worker_reachable", pod="w1") == 0
     assert value("worker_failures_total", reason="WorkerUnreachable") == 1
