@@ -228,7 +228,8 @@ def _cell(entry: dict[str, Any], dense: float) -> str:
     if "perplexity" not in entry:
         return "no plan"
     c = entry["counts"]
-    return f"{entry['perplexity'] / dense:.3f}x ({c[INT8]}/{c[INT4]}/{c['dropped']})"
+    blocks = f"{c[INT8]}/{c[INT4]}/{c['dropped']}/{c['kv_int8']}"
+    return f"{entry['perplexity'] / dense:.3f}x ({blocks})"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -239,7 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Held-out perplexity on {results['eval_tokens']} evaluation tokens, served in bf16 "
         f"(dense {dense:.3f}; fp32 dense {results['fp32_dense_perplexity']:.3f}). Each cell: "
-        "perplexity over dense bf16, and the plan's blocks at int8 / int4 / dropped. Static: "
+        "perplexity over dense bf16, and the plan's blocks at int8 / int4 / dropped, then its "
+        "KV caches at int8. Static: "
         f"{results['static']['ratio']:.1%} dropped, the rest {results['static']['precision']}, "
         "tuned offline to fit every cell. Search: beam over ladder steps scored by the profile "
         "estimate. The precision-aware rl agent is not trained yet: greedy stands in for it in "
