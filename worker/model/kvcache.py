@@ -217,7 +217,9 @@ class KVCache:
                 self._convert(layer, level)
 
     def _convert(self, layer: int, level: str) -> None:
-        """Re-store a kept layer's pools at `level`, every slot at once."""
+        """Re-store a kept layer's pools at `level`, every slot at once: a
+        layer at a time, so memory exceeds the larger level's by about one
+        pool of the layer in float32 while the layer changes."""
         for store, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)):
             if level == INT8:
                 store[layer], scales[layer] = quantize_int8(store[layer])
@@ -398,6 +400,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     vector (a never-written slot) gets scale 0 and codes 0."""
     wide = x.float()  # codes from the scale as stored, computed in float32
     scale = (wide.abs().amax(dim=-1) / 127).to(x.dtype)
-    divisor = scale.float()[..., None]
-    codes = torch.where(divisor > 0, wide / divisor, 0)
-    return codes.round().clamp(-127, 127).to(torch.int8), scale
+    # A zero scale's vector is all zeros: any positive divisor gives code 0.
+    divisor = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+    codes = wide / divisor  # one temporary the size of x, rounded in place
+    return codes.round_().clamp_(-127, 127).to(torch.int8), scale
