@@ -139,7 +139,11 @@ class Outcome:
                 return f"completion_tokens {message.completion_tokens} after {counted} tokens"
         finals = [i for i, m in enumerate(self.messages) if m.finish_reason]
         if self.code is not None:
-            return "a final message, then an error" if finals else ""
+            # A worker killed after it sent a final message but before the
+            # call's trailers ends the call UNAVAILABLE (checked below to come
+            # from a killed worker only); any other error after the end is wrong.
+            after_end = finals and self.code != grpc.StatusCode.UNAVAILABLE
+            return "a final message, then an error" if after_end else ""
         if finals != [len(self.messages) - 1]:
             return f"final messages at {finals} of {len(self.messages)}"
         if counted != MAX_NEW_TOKENS or self.messages[-1].finish_reason != pb.FINISH_REASON_LENGTH:
