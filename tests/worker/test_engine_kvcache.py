@@ -1,6 +1,7 @@
 """The paged KV cache's operations the serving loop relies on: assigning
 and freeing blocks, row views that write through, reordering rows without
-copying tokens, and growing or compacting the pool with every token kept."""
+copying tokens, growing or compacting the pool with every token kept, and
+int8 storage (codes and scales, and level changes that keep the tokens)."""
 
 from __future__ import annotations
 
