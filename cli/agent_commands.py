@@ -2,8 +2,9 @@
 
 `agent profile` measures block importance (GSI and a proxy) into the model
 profile the policies read; it checkpoints and resumes. `agent levels` adds
-each block's measured cost at int8 and int4 to that profile. `agent train`
-trains the RL policy's network from a profile. None runs in the operator.
+each block's measured cost at int8 and int4, and each layer's at int8 KV,
+to that profile. `agent train` trains the RL policy's network from a
+profile, for the precision ladder or (`--pruning-only`) keep/drop alone. None runs in the operator.
 """
 
 from __future__ import annotations
@@ -46,10 +47,20 @@ def register(commands: Commands) -> None:
     no_progress_option(levels)
     levels.set_defaults(handler=_levels)
 
-    train = group.add_parser("train", help="train the RAP DQN pruning agent")
+    train = group.add_parser("train", help="train the RAP DQN agent on the precision ladder")
     cache_dir_option(train)
     train.add_argument("--profile", type=Path, help="model profile (default: the committed one)")
-    train.add_argument("--out", type=Path, help="checkpoint (default: the committed agent)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        help="checkpoint (default: the committed agent, or the pruning-only one with "
+        "--pruning-only)",
+    )
+    train.add_argument(
+        "--pruning-only",
+        action="store_true",
+        help="train for keep/drop only, ignoring the profile's level costs (the baseline)",
+    )
     train.add_argument(
         "--quality",
         choices=["profile", "perplexity"],
@@ -57,7 +68,7 @@ def register(commands: Commands) -> None:
         help="reward from the profile's importance estimate (fast) or measured perplexity",
     )
     train.add_argument("--windows", type=int, default=2, help="perplexity windows (x256)")
-    train.add_argument("--episodes", type=int, default=2500)
+    train.add_argument("--episodes", type=int, help="default: TrainingConfig's")
     train.add_argument("--time-limit", type=float, help="stop after this many seconds")
     train.add_argument("--seed", type=int, default=0)
     no_progress_option(train)
@@ -129,11 +140,12 @@ def _levels(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
     from collections.abc import Callable
 
     from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
     from elasticfleet.agent.quality import ProfileQuality
-    from elasticfleet.agent.rl.policy import DEFAULT_AGENT
+    from elasticfleet.agent.rl.policy import DEFAULT_AGENT, PRUNING_AGENT
     from elasticfleet.agent.rl.training import TrainingConfig, train_agent
     from elasticfleet.worker.model.plan import PruningPlan
 
@@ -152,9 +164,13 @@ def _train(args: argparse.Namespace) -> int:
             "calibration", load_tokenizer(path), 256, args.windows, cache_root=args.cache_dir
         )
         quality = PerplexityEvaluator(ElasticLlama.from_pretrained(path), tokens).evaluate
-    config = TrainingConfig(episodes=args.episodes, time_limit_s=args.time_limit, seed=args.seed)
+    config = TrainingConfig(
+        time_limit_s=args.time_limit, seed=args.seed, pruning_only=args.pruning_only
+    )
+    if args.episodes is not None:
+        config = dataclasses.replace(config, episodes=args.episodes)
     policy, stats = train_agent(profile, quality, config, progress=not args.no_progress)
-    out = args.out or DEFAULT_AGENT
+    out = args.out or (PRUNING_AGENT if args.pruning_only else DEFAULT_AGENT)
     meta = {**stats, "quality": args.quality, "seed": args.seed}
     meta["command"] = " ".join(["elasticfleet", *sys.argv[1:]])
     policy.save(out, meta=meta)

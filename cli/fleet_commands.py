@@ -35,9 +35,9 @@ def register(commands: Commands) -> None:
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     demo.add_argument(
         "--policy",
-        default="greedy",
-        help=f"the fleet's policy: {' or '.join(ADAPTIVE_POLICIES)} (default: greedy, which "
-        "quantizes before it drops; rl is the pruning-only agent)",
+        default="rl",
+        help=f"the fleet's policy: {' or '.join(ADAPTIVE_POLICIES)} (default: rl, the "
+        "committed agent; both step down the precision ladder, quantizing before they drop)",
     )
     demo.add_argument(
         "--squeeze",

@@ -226,7 +226,7 @@ class DemoOptions:
     model_dir: Path
     out: Path
     workers: int = 2
-    policy: str = "greedy"
+    policy: str = "rl"
     squeeze_ratio: float = 0.8
     prompt: str = "Why is the sky blue?"
     max_new_tokens: int = 24

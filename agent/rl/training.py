@@ -1,10 +1,11 @@
 """The RAP agent's training half: a Double DQN over random load scenarios.
 
 An episode starts from the dense model and ends when the plan fits the
-budget or when only one block is left and it still does not fit (a fixed
-penalty). Each drop is rewarded with minus the log-perplexity it added
-(capped at 20x dense), less a small share of the block's own measured GSI
-step as a tie-break, so an episode's return is minus the plan's total cost.
+budget or when no step down the ladder is left and it still does not fit (a
+fixed penalty). Each step is rewarded with minus the log-perplexity it added
+(capped at 20x dense), and a drop less a small share of the block's own
+measured GSI step as a tie-break, so an episode's return is minus the
+plan's total cost.
 
 `train_agent` adds to the serving half (`elasticfleet.agent.rl.policy`) the
 trainable network (`QNetwork`, a torch module), a replay buffer, a target
@@ -16,9 +17,9 @@ live here: the encoder's features enter the network through
 `torch.from_numpy`, and a trained network leaves as the serving half's
 `NetworkWeights` (`trained_policy`). The operator never loads this module.
 
-The committed agent (`DEFAULT_AGENT`) is reproduced by
-`elasticfleet agent train --episodes 2500 --seed 0` (the `TrainingConfig`
-defaults otherwise).
+The committed agents are reproduced by `elasticfleet agent train --seed 0`
+(`DEFAULT_AGENT`, the full ladder) and `elasticfleet agent train --seed 0
+--pruning-only` (`PRUNING_AGENT`), with the `TrainingConfig` defaults.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ from tqdm import tqdm
 from elasticfleet.agent.policy import PolicyState
 from elasticfleet.agent.profile import ModelProfile
 from elasticfleet.agent.rl.policy import (
-    BLOCK_FEATURES,
-    LOAD_FEATURES,
+    ACTION_FEATURES,
     Floats,
+    LadderEpisode,
+    LadderTables,
     NetworkWeights,
-    ProfileTables,
     RLPolicy,
-    StateEncoder,
+    context_width,
 )
 from elasticfleet.worker.model.memory import predict_memory
 from elasticfleet.worker.model.plan import PruningPlan
@@ -70,41 +71,42 @@ class QNetwork(nn.Module):
         self.num_blocks = num_blocks
         self.hidden = hidden
         self.block_hidden = block_hidden
-        self.context_in = nn.Linear(LOAD_FEATURES + num_blocks, hidden)
+        self.context_in = nn.Linear(context_width(num_blocks), hidden)
         self.context_out = nn.Linear(hidden, block_hidden)
-        self.block = nn.Linear(BLOCK_FEATURES, block_hidden)
+        self.action = nn.Linear(ACTION_FEATURES, block_hidden)
         self.mix = nn.Linear(block_hidden, block_hidden)
         self.pool = nn.Linear(block_hidden, block_hidden, bias=False)
         self.value = nn.Linear(block_hidden, 1)
 
-    def forward(self, load: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        # Functional calls: an episode makes ~30 of these, module dispatch adds up.
-        # load [..., LOAD_FEATURES + N], blocks [..., N, BLOCK_FEATURES]
+    def forward(self, load: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        # Functional calls: an episode makes ~100 of these, module dispatch adds up.
+        # load [..., context_width(N)], actions [..., A, ACTION_FEATURES]
         context = F.relu(F.linear(load, self.context_in.weight, self.context_in.bias))
         context = F.linear(context, self.context_out.weight, self.context_out.bias)  # [..., Hb]
-        z = F.linear(blocks, self.block.weight, self.block.bias)  # [..., N, Hb]
+        z = F.linear(actions, self.action.weight, self.action.bias)  # [..., A, Hb]
         z = F.relu(z + context.unsqueeze(-2))
-        # What the other blocks offer (e.g. the cheapest one that would make
-        # the plan fit) matters to each block's value: max-pool over blocks.
+        # What the other actions offer (e.g. the cheapest one that would make
+        # the plan fit) matters to each action's value: max-pool over actions.
         pooled = F.linear(z.amax(dim=-2), self.pool.weight)  # [..., Hb]
         z = F.linear(z, self.mix.weight, self.mix.bias) + pooled.unsqueeze(-2)
-        z = F.relu(z)  # [..., N, Hb]
-        q = F.linear(z, self.value.weight, self.value.bias)  # [..., N, 1]
-        return q.squeeze(-1)  # [..., N]
+        z = F.relu(z)  # [..., A, Hb]
+        q = F.linear(z, self.value.weight, self.value.bias)  # [..., A, 1]
+        return q.squeeze(-1)  # [..., A]
 
 
-def trained_policy(network: QNetwork) -> RLPolicy:
-    """The serving half's policy for `network`: its parameters as float32
-    numpy arrays (copies: training may go on)."""
+def trained_policy(network: QNetwork, pruning_only: bool = False) -> RLPolicy:
+    """The serving half's policy for `network` (trained on the keep/drop
+    ladder if `pruning_only`): its parameters as float32 numpy arrays
+    (copies: training may go on)."""
     tensors = {name: t.detach().numpy().copy() for name, t in network.state_dict().items()}
     weights = NetworkWeights(network.num_blocks, network.hidden, network.block_hidden, tensors)
-    return RLPolicy(weights)
+    return RLPolicy(weights, pruning_only=pruning_only)
 
 
 def features_tensors(features: tuple[Floats, Floats]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's (load, blocks) as tensors sharing their memory."""
-    load, blocks = features
-    return torch.from_numpy(load), torch.from_numpy(blocks)
+    """The encoder's (load, actions) as tensors sharing their memory."""
+    load, actions = features
+    return torch.from_numpy(load), torch.from_numpy(actions)
 
 
 @contextmanager
@@ -136,7 +138,7 @@ def choose(
 class TrainingConfig:
     """DQN settings; the defaults train the SmolLM2 agent."""
 
-    episodes: int = 2500
+    episodes: int = 3000
     time_limit_s: float | None = None
     seed: int = 0
     hidden: int = 128
@@ -160,12 +162,20 @@ class TrainingConfig:
     cost_cap: float = 3.0
     batches: Sequence[int] = (1, 2, 4, 8, 16)
     seq_range: tuple[int, int] = (256, 4096)
-    budget_range: tuple[float, float] = (0.45, 0.95)
+    budget_range: tuple[float, float] = (0.35, 0.95)
+    # Serving dtypes drawn from: the share of bytes a precision step frees
+    # depends on it (int8 halves a bf16 block, quarters an fp32 one).
+    dtypes: Sequence[str] = ("float32", "bfloat16")
     # Curriculum: the lowest budget share starts here and falls linearly to
     # budget_range[0] over this share of the episodes (short episodes first).
     curriculum_start: float = 0.85
     curriculum: float = 0.4
     rap_share: float = 0.5  # episodes drawn from RAP's ten (batch, sequence) scenarios
+    # Environment steps per gradient step: full-ladder episodes are ~100
+    # steps long, and a gradient step costs ~50x an environment step.
+    learn_every: int = 4
+    # Train for the keep/drop ladder only (the precision benchmark's baseline).
+    pruning_only: bool = False
 
 
 def random_state(
@@ -180,14 +190,15 @@ def random_state(
         batch = rng.choice(list(config.batches))
         low, high = config.seq_range
         seq = round(math.exp(rng.uniform(math.log(low), math.log(high))))
-    dense = predict_memory(profile.config, None, batch, seq, profile.dtype).total_bytes
+    dtype = rng.choice(list(config.dtypes))
+    dense = predict_memory(profile.config, None, batch, seq, dtype).total_bytes
     lowest, highest = config.budget_range
     if config.curriculum > 0:
         done = min(1.0, progress / config.curriculum)
         start = config.curriculum_start
         lowest = max(lowest, start + (lowest - start) * done)
     budget = int(dense * rng.uniform(lowest, highest))
-    return PolicyState(budget_bytes=budget, batch_size=batch, seq_len=seq, profile=profile)
+    return PolicyState(budget, batch, seq, profile, dtype=dtype)
 
 
 class ReplayBuffer:
@@ -197,13 +208,14 @@ class ReplayBuffer:
         self.capacity = capacity
         self.size = 0
         self.cursor = 0
-        self.load = torch.zeros(capacity, LOAD_FEATURES + blocks)
-        self.blocks = torch.zeros(capacity, blocks, BLOCK_FEATURES)
+        actions = blocks + blocks // 2
+        self.load = torch.zeros(capacity, context_width(blocks))
+        self.actions = torch.zeros(capacity, actions, ACTION_FEATURES)
         self.action = torch.zeros(capacity, dtype=torch.long)
         self.reward = torch.zeros(capacity)
-        self.next_load = torch.zeros(capacity, LOAD_FEATURES + blocks)
-        self.next_blocks = torch.zeros(capacity, blocks, BLOCK_FEATURES)
-        self.next_legal = torch.zeros(capacity, blocks, dtype=torch.bool)
+        self.next_load = torch.zeros(capacity, context_width(blocks))
+        self.next_actions = torch.zeros(capacity, actions, ACTION_FEATURES)
+        self.next_legal = torch.zeros(capacity, actions, dtype=torch.bool)
         self.done = torch.zeros(capacity, dtype=torch.bool)
 
     def add(
@@ -216,9 +228,9 @@ class ReplayBuffer:
         done: bool,
     ) -> None:
         i = self.cursor
-        self.load[i], self.blocks[i] = features
+        self.load[i], self.actions[i] = features
         self.action[i], self.reward[i] = action, reward
-        self.next_load[i], self.next_blocks[i] = following
+        self.next_load[i], self.next_actions[i] = following
         self.next_legal[i], self.done[i] = next_legal, done
         self.cursor = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
@@ -266,11 +278,12 @@ def _train(
     target.load_state_dict(network.state_dict())
     optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     memory = ReplayBuffer(config.replay, blocks)
-    tables = ProfileTables.of(profile)
-    step_cost = [config.tie_break * float(s) for s in tables.step]
+    tables = LadderTables.of(profile, config.pruning_only)
+    drop_cost = [config.tie_break * float(s) for s in tables.importance]
+    last = len(tables.ladder) - 1
     log_dense = math.log(quality(PruningPlan.dense(layers)))
     started = time.perf_counter()
-    steps = 0
+    steps = episode_steps = 0
     rewards: list[float] = []
     bar = tqdm(range(config.episodes), desc="training", unit="episode", disable=not progress)
     episodes = 0
@@ -287,30 +300,33 @@ def _train(
                 config.learning_rate - config.learning_rate_end
             )
         state = random_state(profile, config, rng, progress_share)
-        episode_state = StateEncoder(state, tables)
+        episode_state = LadderEpisode(state, tables)
         features = features_tensors(episode_state.encode())
         log_previous = 0.0  # the estimate's log-perplexity increase so far, capped
         trajectory: list[_Step] = []
         while not episode_state.fits:
+            legal = episode_state.legal()
             if rng.random() < epsilon:
-                action = rng.choice([b for b, keep in enumerate(episode_state.kept) if keep])
+                action = rng.choice(legal.nonzero()[0].tolist())
             else:
-                action = choose(network, features, torch.from_numpy(episode_state.legal()))
-            episode_state.drop(action)
+                action = choose(network, features, torch.from_numpy(legal.copy()))
+            drops = action < blocks and episode_state.rung[action] == last - 1
+            episode_state.take(action)
             following = features_tensors(episode_state.encode())
-            next_legal = torch.from_numpy(episode_state.legal())
-            done = episode_state.fits or episode_state.stuck
-            # Each drop is charged the log-perplexity it adds, so credit lands on
+            next_legal = torch.from_numpy(episode_state.legal().copy())
+            done = episode_state.fits or not bool(next_legal.any())
+            # Each step is charged the log-perplexity it adds, so credit lands on
             # the step that caused it; the sum over an episode is the plan's total.
             increase = math.log(quality(episode_state.plan())) - log_dense
             log_quality = min(increase, config.cost_cap)
-            reward = log_previous - log_quality - step_cost[action]
+            reward = log_previous - log_quality - (drop_cost[action] if drops else 0.0)
             log_previous = log_quality
             if done and not episode_state.fits:
                 reward += FAIL_PENALTY
             trajectory.append(_Step(features, action, reward, following, next_legal, done))
             features = following
-            if memory.size >= config.batch_size:
+            episode_steps += 1
+            if memory.size >= config.batch_size and episode_steps % config.learn_every == 0:
                 batch = memory.sample(config.batch_size, generator)
                 _learn(network, target, optimiser, memory, batch)
                 steps += 1
@@ -331,7 +347,7 @@ def _train(
         "seconds": time.perf_counter() - started,
         "mean_reward_last_200": sum(recent) / max(len(recent), 1),
     }
-    return trained_policy(network), stats
+    return trained_policy(network, config.pruning_only), stats
 
 
 def _remember(memory: ReplayBuffer, trajectory: Sequence[_Step], n_step: int) -> None:
@@ -352,14 +368,14 @@ def _learn(
 ) -> None:
     """One Double-DQN step: the online network picks the next action, the
     target network values it; episodes are undiscounted."""
-    following = (memory.next_load[index], memory.next_blocks[index])
+    following = (memory.next_load[index], memory.next_actions[index])
     legal = memory.next_legal[index]
     done = memory.done[index]
     with torch.no_grad():
         best = network(*following).masked_fill(~legal, float("-inf")).argmax(-1)
         value = target(*following).gather(1, best[:, None])[:, 0]
         goal = memory.reward[index] + torch.where(done, torch.zeros_like(value), value)
-    predicted = network(memory.load[index], memory.blocks[index])
+    predicted = network(memory.load[index], memory.actions[index])
     predicted = predicted.gather(1, memory.action[index][:, None])[:, 0]
     loss = F.smooth_l1_loss(predicted, goal)
     optimiser.zero_grad()

@@ -1,8 +1,10 @@
-"""The RAP DQN agent on the tiny model's synthetic profile, and the committed
-SmolLM2 agent served by numpy deciding as the torch network it was trained as."""
+"""The RAP DQN agent on the tiny model's synthetic profiles (keep/drop only,
+and the full precision ladder), and the committed SmolLM2 agents served by
+numpy deciding as the torch networks they were trained as."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,20 +16,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_policy import PROFILE, dense_bytes, state
 
-from elasticfleet.agent.policy import GreedyPolicy, NoFeasiblePlan, PolicyState, SearchPolicy
+from elasticfleet.agent.policy import (
+    GreedyPolicy,
+    NoFeasiblePlan,
+    PolicyState,
+    SearchPolicy,
+)
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.agent.quality import ProfileQuality
 from elasticfleet.agent.registry import make_policy
 from elasticfleet.agent.rl.policy import (
-    BLOCK_FEATURES,
+    ACTION_FEATURES,
     DEFAULT_AGENT,
     LOAD_FEATURES,
+    PRUNING_AGENT,
     RATIO_CAP,
     FoldedNetwork,
-    ProfileTables,
+    LadderEpisode,
+    LadderTables,
     RLPolicy,
-    StateEncoder,
-    encode_state,
+    context_width,
+    encode_plan,
     parameter_shapes,
 )
 from elasticfleet.agent.rl.training import (
@@ -41,25 +50,40 @@ from elasticfleet.agent.rl.training import (
     trained_policy,
 )
 from elasticfleet.worker.model.memory import predict_memory
-from elasticfleet.worker.model.plan import PruningPlan
+from elasticfleet.worker.model.plan import DROPPED, FULL, INT4, INT8, PruningPlan
 
 QUALITY = ProfileQuality(PROFILE)
+# The tiny profile with level costs: int8 nearly free, int4 dear on the FFN
+# blocks, int8 KV caches cheap but not free.
+LADDER = dataclasses.replace(
+    PROFILE,
+    level_costs={INT8: (0.001, 0.002) * 4, INT4: (0.01, 0.2) * 4, "kv_int8": (0.0005,) * 4},
+)
+LADDER_QUALITY = ProfileQuality(LADDER)
 
 
 @pytest.fixture(scope="module")
 def trained() -> RLPolicy:
-    config = TrainingConfig(episodes=600, seed=0, seq_range=(8, 512))
+    config = TrainingConfig(episodes=600, seed=0, seq_range=(8, 512), learn_every=1)
     policy, stats = train_agent(PROFILE, QUALITY, config, progress=False)
     assert stats["episodes"] == 600
     return policy
 
 
-def scenarios(count: int, seed: int) -> list[PolicyState]:
+@pytest.fixture(scope="module")
+def trained_ladder() -> RLPolicy:
+    config = TrainingConfig(episodes=800, seed=0, seq_range=(8, 512), learn_every=1)
+    policy, _ = train_agent(LADDER, LADDER_QUALITY, config, progress=False)
+    return policy
+
+
+def scenarios(count: int, seed: int, profile: ModelProfile = PROFILE) -> list[PolicyState]:
     rng = random.Random(seed)
     result = []
     for _ in range(count):
         batch, seq = rng.choice([1, 4, 16]), rng.choice([8, 64, 256])
-        result.append(state(int(dense_bytes(batch, seq) * rng.uniform(0.4, 0.95)), batch, seq))
+        budget = int(dense_bytes(batch, seq) * rng.uniform(0.3, 0.95))
+        result.append(PolicyState(budget, batch, seq, profile))
     return result
 
 
@@ -77,120 +101,157 @@ def test_the_serving_half_names_the_trainable_networks_parameters() -> None:
 
 
 def test_state_encoding() -> None:
-    plan = PruningPlan.without_blocks(4, [3])
-    current = state(dense_bytes(4, 64) // 2, 4, 64)
-    load, blocks = encode_state(current, plan)
-    assert load.shape == (LOAD_FEATURES + 8,)
-    assert blocks.shape == (8, BLOCK_FEATURES)
+    """Features of a plan with block 3 dropped, block 0 at int8 and layer
+    1's KV cache at int8, on the full ladder."""
+    plan = PruningPlan.from_levels(
+        [INT8, FULL, FULL, DROPPED, FULL, FULL, FULL, FULL], [FULL, INT8, FULL, FULL]
+    )
+    current = PolicyState(dense_bytes(4, 64) // 2, 4, 64, LADDER)
+    episode = encode_plan(current, plan, LadderTables.of(LADDER))
+    assert episode.plan() == plan
+    load, actions = episode.encode()
+    assert load.shape == (context_width(8),) == (LOAD_FEATURES + 8 + 4,)
+    assert actions.shape == (12, ACTION_FEATURES)
     assert load[0].item() == pytest.approx(0.5, abs=1e-6)
     over = current.predicted_bytes(plan) - current.budget_bytes
+    assert episode.excess == over
     assert load[1].item() == pytest.approx(over / dense_bytes(4, 64))
-    assert load[LOAD_FEATURES:].tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
-    assert blocks[:, 0].tolist() == [1, 1, 1, 0, 1, 1, 1, 1]  # kept
-    assert blocks[:, 1].tolist() == [1, 0, 1, 0, 1, 0, 1, 0]  # attention
-    rank = PROFILE.importance_rank()  # 7, 5, 6, 3, then the proxy order
-    assert blocks[rank, 3].tolist() == pytest.approx([i / 8 for i in range(8)])
-    # Bytes freed by dropping block 6 alone, then with every kept block ranked
-    # below it (7 and 5; 3 is already dropped), over the bytes still to free.
-    ratio = min(current.block_savings(6) / over, RATIO_CAP) / RATIO_CAP
-    assert blocks[6, 8].item() == pytest.approx(ratio, rel=1e-5)
-    reach = sum(current.block_savings(b) for b in (7, 5, 6)) / over
-    assert blocks[6, 9].item() == pytest.approx(min(reach, RATIO_CAP) / RATIO_CAP, rel=1e-5)
-    for block in range(8):  # whether dropping it (alone / with lower-ranked kept ones) fits
-        if block == 3:
-            continue
-        below = [b for b in rank[: rank.index(block) + 1] if b != 3]
-        freed = sum(current.block_savings(b) for b in below)
-        assert blocks[block, 10].item() == (current.block_savings(block) >= over)
-        assert blocks[block, 11].item() == (freed >= over)
-    assert 0 < blocks[:, 11].sum() < 7  # the bits do vary here
-    # Block 3 (GSI rank 3) is the deepest dropped: dropping 7, 5 or 6 adds
-    # nothing to the estimate, dropping anything ranked deeper does.
-    assert blocks[[7, 5, 6], 7].tolist() == [0, 0, 0]
-    assert (blocks[rank[4:], 7] > 0).all()
+    assert load[6].item() == pytest.approx(math.log(LADDER_QUALITY(plan) / 10.0))
+    # Each block's rung (full 0, int8 1/3, dropped 1), then each KV level.
+    assert load[LOAD_FEATURES:].tolist() == pytest.approx([1 / 3, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0])
+    assert actions[:, :3].tolist() == [[1, 0, 0], [0, 1, 0]] * 4 + [[0, 0, 1]] * 4
+    legal = episode.legal()
+    # Block 3 is dropped and layer 1's cache is int8 already: no step left for them.
+    assert legal.tolist() == [True] * 3 + [False] + [True] * 5 + [False, True, True]
+    # Block 0 steps from int8 to int4: the step costs the rung's difference.
+    assert episode.cost[0] == pytest.approx(0.01 - 0.001)
+    assert actions[0, 5] == pytest.approx(1 / 3)
+    # Greedy's order: the cheapest legal action per byte has place 0, the
+    # illegal ones sit at 1, and the features agree with the costs and bytes.
+    efficiency = np.where(legal, episode.cost / np.maximum(episode.freed, 1), np.inf)
+    order = np.argsort(efficiency, kind="stable")
+    assert actions[order[0], 12] == 0
+    assert (actions[~legal, 12] == 1).all()
+    assert (np.diff(actions[order[: legal.sum()], 12]) > 0).all()
+    reach = np.cumsum(np.where(legal, episode.freed, 0)[order])
+    for place, action in enumerate(order[: legal.sum()]):
+        ratio = min(reach[place] / over, RATIO_CAP) / RATIO_CAP
+        assert actions[action, 11] == pytest.approx(ratio, rel=1e-5)
+        assert actions[action, 15] == (reach[place] >= over)
+        assert actions[action, 14] == (episode.freed[action] >= over)
+    assert 0 < actions[legal, 15].sum() < legal.sum()  # the bits do vary here
 
 
-def test_encoder_tracks_the_memory_model() -> None:
+@pytest.mark.parametrize("profile", [PROFILE, LADDER], ids=["pruning", "ladder"])
+def test_episodes_track_the_memory_model_and_the_estimate(profile: ModelProfile) -> None:
+    """Random legal steps: the bytes over budget are the memory model's, the
+    estimate is ProfileQuality's, illegal steps are refused, and an episode
+    ends with a plan that fits or with no step left."""
     rng = random.Random(4)
-    for current in scenarios(20, seed=4):
-        encoder = StateEncoder(current, ProfileTables.of(PROFILE))
-        order = list(range(8))
-        rng.shuffle(order)
-        for block in order[:-1]:
-            encoder.drop(block)
-            plan = encoder.plan()
-            assert encoder.excess == current.predicted_bytes(plan) - current.budget_bytes
-            assert encoder.fits == current.fits(plan)
-        assert encoder.stuck == (not current.fits(encoder.plan()))
-        with pytest.raises(ValueError, match="cannot be dropped"):
-            encoder.drop(order[-1])
+    quality = ProfileQuality(profile)
+    tables = LadderTables.of(profile)
+    for current in scenarios(20, seed=4, profile=profile):
+        episode = LadderEpisode(current, tables)
+        while episode.legal().any():
+            episode.take(rng.choice(np.flatnonzero(episode.legal()).tolist()))
+            plan = episode.plan()
+            assert episode.excess == current.predicted_bytes(plan) - current.budget_bytes
+            assert episode.fits == current.fits(plan)
+            assert episode.estimate == pytest.approx(math.log(quality(plan) / 10.0), abs=1e-12)
+            assert np.isfinite(episode.encode()[1]).all()
+        assert plan.kept_blocks == 1
+        with pytest.raises(ValueError, match="is not a step"):
+            episode.take(int(np.flatnonzero(episode.rung < len(tables.ladder) - 1)[0]))
+    with pytest.raises(ValueError, match="no action 12"):
+        episode.take(12)
+
+
+@pytest.mark.parametrize("profile", [PROFILE, LADDER], ids=["pruning", "ladder"])
+def test_taking_the_first_in_greedys_order_is_greedy(profile: ModelProfile) -> None:
+    """The place feature is greedy's order: always taking the action at
+    place 0 makes greedy's plan, in every state."""
+    tables = LadderTables.of(profile)
+    for current in scenarios(60, seed=8, profile=profile):
+        episode = LadderEpisode(current, tables)
+        while not episode.fits and episode.legal().any():
+            episode.take(int(episode.encode()[1][:, 12].argmin()))
+        try:
+            expected = GreedyPolicy().decide(current)
+        except NoFeasiblePlan:
+            assert not episode.fits
+            continue
+        assert episode.plan() == expected
 
 
 def test_folded_network_scores_like_the_network() -> None:
     torch.manual_seed(0)
     network = QNetwork(8)
     folded = FoldedNetwork.of(trained_policy(network).network)
-    for current in scenarios(5, seed=6):
-        features = encode_state(current, PruningPlan.without_blocks(4, [7]))
+    plan = PruningPlan.from_levels([INT4] + [FULL] * 6 + [DROPPED])
+    for current in scenarios(5, seed=6, profile=LADDER):
+        features = encode_plan(current, plan, LadderTables.of(LADDER)).encode()
         with torch.no_grad():
             expected = network(*features_tensors(features)) - network.value.bias
         assert np.allclose(folded.scores(*features), expected.numpy(), atol=1e-5)
 
 
-def torch_decision(network: QNetwork, current: PolicyState) -> PruningPlan:
+def torch_decision(network: QNetwork, current: PolicyState, pruning_only: bool) -> PruningPlan:
     """What the torch network decides for `current`: the training half's
     greedy step (`choose`, the full forward pass) until the plan fits."""
-    episode = StateEncoder(current, ProfileTables.of(current.profile))
+    episode = LadderEpisode(current, LadderTables.of(current.profile, pruning_only))
     while not episode.fits:
-        if episode.stuck:
+        legal = episode.legal()
+        if not legal.any():
             raise current.infeasible("rl", episode.plan(), "even one kept block does not fit")
-        legal = torch.from_numpy(episode.legal())
-        episode.drop(choose(network, features_tensors(episode.encode()), legal))
+        episode.take(choose(network, features_tensors(episode.encode()), torch.from_numpy(legal)))
     return episode.plan()
 
 
 def committed_agent_states(profile: ModelProfile) -> list[PolicyState]:
     """RAP's ten scenarios at budgets from 95% to 30% of their dense bytes,
-    then random loads and budgets (some too small for any plan)."""
+    then random loads, dtypes and budgets (some too small for any plan)."""
     rng = random.Random(7)
-    loads = [(*load, fraction) for load in RAP_SCENARIOS for fraction in np.linspace(0.95, 0.3, 8)]
-    for _ in range(200):
+    loads = [
+        (*load, fraction, "float32")
+        for load in RAP_SCENARIOS
+        for fraction in np.linspace(0.95, 0.3, 8)
+    ]
+    for _ in range(150):
         batch, seq = rng.choice([1, 2, 3, 4, 6, 8, 12, 16, 32, 64]), rng.randint(16, 8192)
-        loads.append((batch, seq, rng.uniform(0.2, 1.05)))
+        loads.append((batch, seq, rng.uniform(0.2, 1.05), rng.choice(["float32", "bfloat16"])))
     states = []
-    for batch, seq, fraction in loads:
-        dense = predict_memory(profile.config, None, batch, seq, profile.dtype).total_bytes
-        states.append(PolicyState(int(dense * fraction), batch, seq, profile))
+    for batch, seq, fraction, dtype in loads:
+        dense = predict_memory(profile.config, None, batch, seq, dtype).total_bytes
+        states.append(PolicyState(int(dense * fraction), batch, seq, profile, dtype=dtype))
     return states
 
 
-# A state where two blocks tie in float32 under torch's summation order
-# (attention blocks 12 and 36, q = -2.335741 for both; torch's argmax takes
-# the first) and numpy's order puts block 12 one ulp lower, so the two drop
-# them in another order (the only step of 118,846 over 5,000 random states
-# where they differ): the plan is the same. Numpy's is the reference.
-TIE = (1_303_832_715, 24, 5164)
-
-
-def test_the_committed_agent_decides_as_the_torch_network_it_was_trained_as() -> None:
-    """The numpy policy and the torch QNetwork, loaded from the committed
+@pytest.mark.parametrize("path", [DEFAULT_AGENT, PRUNING_AGENT], ids=["ladder", "pruning"])
+def test_the_committed_agents_decide_as_the_torch_networks_they_were_trained_as(
+    path: Path,
+) -> None:
+    """The numpy policy and the torch QNetwork, loaded from a committed
     checkpoint, choose the same plan (or both find none) in every state."""
     profile = ModelProfile.load(DEFAULT_PROFILE)
-    served = RLPolicy.load(DEFAULT_AGENT)
+    served = RLPolicy.load(path)
     network = QNetwork(60)
-    network.load_state_dict(load_file(str(DEFAULT_AGENT)))
-    decided = 0
-    for current in [PolicyState(*TIE, profile), *committed_agent_states(profile)]:
+    network.load_state_dict(load_file(str(path)))
+    decided = quantized = 0
+    for current in committed_agent_states(profile):
         try:
-            expected = torch_decision(network, current)
+            expected = torch_decision(network, current, served.pruning_only)
         except NoFeasiblePlan as error:
             with pytest.raises(NoFeasiblePlan) as refused:
                 served.decide(current)
             assert str(refused.value) == str(error)
             continue
-        assert served.decide(current) == expected, (current.batch_size, current.seq_len)
+        plan = served.decide(current)
+        assert plan == expected, (current.batch_size, current.seq_len)
+        quantized += not plan.pruning_only
         decided += 1
-    assert decided >= 250
+    assert decided >= 150
+    # The pruning-only agent never quantizes; the ladder agent does.
+    assert (quantized == 0) == served.pruning_only, quantized
 
 
 def test_training_runs_on_one_thread_and_restores_the_setting() -> None:
@@ -215,22 +276,47 @@ def test_profile_quality_follows_measured_gsi_prefixes() -> None:
     assert QUALITY(PruningPlan.without_blocks(4, [beyond])) == pytest.approx(20.0 * math.e)
 
 
-def test_trained_agent_beats_an_untrained_one_and_tracks_search(trained: RLPolicy) -> None:
+def gaps_to_search(
+    agent: RLPolicy, profile: ModelProfile, count: int, seed: int
+) -> dict[str, list[float]]:
+    """Log-estimate of each policy's plan over search's, per feasible scenario."""
+    quality = ProfileQuality(profile)
     torch.manual_seed(5)
     untrained = trained_policy(QNetwork(8))
     gaps: dict[str, list[float]] = {"trained": [], "untrained": [], "greedy": []}
-    for current in scenarios(40, seed=1):
+    for current in scenarios(count, seed=seed, profile=profile):
         try:
-            best = math.log(QUALITY(SearchPolicy(QUALITY).decide(current)))
+            best = math.log(quality(SearchPolicy(quality).decide(current)))
         except NoFeasiblePlan:
             continue
-        gaps["trained"].append(math.log(QUALITY(trained.decide(current))) - best)
-        gaps["untrained"].append(math.log(QUALITY(untrained.decide(current))) - best)
-        gaps["greedy"].append(math.log(QUALITY(GreedyPolicy().decide(current))) - best)
+        gaps["trained"].append(math.log(quality(agent.decide(current))) - best)
+        gaps["untrained"].append(math.log(quality(untrained.decide(current))) - best)
+        gaps["greedy"].append(math.log(quality(GreedyPolicy().decide(current))) - best)
+    return gaps
+
+
+def test_trained_agent_beats_an_untrained_one_and_tracks_search(trained: RLPolicy) -> None:
+    gaps = gaps_to_search(trained, PROFILE, 40, seed=1)
     mean = {name: sum(values) / len(values) for name, values in gaps.items()}
     assert mean["trained"] < mean["untrained"] / 2
     optimal = sum(gap < 1e-9 for gap in gaps["trained"]) / len(gaps["trained"])
     assert optimal >= 0.6, (optimal, mean)
+
+
+def test_an_agent_trained_on_the_ladder_quantizes_and_tracks_search(
+    trained_ladder: RLPolicy,
+) -> None:
+    """On the full ladder the trained agent puts blocks and KV caches below
+    full precision before it drops anything, and its plans score within 5%
+    of search's in most scenarios, far closer than an untrained network's."""
+    gaps = gaps_to_search(trained_ladder, LADDER, 40, seed=1)
+    mean = {name: sum(values) / len(values) for name, values in gaps.items()}
+    assert mean["trained"] < mean["untrained"] / 4, mean
+    close = sum(gap <= math.log(1.05) for gap in gaps["trained"]) / len(gaps["trained"])
+    assert close >= 0.8, (close, mean)
+    squeeze = PolicyState(int(dense_bytes(16, 256) * 0.8), 16, 256, LADDER)
+    counts = trained_ladder.decide(squeeze).level_counts()
+    assert counts[DROPPED] == 0 and counts[INT8] + counts["kv_int8"] > 0, counts
 
 
 def test_decisions_fit_or_say_why(trained: RLPolicy) -> None:
@@ -291,14 +377,16 @@ def test_bad_checkpoints_and_mismatched_models(trained: RLPolicy, tmp_path: Path
     with pytest.raises(ValueError, match=r"features version 1.*retrain"):
         RLPolicy.load(checkpoint("v1.safetensors", {"num_blocks": 8, "hidden": 128}))
     # Tensors that are not the network the metadata names are refused at load.
-    wrong = checkpoint("wrong.safetensors", {**sizes, "num_blocks": 9, "features": 2})
-    with pytest.raises(ValueError, match=r"context_in.weight is float32 \[128, 15\].*\[128, 16\]"):
+    with pytest.raises(ValueError, match=r"features version 2.*retrain"):
+        RLPolicy.load(checkpoint("v2.safetensors", {**sizes, "features": 2}))
+    wrong = checkpoint("wrong.safetensors", {**sizes, "num_blocks": 10, "features": 3})
+    with pytest.raises(ValueError, match=r"context_in.weight is float32 \[128, 19\].*\[128, 22\]"):
         RLPolicy.load(wrong)
-    missing = checkpoint("missing.safetensors", {**sizes, "features": 2}, **{"pool.weight": None})
+    missing = checkpoint("missing.safetensors", {**sizes, "features": 3}, **{"pool.weight": None})
     with pytest.raises(ValueError, match=r"not the network's: pool\.weight"):
         RLPolicy.load(missing)
     double = tensors["mix.bias"].double()
-    halved = checkpoint("double.safetensors", {**sizes, "features": 2}, **{"mix.bias": double})
+    halved = checkpoint("double.safetensors", {**sizes, "features": 3}, **{"mix.bias": double})
     with pytest.raises(ValueError, match=r"mix.bias is float64 \[32\]"):
         RLPolicy.load(halved)
     bigger = trained_policy(QNetwork(12))
@@ -306,18 +394,27 @@ def test_bad_checkpoints_and_mismatched_models(trained: RLPolicy, tmp_path: Path
         bigger.decide(state(dense_bytes()))
 
 
-def test_agent_train_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pruning_only", [False, True], ids=["ladder", "pruning"])
+def test_agent_train_writes_a_loadable_checkpoint(tmp_path: Path, pruning_only: bool) -> None:
     from safetensors import safe_open
 
     from elasticfleet.cli import main
 
-    PROFILE.save(tmp_path / "profile.json")
+    LADDER.save(tmp_path / "profile.json")
     out = tmp_path / "agent.safetensors"
     args = ["agent", "train", "--profile", str(tmp_path / "profile.json"), "--out", str(out)]
-    assert main([*args, "--episodes", "20", "--seed", "3", "--no-progress"]) == 0
-    assert RLPolicy.load(out).network.num_blocks == 8
+    args += ["--episodes", "20", "--seed", "3", "--no-progress"]
+    assert main([*args, "--pruning-only"] if pruning_only else args) == 0
+    agent = RLPolicy.load(out)
+    assert agent.network.num_blocks == 8
+    assert agent.pruning_only == pruning_only
     with safe_open(str(out), framework="pt") as handle:
-        meta = json.loads((handle.metadata() or {})["meta"])
+        metadata = handle.metadata() or {}
+    meta = json.loads(metadata["meta"])
     assert meta["episodes"] == 20
     assert meta["seed"] == 3
     assert meta["quality"] == "profile"
+    assert json.loads(metadata["agent"])["ladder"] == ("pruning" if pruning_only else "precision")
+    if pruning_only:  # it only drops, whatever the profile measured
+        current = PolicyState(int(dense_bytes(16, 256) * 0.5), 16, 256, LADDER)
+        assert agent.decide(current).pruning_only

@@ -317,7 +317,7 @@ def test_the_demo_runs_on_the_real_model(
 ) -> None:
     assert main(["fleet", "demo", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / RECORD_FILE).read_text())
-    assert record["settings"]["policy"] == "greedy"
+    assert record["settings"]["policy"] == "rl"
     squeezed = _pods(_last(record["ticks"], "squeeze"))["worker-0"]
     below_full = squeezed["int8_blocks"] + squeezed["int4_blocks"]
     assert below_full > 0 or squeezed["kept_attention"] + squeezed["kept_ffn"] < 60

@@ -24,8 +24,9 @@ from typing import Any
 STATES = ((1, 4096, 0.8), (4, 2048, 0.6), (16, 2048, 0.5))
 
 
-def decisions() -> list[list[bool]]:
-    """The committed rl agent's keep-masks for STATES on the shipped model."""
+def decisions() -> list[list[str]]:
+    """The committed rl agent's plans for STATES on the shipped model: each
+    block's level, then each KV cache's."""
     from elasticfleet.agent.policy import PolicyState
     from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
     from elasticfleet.agent.registry import make_policy
@@ -33,12 +34,13 @@ def decisions() -> list[list[bool]]:
 
     profile = ModelProfile.load(DEFAULT_PROFILE)
     policy = make_policy("rl")
-    masks = []
+    plans = []
     for batch, seq, share in STATES:
         dense = predict_memory(profile.config, None, batch, seq, profile.dtype).total_bytes
         state = PolicyState(int(dense * share), batch, seq, profile)
-        masks.append(policy.decide(state).to_mask())
-    return masks
+        plan = policy.decide(state)
+        plans.append(plan.levels() + plan.kv_levels())
+    return plans
 
 
 def report(argv: list[str]) -> dict[str, Any]:
