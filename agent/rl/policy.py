@@ -250,6 +250,25 @@ class LadderEpisode:
             for block in blocks[drops].tolist():
                 self._close(block)
 
+    def _price_one(self, block: int) -> None:
+        """`_price` for the one block a step changed, in Python floats: the
+        same IEEE operations on the same values, so the same figures, at a
+        fraction of the cost of numpy calls on one-element arrays."""
+        rung = int(self.rung[block])
+        after = rung + 1
+        freed = float(self._bytes[block, rung] - self._bytes[block, after])
+        if after < self._last:
+            costs = self.tables.level_cost
+            cost = max(float(costs[block, after] - costs[block, rung]), MIN_COST)
+        elif self.kept_count <= 1:  # the last kept block stays
+            self._close(block)
+            return
+        else:
+            if block % 2 == 0:
+                freed += float(self._kv_bytes[self.kv_level[block // 2]])
+            cost = float(self._drop_cost(np.array([block]))[0])
+        self._set(block, cost, freed)
+
     def _drop_cost(self, blocks: Indices) -> Doubles:
         """What dropping each of `blocks` costs, given the deepest drop so far."""
         tables = self.tables
@@ -309,7 +328,7 @@ class LadderEpisode:
             self._close(action)
             self.paid += float(tables.kv_cost[layer])
             if self.rung[2 * layer] == self._last - 1:  # its drop now frees an int8 cache
-                self._price(np.array([2 * layer]))
+                self._price_one(2 * layer)
             return
         block = action
         rung = int(self.rung[block]) + 1
@@ -318,7 +337,7 @@ class LadderEpisode:
         features[6, block] = rung == self._last - 1
         self.paid += float(tables.level_cost[block, rung] - tables.level_cost[block, rung - 1])
         if rung < self._last:
-            self._price(np.array([block]))
+            self._price_one(block)
             return
         self._close(block)
         self.kept_count -= 1

@@ -4,6 +4,7 @@ numpy deciding as the torch networks they were trained as."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -145,8 +146,9 @@ def test_state_encoding() -> None:
 @pytest.mark.parametrize("profile", [PROFILE, LADDER], ids=["pruning", "ladder"])
 def test_episodes_track_the_memory_model_and_the_estimate(profile: ModelProfile) -> None:
     """Random legal steps: the bytes over budget are the memory model's, the
-    estimate is ProfileQuality's, illegal steps are refused, and an episode
-    ends with a plan that fits or with no step left."""
+    estimate is ProfileQuality's, the features kept up step by step are the
+    ones pricing every action afresh gives, illegal steps are refused, and an
+    episode ends with a plan that fits or with no step left."""
     rng = random.Random(4)
     quality = ProfileQuality(profile)
     tables = LadderTables.of(profile)
@@ -158,7 +160,12 @@ def test_episodes_track_the_memory_model_and_the_estimate(profile: ModelProfile)
             assert episode.excess == current.predicted_bytes(plan) - current.budget_bytes
             assert episode.fits == current.fits(plan)
             assert episode.estimate == pytest.approx(math.log(quality(plan) / 10.0), abs=1e-12)
-            assert np.isfinite(episode.encode()[1]).all()
+            features = episode.encode()[1]
+            assert np.isfinite(features).all()
+            # What a step updated in place is what pricing every open block afresh gives.
+            fresh = copy.deepcopy(episode)
+            fresh._price(np.flatnonzero(fresh.legal()[: fresh.blocks]))
+            assert np.array_equal(fresh.encode()[1], features)
         assert plan.kept_blocks == 1
         with pytest.raises(ValueError, match="is not a step"):
             episode.take(int(np.flatnonzero(episode.rung < len(tables.ladder) - 1)[0]))
