@@ -65,12 +65,14 @@ PRUNING_AGENT = DEFAULT_PROFILE.with_suffix(".pruning-agent.safetensors")
 #: Per-state inputs before the plan's levels: budget, bytes still to free,
 #: batch, sequence, KV share, share of blocks kept, estimated cost so far.
 LOAD_FEATURES = 7
-#: Per-action inputs: block step on an attention block, on an FFN block, KV
-#: step; depth; GSI rank; the rung it steps from; whether it drops; the cost
-#: it adds (clipped, and on a log scale); bytes freed relative to the model,
-#: and to the bytes still to free, with a fit bit; its place in greedy's
-#: order; bytes freed with every cheaper-per-byte action, with a fit bit; how
-#: much dearer per byte it is than the cheapest (log scale).
+#: Per-action inputs, in this order: a step of an attention block, of an
+#: FFN block, of a KV cache; depth; GSI rank; the rung it steps from; whether
+#: it drops; the cost it adds, clipped, and on a log scale; bytes freed
+#: relative to the model, and to the bytes still to free; the bytes freed
+#: with every cheaper-per-byte action, to the bytes still to free; its place
+#: in greedy's order; how much dearer per byte than the cheapest (log
+#: scale); whether its bytes alone, and with the cheaper ones', make the
+#: plan fit.
 ACTION_FEATURES = 16
 #: Checkpoints record this; an agent trained on other features will not load.
 FEATURES_VERSION = 3
