@@ -324,8 +324,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axis.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
         axis.set_title(f"budget {fraction:.0%} of dense bf16")
     axes[0].set_ylabel("held-out perplexity / dense (capped at 20)")
-    axes[-1].legend(fontsize=7)
-    figure.tight_layout()
+    # Below the panels: inside one it would cover the 40% bars.
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(POLICIES), fontsize=8)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=120)
 
 
