@@ -4,7 +4,8 @@
 profile the policies read; it checkpoints and resumes. `agent levels` adds
 each block's measured cost at int8 and int4, and each layer's at int8 KV,
 to that profile. `agent train` trains the RL policy's network from a
-profile, for the precision ladder or (`--pruning-only`) keep/drop alone. None runs in the operator.
+profile, for the precision ladder or (`--pruning-only`) keep/drop alone.
+None runs in the operator.
 """
 
 from __future__ import annotations

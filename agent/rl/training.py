@@ -283,7 +283,7 @@ def _train(
     last = len(tables.ladder) - 1
     log_dense = math.log(quality(PruningPlan.dense(layers)))
     started = time.perf_counter()
-    steps = episode_steps = 0
+    steps = env_steps = 0
     rewards: list[float] = []
     bar = tqdm(range(config.episodes), desc="training", unit="episode", disable=not progress)
     episodes = 0
@@ -325,8 +325,8 @@ def _train(
                 reward += FAIL_PENALTY
             trajectory.append(_Step(features, action, reward, following, next_legal, done))
             features = following
-            episode_steps += 1
-            if memory.size >= config.batch_size and episode_steps % config.learn_every == 0:
+            env_steps += 1
+            if memory.size >= config.batch_size and env_steps % config.learn_every == 0:
                 batch = memory.sample(config.batch_size, generator)
                 _learn(network, target, optimiser, memory, batch)
                 steps += 1
