@@ -90,6 +90,10 @@ class PolicyState:
         )
 
 
+#: What every step down the ladder costs at least, in log-perplexity: nothing is free.
+MIN_STEP_COST = 1e-6
+
+
 class Ladder:
     """The rungs a profile lets policies use, what each step costs in
     quality (log-perplexity, from the profile) and what it frees in bytes.
@@ -121,15 +125,15 @@ class Ladder:
         return plan.demote(step, self.levels)
 
     def cost(self, plan: PruningPlan, step: Step) -> float:
-        """The log-perplexity `step` adds (at least a millionth: nothing is free)."""
+        """The log-perplexity `step` adds (at least MIN_STEP_COST)."""
         kind, index = step
         if kind == "kv":
-            return max(level_cost(self.profile, "kv_int8", index), 1e-6)
+            return max(level_cost(self.profile, "kv_int8", index), MIN_STEP_COST)
         level = plan.weight_level(index)
         after = self.levels[self.levels.index(level) + 1]
         paid = level_cost(self.profile, level, index)
         if self.levels == (FULL, DROPPED):  # pruning only: GSI importance, as always
-            return max(self.importance[index], 1e-6)
+            return max(self.importance[index], MIN_STEP_COST)
         if after == DROPPED:
             quality = self.quality
             deepest = self._deepest.get(plan)
@@ -137,8 +141,8 @@ class Ladder:
                 deepest = self._deepest[plan] = quality.deepest(plan)
             after_drop = quality.at_depth(max(deepest, quality.rank[index]))
             rise = math.log(after_drop) - math.log(quality.at_depth(deepest))
-            return max(rise - paid, 1e-6)
-        return max(level_cost(self.profile, after, index) - paid, 1e-6)
+            return max(rise - paid, MIN_STEP_COST)
+        return max(level_cost(self.profile, after, index) - paid, MIN_STEP_COST)
 
     def freed(self, state: PolicyState, plan: PruningPlan, step: Step) -> int:
         """Bytes `step` frees at the state's load and dtype."""

@@ -311,12 +311,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     """Perplexity over dense per cell, by budget, for each policy."""
     dense = results["dense_perplexity"]
     figure, axes = plt.subplots(1, len(BUDGETS), figsize=(13, 4), sharey=True)
+    width = 0.8 / len(POLICIES)
     for axis, fraction in zip(axes, BUDGETS, strict=True):
         rows = [r for r in results["rows"] if r["budget_fraction"] == fraction]
         labels = [f"{r['batch']}x{r['seq']}" for r in rows]
         for offset, name in enumerate(POLICIES):
             values = [min(perplexity_of(r, name) / dense, 20.0) for r in rows]
-            width = 0.8 / len(POLICIES)
             xs = [i + width * (offset - (len(POLICIES) - 1) / 2) for i in range(len(rows))]
             axis.bar(xs, values, width=width, label=name)
         axis.set_yscale("log")
@@ -325,8 +325,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axis.set_title(f"budget {fraction:.0%} of dense bf16")
     axes[0].set_ylabel("held-out perplexity / dense (capped at 20)")
     # Below the panels: inside one it would cover the 40% bars.
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(POLICIES), fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=len(POLICIES), fontsize=8)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=120)
 

@@ -52,7 +52,7 @@ import numpy.typing as npt
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from elasticfleet.agent.policy import Ladder, PolicyState
+from elasticfleet.agent.policy import MIN_STEP_COST, Ladder, PolicyState
 from elasticfleet.agent.profile import DEFAULT_PROFILE, ModelProfile
 from elasticfleet.agent.quality import level_cost
 from elasticfleet.worker.model.memory import block_bytes_at, kv_bytes_per_token, predict_memory
@@ -78,7 +78,6 @@ ACTION_FEATURES = 16
 FEATURES_VERSION = 3
 COST_CAP = 3.0  # log-perplexity increases in features are clipped to +-this
 RATIO_CAP = 4.0  # byte ratios are capped here, then divided by it
-MIN_COST = 1e-6  # what every step costs at least (nothing is free), as `Ladder`'s
 
 Floats = npt.NDArray[np.float32]
 Doubles = npt.NDArray[np.float64]
@@ -97,10 +96,9 @@ class LadderTables:
 
     ladder: tuple[str, ...]  # the weight rungs, full first, dropped last
     kv: bool  # whether KV caches may go to int8
-    pruning_only: bool
     rank: Indices  # [N] GSI rank of each block (0 = least important)
     log_at: Doubles  # [N + 1] log of the estimate once the deepest drop has rank d (index d + 1)
-    importance: Doubles  # [N] GSI importance: a drop's cost on a pruning-only ladder
+    importance: Doubles  # [N] GSI importance: a drop's cost on a keep/drop ladder
     level_cost: Doubles  # [N, R] the measured cost of each block at each rung (dropped: 0)
     kv_cost: Doubles  # [L] each KV cache's measured int8 cost
     code: Floats  # [R] each rung's place in WEIGHT_LEVELS, scaled to [0, 1]
@@ -139,7 +137,7 @@ class LadderTables:
             axis=1,
         ).astype(np.float32)
         importance = np.array(ladder.importance)
-        return cls(rungs, kv, pruning_only, rank, log_at, importance, costs, kv_cost, code, static)
+        return cls(rungs, kv, rank, log_at, importance, costs, kv_cost, code, static)
 
 
 class LadderEpisode:
@@ -218,7 +216,7 @@ class LadderEpisode:
             0.0,  # estimated cost so far
         ]
         kv = np.arange(blocks, actions)
-        self._set(kv, np.maximum(tables.kv_cost, MIN_COST), np.full(layers, kv_full - kv_int8))
+        self._set(kv, np.maximum(tables.kv_cost, MIN_STEP_COST), np.full(layers, kv_full - kv_int8))
         for action in kv.tolist() if not tables.kv else ():
             self._close(action)
         self._price(np.arange(blocks))
@@ -246,7 +244,7 @@ class LadderEpisode:
         kv = self._kv_bytes[self.kv_level[blocks // 2]]
         freed += np.where(drops & (blocks % 2 == 0), kv, 0.0)
         costs = self.tables.level_cost
-        precision = np.maximum(costs[blocks, after] - costs[blocks, rung], MIN_COST)
+        precision = np.maximum(costs[blocks, after] - costs[blocks, rung], MIN_STEP_COST)
         self._set(blocks, np.where(drops, self._drop_cost(blocks), precision), freed)
         if self.kept_count <= 1:  # the last kept block stays
             for block in blocks[drops].tolist():
@@ -261,7 +259,7 @@ class LadderEpisode:
         freed = float(self._bytes[block, rung] - self._bytes[block, after])
         if after < self._last:
             costs = self.tables.level_cost
-            cost = max(float(costs[block, after] - costs[block, rung]), MIN_COST)
+            cost = max(float(costs[block, after] - costs[block, rung]), MIN_STEP_COST)
         elif self.kept_count <= 1:  # the last kept block stays
             self._close(block)
             return
@@ -275,11 +273,11 @@ class LadderEpisode:
         """What dropping each of `blocks` costs, given the deepest drop so far."""
         tables = self.tables
         if self._last == 1:
-            cost: Doubles = np.maximum(tables.importance[blocks], MIN_COST)
+            cost: Doubles = np.maximum(tables.importance[blocks], MIN_STEP_COST)
             return cost
         deeper = np.maximum(tables.rank[blocks], self.deepest) + 1
         rise = tables.log_at[deeper] - tables.log_at[self.deepest + 1]
-        cost = np.maximum(rise - tables.level_cost[blocks, self._last - 1], MIN_COST)
+        cost = np.maximum(rise - tables.level_cost[blocks, self._last - 1], MIN_STEP_COST)
         return cost
 
     @property
@@ -377,20 +375,6 @@ class LadderEpisode:
         if copy:
             return load.copy(), features.T.copy()
         return load, features.T
-
-
-def encode_plan(state: PolicyState, plan: PruningPlan, tables: LadderTables) -> LadderEpisode:
-    """The episode that reached `plan` under `state` (each block stepped down
-    to its level, each KV cache to its own), for tests and tools."""
-    episode = LadderEpisode(state, tables)
-    rungs = tables.ladder
-    for layer, level in enumerate(plan.kv_levels()):
-        if level == INT8 and plan.keep_attention[layer]:
-            episode.take(episode.blocks + layer)
-    for block, level in enumerate(plan.levels()):
-        for _ in range(rungs.index(level)):
-            episode.take(block)
-    return episode
 
 
 def parameter_shapes(num_blocks: int, hidden: int, block_hidden: int) -> dict[str, tuple[int, ...]]:

@@ -37,7 +37,6 @@ from elasticfleet.agent.rl.policy import (
     LadderTables,
     RLPolicy,
     context_width,
-    encode_plan,
     parameter_shapes,
 )
 from elasticfleet.agent.rl.training import (
@@ -99,6 +98,20 @@ def test_the_serving_half_names_the_trainable_networks_parameters() -> None:
     network = QNetwork(60, hidden=16, block_hidden=8)
     shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
     assert shapes == parameter_shapes(60, 16, 8)
+
+
+def encode_plan(state: PolicyState, plan: PruningPlan, tables: LadderTables) -> LadderEpisode:
+    """The episode that reached `plan` under `state`: each KV cache stepped
+    to its level, then each block to its own."""
+    episode = LadderEpisode(state, tables)
+    rungs = tables.ladder
+    for layer, level in enumerate(plan.kv_levels()):
+        if level == INT8 and plan.keep_attention[layer]:
+            episode.take(episode.blocks + layer)
+    for block, level in enumerate(plan.levels()):
+        for _ in range(rungs.index(level)):
+            episode.take(block)
+    return episode
 
 
 def test_state_encoding() -> None:
